@@ -1,0 +1,576 @@
+"""The ``vnic`` command: a thin client of :class:`vnic.manager.service.Service`.
+
+Every command that shows data takes ``--json``. Errors go to stderr, name the
+field, the value and what was expected, and exit with status 2; a failed
+command changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vnic.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
+from vnic.errors import InvalidInput, VnicError
+from vnic.manager.service import Explanation, ProfileInfo, Service, SessionInfo, VmInfo, VmRequest
+from vnic.model.profile import FIELDS, parse_assignments
+from vnic.model.session import AssignmentRule
+from vnic.settings import Settings
+from vnic.store.db import Database
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Virtual NICs with named network profiles.",
+)
+profile_app = typer.Typer(no_args_is_help=True, help="Define and inspect profiles.")
+session_app = typer.Typer(
+    no_args_is_help=True, help="Sessions: isolated networks with a profile policy."
+)
+vm_app = typer.Typer(no_args_is_help=True, help="VMs in a session and their effective profiles.")
+db_app = typer.Typer(no_args_is_help=True, help="The central database.")
+app.add_typer(profile_app, name="profile")
+app.add_typer(session_app, name="session")
+app.add_typer(vm_app, name="vm")
+app.add_typer(db_app, name="db")
+
+# Off a terminal (pipes, CI logs) rich would wrap at 80 columns; tables are wider.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
+
+
+class _State:
+    database_url: str | None = None
+    service: Service | None = None
+
+
+state = _State()
+
+
+@app.callback()
+def _root(
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            envvar="VNIC_DATABASE_URL",
+            help="Database URL (default: SQLite file under VNIC_HOME).",
+        ),
+    ] = None,
+) -> None:
+    state.database_url = database
+    state.service = None
+
+
+def service() -> Service:
+    if state.service is None:
+        url = state.database_url or Settings.from_env().database_url
+        state.service = Service(Database(url))
+    return state.service
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+
+
+def run(action: Callable[[], None]) -> None:
+    """Run a command body, turning vnic errors into stderr + exit code."""
+    try:
+        action()
+    except DocumentErrors as exc:
+        err.print("[bold red]error:[/] invalid profile documents; nothing was changed", markup=True)
+        for origin, sub in exc.per_document:
+            for e in sub.errors:
+                err.print(f"  {origin}: {e}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    except InvalidInput as exc:
+        err.print("[bold red]error:[/] invalid input; nothing was changed", markup=True)
+        for e in exc.errors:
+            err.print(f"  {e}", markup=False)
+        raise typer.Exit(exc.exit_code) from None
+    except VnicError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
+    out_: dict[str, str] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise InvalidInput.one(option, item, "KEY=VALUE")
+        out_[key.strip()] = value.strip()
+    return out_
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@profile_app.command("apply")
+def profile_apply(
+    files: Annotated[
+        list[str],
+        typer.Option("-f", "--file", help="YAML/JSON file, directory, or - for stdin. Repeatable."),
+    ],
+    as_json: JsonFlag = False,
+) -> None:
+    """Create or update profiles from files (idempotent: unchanged profiles keep their revision)."""
+
+    def body() -> None:
+        specs = parse_documents(read_documents(files))
+        results = service().apply_profiles(specs)
+        if as_json:
+            emit_json([r.__dict__ for r in results])
+            return
+        for r in results:
+            out.print(f"profile {r.name}: {r.action} (revision {r.revision})", markup=False)
+
+    run(body)
+
+
+@profile_app.command("list")
+def profile_list(as_json: JsonFlag = False) -> None:
+    """List profiles with their current revision and users."""
+
+    def body() -> None:
+        infos = service().list_profiles()
+        if as_json:
+            emit_json([_profile_json(p) for p in infos])
+            return
+        table = Table("name", "rev", "description", "labels", "used by")
+        for p in infos:
+            table.add_row(
+                p.name,
+                str(p.revision),
+                p.description,
+                ",".join(f"{k}={v}" for k, v in p.labels.items()),
+                str(len(p.users)),
+            )
+        out.print(table)
+
+    run(body)
+
+
+def _profile_json(p: ProfileInfo) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "revision": p.revision,
+        "description": p.description,
+        "labels": dict(p.labels),
+        "document": p.document,
+        "created_at": p.created_at,
+        "updated_at": p.updated_at,
+        "used_by": list(p.users),
+    }
+
+
+@profile_app.command("show")
+def profile_show(
+    name: str,
+    revision: Annotated[
+        int | None, typer.Option("--revision", "-r", help="Show an older revision.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a profile document (current revision unless --revision)."""
+
+    def body() -> None:
+        p = service().get_profile(name, revision)
+        if as_json:
+            emit_json(_profile_json(p))
+            return
+        out.print(f"# profile {p.name}, revision {p.revision}", markup=False)
+        out.print(dump_yaml([p.document]).rstrip(), markup=False)
+        if p.users:
+            out.print("# used by: " + "; ".join(p.users), markup=False)
+
+    run(body)
+
+
+@profile_app.command("history")
+def profile_history(name: str, as_json: JsonFlag = False) -> None:
+    """List every revision of a profile."""
+
+    def body() -> None:
+        revs = service().history(name)
+        if as_json:
+            emit_json(
+                [
+                    {"revision": r.revision, "created_at": r.created_at, "document": r.document}
+                    for r in revs
+                ]
+            )
+            return
+        table = Table("rev", "created", "document")
+        for r in revs:
+            doc = {k: v for k, v in r.document.items() if k != "name"}
+            table.add_row(
+                str(r.revision), r.created_at.isoformat(timespec="seconds"), json.dumps(doc)
+            )
+        out.print(table)
+
+    run(body)
+
+
+@profile_app.command("delete")
+def profile_delete(name: str) -> None:
+    """Delete a profile and its revisions (refused while a session or VM uses it)."""
+
+    def body() -> None:
+        service().delete_profile(name)
+        out.print(f"profile {name}: deleted", markup=False)
+
+    run(body)
+
+
+@profile_app.command("export")
+def profile_export(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Profiles to export (default: all).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write to this file instead of stdout.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Export current profile documents, ready for ``profile apply -f``."""
+
+    def body() -> None:
+        docs = service().export_profiles(names or [])
+        text = json.dumps(docs, indent=2) + "\n" if as_json else dump_yaml(docs) if docs else "[]\n"
+        if output:
+            output.write_text(text, encoding="utf-8")
+        else:
+            sys.stdout.write(text)
+
+    run(body)
+
+
+@profile_app.command("fields")
+def profile_fields(as_json: JsonFlag = False) -> None:
+    """List every profile field, its unit and what it does."""
+    if as_json:
+        emit_json(
+            [
+                {"field": f.path, "unit": f.unit, "expected": f.expected, "doc": f.doc}
+                for f in FIELDS.values()
+            ]
+        )
+        return
+    table = Table("field", "unit", "meaning")
+    for f in FIELDS.values():
+        table.add_row(f.path, f.unit, f.doc)
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- session
+
+
+def _session_json(s: SessionInfo) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "network_id": s.network_id,
+        "default_profile": s.policy.default_profile,
+        "rules": [r.to_document() for r in s.policy.rules],
+        "overrides_allowed": s.policy.overrides_allowed,
+        "vms": list(s.vms),
+        "created_at": s.created_at,
+    }
+
+
+@session_app.command("create")
+def session_create(
+    name: str,
+    default_profile: Annotated[
+        str | None, typer.Option("--default-profile", "-p", help="Profile every VM starts from.")
+    ] = None,
+    rules: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rule",
+            help="Assignment rule 'profile=P,name=GLOB,role=R,label.K=V,needs=N'; first match wins. Repeatable.",
+        ),
+    ] = None,
+    network_id: Annotated[
+        int | None,
+        typer.Option("--network-id", help="Network id (VNI 1..16777215); default: lowest free."),
+    ] = None,
+    no_overrides: Annotated[
+        bool, typer.Option("--no-overrides", help="Forbid per-VM overrides.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a session with its profile policy."""
+
+    def body() -> None:
+        parsed = [AssignmentRule.parse_cli(r, f"--rule[{i}]") for i, r in enumerate(rules or [])]
+        info = service().create_session(
+            name,
+            default_profile=default_profile,
+            rules=parsed,
+            network_id=network_id,
+            overrides_allowed=not no_overrides,
+        )
+        if as_json:
+            emit_json(_session_json(info))
+        else:
+            out.print(f"session {info.name}: created (network id {info.network_id})", markup=False)
+
+    run(body)
+
+
+@session_app.command("list")
+def session_list(as_json: JsonFlag = False) -> None:
+    """List sessions."""
+
+    def body() -> None:
+        infos = service().list_sessions()
+        if as_json:
+            emit_json([_session_json(s) for s in infos])
+            return
+        table = Table("name", "network id", "default profile", "rules", "overrides", "vms")
+        for s in infos:
+            table.add_row(
+                s.name,
+                str(s.network_id),
+                s.policy.default_profile or "-",
+                str(len(s.policy.rules)),
+                "allowed" if s.policy.overrides_allowed else "forbidden",
+                str(len(s.vms)),
+            )
+        out.print(table)
+
+    run(body)
+
+
+@session_app.command("show")
+def session_show(name: str, as_json: JsonFlag = False) -> None:
+    """Show a session's policy and VMs."""
+
+    def body() -> None:
+        info = service().get_session(name)
+        vms = service().list_vms(name)
+        if as_json:
+            data = _session_json(info)
+            data["vms"] = [_vm_json(v) for v in vms]
+            emit_json(data)
+            return
+        out.print(f"session {info.name}  network id {info.network_id}", markup=False)
+        out.print(f"  default profile: {info.policy.default_profile or '-'}", markup=False)
+        out.print(
+            f"  overrides: {'allowed' if info.policy.overrides_allowed else 'forbidden'}",
+            markup=False,
+        )
+        for i, r in enumerate(info.policy.rules):
+            out.print(f"  rule #{i + 1}: {r.describe()} -> {r.profile}", markup=False)
+        _vm_table(vms)
+
+    run(body)
+
+
+@session_app.command("delete")
+def session_delete(
+    name: str,
+    force: Annotated[bool, typer.Option("--force", help="Also remove the session's VMs.")] = False,
+) -> None:
+    """Delete a session (refused while it has VMs, unless --force)."""
+
+    def body() -> None:
+        removed = service().delete_session(name, force=force)
+        extra = f" with VMs {', '.join(removed)}" if removed else ""
+        out.print(f"session {name}: deleted{extra}", markup=False)
+
+    run(body)
+
+
+# ----------------------------------------------------------------------------- vm
+
+
+def _vm_json(v: VmInfo) -> dict[str, Any]:
+    return {
+        "session": v.session,
+        "name": v.name,
+        "role": v.role,
+        "labels": dict(v.labels),
+        "needs": list(v.needs),
+        "override_profile": v.override_profile,
+        "override_patch": v.override_patch,
+        "mac": v.mac,
+        "state": v.state,
+    }
+
+
+def _vm_table(vms: Sequence[VmInfo]) -> None:
+    table = Table("vm", "role", "labels", "mac", "override", "state")
+    for v in vms:
+        override = v.override_profile or ""
+        if v.override_patch:
+            override = (override + " + " if override else "") + "patch"
+        table.add_row(
+            v.name,
+            v.role or "-",
+            ",".join(f"{k}={val}" for k, val in v.labels.items()),
+            v.mac or "-",
+            override or "-",
+            v.state,
+        )
+    out.print(table)
+
+
+@vm_app.command("add")
+def vm_add(
+    session: str,
+    name: str,
+    role: Annotated[str | None, typer.Option("--role", help="Role, for assignment rules.")] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", help="Label KEY=VALUE. Repeatable.")
+    ] = None,
+    needs: Annotated[
+        list[str] | None, typer.Option("--need", help="Declared application need. Repeatable.")
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", help="Override: use this profile on top of the policy."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one field, FIELD=VALUE (off removes). Repeatable."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Define a VM in a session; its profile is resolved and its MAC allocated."""
+
+    def body() -> None:
+        patch = parse_assignments(sets) if sets else None
+        result = service().add_vm(
+            VmRequest(
+                session=session,
+                name=name,
+                role=role,
+                labels=_pairs(labels or [], "--label"),
+                needs=tuple(needs or ()),
+                profile=profile,
+                patch=patch,
+            )
+        )
+        if as_json:
+            emit_json(_explain_json(result))
+        else:
+            out.print(f"vm {session}/{name}: added, MAC {result.vm.mac}", markup=False)
+
+    run(body)
+
+
+@vm_app.command("list")
+def vm_list(session: str, as_json: JsonFlag = False) -> None:
+    """List the VMs of a session."""
+
+    def body() -> None:
+        vms = service().list_vms(session)
+        if as_json:
+            emit_json([_vm_json(v) for v in vms])
+        else:
+            _vm_table(vms)
+
+    run(body)
+
+
+@vm_app.command("remove")
+def vm_remove(session: str, name: str) -> None:
+    """Remove a VM definition and release its MAC."""
+
+    def body() -> None:
+        service().remove_vm(session, name)
+        out.print(f"vm {session}/{name}: removed", markup=False)
+
+    run(body)
+
+
+def _explain_json(e: Explanation) -> dict[str, Any]:
+    return {"vm": _vm_json(e.vm), "effective": e.effective.to_dict()}
+
+
+@vm_app.command("explain")
+def vm_explain(
+    session: str,
+    name: str,
+    all_fields: Annotated[bool, typer.Option("--all", help="Also list fields nobody set.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a VM's effective profile and, for every field, the layer it came from."""
+
+    def body() -> None:
+        e = service().explain(session, name)
+        if as_json:
+            emit_json(_explain_json(e))
+            return
+        print_explanation(e, all_fields=all_fields)
+
+    run(body)
+
+
+def print_explanation(e: Explanation, *, all_fields: bool = False) -> None:
+    revs = (
+        ", ".join(f"{n} r{r}" for n, r in sorted(e.effective.revisions.items())) or "built-in only"
+    )
+    title = f"{e.vm.session}/{e.vm.name}  mac {e.vm.mac}  role {e.vm.role or '-'}  profiles: {revs}"
+    table = Table("field", "value", "source", title=title, title_justify="left")
+    for path, value, source in e.effective.rows():
+        if value == "-" and not all_fields and source.layer == "unset":
+            continue
+        table.add_row(path, value, str(source))
+    out.print(table)
+
+
+# ----------------------------------------------------------------------------- db, demo
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database schema to the newest revision."""
+
+    def body() -> None:
+        svc = service()
+        out.print(
+            f"database {svc.db.engine.url.render_as_string(hide_password=True)}: up to date",
+            markup=False,
+        )
+
+    run(body)
+
+
+@app.command("demo")
+def demo(
+    profiles_dir: Annotated[
+        Path, typer.Option("--profiles", help="Directory of sample profiles.")
+    ] = Path("examples/profiles"),
+) -> None:
+    """Load the sample profiles, make a session with a default, a rule and an override, explain each VM."""
+    from vnic.demo import run_demo
+
+    run(lambda: run_demo(service(), profiles_dir, out))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

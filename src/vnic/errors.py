@@ -1,0 +1,146 @@
+"""The one error hierarchy of vnic.
+
+Every error a user can cause is a :class:`VnicError`. Each kind carries the
+HTTP status the manager answers with and the exit code the CLI exits with, so
+the API, the CLI and the UI report the same failure the same way. Input errors
+are collected per field: a :class:`FieldError` names the field path, the value
+that was given and what was expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class FieldError:
+    """One problem with one field of an input document.
+
+    ``path`` is dotted (``egress.burst``, ``qos.egress[0].ceiling``); ``value``
+    is what the user gave, as text; ``expected`` says what would have been
+    accepted.
+    """
+
+    path: str
+    value: str
+    expected: str
+
+    def __str__(self) -> str:
+        where = self.path or "(document)"
+        return f"{where}: got {self.value}; expected {self.expected}"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"field": self.path, "value": self.value, "expected": self.expected}
+
+    def under(self, prefix: str) -> FieldError:
+        """The same error with its path placed below ``prefix``."""
+        if not prefix:
+            return self
+        if not self.path:
+            path = prefix
+        elif self.path.startswith("["):
+            path = prefix + self.path
+        else:
+            path = f"{prefix}.{self.path}"
+        return FieldError(path, self.value, self.expected)
+
+
+def show_value(value: Any) -> str:
+    """How a user-given value is quoted in an error message."""
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+class VnicError(Exception):
+    """Base of every error vnic reports to a user."""
+
+    http_status: ClassVar[int] = 400
+    exit_code: ClassVar[int] = 2
+    kind: ClassVar[str] = "error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"error": self.kind, "message": str(self)}
+
+
+class InvalidInput(VnicError):
+    """One or more fields of an input were refused; nothing was changed."""
+
+    http_status = 422
+    kind = "invalid"
+
+    def __init__(self, errors: Sequence[FieldError]) -> None:
+        if not errors:
+            raise ValueError("InvalidInput needs at least one FieldError")
+        self.errors: tuple[FieldError, ...] = tuple(errors)
+        super().__init__("; ".join(str(e) for e in self.errors))
+
+    @classmethod
+    def one(cls, path: str, value: Any, expected: str) -> InvalidInput:
+        return cls([FieldError(path, show_value(value), expected)])
+
+    def under(self, prefix: str) -> InvalidInput:
+        return InvalidInput([e.under(prefix) for e in self.errors])
+
+    @property
+    def paths(self) -> list[str]:
+        return [e.path for e in self.errors]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": self.kind,
+            "message": str(self),
+            "fields": [e.to_dict() for e in self.errors],
+        }
+
+
+class NotFound(VnicError):
+    """A named object does not exist."""
+
+    http_status = 404
+    kind = "not_found"
+
+    def __init__(self, what: str, name: str, known: Iterable[str] = ()) -> None:
+        known = sorted(known)
+        hint = f"; known: {', '.join(known)}" if known else ""
+        super().__init__(f"{what} {name!r} does not exist{hint}")
+        self.what = what
+        self.name = name
+
+
+class Conflict(VnicError):
+    """The request contradicts the current state (already exists, in use, overlap...)."""
+
+    http_status = 409
+    kind = "conflict"
+
+
+class InUse(Conflict):
+    """An object cannot be removed because others refer to it."""
+
+    kind = "in_use"
+
+    def __init__(self, what: str, name: str, users: Iterable[str]) -> None:
+        self.users = sorted(users)
+        super().__init__(
+            f"{what} {name!r} is in use by {', '.join(self.users)}; remove those uses first"
+        )
+
+
+class Exhausted(Conflict):
+    """A pool (MAC range, network ids) has no free element left."""
+
+    kind = "exhausted"
+
+
+class Unsupported(VnicError):
+    """The target (driver, kernel) cannot do what was asked."""
+
+    http_status = 422
+    kind = "unsupported"

@@ -1,0 +1,1 @@
+"""The session manager: the service layer now; the REST API arrives with the service issue."""

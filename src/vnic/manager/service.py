@@ -1,0 +1,659 @@
+"""The service layer: every operation on profiles, sessions and VMs.
+
+The CLI (embedded), the REST API and the UI all call this class, so input is
+validated once, here and in :mod:`vnic.model`. Every public method is one
+transaction: it either completes or changes nothing. Results are plain
+dataclasses, never ORM rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from vnic.errors import Conflict, Exhausted, FieldError, InUse, InvalidInput, NotFound
+from vnic.model.profile import (
+    DEFAULT_MAC_RANGE,
+    OFF,
+    ProfileSpec,
+    document_to_values,
+    parse_labels,
+    parse_name,
+    parse_patch,
+    values_to_document,
+)
+from vnic.model.resolve import Adjustment, Effective, ProfileRef, resolve
+from vnic.model.session import (
+    NETWORK_ID_MAX,
+    NETWORK_ID_MIN,
+    AssignmentRule,
+    Policy,
+    VmFacts,
+    parse_network_id,
+    parse_session_name,
+    parse_vm_name,
+)
+from vnic.model.units import MacAddress, MacRange
+from vnic.store.db import Database
+from vnic.store.models import (
+    AssignmentRuleRow,
+    MacAllocationRow,
+    ProfileRevisionRow,
+    ProfileRow,
+    SessionRow,
+    VmRow,
+)
+
+# ----------------------------------------------------------------------------- views
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    name: str
+    description: str
+    labels: Mapping[str, str]
+    revision: int
+    document: Mapping[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    users: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    revision: int
+    created_at: datetime
+    document: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply_profiles`` did to one profile: created, updated or unchanged."""
+
+    name: str
+    action: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    network_id: int
+    policy: Policy
+    vms: Sequence[str]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    session: str
+    name: str
+    role: str | None
+    labels: Mapping[str, str]
+    needs: Sequence[str]
+    override_profile: str | None
+    override_patch: Mapping[str, Any] | None
+    mac: str | None
+    state: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    vm: VmInfo
+    effective: Effective
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    """A request to add a VM: facts for the rules plus an optional override."""
+
+    session: str
+    name: str
+    role: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    needs: Sequence[str] = ()
+    profile: str | None = None
+    patch: Mapping[str, Any] | None = None
+
+
+# ----------------------------------------------------------------------------- service
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Service:
+    """Profiles, sessions and VMs over one :class:`Database`. ``clock`` is injectable."""
+
+    def __init__(self, db: Database, clock: Callable[[], datetime] = _now) -> None:
+        self.db = db
+        self.clock = clock
+
+    # ------------------------------------------------------------------ profiles
+
+    def apply_profiles(self, specs: Sequence[ProfileSpec]) -> list[ApplyResult]:
+        """Create or update profiles; a profile whose document is unchanged keeps its revision.
+
+        All or nothing: a bad MAC range, or a change that would leave any VM
+        that uses a profile with an invalid effective profile, refuses the lot.
+        """
+        many = len(specs) > 1
+
+        def where(i: int, path: str) -> str:
+            return f"[{i}].{path}" if many else path
+
+        seen: dict[str, int] = {}
+        errors: list[FieldError] = []
+        for i, spec in enumerate(specs):
+            if spec.name in seen:
+                errors.append(
+                    FieldError(
+                        where(i, "name"),
+                        repr(spec.name),
+                        f"a name not already used by document [{seen[spec.name]}]",
+                    )
+                )
+            seen[spec.name] = i
+        if errors:
+            raise InvalidInput(errors)
+        results: list[ApplyResult] = []
+        with self.db.transaction() as s:
+            self.db.allocation_lock(s)
+            changed: list[str] = []
+            for spec in specs:
+                result = self._write_profile(s, spec)
+                results.append(result)
+                if result.action == "updated":
+                    changed.append(spec.name)
+            s.flush()
+            errors = self._check_mac_ranges(s, specs, where)
+            if errors:
+                raise InvalidInput(errors)
+            self._recheck_vms(s, changed)
+        return results
+
+    def _write_profile(self, s: Session, spec: ProfileSpec) -> ApplyResult:
+        doc = spec.to_document()
+        mac = spec.values.get("mac_range")
+        mac_first, mac_last = (
+            (mac.first.value, mac.last.value) if isinstance(mac, MacRange) else (None, None)
+        )
+        row = s.scalar(select(ProfileRow).where(ProfileRow.name == spec.name))
+        now = self.clock()
+        if row is None:
+            row = ProfileRow(
+                name=spec.name,
+                description=spec.description,
+                labels=dict(spec.labels),
+                current_revision=1,
+                mac_first=mac_first,
+                mac_last=mac_last,
+                created_at=now,
+                updated_at=now,
+            )
+            row.revisions.append(ProfileRevisionRow(revision=1, document=doc, created_at=now))
+            s.add(row)
+            return ApplyResult(spec.name, "created", 1)
+        if self._current_document(s, row) == doc:
+            return ApplyResult(spec.name, "unchanged", row.current_revision)
+        row.current_revision += 1
+        row.description = spec.description
+        row.labels = dict(spec.labels)
+        row.mac_first, row.mac_last = mac_first, mac_last
+        row.updated_at = now
+        s.add(
+            ProfileRevisionRow(
+                profile_id=row.id, revision=row.current_revision, document=doc, created_at=now
+            )
+        )
+        return ApplyResult(spec.name, "updated", row.current_revision)
+
+    def _check_mac_ranges(
+        self, s: Session, specs: Sequence[ProfileSpec], where: Callable[[int, str], str]
+    ) -> list[FieldError]:
+        errors: list[FieldError] = []
+        for i, spec in enumerate(specs):
+            mac = spec.values.get("mac_range")
+            if not isinstance(mac, MacRange):
+                continue
+            if mac.overlaps(DEFAULT_MAC_RANGE):
+                errors.append(
+                    FieldError(
+                        where(i, "mac_range"),
+                        str(mac),
+                        f"a range outside vnic's default pool {DEFAULT_MAC_RANGE}",
+                    )
+                )
+            others = s.scalars(
+                select(ProfileRow).where(
+                    ProfileRow.name != spec.name,
+                    ProfileRow.mac_first.is_not(None),
+                    ProfileRow.mac_first <= mac.last.value,
+                    ProfileRow.mac_last >= mac.first.value,
+                )
+            ).all()
+            for other in others:
+                theirs = MacRange(MacAddress(other.mac_first or 0), MacAddress(other.mac_last or 0))
+                errors.append(
+                    FieldError(
+                        where(i, "mac_range"),
+                        str(mac),
+                        f"a range that does not overlap profile {other.name!r} ({theirs})",
+                    )
+                )
+        return errors
+
+    def _recheck_vms(self, s: Session, changed: Iterable[str]) -> None:
+        """Re-resolve every VM that uses a changed profile; refuse if one breaks."""
+        errors: list[FieldError] = []
+        for name in changed:
+            for vm in self._vms_using(s, name):
+                label = f"{vm.session.name}/{vm.name}"
+                try:
+                    eff = self._resolve(s, vm)
+                except InvalidInput as exc:
+                    errors.extend(
+                        FieldError(e.path, f"{e.value} for VM {label}", e.expected)
+                        for e in exc.errors
+                    )
+                    continue
+                if vm.mac is not None and MacAddress(vm.mac.mac) not in eff.profile.mac_range:
+                    errors.append(
+                        FieldError(
+                            "mac_range",
+                            f"{eff.profile.mac_range} for VM {label}",
+                            f"a range that still holds its MAC {MacAddress(vm.mac.mac)}",
+                        )
+                    )
+        if errors:
+            raise InvalidInput(errors)
+
+    def _vms_using(self, s: Session, profile: str) -> list[VmRow]:
+        row = self._profile_row(s, profile)
+        sessions = {
+            r.id
+            for r in s.scalars(select(SessionRow).where(SessionRow.default_profile_id == row.id))
+        }
+        sessions |= {
+            r.session_id
+            for r in s.scalars(
+                select(AssignmentRuleRow).where(AssignmentRuleRow.profile_id == row.id)
+            )
+        }
+        vms = (
+            list(s.scalars(select(VmRow).where(VmRow.session_id.in_(sessions)))) if sessions else []
+        )
+        vms += [
+            v
+            for v in s.scalars(select(VmRow).where(VmRow.override_profile_id == row.id))
+            if v.session_id not in sessions
+        ]
+        return vms
+
+    def list_profiles(self) -> list[ProfileInfo]:
+        with self.db.transaction() as s:
+            rows = s.scalars(select(ProfileRow).order_by(ProfileRow.name)).all()
+            return [self._profile_info(s, r) for r in rows]
+
+    def get_profile(self, name: str, revision: int | None = None) -> ProfileInfo:
+        with self.db.transaction() as s:
+            row = self._profile_row(s, name)
+            info = self._profile_info(s, row)
+            if revision is None or revision == row.current_revision:
+                return info
+            rev = self._revision_row(s, row, revision)
+            return ProfileInfo(
+                name=row.name,
+                description=str(rev.document.get("description", "")),
+                labels=dict(rev.document.get("labels", {})),
+                revision=rev.revision,
+                document=rev.document,
+                created_at=row.created_at,
+                updated_at=rev.created_at,
+                users=info.users,
+            )
+
+    def history(self, name: str) -> list[RevisionInfo]:
+        with self.db.transaction() as s:
+            row = self._profile_row(s, name)
+            return [RevisionInfo(r.revision, r.created_at, r.document) for r in row.revisions]
+
+    def delete_profile(self, name: str) -> None:
+        """Delete a profile and all its revisions; refused while anything uses it."""
+        with self.db.transaction() as s:
+            row = self._profile_row(s, name)
+            users = self._users(s, row)
+            if users:
+                raise InUse("profile", name, users)
+            s.delete(row)
+
+    def export_profiles(self, names: Sequence[str] = ()) -> list[dict[str, Any]]:
+        """Current documents of ``names`` (all profiles when empty), ready to apply again."""
+        with self.db.transaction() as s:
+            if names:
+                rows = [self._profile_row(s, n) for n in names]
+            else:
+                rows = list(s.scalars(select(ProfileRow).order_by(ProfileRow.name)))
+            return [dict(self._current_document(s, r)) for r in rows]
+
+    def _profile_row(self, s: Session, name: str) -> ProfileRow:
+        row = s.scalar(select(ProfileRow).where(ProfileRow.name == name))
+        if row is None:
+            raise NotFound("profile", name, s.scalars(select(ProfileRow.name)).all())
+        return row
+
+    def _revision_row(self, s: Session, row: ProfileRow, revision: int) -> ProfileRevisionRow:
+        rev = s.scalar(
+            select(ProfileRevisionRow).where(
+                ProfileRevisionRow.profile_id == row.id, ProfileRevisionRow.revision == revision
+            )
+        )
+        if rev is None:
+            raise NotFound(
+                f"revision of profile {row.name!r}",
+                str(revision),
+                [str(r.revision) for r in row.revisions],
+            )
+        return rev
+
+    def _current_document(self, s: Session, row: ProfileRow) -> Mapping[str, Any]:
+        return self._revision_row(s, row, row.current_revision).document
+
+    def _profile_info(self, s: Session, row: ProfileRow) -> ProfileInfo:
+        return ProfileInfo(
+            name=row.name,
+            description=row.description,
+            labels=dict(row.labels),
+            revision=row.current_revision,
+            document=self._current_document(s, row),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            users=self._users(s, row),
+        )
+
+    def _users(self, s: Session, row: ProfileRow) -> list[str]:
+        users = [
+            f"session {r.name} (default profile)"
+            for r in s.scalars(select(SessionRow).where(SessionRow.default_profile_id == row.id))
+        ]
+        users += [
+            f"session {r.session.name} (rule #{r.position + 1})"
+            for r in s.scalars(
+                select(AssignmentRuleRow).where(AssignmentRuleRow.profile_id == row.id)
+            )
+        ]
+        users += [
+            f"vm {v.session.name}/{v.name} (override)"
+            for v in s.scalars(select(VmRow).where(VmRow.override_profile_id == row.id))
+        ]
+        return sorted(users)
+
+    def _ref(self, s: Session, row: ProfileRow) -> ProfileRef:
+        errors: list[FieldError] = []
+        values = document_to_values(self._current_document(s, row), errors)
+        if errors:  # pragma: no cover - documents are validated before they are stored
+            raise InvalidInput(errors)
+        return ProfileRef(row.name, row.current_revision, values)
+
+    # ------------------------------------------------------------------ sessions
+
+    def create_session(
+        self,
+        name: str,
+        *,
+        default_profile: str | None = None,
+        rules: Sequence[AssignmentRule] = (),
+        network_id: int | None = None,
+        overrides_allowed: bool = True,
+    ) -> SessionInfo:
+        name = parse_session_name(name)
+        if network_id is not None:
+            network_id = parse_network_id(network_id)
+        with self.db.transaction() as s:
+            self.db.allocation_lock(s)
+            if s.scalar(select(SessionRow).where(SessionRow.name == name)) is not None:
+                raise Conflict(f"session {name!r} already exists")
+            default_row = self._profile_row(s, default_profile) if default_profile else None
+            rule_rows = []
+            for i, rule in enumerate(rules):
+                try:
+                    profile_row = self._profile_row(s, rule.profile)
+                except NotFound as exc:
+                    raise InvalidInput.one(
+                        f"rules[{i}].profile", rule.profile, f"an existing profile ({exc})"
+                    ) from None
+                match = rule.to_document()
+                del match["profile"]
+                rule_rows.append(
+                    AssignmentRuleRow(position=i, profile_id=profile_row.id, match=match)
+                )
+            if network_id is None:
+                network_id = self._free_network_id(s)
+            elif (
+                s.scalar(select(SessionRow).where(SessionRow.network_id == network_id)) is not None
+            ):
+                raise Conflict(f"network_id {network_id} is already used by another session")
+            row = SessionRow(
+                name=name,
+                network_id=network_id,
+                default_profile_id=default_row.id if default_row else None,
+                overrides_allowed=overrides_allowed,
+                created_at=self.clock(),
+            )
+            row.rules.extend(rule_rows)
+            s.add(row)
+            s.flush()
+            return self._session_info(row)
+
+    def _free_network_id(self, s: Session) -> int:
+        used = set(s.scalars(select(SessionRow.network_id)))
+        for candidate in range(NETWORK_ID_MIN, NETWORK_ID_MAX + 1):
+            if candidate not in used:
+                return candidate
+        raise Exhausted("no free network id left")  # pragma: no cover - 16 million sessions
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self.db.transaction() as s:
+            return [
+                self._session_info(r)
+                for r in s.scalars(select(SessionRow).order_by(SessionRow.name))
+            ]
+
+    def get_session(self, name: str) -> SessionInfo:
+        with self.db.transaction() as s:
+            return self._session_info(self._session_row(s, name))
+
+    def delete_session(self, name: str, *, force: bool = False) -> list[str]:
+        """Delete a session. With VMs in it, refused unless ``force`` (which removes them)."""
+        with self.db.transaction() as s:
+            row = self._session_row(s, name)
+            vms = [v.name for v in row.vms]
+            if vms and not force:
+                raise InUse("session", name, [f"vm {name}/{v}" for v in vms])
+            s.delete(row)
+            return vms
+
+    def _session_row(self, s: Session, name: str) -> SessionRow:
+        row = s.scalar(select(SessionRow).where(SessionRow.name == name))
+        if row is None:
+            raise NotFound("session", name, s.scalars(select(SessionRow.name)).all())
+        return row
+
+    @staticmethod
+    def _policy(row: SessionRow) -> Policy:
+        rules = tuple(
+            AssignmentRule.from_document({"profile": r.profile.name, **r.match}) for r in row.rules
+        )
+        return Policy(
+            default_profile=row.default_profile.name if row.default_profile else None,
+            rules=rules,
+            overrides_allowed=row.overrides_allowed,
+        )
+
+    def _session_info(self, row: SessionRow) -> SessionInfo:
+        return SessionInfo(
+            name=row.name,
+            network_id=row.network_id,
+            policy=self._policy(row),
+            vms=[v.name for v in row.vms],
+            created_at=row.created_at,
+        )
+
+    # ------------------------------------------------------------------ VMs
+
+    def add_vm(self, req: VmRequest) -> Explanation:
+        """Define a VM in a session: resolve its profile, allocate its MAC.
+
+        Refused (nothing written) when the name is taken, an override is given
+        but the session forbids overrides, the effective profile is invalid,
+        or the MAC range has no free address.
+        """
+        name = parse_vm_name(req.name)
+        labels = parse_labels(dict(req.labels))
+        patch_values = dict(req.patch) if req.patch else None
+        with self.db.transaction() as s:
+            self.db.allocation_lock(s)
+            session = self._session_row(s, req.session)
+            if any(v.name == name for v in session.vms):
+                raise Conflict(f"VM {name!r} already exists in session {session.name!r}")
+            override_row = None
+            if req.profile or patch_values:
+                if not session.overrides_allowed:
+                    what = "profile" if req.profile else "set"
+                    raise InvalidInput.one(
+                        what,
+                        req.profile or values_to_document(patch_values or {}),
+                        f"no override: session {session.name!r} does not allow overrides",
+                    )
+                if req.profile:
+                    try:
+                        override_row = self._profile_row(s, parse_name(req.profile, "profile"))
+                    except NotFound as exc:
+                        raise InvalidInput.one(
+                            "profile", req.profile, f"an existing profile ({exc})"
+                        ) from None
+            vm = VmRow(
+                name=name,
+                role=req.role,
+                labels=labels,
+                needs=list(req.needs),
+                override_profile_id=override_row.id if override_row else None,
+                override_patch=values_to_document(patch_values) if patch_values else None,
+                state="defined",
+                created_at=self.clock(),
+            )
+            session.vms.append(vm)
+            vm.override_profile = override_row
+            eff = self._resolve(s, vm)
+            vm.mac = MacAllocationRow(
+                mac=self._free_mac(s, eff.profile.mac_range).value, allocated_at=self.clock()
+            )
+            try:
+                s.flush()
+            except IntegrityError as exc:  # another writer raced us despite the lock
+                raise Conflict(
+                    f"could not allocate a MAC for {session.name}/{name}: {exc.orig}"
+                ) from None
+            return Explanation(self._vm_info(vm), eff)
+
+    def _free_mac(self, s: Session, pool: MacRange) -> MacAddress:
+        taken = s.scalars(
+            select(MacAllocationRow.mac)
+            .where(
+                MacAllocationRow.mac >= pool.first.value, MacAllocationRow.mac <= pool.last.value
+            )
+            .order_by(MacAllocationRow.mac)
+        )
+        candidate = pool.first.value
+        for mac in taken:
+            if mac != candidate:
+                break
+            candidate += 1
+        if candidate > pool.last.value:
+            raise Exhausted(f"MAC range {pool} has no free address ({pool.size} allocated)")
+        return MacAddress(candidate)
+
+    def remove_vm(self, session: str, name: str) -> None:
+        with self.db.transaction() as s:
+            s.delete(self._vm_row(s, session, name))
+
+    def list_vms(self, session: str) -> list[VmInfo]:
+        with self.db.transaction() as s:
+            return [self._vm_info(v) for v in self._session_row(s, session).vms]
+
+    def explain(self, session: str, name: str) -> Explanation:
+        """The VM's effective profile with the source of every field."""
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            return Explanation(self._vm_info(vm), self._resolve(s, vm))
+
+    def _vm_row(self, s: Session, session: str, name: str) -> VmRow:
+        srow = self._session_row(s, session)
+        for v in srow.vms:
+            if v.name == name:
+                return v
+        raise NotFound(f"VM in session {session!r}", name, [v.name for v in srow.vms])
+
+    def _resolve(self, s: Session, vm: VmRow) -> Effective:
+        session = vm.session
+        policy = self._policy(session)
+        refs: dict[str, ProfileRef] = {}
+        for pname in {
+            *policy.profile_names(),
+            *([vm.override_profile.name] if vm.override_profile else []),
+        }:
+            refs[pname] = self._ref(s, self._profile_row(s, pname))
+        patch = parse_patch(vm.override_patch) if vm.override_patch else None
+        adjustments = [
+            Adjustment(parse_patch(a.patch), a.reason, _aware(a.expires_at)) for a in vm.adjustments
+        ]
+        return resolve(
+            vm=VmFacts(vm.name, vm.role, dict(vm.labels), tuple(vm.needs)),
+            policy=policy,
+            profiles=refs,
+            vm_profile=vm.override_profile.name if vm.override_profile else None,
+            vm_patch=patch,
+            adjustments=adjustments,
+            now=self.clock(),
+        )
+
+    @staticmethod
+    def _vm_info(vm: VmRow) -> VmInfo:
+        return VmInfo(
+            session=vm.session.name,
+            name=vm.name,
+            role=vm.role,
+            labels=dict(vm.labels),
+            needs=list(vm.needs),
+            override_profile=vm.override_profile.name if vm.override_profile else None,
+            override_patch=vm.override_patch,
+            mac=str(MacAddress(vm.mac.mac)) if vm.mac else None,
+            state=vm.state,
+        )
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every stored time is UTC."""
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment
+
+
+__all__ = [
+    "OFF",
+    "ApplyResult",
+    "Explanation",
+    "ProfileInfo",
+    "RevisionInfo",
+    "Service",
+    "SessionInfo",
+    "VmInfo",
+    "VmRequest",
+]

@@ -1,0 +1,1 @@
+"""The pure domain model: units, profiles, sessions, resolution. No I/O."""

@@ -1,0 +1,1 @@
+"""The central database: SQLAlchemy models, Alembic migrations, engine and transactions."""

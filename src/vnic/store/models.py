@@ -1,0 +1,181 @@
+"""Database tables (SQLAlchemy 2). The schema is owned by the Alembic migrations in
+``migrations/versions``; a test checks that these models and the migrations agree.
+
+Profiles keep every revision: ``profile_revisions.document`` is the canonical
+profile document of that revision and never changes once written.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ProfileRow(Base):
+    __tablename__ = "profiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    current_revision: Mapped[int] = mapped_column(Integer)
+    # The current revision's MAC range, kept here so overlaps are one query.
+    mac_first: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    mac_last: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    revisions: Mapped[list[ProfileRevisionRow]] = relationship(
+        back_populates="profile",
+        cascade="all, delete-orphan",
+        order_by="ProfileRevisionRow.revision",
+    )
+
+
+class ProfileRevisionRow(Base):
+    __tablename__ = "profile_revisions"
+    __table_args__ = (
+        UniqueConstraint("profile_id", "revision", name="uq_profile_revisions_profile_revision"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    profile_id: Mapped[int] = mapped_column(
+        ForeignKey("profiles.id", ondelete="CASCADE"), index=True
+    )
+    revision: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    profile: Mapped[ProfileRow] = relationship(back_populates="revisions")
+
+
+class SessionRow(Base):
+    __tablename__ = "sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    network_id: Mapped[int] = mapped_column(Integer, unique=True)
+    default_profile_id: Mapped[int | None] = mapped_column(
+        ForeignKey("profiles.id", ondelete="RESTRICT"), nullable=True
+    )
+    overrides_allowed: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    default_profile: Mapped[ProfileRow | None] = relationship()
+    rules: Mapped[list[AssignmentRuleRow]] = relationship(
+        back_populates="session",
+        cascade="all, delete-orphan",
+        order_by="AssignmentRuleRow.position",
+    )
+    vms: Mapped[list[VmRow]] = relationship(
+        back_populates="session", cascade="all, delete-orphan", order_by="VmRow.name"
+    )
+
+
+class AssignmentRuleRow(Base):
+    __tablename__ = "assignment_rules"
+    __table_args__ = (
+        UniqueConstraint("session_id", "position", name="uq_assignment_rules_session_position"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    profile_id: Mapped[int] = mapped_column(ForeignKey("profiles.id", ondelete="RESTRICT"))
+    # The match part of the rule: name glob, role, labels, needs.
+    match: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+    session: Mapped[SessionRow] = relationship(back_populates="rules")
+    profile: Mapped[ProfileRow] = relationship()
+
+
+class VmRow(Base):
+    __tablename__ = "vms"
+    __table_args__ = (UniqueConstraint("session_id", "name", name="uq_vms_session_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(32))
+    role: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    needs: Mapped[list[str]] = mapped_column(JSON, default=list)
+    override_profile_id: Mapped[int | None] = mapped_column(
+        ForeignKey("profiles.id", ondelete="RESTRICT"), nullable=True
+    )
+    # Per-field patch, as a canonical profile document without name.
+    override_patch: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # defined -> (launching -> running -> stopping) ; the data plane issue adds the rest.
+    state: Mapped[str] = mapped_column(String(16), default="defined")
+    # What the data plane runs: {"revisions": {profile: rev}, "values": document}.
+    applied: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    session: Mapped[SessionRow] = relationship(back_populates="vms")
+    override_profile: Mapped[ProfileRow | None] = relationship()
+    mac: Mapped[MacAllocationRow | None] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", uselist=False
+    )
+    adjustments: Mapped[list[AdjustmentRow]] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", order_by="AdjustmentRow.id"
+    )
+
+
+class MacAllocationRow(Base):
+    """One allocated MAC. The primary key makes a MAC unique across the database."""
+
+    __tablename__ = "mac_allocations"
+
+    mac: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), unique=True)
+    allocated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    vm: Mapped[VmRow] = relationship(back_populates="mac")
+
+
+class AdjustmentRow(Base):
+    """A runtime adjustment of a VM's profile (a resolution layer with an expiry)."""
+
+    __tablename__ = "runtime_adjustments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    patch: Mapped[dict[str, Any]] = mapped_column(JSON)
+    reason: Mapped[str] = mapped_column(Text)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    vm: Mapped[VmRow] = relationship(back_populates="adjustments")
