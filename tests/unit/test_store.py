@@ -224,6 +224,12 @@ def test_names_and_duplicates(service: Service) -> None:
         service.add_vm(VmRequest("s1", "a"))
     with pytest.raises(InvalidInput):
         service.add_vm(VmRequest("s1", "UPPER"))
+    with pytest.raises(InvalidInput) as exc:
+        service.add_vm(VmRequest("s1", "b", role="x" * 65))
+    assert exc.value.paths == ["role"]
+    with pytest.raises(InvalidInput) as exc:
+        service.add_vm(VmRequest("s1", "b", needs=["ok", "not ok"]))
+    assert exc.value.paths == ["needs[1]"]
     assert [s.name for s in service.list_sessions()] == ["s1"]
 
 
@@ -233,9 +239,10 @@ def test_network_ids_are_unique_and_allocated_lowest_first(service: Service) -> 
     assert service.create_session("c").network_id == 2
     with pytest.raises(Conflict):
         service.create_session("d", network_id=5000)
-    with pytest.raises(InvalidInput) as exc:
-        service.create_session("e", network_id=2**24)
-    assert exc.value.paths == ["network_id"]
+    for bad in (2**24, 0, "²", "12a"):
+        with pytest.raises(InvalidInput) as exc:
+            service.create_session("e", network_id=bad)  # type: ignore[arg-type]
+        assert exc.value.paths == ["network_id"]
 
 
 def test_session_with_vms_needs_force(service: Service) -> None:

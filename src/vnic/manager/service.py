@@ -35,7 +35,9 @@ from vnic.model.session import (
     AssignmentRule,
     Policy,
     VmFacts,
+    parse_needs,
     parse_network_id,
+    parse_role,
     parse_session_name,
     parse_vm_name,
 )
@@ -517,6 +519,8 @@ class Service:
         """
         name = parse_vm_name(req.name)
         labels = parse_labels(dict(req.labels))
+        role = parse_role(req.role)
+        needs = parse_needs(list(req.needs))
         patch_values = dict(req.patch) if req.patch else None
         with self.db.transaction() as s:
             self.db.allocation_lock(s)
@@ -541,9 +545,9 @@ class Service:
                         ) from None
             vm = VmRow(
                 name=name,
-                role=req.role,
+                role=role,
                 labels=labels,
-                needs=list(req.needs),
+                needs=list(needs),
                 override_profile_id=override_row.id if override_row else None,
                 override_patch=values_to_document(patch_values) if patch_values else None,
                 state="defined",

@@ -33,8 +33,37 @@ def parse_vm_name(value: Any, path: str = "vm") -> str:
     return value
 
 
+_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+WORD_EXPECTED: Final = "1-64 characters: letters, digits, '.', '_', '-'"
+
+
+def parse_role(value: Any, path: str = "role") -> str | None:
+    """A VM role (None = no role)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _WORD.match(value):
+        raise InvalidInput.one(path, value, f"a role of {WORD_EXPECTED}")
+    return value
+
+
+def parse_needs(values: Any, path: str = "needs") -> tuple[str, ...]:
+    """Declared application needs: a list of short words."""
+    if values is None:
+        return ()
+    if isinstance(values, str) or not isinstance(values, list | tuple):
+        raise InvalidInput.one(path, values, "a list of need names")
+    errors = [
+        FieldError(f"{path}[{i}]", show_value(v), f"a need name of {WORD_EXPECTED}")
+        for i, v in enumerate(values)
+        if not isinstance(v, str) or not _WORD.match(v)
+    ]
+    if errors:
+        raise InvalidInput(errors)
+    return tuple(values)
+
+
 def parse_network_id(value: Any, path: str = "network_id") -> int:
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
         value = int(value)
     if (
         isinstance(value, bool)

@@ -62,7 +62,8 @@ def _split(text: object, expected: str) -> tuple[Decimal, str]:
         raise UnitError(text, expected, "not text")
     if isinstance(text, float) and not math.isfinite(text):
         raise UnitError(text, expected, "not a finite number")
-    raw = str(text)
+    # str(0.00001) is "1e-05": spell floats out in plain decimals first.
+    raw = format(Decimal(repr(text)), "f") if isinstance(text, float) else str(text)
     m = _NUMBER_WITH_SUFFIX.match(raw)
     if not m:
         if raw.strip().lower() in {"nan", "inf", "-inf", "+inf", "infinity"}:
@@ -300,6 +301,8 @@ class QueueLimit:
         if isinstance(text, str):
             m = cls._PACKETS.match(text)
             if m:
+                if not 1 <= int(m.group(1)) <= cls.MAX:
+                    raise UnitError(text, cls.EXPECTED, f"between 1 and {cls.MAX} packets")
                 return cls(int(m.group(1)), "packets")
         try:
             size = ByteSize.parse(text)
@@ -480,7 +483,7 @@ class Dscp:
             key = text.strip().lower()
             if key in _DSCP_NAMES:
                 return cls(_DSCP_NAMES[key])
-            if key.isdigit():
+            if re.fullmatch(r"[0-9]+", key):  # ASCII only; isdigit() takes "²"
                 return cls.parse(int(key))
         raise UnitError(text, cls.EXPECTED)
 
