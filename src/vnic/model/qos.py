@@ -4,8 +4,10 @@ A class has a name, a priority (0 = served first .. 7), a guaranteed rate, a
 ceiling (defaults to the direction's rate) and a match. A packet belongs to the
 first class whose match it satisfies; within one match every given key must
 hold (DSCP *and* protocol *and* port *and* network), and within one key any
-listed value may hold. Traffic that matches no class goes to the direction's
-default class, which gets whatever the classes do not guarantee.
+listed value may hold. A class without a match takes everything no earlier
+class took (a catch-all, like ``bulk`` in the wan-dsl example). Traffic that
+matches no class goes to the direction's default class, which gets whatever
+the classes do not guarantee.
 
 Matches:
 
