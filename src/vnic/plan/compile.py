@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from itertools import product
 
 from vnic.model.profile import Direction, Profile
-from vnic.model.qos import PROTOCOLS, PortRange, QosClass, QosMatch
+from vnic.model.qos import PROTOCOLS, IpNetwork, PortRange, QosClass, QosMatch
 from vnic.plan.model import (
     ETH_HEADER,
     ClassifierFilter,
