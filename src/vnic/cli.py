@@ -385,6 +385,22 @@ def session_show(name: str, as_json: JsonFlag = False) -> None:
     run(body)
 
 
+@session_app.command("down")
+def session_down(
+    name: str,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+) -> None:
+    """Stop every VM of the session and remove its network namespaces, links and qdiscs."""
+
+    def body() -> None:
+        from vnic.drivers.registry import get_driver
+
+        stopped = service().session_down(name, get_driver(driver))
+        out.print(f"session {name}: down ({len(stopped)} VMs stopped)", markup=False)
+
+    run(body)
+
+
 @session_app.command("delete")
 def session_delete(
     name: str,
@@ -413,6 +429,8 @@ def _vm_json(v: VmInfo) -> dict[str, Any]:
         "override_profile": v.override_profile,
         "override_patch": v.override_patch,
         "mac": v.mac,
+        "ipv4": v.ipv4,
+        "ipv6": v.ipv6,
         "state": v.state,
     }
 
@@ -474,6 +492,111 @@ def vm_add(
             emit_json(_explain_json(result))
         else:
             out.print(f"vm {session}/{name}: added, MAC {result.vm.mac}", markup=False)
+
+    run(body)
+
+
+@vm_app.command("launch")
+def vm_launch(
+    session: str,
+    name: str,
+    role: Annotated[
+        str | None, typer.Option("--role", help="Role, for assignment rules (new VMs).")
+    ] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", help="Label KEY=VALUE (new VMs). Repeatable.")
+    ] = None,
+    needs: Annotated[
+        list[str] | None,
+        typer.Option("--need", help="Declared application need (new VMs). Repeatable."),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Override profile (new VMs).")
+    ] = None,
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", help="Override FIELD=VALUE (new VMs). Repeatable.")
+    ] = None,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+    as_json: JsonFlag = False,
+) -> None:
+    """Launch a VM: define it first if new, resolve its profile, configure its vNIC, start it."""
+
+    def body() -> None:
+        from vnic.drivers.registry import get_driver
+
+        drv = get_driver(driver)
+        svc = service()
+        known = {v.name for v in svc.list_vms(session)}
+        if name not in known:
+            patch = parse_assignments(sets) if sets else None
+            svc.add_vm(
+                VmRequest(
+                    session=session,
+                    name=name,
+                    role=role,
+                    labels=_pairs(labels or [], "--label"),
+                    needs=tuple(needs or ()),
+                    profile=profile,
+                    patch=patch,
+                )
+            )
+        elif role or labels or needs or profile or sets:
+            raise InvalidInput.one(
+                "vm",
+                name,
+                "a new VM name: role, labels, needs and overrides are set when a VM is added",
+            )
+        try:
+            result = svc.launch_vm(session, name, drv)
+        except BaseException:
+            if name not in known:
+                svc.remove_vm(session, name)  # a failed launch of a new VM defines nothing
+            raise
+        if as_json:
+            emit_json(_explain_json(result))
+        else:
+            v = result.vm
+            out.print(
+                f"vm {session}/{name}: running, MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False
+            )
+
+    run(body)
+
+
+@vm_app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vm_exec(
+    session: str,
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="Command to run inside the VM (after --).")],
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+) -> None:
+    """Run a command inside a running VM; exits with the command's status."""
+    from vnic.drivers.registry import get_driver
+
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        drv = get_driver(driver)
+        code = drv.exec(session, name, command).returncode  # type: ignore[attr-defined]
+
+    run(body)
+    raise typer.Exit(code)
+
+
+@vm_app.command("destroy")
+def vm_destroy(
+    session: str,
+    name: str,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+) -> None:
+    """Stop a VM and remove its network (the definition and MAC stay)."""
+
+    def body() -> None:
+        from vnic.drivers.registry import get_driver
+
+        service().destroy_vm(session, name, get_driver(driver))
+        out.print(f"vm {session}/{name}: destroyed", markup=False)
 
     run(body)
 

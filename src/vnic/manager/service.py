@@ -17,6 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from vnic.dataplane.names import vm_addresses
+from vnic.drivers.base import Driver, LaunchRequest
 from vnic.errors import Conflict, Exhausted, FieldError, InUse, InvalidInput, NotFound
 from vnic.model.profile import (
     DEFAULT_MAC_RANGE,
@@ -103,6 +105,8 @@ class VmInfo:
     override_patch: Mapping[str, Any] | None
     mac: str | None
     state: str
+    ipv4: str | None = None
+    ipv6: str | None = None
 
 
 @dataclass(frozen=True)
@@ -559,6 +563,7 @@ class Service:
             vm.mac = MacAllocationRow(
                 mac=self._free_mac(s, eff.profile.mac_range).value, allocated_at=self.clock()
             )
+            vm.host_index = self._free_host_index(session)
             try:
                 s.flush()
             except IntegrityError as exc:  # another writer raced us despite the lock
@@ -583,6 +588,75 @@ class Service:
         if candidate > pool.last.value:
             raise Exhausted(f"MAC range {pool} has no free address ({pool.size} allocated)")
         return MacAddress(candidate)
+
+    @staticmethod
+    def _free_host_index(session: SessionRow) -> int:
+        used = {v.host_index for v in session.vms}
+        for index in range(2, 255):
+            if index not in used:
+                return index
+        raise Exhausted(f"session {session.name!r} has no free address (253 VMs at most)")
+
+    # ------------------------------------------------------------------ launch
+
+    def launch_vm(self, session: str, name: str, driver: Driver) -> Explanation:
+        """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
+
+        The driver refuses unsupported fields before touching anything and
+        removes what it made if the launch fails; the VM then stays defined.
+        """
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            eff = self._resolve(s, vm)
+            request = self._launch_request(vm, eff)
+        driver.launch(request)
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            vm.state = "running"
+            vm.applied = {
+                "driver": driver.kind,
+                "revisions": dict(eff.revisions),
+                "values": values_to_document(eff.values),
+            }
+            return Explanation(self._vm_info(vm), eff)
+
+    def _launch_request(self, vm: VmRow, eff: Effective) -> LaunchRequest:
+        if vm.mac is None or vm.host_index is None:  # pragma: no cover - set by add_vm
+            raise Conflict(f"VM {vm.session.name}/{vm.name} has no MAC or address")
+        ipv4, ipv6 = vm_addresses(vm.session.network_id, vm.host_index)
+        return LaunchRequest(
+            session=vm.session.name,
+            network_id=vm.session.network_id,
+            vm=vm.name,
+            mac=MacAddress(vm.mac.mac),
+            ipv4=ipv4,
+            ipv6=ipv6,
+            profile=eff.profile,
+            values=dict(eff.values),
+            revisions=dict(eff.revisions),
+        )
+
+    def destroy_vm(self, session: str, name: str, driver: Driver) -> None:
+        """Stop the VM and remove its network; its definition (and MAC) stays."""
+        with self.db.transaction() as s:
+            self._vm_row(s, session, name)
+        driver.destroy(session, name)
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            vm.state = "defined"
+            vm.applied = None
+
+    def session_down(self, session: str, driver: Driver) -> list[str]:
+        """Stop every VM of the session and remove its network. Returns the VMs stopped."""
+        with self.db.transaction() as s:
+            names = [v.name for v in self._session_row(s, session).vms]
+        running = sorted(set(driver.running(session)) | set(names))
+        driver.teardown_session(session, names)
+        with self.db.transaction() as s:
+            for vm in self._session_row(s, session).vms:
+                vm.state = "defined"
+                vm.applied = None
+        return running
 
     def remove_vm(self, session: str, name: str) -> None:
         with self.db.transaction() as s:
@@ -640,6 +714,12 @@ class Service:
             override_patch=vm.override_patch,
             mac=str(MacAddress(vm.mac.mac)) if vm.mac else None,
             state=vm.state,
+            ipv4=str(vm_addresses(vm.session.network_id, vm.host_index)[0].ip)
+            if vm.host_index
+            else None,
+            ipv6=str(vm_addresses(vm.session.network_id, vm.host_index)[1].ip)
+            if vm.host_index
+            else None,
         )
 
 

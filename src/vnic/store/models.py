@@ -123,7 +123,10 @@ class AssignmentRuleRow(Base):
 
 class VmRow(Base):
     __tablename__ = "vms"
-    __table_args__ = (UniqueConstraint("session_id", "name", name="uq_vms_session_name"),)
+    __table_args__ = (
+        UniqueConstraint("session_id", "name", name="uq_vms_session_name"),
+        UniqueConstraint("session_id", "host_index", name="uq_vms_session_host_index"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(
@@ -139,6 +142,8 @@ class VmRow(Base):
     # Per-field patch, as a canonical profile document without name.
     override_patch: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # defined -> (launching -> running -> stopping) ; the data plane issue adds the rest.
+    # The VM's address in its session's subnets (2..254), allocated lowest free.
+    host_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="defined")
     # What the data plane runs: {"revisions": {profile: rev}, "values": document}.
     applied: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)

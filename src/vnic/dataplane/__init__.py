@@ -1,0 +1,1 @@
+"""The only privileged code: namespaces, links, traffic control, read-back."""

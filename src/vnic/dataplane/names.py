@@ -1,0 +1,91 @@
+"""Names and ownership tags of everything the netns data plane creates. Pure.
+
+Every object carries its session and VM, so cleanup deletes exactly what vnic
+made and a restarted agent can tell its objects from anyone else's:
+
+* session namespace ``vnic.<session>`` holding the bridge ``vbr0``;
+* VM namespace ``vnic.<session>.<vm>`` holding ``eth0``;
+* in the session namespace, per VM: the bridge port ``vh<id>`` (host end of
+  the VM's veth) and the IFB ``vi<id>``, both with the interface alias
+  ``vnic:<session>/<vm>``; ``<id>`` is 10 hex digits of a hash of the VM name
+  (interface names are limited to 15 bytes).
+
+Session and VM names are ``[a-z0-9-]`` (see :mod:`vnic.model.session`), so
+``.`` separates them unambiguously.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+PREFIX = "vnic"
+BRIDGE = "vbr0"
+VM_IFNAME = "eth0"
+
+
+def session_netns(session: str) -> str:
+    return f"{PREFIX}.{session}"
+
+
+def vm_netns(session: str, vm: str) -> str:
+    return f"{PREFIX}.{session}.{vm}"
+
+
+def owner_tag(session: str, vm: str | None = None) -> str:
+    return f"{PREFIX}:{session}/{vm}" if vm else f"{PREFIX}:{session}"
+
+
+def parse_vm_netns(name: str, session: str) -> str | None:
+    """The VM name if ``name`` is a VM namespace of ``session``, else None."""
+    prefix = vm_netns(session, "")
+    rest = name[len(prefix) :] if name.startswith(prefix) else ""
+    if rest and "." not in rest:
+        return rest
+    return None
+
+
+def _vm_id(vm: str) -> str:
+    return hashlib.sha1(vm.encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True)
+class VmLinks:
+    """Interface names of one VM inside its session namespace."""
+
+    port: str
+    ifb: str
+
+    @classmethod
+    def of(cls, vm: str) -> VmLinks:
+        ident = _vm_id(vm)
+        return cls(port=f"vh{ident}", ifb=f"vi{ident}")
+
+
+def session_ipv4(network_id: int) -> ipaddress.IPv4Network:
+    """The session's IPv4 subnet: 10.<hi>.<lo>.0/24 from the low 16 bits of the network id.
+
+    Sessions are isolated namespaces, so two sessions may share a subnet.
+    """
+    return ipaddress.IPv4Network(((10 << 24) | ((network_id & 0xFFFF) << 8), 24))
+
+
+def session_ipv6(network_id: int) -> ipaddress.IPv6Network:
+    """The session's IPv6 subnet: fd76:6e<network id, 24 bits>::/64 (unique local)."""
+    value = (0xFD766E << 104) | ((network_id & 0xFFFFFF) << 80)
+    return ipaddress.IPv6Network((value, 64))
+
+
+def vm_addresses(
+    network_id: int, host_index: int
+) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv6Interface]:
+    """The VM's IPv4 and IPv6 interface addresses (host index 2..254; .1 is the session's)."""
+    if not 2 <= host_index <= 254:
+        raise ValueError(f"host index is 2..254, got {host_index}")
+    v4 = session_ipv4(network_id)
+    v6 = session_ipv6(network_id)
+    return (
+        ipaddress.IPv4Interface((int(v4.network_address) + host_index, 24)),
+        ipaddress.IPv6Interface((int(v6.network_address) + host_index, 64)),
+    )

@@ -1,0 +1,197 @@
+"""Network namespaces, links and addresses of the netns data plane (needs root).
+
+Only names from :mod:`vnic.dataplane.names` are created or removed here;
+removal of a namespace first stops the processes inside it (found by the
+namespace, not by any name pattern), since a namespace lives on while a
+process holds it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from pyroute2 import NetNS, netns
+
+from vnic.dataplane.names import BRIDGE, VM_IFNAME, VmLinks, owner_tag
+from vnic.dataplane.tc import DataplaneError
+
+IFA_F_NODAD = 0x02
+
+
+def exists(name: str) -> bool:
+    return name in netns.listnetns()
+
+
+def listing() -> list[str]:
+    return sorted(netns.listnetns())
+
+
+@contextlib.contextmanager
+def opened(name: str) -> Iterator[Any]:
+    """A netlink socket inside namespace ``name``, reused for every call in the block."""
+    ns = NetNS(name)
+    try:
+        yield ns
+    finally:
+        ns.close()
+
+
+def create(name: str) -> None:
+    netns.create(name)
+    with opened(name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+
+
+def pids(name: str) -> list[int]:
+    return sorted(int(p) for p in netns.ns_pids().get(name, []))
+
+
+def remove(name: str, grace: float = 2.0) -> None:
+    """Stop every process inside ``name`` (TERM, then KILL after ``grace`` s), then remove it."""
+    if not exists(name):
+        return
+    victims = pids(name)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while victims and time.monotonic() < deadline:
+        victims = [p for p in victims if _alive(p)]
+        time.sleep(0.02)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    netns.remove(name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def run(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` inside namespace ``name`` (``ip netns exec``)."""
+    return subprocess.run(["ip", "netns", "exec", name, *argv], text=True, **kwargs)
+
+
+def sysctl(name: str, key: str, value: str) -> None:
+    path = "/proc/sys/" + key.replace(".", "/")
+    proc = run(
+        name, ["sh", "-c", f'echo "$1" > {path}', "sh", value], capture_output=True, timeout=10
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"sysctl {key}={value} refused in {name}: {proc.stderr.strip()}")
+
+
+def read_sysctl(name: str, key: str) -> str:
+    proc = run(name, ["cat", "/proc/sys/" + key.replace(".", "/")], capture_output=True, timeout=10)
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot read {key} in {name}: {proc.stderr.strip()}")
+    return proc.stdout.strip()
+
+
+# ----------------------------------------------------------------------------- session and VM links
+
+
+def ensure_session(ns_name: str, session: str) -> None:
+    """The session namespace with its bridge, created if missing."""
+    if not exists(ns_name):
+        create(ns_name)
+    with opened(ns_name) as ns:
+        if not ns.link_lookup(ifname=BRIDGE):
+            ns.link("add", ifname=BRIDGE, kind="bridge")
+        idx = ns.link_lookup(ifname=BRIDGE)[0]
+        ns.link("set", index=idx, ifalias=owner_tag(session), state="up")
+
+
+def plug_vm(
+    session_ns: str,
+    vm_ns: str,
+    session: str,
+    vm: str,
+    mac: str,
+    addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
+) -> VmLinks:
+    """Make the VM's veth (``eth0`` inside ``vm_ns``, the port on the bridge) and its IFB."""
+    links = VmLinks.of(vm)
+    tag = owner_tag(session, vm)
+    with opened(session_ns) as ns:
+        if ns.link_lookup(ifname=links.port) or ns.link_lookup(ifname=links.ifb):
+            raise DataplaneError(f"links {links.port}/{links.ifb} already exist in {session_ns}")
+        ns.link(
+            "add", ifname=links.port, kind="veth", peer={"ifname": VM_IFNAME, "net_ns_fd": vm_ns}
+        )
+        port = ns.link_lookup(ifname=links.port)[0]
+        bridge = ns.link_lookup(ifname=BRIDGE)[0]
+        ns.link("set", index=port, master=bridge, ifalias=tag, state="up")
+        ns.link("add", ifname=links.ifb, kind="ifb")
+        ifb = ns.link_lookup(ifname=links.ifb)[0]
+        ns.link("set", index=ifb, ifalias=tag, state="up")
+    with opened(vm_ns) as vns:
+        eth = vns.link_lookup(ifname=VM_IFNAME)[0]
+        vns.link("set", index=eth, address=mac, state="up")
+        for addr in addresses:
+            vns.addr(
+                "add",
+                index=eth,
+                address=str(addr.ip),
+                prefixlen=addr.network.prefixlen,
+                flags=IFA_F_NODAD,
+            )
+    return links
+
+
+def unplug_vm(session_ns: str, session: str, vm: str) -> None:
+    """Delete the VM's port and IFB in the session namespace, if they carry its tag."""
+    if not exists(session_ns):
+        return
+    links = VmLinks.of(vm)
+    tag = owner_tag(session, vm)
+    with opened(session_ns) as ns:
+        for name in (links.port, links.ifb):
+            for idx in ns.link_lookup(ifname=name):
+                link = ns.get_links(idx)[0]
+                if link.get_attr("IFLA_IFALIAS") == tag:
+                    ns.link("del", index=idx)
+
+
+def set_route_congctl(
+    vm_ns: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network, algorithm: str
+) -> None:
+    """Per-route congestion control for ``network`` on ``eth0`` (reaches algorithms the
+    namespace sysctl may not select, such as cubic)."""
+    family = "-6" if network.version == 6 else "-4"
+    proc = subprocess.run(
+        [
+            "ip",
+            family,
+            "-n",
+            vm_ns,
+            "route",
+            "replace",
+            str(network),
+            "dev",
+            VM_IFNAME,
+            "proto",
+            "kernel",
+            "congctl",
+            algorithm,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(
+            f"congctl {algorithm} on {network} refused in {vm_ns}: {proc.stderr.strip()}"
+        )

@@ -1,0 +1,161 @@
+"""Apply a :class:`~vnic.plan.model.Plan`'s traffic control with netlink, and read it back.
+
+Runs against an open pyroute2 socket of the namespace that holds the plan's
+devices. After applying, :func:`verify` reads every HTB class back from the
+kernel and raises if one is missing or differs: a failed class add would
+otherwise leave HTB's default path passing traffic unshaped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vnic.errors import VnicError
+from vnic.plan.compile import DEFAULT_MINOR
+from vnic.plan.model import DirectionPlan, HtbClass, Plan
+
+ROOT_HANDLE = 0x10000
+INGRESS_HANDLE = 0xFFFF0000
+ETH_P_ALL = 0x0003
+MATCH_ALL_KEY = "0x0/0x0+0"
+
+
+class DataplaneError(VnicError):
+    """The kernel refused or did not keep what the plan asked for."""
+
+    http_status = 500
+    kind = "dataplane"
+
+
+def _handle(minor: int) -> int:
+    return ROOT_HANDLE | minor
+
+
+def _leaf_major(minor: int) -> int:
+    return 2 if minor == DEFAULT_MINOR else minor
+
+
+def _index(ipr: Any, name: str) -> int:
+    found = ipr.link_lookup(ifname=name)
+    if not found:
+        raise DataplaneError(f"device {name!r} does not exist")
+    return int(found[0])
+
+
+def _teach_pyroute2_bfifo() -> None:
+    """pyroute2 0.9.7 has no ``bfifo`` module and sends qdiscs of unknown kinds to
+    the root, replacing HTB. bfifo's options are pfifo's (``struct tc_fifo_qopt``),
+    so the pfifo module encodes it correctly."""
+    from pyroute2.netlink.rtnl.tcmsg import plugins, sched_pfifo
+
+    plugins.setdefault("bfifo", sched_pfifo)
+
+
+def apply_plan(ipr: Any, plan: Plan) -> None:
+    """Create the plan's qdiscs, classes, filters and redirect on fresh devices."""
+    _teach_pyroute2_bfifo()
+    for direction in plan.directions():
+        if direction.shaped:
+            _apply_direction(ipr, direction)
+    if plan.redirect is not None:
+        port = _index(ipr, plan.redirect.device)
+        ifb = _index(ipr, plan.redirect.target)
+        ipr.tc("add", "ingress", port, INGRESS_HANDLE)
+        ipr.tc(
+            "add-filter",
+            "u32",
+            port,
+            parent=INGRESS_HANDLE,
+            prio=1,
+            protocol=ETH_P_ALL,
+            target=INGRESS_HANDLE | 1,
+            keys=[MATCH_ALL_KEY],
+            action={"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": ifb},
+        )
+
+
+def _apply_direction(ipr: Any, d: DirectionPlan) -> None:
+    assert d.device is not None and d.root is not None
+    idx = _index(ipr, d.device)
+    ipr.tc("replace", "htb", idx, ROOT_HANDLE, default=d.root.default_minor)
+    for c in d.classes:
+        ipr.tc("replace-class", "htb", idx, _handle(c.minor), **_class_args(c))
+    for leaf in d.leaves:
+        ipr.tc(
+            "replace",
+            leaf.kind,
+            idx,
+            _leaf_major(leaf.class_minor) << 16,
+            parent=_handle(leaf.class_minor),
+            limit=leaf.limit,
+        )
+    for f in d.filters:
+        ipr.tc(
+            "add-filter",
+            "u32",
+            idx,
+            parent=ROOT_HANDLE,
+            prio=f.prio,
+            protocol=f.protocol,
+            target=_handle(f.class_minor),
+            keys=[m.key() for m in f.matches],
+        )
+
+
+def _class_args(c: HtbClass) -> dict[str, Any]:
+    return {
+        "parent": _handle(c.parent_minor) if c.parent_minor else ROOT_HANDLE,
+        "rate": c.rate,
+        "ceil": c.ceil,
+        "burst": c.burst,
+        "cburst": c.cburst,
+        "quantum": c.quantum,
+        "prio": c.prio,
+    }
+
+
+@dataclass(frozen=True)
+class ClassState:
+    """An HTB class as the kernel reports it: rates in bytes/s."""
+
+    minor: int
+    rate: int
+    ceil: int
+    prio: int
+
+
+def read_classes(ipr: Any, device: str) -> dict[int, ClassState]:
+    """Every HTB class of ``device`` under ``1:``."""
+    idx = _index(ipr, device)
+    out: dict[int, ClassState] = {}
+    for msg in ipr.get_classes(index=idx):
+        if msg.get_attr("TCA_KIND") != "htb" or (msg["handle"] >> 16) != 1:
+            continue
+        opts = msg.get_attr("TCA_OPTIONS")
+        parms = opts.get_attr("TCA_HTB_PARMS")
+        rate = opts.get_attr("TCA_HTB_RATE64") or parms["rate"]
+        ceil = opts.get_attr("TCA_HTB_CEIL64") or parms["ceil"]
+        minor = msg["handle"] & 0xFFFF
+        out[minor] = ClassState(minor, int(rate), int(ceil), int(parms["prio"]))
+    return out
+
+
+def verify(ipr: Any, plan: Plan) -> None:
+    """Read the plan's classes back; raise :class:`DataplaneError` on any difference."""
+    problems = []
+    for d in plan.directions():
+        if not d.shaped or d.device is None:
+            continue
+        state = read_classes(ipr, d.device)
+        for c in d.classes:
+            got = state.get(c.minor)
+            if got is None:
+                problems.append(f"{d.direction}: class 1:{c.minor:x} missing on {d.device}")
+            elif (got.rate, got.ceil) != (c.rate, c.ceil):
+                problems.append(
+                    f"{d.direction}: class 1:{c.minor:x} on {d.device} has rate {got.rate * 8} bit/s "
+                    f"ceil {got.ceil * 8} bit/s, planned {c.rate * 8} / {c.ceil * 8}"
+                )
+    if problems:
+        raise DataplaneError("kernel state differs from the plan: " + "; ".join(problems))

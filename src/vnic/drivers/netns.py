@@ -1,0 +1,131 @@
+"""The netns driver: a VM is a network namespace on its session's bridge.
+
+Launch = session namespace and bridge (if new) -> VM namespace -> veth into
+the bridge + IFB -> addresses -> TCP settings -> compiled plan applied on the
+host side -> read back. Any failure removes what this launch created and
+re-raises.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Sequence
+
+from vnic.dataplane import names
+from vnic.dataplane import namespaces as nsops
+from vnic.dataplane.tc import DataplaneError, apply_plan, verify
+from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
+from vnic.errors import Conflict
+from vnic.plan.compile import compile_plan
+from vnic.plan.model import Devices, Plan
+
+#: Profile fields this driver honours today; the others name what they need.
+HONOURED = frozenset(
+    {
+        "egress.rate",
+        "ingress.rate",
+        "qos.egress",
+        "qos.ingress",
+        "tcp.congestion_control",
+        "tcp.window_scaling",
+        "tcp.sack",
+        "tcp.timestamps",
+        "tcp.ecn",
+    }
+)
+_LATER = {
+    **{
+        f"{d}.{f}": "netem or the vnic delay engine (latency and loss issue)"
+        for d in ("egress", "ingress")
+        for f in ("delay", "jitter", "reorder", "loss", "duplicate", "corrupt")
+    },
+    "egress.peak": "a tbf peak-rate leaf (not built yet)",
+    "ingress.peak": "a tbf peak-rate leaf (not built yet)",
+    "egress.dscp_mark": "host-side DSCP marking (not built yet)",
+}
+
+
+class NetnsDriver:
+    kind = "netns"
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self.kind, HONOURED, _LATER)
+
+    def plan_for(self, request: LaunchRequest) -> Plan:
+        links = names.VmLinks.of(request.vm)
+        return compile_plan(request.profile, Devices(port=links.port, ifb=links.ifb))
+
+    def launch(self, request: LaunchRequest) -> None:
+        check_supported(self.capabilities(), request.values)
+        session_ns = names.session_netns(request.session)
+        vm_ns = names.vm_netns(request.session, request.vm)
+        if nsops.exists(vm_ns):
+            raise Conflict(
+                f"VM {request.session}/{request.vm} is already running (namespace {vm_ns})"
+            )
+        plan = self.plan_for(request)
+        nsops.ensure_session(session_ns, request.session)
+        nsops.create(vm_ns)
+        try:
+            nsops.plug_vm(
+                session_ns,
+                vm_ns,
+                request.session,
+                request.vm,
+                str(request.mac),
+                [request.ipv4, request.ipv6],
+            )
+            self._tcp(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
+            with nsops.opened(session_ns) as ns:
+                apply_plan(ns, plan)
+                verify(ns, plan)
+        except BaseException:
+            self.destroy(request.session, request.vm)
+            raise
+
+    def _tcp(
+        self,
+        vm_ns: str,
+        plan: Plan,
+        networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ) -> None:
+        for s in plan.sysctls:
+            nsops.sysctl(vm_ns, s.key, s.value)
+        algo = plan.congestion_control
+        if algo is None:
+            return
+        allowed = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_allowed_congestion_control").split()
+        available = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_available_congestion_control").split()
+        if algo not in available:
+            raise DataplaneError(
+                f"tcp.congestion_control {algo!r} is not available in this kernel (available: {' '.join(available)})"
+            )
+        if algo in allowed:
+            nsops.sysctl(vm_ns, "net.ipv4.tcp_congestion_control", algo)
+        # The namespace default may only pick from the host's allowed list; a
+        # per-route congctl reaches every available algorithm, so set it on
+        # the session's routes either way.
+        for net in networks:
+            nsops.set_route_congctl(vm_ns, net, algo)
+
+    def destroy(self, session: str, vm: str) -> None:
+        nsops.remove(names.vm_netns(session, vm))
+        nsops.unplug_vm(names.session_netns(session), session, vm)
+
+    def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
+        for vm in sorted({*vms, *self.running(session)}):
+            self.destroy(session, vm)
+        nsops.remove(names.session_netns(session))
+
+    def running(self, session: str) -> list[str]:
+        found = (names.parse_vm_netns(n, session) for n in nsops.listing())
+        return sorted(v for v in found if v)
+
+    def exec(
+        self, session: str, vm: str, argv: Sequence[str], **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        vm_ns = names.vm_netns(session, vm)
+        if not nsops.exists(vm_ns):
+            raise Conflict(f"VM {session}/{vm} is not running")
+        return nsops.run(vm_ns, argv, **kwargs)

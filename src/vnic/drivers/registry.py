@@ -1,0 +1,26 @@
+"""The explicit driver registry: kind -> factory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from vnic.drivers.base import Driver
+from vnic.errors import InvalidInput
+
+
+def _netns() -> Driver:
+    from vnic.drivers.netns import NetnsDriver
+
+    return NetnsDriver()
+
+
+FACTORIES: dict[str, Callable[[], Driver]] = {"netns": _netns}
+DEFAULT = "netns"
+
+
+def get_driver(kind: str = DEFAULT) -> Driver:
+    """The driver of ``kind``; an unknown kind names the valid ones."""
+    try:
+        return FACTORIES[kind]()
+    except KeyError:
+        raise InvalidInput.one("driver", kind, "one of " + ", ".join(sorted(FACTORIES))) from None
