@@ -662,6 +662,56 @@ def print_explanation(e: Explanation, *, all_fields: bool = False) -> None:
     out.print(table)
 
 
+# ----------------------------------------------------------------------------- doctor
+
+
+@app.command("doctor")
+def doctor(as_json: JsonFlag = False) -> None:
+    """Probe what this kernel can do (by trying, in a throwaway namespace) and which
+    profile fields each driver can therefore honour. Needs root."""
+
+    def body() -> None:
+        from vnic.dataplane.probe import run_probe, tools_missing
+        from vnic.drivers.netns import capabilities_from_probe
+
+        probe = run_probe()
+        caps = capabilities_from_probe(probe)
+        if as_json:
+            emit_json(
+                {
+                    "kernel": probe.to_dict(),
+                    "tools_missing": tools_missing(),
+                    "drivers": [caps.to_dict()],
+                }
+            )
+            return
+        table = Table("kind", "available", "missing")
+        for group, found in probe.to_dict().items():
+            if group == "congestion_control":
+                continue
+            assert isinstance(found, dict)
+            table.add_row(
+                group,
+                " ".join(k for k, v in found.items() if v) or "-",
+                " ".join(k for k, v in found.items() if not v) or "-",
+            )
+        cc = ", ".join(f"{k} (by {v})" for k, v in probe.congestion_control.items())
+        table.add_row("tcp congestion control", cc, "-")
+        out.print(table)
+        fields = Table("driver", "honours", "cannot honour here (needs)", title_justify="left")
+        fields.add_row(
+            caps.kind,
+            "\n".join(sorted(caps.fields)),
+            "\n".join(f"{k}: {v}" for k, v in sorted(caps.missing.items())),
+        )
+        out.print(fields)
+        missing = tools_missing()
+        if missing:
+            out.print(f"missing tools: {' '.join(missing)} (run scripts/install.sh)", markup=False)
+
+    run(body)
+
+
 # ----------------------------------------------------------------------------- db, demo
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane.probe import Probe
 from vnic.dataplane.tc import DataplaneError, apply_plan, verify
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict
@@ -46,10 +47,56 @@ _LATER = {
 }
 
 
+#: Kernel features each honoured field needs (see :mod:`vnic.dataplane.probe`).
+_NEEDS = {
+    **{
+        f"{d}.rate": (
+            "qdisc:htb",
+            "qdisc:bfifo",
+            "qdisc:ingress",
+            "classifier:u32",
+            "action:mirred",
+            "link:ifb",
+        )
+        for d in ("egress", "ingress")
+    },
+    **{f"qos.{d}": ("qdisc:htb", "classifier:u32") for d in ("egress", "ingress")},
+    "tcp.congestion_control": ("sysctl:net.ipv4.tcp_congestion_control",),
+    "tcp.window_scaling": ("sysctl:net.ipv4.tcp_window_scaling",),
+    "tcp.sack": ("sysctl:net.ipv4.tcp_sack",),
+    "tcp.timestamps": ("sysctl:net.ipv4.tcp_timestamps",),
+    "tcp.ecn": ("sysctl:net.ipv4.tcp_ecn",),
+}
+
+
+def capabilities_from_probe(probe: Probe) -> Capabilities:
+    """What the netns driver can honour on the probed kernel, and what is missing."""
+    fields = set()
+    missing = dict(_LATER)
+    for path in HONOURED:
+        absent = [f for f in _NEEDS.get(path, ()) if not probe.has(f)]
+        if absent:
+            missing[path] = "kernel features " + ", ".join(absent)
+        else:
+            fields.add(path)
+    if not probe.has("qdisc:netem"):
+        for path, why in _LATER.items():
+            if why.startswith("netem"):
+                missing[path] = (
+                    "netem (missing on this kernel) or the vnic delay engine (latency and loss issue)"
+                )
+    return Capabilities(NetnsDriver.kind, frozenset(fields), missing)
+
+
 class NetnsDriver:
     kind = "netns"
 
+    def __init__(self, probe: Probe | None = None) -> None:
+        self.probe = probe
+
     def capabilities(self) -> Capabilities:
+        if self.probe is not None:
+            return capabilities_from_probe(self.probe)
         return Capabilities(self.kind, HONOURED, _LATER)
 
     def plan_for(self, request: LaunchRequest) -> Plan:

@@ -1,0 +1,211 @@
+"""What this kernel can really do, found by trying in a throwaway namespace.
+
+Nothing is read from kernel config files: every qdisc, classifier, action,
+nftables expression, link kind and sysctl is tried for real inside a
+namespace ``vnic.probe-<pid>`` that is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from vnic.dataplane import namespaces as nsops
+
+QDISCS = (
+    "htb",
+    "tbf",
+    "netem",
+    "fq",
+    "fq_codel",
+    "sfq",
+    "prio",
+    "bfifo",
+    "pfifo",
+    "ingress",
+    "clsact",
+)
+CLASSIFIERS = ("u32", "bpf", "flower", "matchall", "basic", "fw")
+ACTIONS = ("mirred", "police", "gact", "skbedit", "pedit")
+LINKS = ("veth", "bridge", "ifb", "vxlan", "tuntap", "dummy")
+NFT_EXPRESSIONS = {
+    "numgen": "meta mark set numgen random mod 100",
+    "limit": "limit rate 10/second",
+    "quota": "quota 1000 bytes",
+    "counter": "counter",
+    "bridge_dscp": None,  # tried in a bridge table below
+}
+SYSCTLS = (
+    "net.ipv4.tcp_congestion_control",
+    "net.ipv4.tcp_window_scaling",
+    "net.ipv4.tcp_sack",
+    "net.ipv4.tcp_timestamps",
+    "net.ipv4.tcp_ecn",
+)
+
+
+@dataclass
+class Probe:
+    """Results: feature name -> available."""
+
+    qdiscs: dict[str, bool] = field(default_factory=dict)
+    classifiers: dict[str, bool] = field(default_factory=dict)
+    actions: dict[str, bool] = field(default_factory=dict)
+    links: dict[str, bool] = field(default_factory=dict)
+    nftables: dict[str, bool] = field(default_factory=dict)
+    sysctls: dict[str, bool] = field(default_factory=dict)
+    congestion_control: dict[str, str] = field(default_factory=dict)
+
+    def has(self, feature: str) -> bool:
+        """``"qdisc:netem"``, ``"action:mirred"``, ``"link:ifb"``, ``"nft:numgen"`` ..."""
+        group, _, name = feature.partition(":")
+        table = {
+            "qdisc": self.qdiscs,
+            "classifier": self.classifiers,
+            "action": self.actions,
+            "link": self.links,
+            "nft": self.nftables,
+            "sysctl": self.sysctls,
+        }[group]
+        return table.get(name, False)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "qdiscs": self.qdiscs,
+            "classifiers": self.classifiers,
+            "actions": self.actions,
+            "links": self.links,
+            "nftables": self.nftables,
+            "sysctls": self.sysctls,
+            "congestion_control": self.congestion_control,
+        }
+
+
+def _ok(ns: str, argv: Sequence[str], stdin: str | None = None) -> bool:
+    proc = nsops.run(ns, list(argv), input=stdin, capture_output=True, timeout=10)
+    return proc.returncode == 0
+
+
+def run_probe() -> Probe:
+    """Probe the running kernel (needs root). Takes about a second."""
+    ns = f"vnic.probe-{os.getpid()}"
+    nsops.remove(ns)
+    nsops.create(ns)
+    try:
+        return _probe_in(ns)
+    finally:
+        nsops.remove(ns)
+
+
+def _probe_in(ns: str) -> Probe:
+    p = Probe()
+    p.links["veth"] = _ok(ns, ["ip", "link", "add", "p0", "type", "veth", "peer", "name", "p1"])
+    for kind in LINKS[1:]:
+        argv = (
+            ["ip", "tuntap", "add", "pt0", "mode", "tap"] if kind == "tuntap" else _link_add(kind)
+        )
+        p.links[kind] = _ok(ns, argv)
+    _ok(ns, ["ip", "link", "set", "p0", "up"])
+    for q in QDISCS:
+        if q in ("ingress", "clsact"):
+            p.qdiscs[q] = _ok(ns, ["tc", "qdisc", "add", "dev", "p1", q]) and _ok(
+                ns, ["tc", "qdisc", "del", "dev", "p1", q]
+            )
+        else:
+            extra = {
+                "tbf": ["rate", "1mbit", "burst", "5k", "latency", "50ms"],
+                "netem": ["delay", "1ms"],
+            }.get(q, [])
+            p.qdiscs[q] = _ok(ns, ["tc", "qdisc", "replace", "dev", "p0", "root", q, *extra])
+    _ok(ns, ["tc", "qdisc", "add", "dev", "p1", "ingress"])
+    filters = {
+        "u32": ["u32", "match", "u32", "0", "0"],
+        "bpf": ["bpf", "bytecode", "1,6 0 0 0", "classid", "1:1"],
+        "flower": ["flower"],
+        "matchall": ["matchall"],
+        "basic": ["basic"],
+        "fw": ["fw"],
+    }
+    for i, (cls, args) in enumerate(filters.items()):
+        p.classifiers[cls] = _ok(
+            ns,
+            [
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                "p1",
+                "parent",
+                "ffff:",
+                "prio",
+                str(10 + i),
+                "protocol",
+                "all",
+                *args,
+            ],
+        )
+    actions = {
+        "mirred": ["mirred", "egress", "redirect", "dev", "p0"],
+        "police": ["police", "rate", "1mbit", "burst", "10k"],
+        "gact": ["gact", "pass"],
+        "skbedit": ["skbedit", "priority", "1"],
+        "pedit": ["pedit", "ex", "munge", "ip", "ttl", "set", "1"],
+    }
+    for i, (act, args) in enumerate(actions.items()):
+        p.actions[act] = _ok(
+            ns,
+            [
+                "tc",
+                "filter",
+                "add",
+                "dev",
+                "p1",
+                "parent",
+                "ffff:",
+                "prio",
+                str(30 + i),
+                "protocol",
+                "all",
+                "u32",
+                "match",
+                "u32",
+                "0",
+                "0",
+                "action",
+                *args,
+            ],
+        )
+    for expr, rule in NFT_EXPRESSIONS.items():
+        family, body = ("bridge", "ip dscp set 46") if rule is None else ("inet", rule)
+        script = f"table {family} vnicprobe {{\n chain f {{\n  type filter hook forward priority 0;\n  {body}\n }}\n}}\n"
+        p.nftables[expr] = _ok(ns, ["nft", "-f", "-"], stdin=script)
+        _ok(ns, ["nft", "flush", "ruleset"])
+    for key in SYSCTLS:
+        try:
+            current = nsops.read_sysctl(ns, key)
+            nsops.sysctl(ns, key, current)
+            p.sysctls[key] = True
+        except Exception:
+            p.sysctls[key] = False
+    available = nsops.read_sysctl(ns, "net.ipv4.tcp_available_congestion_control").split()
+    allowed = nsops.read_sysctl(ns, "net.ipv4.tcp_allowed_congestion_control").split()
+    for algo in available:
+        p.congestion_control[algo] = "sysctl" if algo in allowed else "route"
+    return p
+
+
+def _link_add(kind: str) -> list[str]:
+    name = f"p{kind[:6]}"
+    extra = ["id", "42", "dstport", "4789", "local", "127.0.0.1"] if kind == "vxlan" else []
+    return ["ip", "link", "add", name, "type", kind, *extra]
+
+
+def tools_missing() -> list[str]:
+    """Programs the data plane and measurements call that are not installed."""
+    missing = []
+    for tool in ("ip", "tc", "nft", "iperf3", "ping", "ss"):
+        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+            missing.append(tool)
+    return missing
