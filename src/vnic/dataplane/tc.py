@@ -8,12 +8,13 @@ otherwise leave HTB's default path passing traffic unshaped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from vnic.errors import VnicError
 from vnic.plan.compile import DEFAULT_MINOR
-from vnic.plan.model import DirectionPlan, HtbClass, Plan
+from vnic.plan.model import DirectionPlan, HtbClass, Plan, U32Match
 
 ROOT_HANDLE = 0x10000
 INGRESS_HANDLE = 0xFFFF0000
@@ -99,8 +100,29 @@ def _apply_direction(ipr: Any, d: DirectionPlan) -> None:
             prio=f.prio,
             protocol=f.protocol,
             target=_handle(f.class_minor),
-            keys=[m.key() for m in f.matches],
+            keys=pyroute2_keys(f.matches),
         )
+
+
+def pyroute2_keys(matches: Sequence[U32Match]) -> list[str]:
+    """u32 keys in the one form pyroute2 0.9.7 packs reliably: one key per byte.
+
+    Its parser walks masks byte by byte and shifts offsets on leading zero
+    bytes, so a 32-bit key with zero bytes inside its mask would land on the
+    wrong bytes. Single-byte keys at exact offsets are packed back into 32-bit
+    words by pyroute2 itself.
+    """
+    keys = []
+    for m in matches:
+        if m.mask == 0:
+            keys.append(MATCH_ALL_KEY)
+            continue
+        for byte in range(4):
+            shift = 24 - 8 * byte
+            mask = (m.mask >> shift) & 0xFF
+            if mask:
+                keys.append(f"0x{(m.value >> shift) & mask:x}/0x{mask:x}+{m.offset + byte}")
+    return keys
 
 
 def _class_args(c: HtbClass) -> dict[str, Any]:

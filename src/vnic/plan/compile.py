@@ -89,8 +89,10 @@ def _direction(
             HtbClass(device, minor, ROOT_MINOR, g, max(ceil, g), burst, burst, frame, cls.priority)
         )
         leaves.append(LeafQueue(device, minor, limit_kind, limit))
+        # A filter priority belongs to one protocol in tc, so IPv4 and IPv6
+        # filters of a class get neighbouring priorities; class order is kept.
         filters += [
-            ClassifierFilter(device, 10 + i, proto, keys, minor)
+            ClassifierFilter(device, 10 + 2 * i + (proto == ETH_P_IPV6), proto, keys, minor)
             for proto, keys in match_keys(cls.match, name)
         ]
     default_rate = max(rate - guaranteed, min(rate, MIN_DEFAULT_RATE))

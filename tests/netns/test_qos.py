@@ -1,0 +1,62 @@
+"""QoS classes under contention, measured with two UDP flows that each offer the full rate."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.netns.conftest import Lab
+from vnic.measure import iperf3
+
+UDP_PAYLOAD = 1400
+#: Payload share of a frame: 1400 B of UDP payload in 1400 + 8 + 20 + 14 bytes.
+UDP_GOODPUT = UDP_PAYLOAD / (UDP_PAYLOAD + 8 + 20 + 14)
+
+
+def test_each_class_gets_its_guarantee_under_contention(lab: Lab) -> None:
+    lab.profile(
+        name="classes",
+        egress={"rate": "10Mbit"},
+        qos={
+            "egress": [
+                {"name": "voice", "priority": 0, "guaranteed": "6Mbit", "match": {"dscp": ["ef"]}},
+                {"name": "bulk", "priority": 7, "guaranteed": "3Mbit"},
+            ]
+        },
+    )
+    lab.profile(name="wide", egress={"rate": "1Gbit"}, ingress={"rate": "1Gbit"})
+    s = lab.session(default="wide")
+    sink = lab.launch(s, "sink")
+    lab.launch(s, "src", profile="classes")
+    assert sink.vm.ipv4
+    with ThreadPoolExecutor(2) as pool:
+        voice = pool.submit(
+            iperf3,
+            s,
+            "src",
+            "sink",
+            sink.vm.ipv4,
+            seconds=4,
+            udp_rate="10M",
+            length=UDP_PAYLOAD,
+            tos=0xB8,
+            port=5301,
+        )
+        bulk = pool.submit(
+            iperf3,
+            s,
+            "src",
+            "sink",
+            sink.vm.ipv4,
+            seconds=4,
+            udp_rate="10M",
+            length=UDP_PAYLOAD,
+            tos=0,
+            port=5302,
+        )
+        v, b = voice.result(), bulk.result()
+    v_frames = v.bits_per_second / UDP_GOODPUT
+    b_frames = b.bits_per_second / UDP_GOODPUT
+    print(f"voice {v_frames / 1e6:.2f} Mbit/s, bulk {b_frames / 1e6:.2f} Mbit/s (frames)")
+    assert v_frames >= 0.95 * 6e6, (v, b)
+    assert b_frames >= 0.95 * 3e6, (v, b)
+    assert v_frames + b_frames <= 1.03 * 10e6, (v, b)
