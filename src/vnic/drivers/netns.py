@@ -12,14 +12,14 @@ import ipaddress
 import subprocess
 from collections.abc import Sequence
 
-from vnic.dataplane import names
+from vnic.dataplane import names, nft
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe
 from vnic.dataplane.tc import DataplaneError, apply_plan, verify
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict
-from vnic.plan.compile import compile_plan
-from vnic.plan.model import Devices, Plan
+from vnic.plan.compile import compile_plan, guard_chain
+from vnic.plan.model import Devices, Identity, Plan
 
 #: Profile fields this driver honours today; the others name what they need.
 HONOURED = frozenset(
@@ -33,6 +33,7 @@ HONOURED = frozenset(
         "tcp.sack",
         "tcp.timestamps",
         "tcp.ecn",
+        "egress.dscp_mark",
     }
 )
 _LATER = {
@@ -43,7 +44,6 @@ _LATER = {
     },
     "egress.peak": "a tbf peak-rate leaf (not built yet)",
     "ingress.peak": "a tbf peak-rate leaf (not built yet)",
-    "egress.dscp_mark": "host-side DSCP marking (not built yet)",
 }
 
 
@@ -61,6 +61,7 @@ _NEEDS = {
         for d in ("egress", "ingress")
     },
     **{f"qos.{d}": ("qdisc:htb", "classifier:u32") for d in ("egress", "ingress")},
+    "egress.dscp_mark": ("nft:bridge_dscp",),
     "tcp.congestion_control": ("sysctl:net.ipv4.tcp_congestion_control",),
     "tcp.window_scaling": ("sysctl:net.ipv4.tcp_window_scaling",),
     "tcp.sack": ("sysctl:net.ipv4.tcp_sack",),
@@ -101,7 +102,13 @@ class NetnsDriver:
 
     def plan_for(self, request: LaunchRequest) -> Plan:
         links = names.VmLinks.of(request.vm)
-        return compile_plan(request.profile, Devices(port=links.port, ifb=links.ifb))
+        identity = Identity(
+            mac=str(request.mac),
+            ipv4=str(request.ipv4.ip),
+            ipv6=str(request.ipv6.ip),
+            tag=names.owner_tag(request.session, request.vm),
+        )
+        return compile_plan(request.profile, Devices(port=links.port, ifb=links.ifb), identity)
 
     def launch(self, request: LaunchRequest) -> None:
         check_supported(self.capabilities(), request.values)
@@ -127,6 +134,8 @@ class NetnsDriver:
             with nsops.opened(session_ns) as ns:
                 apply_plan(ns, plan)
                 verify(ns, plan)
+            if plan.guard is not None:
+                nft.apply_guard(session_ns, plan.guard)
         except BaseException:
             self.destroy(request.session, request.vm)
             raise
@@ -157,8 +166,17 @@ class NetnsDriver:
             nsops.set_route_congctl(vm_ns, net, algo)
 
     def destroy(self, session: str, vm: str) -> None:
+        session_ns = names.session_netns(session)
         nsops.remove(names.vm_netns(session, vm))
-        nsops.unplug_vm(names.session_netns(session), session, vm)
+        port = names.VmLinks.of(vm).port
+        nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
+        nsops.unplug_vm(session_ns, session, vm)
+
+    def drop_counters(self, session: str, vm: str) -> dict[str, int]:
+        """Frames from the VM dropped on the host side, by reason (spoof-mac, spoof-ipv4, ...)."""
+        return nft.drop_counters(
+            names.session_netns(session), guard_chain(names.VmLinks.of(vm).port)
+        )
 
     def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
         for vm in sorted({*vms, *self.running(session)}):

@@ -30,8 +30,10 @@ from vnic.plan.model import (
     DirectionPlan,
     HtbClass,
     HtbRoot,
+    Identity,
     LeafQueue,
     Plan,
+    PortGuard,
     Redirect,
     Sysctl,
     U32Match,
@@ -52,20 +54,34 @@ MATCH_ALL = U32Match(0, 0, 0)
 _TRANSPORTS = (PROTOCOLS["tcp"], PROTOCOLS["udp"], PROTOCOLS["sctp"])
 
 
-def compile_plan(profile: Profile, devices: Devices) -> Plan:
-    """Compile the host-side plan of one vNIC from its effective profile."""
+def compile_plan(profile: Profile, devices: Devices, identity: Identity | None = None) -> Plan:
+    """Compile the host-side plan of one vNIC from its effective profile.
+
+    With ``identity``, the plan also guards the port against spoofed MAC, ARP
+    and IP sources and applies the egress DSCP mark.
+    """
     frame = profile.mtu.value + ETH_HEADER
     egress = _direction("egress", profile.egress, profile.qos.egress, devices.ifb, frame)
     ingress = _direction("ingress", profile.ingress, profile.qos.ingress, devices.port, frame)
     redirect = Redirect(devices.port, devices.ifb) if egress.shaped else None
+    guard = None
+    if identity is not None:
+        mark = profile.egress.dscp_mark.value if profile.egress.dscp_mark else None
+        guard = PortGuard(devices.port, guard_chain(devices.port), identity, mark)
     return Plan(
         devices=devices,
         egress=egress,
         ingress=ingress,
         redirect=redirect,
+        guard=guard,
         sysctls=_sysctls(profile),
         congestion_control=profile.tcp.congestion_control,
     )
+
+
+def guard_chain(port: str) -> str:
+    """The nftables chain holding the guard of ``port``."""
+    return f"vm_{port}"
 
 
 def _direction(

@@ -110,6 +110,30 @@ class Sysctl:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Who may send from a port: the VM's MAC and addresses, and its owner tag."""
+
+    mac: str
+    ipv4: str
+    ipv6: str
+    tag: str
+
+
+@dataclass(frozen=True)
+class PortGuard:
+    """nftables rules (bridge family, prerouting) for frames entering from ``port``.
+
+    Frames whose Ethernet source, ARP sender or IP source is not the VM's are
+    dropped and counted; then the IP DSCP is rewritten when ``dscp_mark`` is set.
+    """
+
+    port: str
+    chain: str
+    identity: Identity
+    dscp_mark: int | None = None
+
+
+@dataclass(frozen=True)
 class DirectionPlan:
     """Shaping of one direction: on ``device`` (None = this direction is not shaped)."""
 
@@ -133,6 +157,7 @@ class Plan:
     egress: DirectionPlan
     ingress: DirectionPlan
     redirect: Redirect | None = None
+    guard: PortGuard | None = None
     sysctls: tuple[Sysctl, ...] = ()
     congestion_control: str | None = None
     notes: tuple[str, ...] = field(default=())

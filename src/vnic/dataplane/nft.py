@@ -1,0 +1,125 @@
+"""Port guards with nftables (bridge family) in a session namespace.
+
+One table ``bridge vnic`` per session namespace; its ``prerouting`` chain
+jumps to one chain per VM port (``vm_<port>``), and that jump carries the VM's
+owner tag as its comment so it is found and removed by ownership.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from vnic.dataplane import namespaces as nsops
+from vnic.dataplane.tc import DataplaneError
+from vnic.plan.model import PortGuard
+
+TABLE = "vnic"
+DROP_REASONS = ("spoof-mac", "spoof-arp", "spoof-ipv4", "spoof-ipv6")
+
+
+def render(guard: PortGuard) -> str:
+    """The nft script that installs ``guard`` (idempotent for the table and base chain)."""
+    ident = guard.identity
+    c = guard.chain
+    lines = [
+        f"add table bridge {TABLE}",
+        f"add chain bridge {TABLE} prerouting {{ type filter hook prerouting priority -200; policy accept; }}",
+        f"add chain bridge {TABLE} {c}",
+        f"flush chain bridge {TABLE} {c}",
+        f'add rule bridge {TABLE} {c} ether saddr != {ident.mac} counter drop comment "spoof-mac"',
+        f'add rule bridge {TABLE} {c} ether type arp arp saddr ether != {ident.mac} counter drop comment "spoof-arp"',
+        f'add rule bridge {TABLE} {c} ether type arp arp saddr ip != {ident.ipv4} counter drop comment "spoof-arp"',
+        f'add rule bridge {TABLE} {c} ether type ip ip saddr != {ident.ipv4} counter drop comment "spoof-ipv4"',
+        f'add rule bridge {TABLE} {c} ether type ip6 ip6 saddr != {{ ::, fe80::/10, {ident.ipv6} }} counter drop comment "spoof-ipv6"',
+    ]
+    if guard.dscp_mark is not None:
+        lines += [
+            f'add rule bridge {TABLE} {c} ether type ip ip dscp set {guard.dscp_mark} comment "dscp-mark"',
+            f'add rule bridge {TABLE} {c} ether type ip6 ip6 dscp set {guard.dscp_mark} comment "dscp-mark"',
+        ]
+    lines.append(
+        f'add rule bridge {TABLE} prerouting iifname "{guard.port}" jump {c} comment "{ident.tag}"'
+    )
+    return "\n".join(lines) + "\n"
+
+
+def apply_guard(session_ns: str, guard: PortGuard) -> None:
+    proc = nsops.run(
+        session_ns, ["nft", "-f", "-"], input=render(guard), capture_output=True, timeout=10
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(
+            f"nftables refused the port guard for {guard.port}: {proc.stderr.strip()}"
+        )
+
+
+def _rules(session_ns: str, chain: str) -> list[dict[str, Any]]:
+    proc = nsops.run(
+        session_ns,
+        ["nft", "-j", "-a", "list", "chain", "bridge", TABLE, chain],
+        capture_output=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        return []
+    return [item["rule"] for item in json.loads(proc.stdout)["nftables"] if "rule" in item]
+
+
+def drop_counters(session_ns: str, chain: str) -> dict[str, int]:
+    """Packets dropped by each guard rule of ``chain``, by reason."""
+    out = dict.fromkeys(DROP_REASONS, 0)
+    for rule in _rules(session_ns, chain):
+        reason = rule.get("comment")
+        for expr in rule.get("expr", []):
+            if isinstance(expr, dict) and "counter" in expr and reason in out:
+                out[str(reason)] += int(expr["counter"]["packets"])
+    return out
+
+
+def remove_guard(session_ns: str, chain: str, tag: str) -> None:
+    """Delete the jump carrying ``tag`` and the VM's chain; absent parts are fine."""
+    if not nsops.exists(session_ns):
+        return
+    for rule in _rules(session_ns, "prerouting"):
+        if rule.get("comment") == tag:
+            nsops.run(
+                session_ns,
+                [
+                    "nft",
+                    "delete",
+                    "rule",
+                    "bridge",
+                    TABLE,
+                    "prerouting",
+                    "handle",
+                    str(rule["handle"]),
+                ],
+                capture_output=True,
+                timeout=10,
+            )
+    if _rules(session_ns, chain) or _chain_exists(session_ns, chain):
+        nsops.run(
+            session_ns,
+            ["nft", "flush", "chain", "bridge", TABLE, chain],
+            capture_output=True,
+            timeout=10,
+        )
+        nsops.run(
+            session_ns,
+            ["nft", "delete", "chain", "bridge", TABLE, chain],
+            capture_output=True,
+            timeout=10,
+        )
+
+
+def _chain_exists(session_ns: str, chain: str) -> bool:
+    return (
+        nsops.run(
+            session_ns,
+            ["nft", "list", "chain", "bridge", TABLE, chain],
+            capture_output=True,
+            timeout=10,
+        ).returncode
+        == 0
+    )
