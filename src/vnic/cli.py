@@ -712,6 +712,66 @@ def doctor(as_json: JsonFlag = False) -> None:
     run(body)
 
 
+# ----------------------------------------------------------------------------- bench
+
+bench_app = typer.Typer(
+    no_args_is_help=True, help="Benchmarks (root): JSON out plus a short table."
+)
+app.add_typer(bench_app, name="bench")
+
+
+def _bench(which: str, out_path: Path | None) -> None:
+    from vnic.benchmarks import run as run_bench
+
+    def printer(result: dict[str, Any]) -> None:
+        if which == "fidelity":
+            table = Table(
+                "case",
+                "configured",
+                "measured (frames)",
+                "ratio",
+                title="shaping fidelity (iperf3)",
+            )
+            for r in result["rows"]:
+                table.add_row(
+                    r["case"],
+                    f"{r['configured_bps'] / 1e6:g} Mbit/s",
+                    f"{r['measured_bps'] / 1e6:.3f} Mbit/s",
+                    f"{r['ratio']:.3f}",
+                )
+        else:
+            table = Table("metric", "value", title=f"launch of {result['vms']} shaped VMs")
+            for k, v in result.items():
+                if k != "benchmark":
+                    table.add_row(k, str(v))
+        out.print(table)
+
+    def body() -> None:
+        run_bench(which, out_path, printer)
+
+    run(body)
+
+
+@bench_app.command("fidelity")
+def bench_fidelity(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Configured vs measured rates (1, 10, 100, 1000 Mbit/s each way, TCP and UDP), QoS shares, asymmetry."""
+    _bench("fidelity", json_out)
+
+
+@bench_app.command("launch")
+def bench_launch(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+) -> None:
+    """Launch 100 shaped VMs: per-VM launch time p50/p99, total, time to read all counters."""
+    _bench("launch", json_out)
+
+
 # ----------------------------------------------------------------------------- db, demo
 
 
@@ -733,9 +793,9 @@ def db_upgrade() -> None:
 def demo(
     profiles_dir: Annotated[
         Path, typer.Option("--profiles", help="Directory of sample profiles.")
-    ] = Path("examples/profiles"),
+    ] = Path("examples/demo"),
 ) -> None:
-    """Load the sample profiles, make a session with a default, a rule and an override, explain each VM."""
+    """Launch a shaped demo session (default, rule, override), measure each VM both ways, tear it down. Root."""
     from vnic.demo import run_demo
 
     run(lambda: run_demo(service(), profiles_dir, out))

@@ -1,9 +1,10 @@
-"""The demo behind the README's first command.
+"""The demo behind the README's first command (needs root).
 
-Loads the sample profiles, (re)creates the session ``demo`` with a default
-profile, an assignment rule and a per-VM override, and prints how each VM's
-profile was resolved. The data plane issue turns this into a real launch with
-measured traffic.
+Loads the demo profiles, (re)creates the session ``demo`` with a default
+profile, an assignment rule (role=server) and a per-VM override, launches
+three shaped VMs plus a measuring peer as network namespaces, measures each
+VM's throughput both ways with iperf3, prints configured vs measured, and
+tears everything down, checking that nothing is left.
 """
 
 from __future__ import annotations
@@ -12,46 +13,93 @@ import contextlib
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
+from vnic.dataplane import namespaces as nsops
 from vnic.documents import parse_documents, read_documents
-from vnic.errors import NotFound
-from vnic.manager.service import Service, VmRequest
-from vnic.model.profile import parse_assignments
+from vnic.drivers.netns import NetnsDriver
+from vnic.errors import NotFound, VnicError
+from vnic.manager.service import Explanation, Service, VmRequest
+from vnic.measure import TCP_GOODPUT, iperf3
 from vnic.model.session import AssignmentRule
 
 SESSION = "demo"
+SECONDS = 2.0
 
 
 def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
+    from vnic.cli import print_explanation
+
     results = service.apply_profiles(parse_documents(read_documents([str(profiles_dir)])))
     for r in results:
         out.print(f"profile {r.name}: {r.action} (revision {r.revision})", markup=False)
-    with contextlib.suppress(NotFound):  # first run: nothing to rebuild
+    driver = NetnsDriver()
+    with contextlib.suppress(NotFound):  # a previous run: take it down and start afresh
+        service.session_down(SESSION, driver)
         service.delete_session(SESSION, force=True)
     session = service.create_session(
         SESSION,
-        default_profile="wan-dsl",
-        rules=[AssignmentRule(profile="lan", role="server")],
+        default_profile="office",
+        rules=[
+            AssignmentRule(profile="server", role="server"),
+            AssignmentRule(profile="meter", role="meter"),
+        ],
     )
     out.print(
-        f"session {session.name}: network id {session.network_id}, default wan-dsl, rule role=server -> lan",
+        f"session {session.name}: network id {session.network_id}; default office; rules role=server -> server, role=meter -> meter",
         markup=False,
     )
     requests = [
-        VmRequest(SESSION, "client", role="desktop"),
-        VmRequest(SESSION, "server", role="server"),
-        VmRequest(
-            SESSION,
-            "phone",
-            role="desktop",
-            profile="mobile-3g",
-            patch=parse_assignments(["egress.loss=off", "tcp.congestion_control=reno"]),
-        ),
+        VmRequest(SESSION, "desk", role="desktop"),
+        VmRequest(SESSION, "web", role="server"),
+        VmRequest(SESSION, "phone", role="desktop", profile="mobile"),
+        VmRequest(SESSION, "meter", role="meter"),
     ]
-    from vnic.cli import print_explanation
-
-    for req in requests:
-        service.add_vm(req)
-    for req in requests:
+    try:
+        launched: dict[str, Explanation] = {}
+        for req in requests:
+            service.add_vm(req)
+            launched[req.name] = service.launch_vm(SESSION, req.name, driver)
+            v = launched[req.name].vm
+            out.print(f"launched {SESSION}/{v.name}: MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False)
         out.print()
-        print_explanation(service.explain(SESSION, req.name))
+        print_explanation(launched["phone"])
+        meter_ip = launched["meter"].vm.ipv4
+        if meter_ip is None:  # pragma: no cover - every launched VM has an address
+            raise VnicError("the meter VM has no address")
+        table = Table(
+            "vm",
+            "profile from",
+            "direction",
+            "configured",
+            "measured TCP goodput",
+            "frame rate / configured",
+            title=f"iperf3, {SECONDS:g} s per direction, TCP; the profile rate counts Ethernet frames",
+            title_justify="left",
+        )
+        for name in ("desk", "web", "phone"):
+            eff = launched[name].effective
+            for direction, reverse in (("egress", False), ("ingress", True)):
+                rate = eff.profile.direction(direction).rate
+                assert rate is not None
+                got = iperf3(SESSION, name, "meter", meter_ip, seconds=SECONDS, reverse=reverse)
+                ratio = got.bits_per_second / TCP_GOODPUT / rate.value
+                table.add_row(
+                    name,
+                    str(eff.sources[f"{direction}.rate"]),
+                    direction,
+                    str(rate),
+                    f"{got.bits_per_second / 1e6:.2f} Mbit/s",
+                    f"{ratio:.3f}",
+                )
+        out.print()
+        out.print(table)
+    finally:
+        stopped = service.session_down(SESSION, driver)
+        left = [
+            n for n in nsops.listing() if n == f"vnic.{SESSION}" or n.startswith(f"vnic.{SESSION}.")
+        ]
+        out.print(
+            f"session {SESSION}: down, {len(stopped)} VMs stopped, {len(left)} namespaces left",
+            markup=False,
+        )

@@ -150,14 +150,3 @@ def test_fields_lists_every_profile_field(vnic: Vnic) -> None:
         "mac_range",
         "tcp.congestion_control",
     } <= paths
-
-
-def test_demo_runs_and_explains_three_vms(vnic: Vnic, examples_dir: Path) -> None:
-    out = vnic("demo", "--profiles", str(examples_dir)).stdout
-    for vm in ("demo/client", "demo/server", "demo/phone"):
-        assert vm in out
-    assert "rule (#1 role=server -> lan r1)" in out
-    assert "vm-profile (mobile-3g r" in out
-    # Running it again works: profiles unchanged, session rebuilt.
-    again = vnic("demo", "--profiles", str(examples_dir)).stdout
-    assert "profile lan: unchanged" in again

@@ -181,3 +181,41 @@ def verify(ipr: Any, plan: Plan) -> None:
                 )
     if problems:
         raise DataplaneError("kernel state differs from the plan: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class ClassCounters:
+    """Counters of one HTB class: bytes and packets sent, packets dropped, overlimits."""
+
+    bytes: int
+    packets: int
+    drops: int
+    overlimits: int
+
+
+def read_class_counters(
+    ipr: Any, alias_prefix: str = "vnic:"
+) -> dict[tuple[str, int], ClassCounters]:
+    """Counters of every HTB class on the namespace's vNIC devices (those whose alias
+    starts with ``alias_prefix``): (device, minor) -> counters. The kernel dumps
+    classes per device, so this is one dump per device over one socket."""
+    names = {
+        int(link["index"]): str(link.get_attr("IFLA_IFNAME"))
+        for link in ipr.get_links()
+        if str(link.get_attr("IFLA_IFALIAS") or "").startswith(alias_prefix)
+    }
+    out: dict[tuple[str, int], ClassCounters] = {}
+    messages = (msg for index in names for msg in ipr.get_classes(index=index))
+    for msg in messages:
+        if msg.get_attr("TCA_KIND") != "htb":
+            continue
+        stats = msg.get_attr("TCA_STATS2")
+        basic = stats.get_attr("TCA_STATS_BASIC") if stats else None
+        queue = stats.get_attr("TCA_STATS_QUEUE") if stats else None
+        out[(names.get(int(msg["index"]), "?"), int(msg["handle"]) & 0xFFFF)] = ClassCounters(
+            bytes=int(basic["bytes"]) if basic else 0,
+            packets=int(basic["packets"]) if basic else 0,
+            drops=int(queue["drops"]) if queue else 0,
+            overlimits=int(queue["overlimits"]) if queue else 0,
+        )
+    return out

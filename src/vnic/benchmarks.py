@@ -1,0 +1,220 @@
+"""Benchmarks: shaping fidelity measured with iperf3, and control-plane speed.
+
+Each benchmark makes its own throwaway database and session, writes JSON, and
+prints a short table. Run them with ``vnic bench fidelity`` and
+``vnic bench launch`` (root). Traffic goes only between the benchmark's VMs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vnic.dataplane import names
+from vnic.dataplane import namespaces as nsops
+from vnic.dataplane.tc import read_class_counters
+from vnic.drivers.netns import NetnsDriver
+from vnic.manager.service import Service, VmRequest
+from vnic.measure import TCP_GOODPUT, iperf3
+from vnic.model.profile import parse_profile_document
+from vnic.store.db import Database
+
+UDP_PAYLOAD = 1400
+#: Payload share of a frame for UDP datagrams of UDP_PAYLOAD bytes over IPv4.
+UDP_GOODPUT = UDP_PAYLOAD / (UDP_PAYLOAD + 8 + 20 + 14)
+PEER_RATE = "10Gbit"
+
+
+@dataclass
+class Bench:
+    """A throwaway database, the netns driver and one session."""
+
+    service: Service
+    driver: NetnsDriver
+    session: str
+
+    def profile(self, **doc: Any) -> str:
+        spec = parse_profile_document(doc)
+        self.service.apply_profiles([spec])
+        return spec.name
+
+    def launch(self, vm: str, profile: str | None = None) -> str:
+        self.service.add_vm(VmRequest(self.session, vm, profile=profile))
+        info = self.service.launch_vm(self.session, vm, self.driver).vm
+        assert info.ipv4
+        return info.ipv4
+
+
+@contextlib.contextmanager
+def bench_session(default_doc: dict[str, Any]) -> Iterator[Bench]:
+    with tempfile.TemporaryDirectory(prefix="vnic-bench-") as tmp:
+        db = Database(f"sqlite:///{Path(tmp) / 'bench.db'}")
+        service = Service(db)
+        service.apply_profiles([parse_profile_document(default_doc)])
+        session = f"b{uuid.uuid4().hex[:8]}"
+        service.create_session(session, default_profile=default_doc["name"])
+        driver = NetnsDriver()
+        try:
+            yield Bench(service, driver, session)
+        finally:
+            service.session_down(session, driver)
+            db.dispose()
+
+
+def _row(
+    name: str, configured_bps: float, measured_frames_bps: float, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "case": name,
+        "configured_bps": configured_bps,
+        "measured_bps": round(measured_frames_bps),
+        "ratio": round(measured_frames_bps / configured_bps, 4),
+        **extra,
+    }
+
+
+def fidelity(
+    rates_mbit: tuple[int, ...] = (1, 10, 100, 1000), seconds: float = 3.0
+) -> dict[str, Any]:
+    """Configured vs measured rate per direction (TCP and UDP), QoS shares, asymmetry.
+
+    The rate compared is the Ethernet frame rate (what the profile's rate
+    means): TCP goodput / (1448/1514), UDP goodput / (1400/1442).
+    """
+    rows: list[dict[str, Any]] = []
+    with bench_session(
+        {"name": "peer", "egress": {"rate": PEER_RATE}, "ingress": {"rate": PEER_RATE}}
+    ) as b:
+        peer_ip = b.launch("peer")
+        for mbit in rates_mbit:
+            vm = f"r{mbit}"
+            b.profile(
+                name=f"rate{mbit}", egress={"rate": f"{mbit}Mbit"}, ingress={"rate": f"{mbit}Mbit"}
+            )
+            b.launch(vm, profile=f"rate{mbit}")
+            rate = mbit * 1e6
+            for direction, reverse in (("egress", False), ("ingress", True)):
+                tcp = iperf3(b.session, vm, "peer", peer_ip, seconds=seconds, reverse=reverse)
+                rows.append(
+                    _row(f"{mbit}Mbit {direction} tcp", rate, tcp.bits_per_second / TCP_GOODPUT)
+                )
+                udp = iperf3(
+                    b.session,
+                    vm,
+                    "peer",
+                    peer_ip,
+                    seconds=seconds,
+                    reverse=reverse,
+                    udp_rate=f"{int(mbit * 1.1 * 1e6)}",
+                    length=UDP_PAYLOAD,
+                )
+                rows.append(
+                    _row(
+                        f"{mbit}Mbit {direction} udp",
+                        rate,
+                        udp.bits_per_second / UDP_GOODPUT,
+                        lost_percent=udp.lost_percent,
+                    )
+                )
+        b.profile(name="asym", egress={"rate": "5Mbit"}, ingress={"rate": "40Mbit"})
+        b.launch("asym", profile="asym")
+        up = iperf3(b.session, "asym", "peer", peer_ip, seconds=seconds)
+        down = iperf3(b.session, "asym", "peer", peer_ip, seconds=seconds, reverse=True)
+        rows.append(_row("asymmetric 5Mbit egress tcp", 5e6, up.bits_per_second / TCP_GOODPUT))
+        rows.append(_row("asymmetric 40Mbit ingress tcp", 40e6, down.bits_per_second / TCP_GOODPUT))
+        b.profile(
+            name="qos",
+            egress={"rate": "10Mbit"},
+            qos={
+                "egress": [
+                    {
+                        "name": "voice",
+                        "priority": 0,
+                        "guaranteed": "6Mbit",
+                        "match": {"dscp": ["ef"]},
+                    },
+                    {"name": "bulk", "priority": 7, "guaranteed": "4Mbit"},
+                ]
+            },
+        )
+        b.launch("qos", profile="qos")
+        with ThreadPoolExecutor(2) as pool:
+            flows = [
+                pool.submit(
+                    iperf3,
+                    b.session,
+                    "qos",
+                    "peer",
+                    peer_ip,
+                    seconds=seconds,
+                    udp_rate="10M",
+                    length=UDP_PAYLOAD,
+                    tos=tos,
+                    port=port,
+                )
+                for tos, port in ((0xB8, 5301), (0, 5302))
+            ]
+            voice, bulk = (f.result() for f in flows)
+        rows.append(_row("qos voice (guarantee 6Mbit)", 6e6, voice.bits_per_second / UDP_GOODPUT))
+        rows.append(_row("qos bulk (guarantee 4Mbit)", 4e6, bulk.bits_per_second / UDP_GOODPUT))
+    return {
+        "benchmark": "fidelity",
+        "seconds_per_flow": seconds,
+        "compared": "Ethernet frame rate",
+        "rows": rows,
+    }
+
+
+def launch(count: int = 100) -> dict[str, Any]:
+    """Launch ``count`` shaped VMs; per-VM launch time, total, and time to read every vNIC's counters."""
+    doc = {"name": "shaped", "egress": {"rate": "10Mbit"}, "ingress": {"rate": "20Mbit"}}
+    with bench_session(doc) as b:
+        for i in range(count):
+            b.service.add_vm(VmRequest(b.session, f"v{i}"))
+        times = []
+        start = time.perf_counter()
+        for i in range(count):
+            t0 = time.perf_counter()
+            b.service.launch_vm(b.session, f"v{i}", b.driver)
+            times.append(time.perf_counter() - t0)
+        total = time.perf_counter() - start
+        reads = []
+        with nsops.opened(names.session_netns(b.session)) as ns:
+            for _ in range(5):
+                t0 = time.perf_counter()
+                counters = read_class_counters(ns)
+                reads.append(time.perf_counter() - t0)
+        devices = {dev for dev, _minor in counters}
+        times.sort()
+        result = {
+            "benchmark": "launch",
+            "vms": count,
+            "launch_p50_s": round(statistics.median(times), 4),
+            "launch_p99_s": round(times[min(len(times) - 1, int(0.99 * len(times)))], 4),
+            "total_s": round(total, 3),
+            "counters_read_s": round(min(reads), 4),
+            "vnic_devices_read": len(devices),
+        }
+    return result
+
+
+def write(result: dict[str, Any], out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def run(which: str, out: Path | None, printer: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    result = fidelity() if which == "fidelity" else launch()
+    write(result, out)
+    printer(result)
+    return result
