@@ -24,7 +24,7 @@ from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Service, VmRequest
-from vnic.measure import TCP_GOODPUT, iperf3
+from vnic.measure import TCP_GOODPUT, Throughput, iperf3
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
 
@@ -147,23 +147,9 @@ def fidelity(
             },
         )
         b.launch("qos", profile="qos")
-        with ThreadPoolExecutor(2) as pool:
-            flows = [
-                pool.submit(
-                    iperf3,
-                    b.session,
-                    "qos",
-                    "peer",
-                    peer_ip,
-                    seconds=seconds,
-                    udp_rate="10M",
-                    length=UDP_PAYLOAD,
-                    tos=tos,
-                    port=port,
-                )
-                for tos, port in ((0xB8, 5301), (0, 5302))
-            ]
-            voice, bulk = (f.result() for f in flows)
+        voice, bulk = concurrent_udp(
+            b.session, "qos", "peer", peer_ip, tos_values=(0xB8, 0), seconds=seconds
+        )
         rows.append(_row("qos voice (guarantee 6Mbit)", 6e6, voice.bits_per_second / UDP_GOODPUT))
         rows.append(_row("qos bulk (guarantee 4Mbit)", 4e6, bulk.bits_per_second / UDP_GOODPUT))
     return {
@@ -172,6 +158,36 @@ def fidelity(
         "compared": "Ethernet frame rate",
         "rows": rows,
     }
+
+
+def concurrent_udp(
+    session: str,
+    client: str,
+    server: str,
+    server_ip: str,
+    *,
+    tos_values: tuple[int, ...],
+    seconds: float,
+    offer: str = "10M",
+) -> list[Throughput]:
+    """One UDP flow per TOS value, all at once, each offering ``offer``; what each received."""
+    with ThreadPoolExecutor(len(tos_values)) as pool:
+        flows = [
+            pool.submit(
+                iperf3,
+                session,
+                client,
+                server,
+                server_ip,
+                seconds=seconds,
+                udp_rate=offer,
+                length=UDP_PAYLOAD,
+                tos=tos,
+                port=5301 + i,
+            )
+            for i, tos in enumerate(tos_values)
+        ]
+        return [f.result() for f in flows]
 
 
 def launch(count: int = 100) -> dict[str, Any]:

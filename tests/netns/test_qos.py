@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 from tests.netns.conftest import Lab
-from vnic.measure import iperf3
-
-UDP_PAYLOAD = 1400
-#: Payload share of a frame: 1400 B of UDP payload in 1400 + 8 + 20 + 14 bytes.
-UDP_GOODPUT = UDP_PAYLOAD / (UDP_PAYLOAD + 8 + 20 + 14)
+from vnic.benchmarks import UDP_GOODPUT, concurrent_udp
 
 
 def test_each_class_gets_its_guarantee_under_contention(lab: Lab) -> None:
@@ -28,32 +22,7 @@ def test_each_class_gets_its_guarantee_under_contention(lab: Lab) -> None:
     sink = lab.launch(s, "sink")
     lab.launch(s, "src", profile="classes")
     assert sink.vm.ipv4
-    with ThreadPoolExecutor(2) as pool:
-        voice = pool.submit(
-            iperf3,
-            s,
-            "src",
-            "sink",
-            sink.vm.ipv4,
-            seconds=4,
-            udp_rate="10M",
-            length=UDP_PAYLOAD,
-            tos=0xB8,
-            port=5301,
-        )
-        bulk = pool.submit(
-            iperf3,
-            s,
-            "src",
-            "sink",
-            sink.vm.ipv4,
-            seconds=4,
-            udp_rate="10M",
-            length=UDP_PAYLOAD,
-            tos=0,
-            port=5302,
-        )
-        v, b = voice.result(), bulk.result()
+    v, b = concurrent_udp(s, "src", "sink", sink.vm.ipv4, tos_values=(0xB8, 0), seconds=4)
     v_frames = v.bits_per_second / UDP_GOODPUT
     b_frames = b.bits_per_second / UDP_GOODPUT
     print(f"voice {v_frames / 1e6:.2f} Mbit/s, bulk {b_frames / 1e6:.2f} Mbit/s (frames)")

@@ -9,6 +9,7 @@ process holds it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import signal
@@ -18,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from pyroute2 import NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.dataplane.names import BRIDGE, VM_IFNAME, VmLinks, owner_tag
 from vnic.dataplane.tc import DataplaneError
@@ -160,9 +162,17 @@ def unplug_vm(session_ns: str, session: str, vm: str) -> None:
     with opened(session_ns) as ns:
         for name in (links.port, links.ifb):
             for idx in ns.link_lookup(ifname=name):
-                link = ns.get_links(idx)[0]
-                if link.get_attr("IFLA_IFALIAS") == tag:
-                    ns.link("del", index=idx)
+                # The port goes away by itself once its peer's namespace is gone,
+                # possibly between the lookup and the delete: ENODEV is success.
+                try:
+                    link = ns.get_links(idx)[0]
+                    if link.get_attr("IFLA_IFALIAS") == tag:
+                        ns.link("del", index=idx)
+                except NetlinkError as exc:
+                    if exc.code != errno.ENODEV:
+                        raise DataplaneError(
+                            f"cannot delete {name} in {session_ns}: {exc}"
+                        ) from exc
 
 
 def set_route_congctl(

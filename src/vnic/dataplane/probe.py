@@ -129,23 +129,7 @@ def _probe_in(ns: str) -> Probe:
         "fw": ["fw"],
     }
     for i, (cls, args) in enumerate(filters.items()):
-        p.classifiers[cls] = _ok(
-            ns,
-            [
-                "tc",
-                "filter",
-                "add",
-                "dev",
-                "p1",
-                "parent",
-                "ffff:",
-                "prio",
-                str(10 + i),
-                "protocol",
-                "all",
-                *args,
-            ],
-        )
+        p.classifiers[cls] = _ingress_filter_ok(ns, 10 + i, args)
     actions = {
         "mirred": ["mirred", "egress", "redirect", "dev", "p0"],
         "police": ["police", "rate", "1mbit", "burst", "10k"],
@@ -154,28 +138,8 @@ def _probe_in(ns: str) -> Probe:
         "pedit": ["pedit", "ex", "munge", "ip", "ttl", "set", "1"],
     }
     for i, (act, args) in enumerate(actions.items()):
-        p.actions[act] = _ok(
-            ns,
-            [
-                "tc",
-                "filter",
-                "add",
-                "dev",
-                "p1",
-                "parent",
-                "ffff:",
-                "prio",
-                str(30 + i),
-                "protocol",
-                "all",
-                "u32",
-                "match",
-                "u32",
-                "0",
-                "0",
-                "action",
-                *args,
-            ],
+        p.actions[act] = _ingress_filter_ok(
+            ns, 30 + i, ["u32", "match", "u32", "0", "0", "action", *args]
         )
     for expr, rule in NFT_EXPRESSIONS.items():
         family, body = ("bridge", "ip dscp set 46") if rule is None else ("inet", rule)
@@ -194,6 +158,24 @@ def _probe_in(ns: str) -> Probe:
     for algo in available:
         p.congestion_control[algo] = "sysctl" if algo in allowed else "route"
     return p
+
+
+def _ingress_filter_ok(ns: str, prio: int, args: list[str]) -> bool:
+    """Whether a filter (classifier plus optional action) can be added on p1's ingress."""
+    argv = [
+        "tc",
+        "filter",
+        "add",
+        "dev",
+        "p1",
+        "parent",
+        "ffff:",
+        "prio",
+        str(prio),
+        "protocol",
+        "all",
+    ]
+    return _ok(ns, [*argv, *args])
 
 
 def _link_add(kind: str) -> list[str]:
