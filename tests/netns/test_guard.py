@@ -31,7 +31,7 @@ def test_changed_mac_is_dropped_and_counted(lab: Lab) -> None:
     # A static neighbour entry: every echo request leaves at once, no ARP needed.
     lab.exec(s, "a", "ip", "neigh", "replace", b.vm.ipv4, "lladdr", b.vm.mac, "dev", "eth0")
     lab.exec(s, "a", "ip", "link", "set", "eth0", "address", "02:66:66:66:66:66")
-    assert ping(s, "a", b.vm.ipv4, count=3, timeout=0.5) == []
+    assert ping(s, "a", b.vm.ipv4, count=6, timeout=0.5) == []
     assert lab.driver.drop_counters(s, "a")["spoof-mac"] >= 3
 
 
@@ -48,7 +48,7 @@ def test_spoofed_source_ip_is_dropped_and_counted(lab: Lab) -> None:
     lab.exec(s, "a", "ip", "addr", "add", f"{c.vm.ipv4}/32", "dev", "eth0")
     proc = nsops.run(
         names.vm_netns(s, "a"),
-        ["ping", "-n", "-c", "3", "-i", "0.2", "-W", "0.5", "-I", c.vm.ipv4, b.vm.ipv4],
+        ["ping", "-n", "-c", "6", "-i", "0.2", "-W", "0.5", "-I", c.vm.ipv4, b.vm.ipv4],
         capture_output=True,
         timeout=15,
     )
