@@ -16,11 +16,12 @@ import pytest
 from tests.netns.conftest import Lab, leftovers
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
-from vnic.dataplane.tc import DataplaneError
+from vnic.dataplane.tc import DataplaneError, read_class_counters
 from vnic.errors import Unsupported
 from vnic.manager.service import VmRequest
 from vnic.measure import TCP_GOODPUT, iperf3, ping
 from vnic.model.units import MacAddress, MacRange
+from vnic.plan.compile import DEFAULT_MINOR
 
 
 def goodput_ratio(measured: float, rate: float) -> float:
@@ -42,6 +43,11 @@ def test_each_direction_gets_its_own_rate(lab: Lab) -> None:
     )  # client ingress: 20 Mbit/s
     assert 0.95 <= goodput_ratio(up.bits_per_second, 10e6) <= 1.03, up
     assert 0.95 <= goodput_ratio(down.bits_per_second, 20e6) <= 1.03, down
+    # The shaped classes counted that traffic: egress on the IFB, ingress on the port.
+    links = names.VmLinks.of("client")
+    counters = read_class_counters(names.session_netns(s))
+    assert counters[(links.ifb, DEFAULT_MINOR)].bytes >= up.bytes
+    assert counters[(links.port, DEFAULT_MINOR)].bytes >= down.bytes
 
 
 def test_saturated_low_rate_keeps_latency_bounded(lab: Lab) -> None:

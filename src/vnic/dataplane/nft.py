@@ -8,6 +8,7 @@ owner tag as its comment so it is found and removed by ownership.
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
 from vnic.dataplane import namespaces as nsops
@@ -45,17 +46,41 @@ def render(guard: PortGuard) -> str:
 
 
 def apply_guard(session_ns: str, guard: PortGuard) -> None:
-    proc = nsops.run(
-        session_ns, ["nft", "-f", "-"], input=render(guard), capture_output=True, timeout=10
-    )
-    if proc.returncode != 0:
-        raise DataplaneError(
-            f"nftables refused the port guard for {guard.port}: {proc.stderr.strip()}"
+    start_guard(session_ns, guard).wait()
+
+
+class PendingGuard:
+    """An ``nft`` run started in the background; :meth:`wait` raises if it failed.
+
+    Starting the guard before the traffic-control work and waiting after it
+    overlaps nft's process start-up with the netlink calls of a launch.
+    """
+
+    def __init__(self, proc: subprocess.Popen[str], port: str, script: str) -> None:
+        self.proc = proc
+        self.port = port
+        self.script = script
+
+    def wait(self, timeout: float = 10.0) -> None:
+        _out, err = self.proc.communicate(self.script, timeout=timeout)
+        if self.proc.returncode != 0:
+            raise DataplaneError(f"nftables refused the port guard for {self.port}: {err.strip()}")
+
+
+def start_guard(session_ns: str, guard: PortGuard) -> PendingGuard:
+    with nsops.inside(session_ns):
+        proc = subprocess.Popen(
+            ["nft", "-f", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
+    return PendingGuard(proc, guard.port, render(guard))
 
 
 def _rules(session_ns: str, chain: str) -> list[dict[str, Any]]:
-    proc = nsops.run(
+    proc = nsops.run_inside(
         session_ns,
         ["nft", "-j", "-a", "list", "chain", "bridge", TABLE, chain],
         capture_output=True,
@@ -83,7 +108,7 @@ def remove_guard(session_ns: str, chain: str, tag: str) -> None:
         return
     for rule in _rules(session_ns, "prerouting"):
         if rule.get("comment") == tag:
-            nsops.run(
+            nsops.run_inside(
                 session_ns,
                 [
                     "nft",
@@ -99,13 +124,13 @@ def remove_guard(session_ns: str, chain: str, tag: str) -> None:
                 timeout=10,
             )
     if _rules(session_ns, chain) or _chain_exists(session_ns, chain):
-        nsops.run(
+        nsops.run_inside(
             session_ns,
             ["nft", "flush", "chain", "bridge", TABLE, chain],
             capture_output=True,
             timeout=10,
         )
-        nsops.run(
+        nsops.run_inside(
             session_ns,
             ["nft", "delete", "chain", "bridge", TABLE, chain],
             capture_output=True,
@@ -115,7 +140,7 @@ def remove_guard(session_ns: str, chain: str, tag: str) -> None:
 
 def _chain_exists(session_ns: str, chain: str) -> bool:
     return (
-        nsops.run(
+        nsops.run_inside(
             session_ns,
             ["nft", "list", "chain", "bridge", TABLE, chain],
             capture_output=True,

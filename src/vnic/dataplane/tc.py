@@ -8,9 +8,12 @@ otherwise leave HTB's default path passing traffic unshaped.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.errors import VnicError
 from vnic.plan.compile import DEFAULT_MINOR
@@ -38,10 +41,11 @@ def _leaf_major(minor: int) -> int:
 
 
 def _index(ipr: Any, name: str) -> int:
-    found = ipr.link_lookup(ifname=name)
-    if not found:
-        raise DataplaneError(f"device {name!r} does not exist")
-    return int(found[0])
+    # A targeted RTM_GETLINK: link_lookup would dump every link of the namespace.
+    try:
+        return int(ipr.link("get", ifname=name)[0]["index"])
+    except NetlinkError as exc:
+        raise DataplaneError(f"device {name!r} does not exist ({exc})") from None
 
 
 def _teach_pyroute2_bfifo() -> None:
@@ -193,29 +197,30 @@ class ClassCounters:
     overlimits: int
 
 
-def read_class_counters(
-    ipr: Any, alias_prefix: str = "vnic:"
-) -> dict[tuple[str, int], ClassCounters]:
-    """Counters of every HTB class on the namespace's vNIC devices (those whose alias
-    starts with ``alias_prefix``): (device, minor) -> counters. The kernel dumps
-    classes per device, so this is one dump per device over one socket."""
-    names = {
-        int(link["index"]): str(link.get_attr("IFLA_IFNAME"))
-        for link in ipr.get_links()
-        if str(link.get_attr("IFLA_IFALIAS") or "").startswith(alias_prefix)
-    }
+def read_class_counters(session_ns: str) -> dict[tuple[str, int], ClassCounters]:
+    """Counters of every shaped class in a namespace: (device, class minor) -> counters.
+
+    Read from the FIFO leaf under each HTB class, with one ``tc -s -j qdisc
+    show`` (a fixed, read-only command): the kernel dumps the qdiscs of all
+    devices at once, and tc's C decoder is about ten times faster here than
+    decoding the same dump in Python. Drops are queue overflows of the class.
+    """
+    from vnic.dataplane.namespaces import run_inside
+
+    proc = run_inside(
+        session_ns, ["tc", "-s", "-j", "qdisc", "show"], capture_output=True, timeout=30
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot read qdisc counters in {session_ns}: {proc.stderr.strip()}")
     out: dict[tuple[str, int], ClassCounters] = {}
-    messages = (msg for index in names for msg in ipr.get_classes(index=index))
-    for msg in messages:
-        if msg.get_attr("TCA_KIND") != "htb":
+    for q in json.loads(proc.stdout or "[]"):
+        parent = str(q.get("parent", ""))
+        if q.get("kind") not in ("bfifo", "pfifo") or not parent.startswith("1:"):
             continue
-        stats = msg.get_attr("TCA_STATS2")
-        basic = stats.get_attr("TCA_STATS_BASIC") if stats else None
-        queue = stats.get_attr("TCA_STATS_QUEUE") if stats else None
-        out[(names.get(int(msg["index"]), "?"), int(msg["handle"]) & 0xFFFF)] = ClassCounters(
-            bytes=int(basic["bytes"]) if basic else 0,
-            packets=int(basic["packets"]) if basic else 0,
-            drops=int(queue["drops"]) if queue else 0,
-            overlimits=int(queue["overlimits"]) if queue else 0,
+        out[(str(q["dev"]), int(parent[2:], 16))] = ClassCounters(
+            bytes=int(q.get("bytes", 0)),
+            packets=int(q.get("packets", 0)),
+            drops=int(q.get("drops", 0)),
+            overlimits=int(q.get("overlimits", 0)),
         )
     return out

@@ -130,12 +130,15 @@ class NetnsDriver:
                 str(request.mac),
                 [request.ipv4, request.ipv6],
             )
-            self._tcp(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
-            with nsops.opened(session_ns) as ns:
-                apply_plan(ns, plan)
-                verify(ns, plan)
-            if plan.guard is not None:
-                nft.apply_guard(session_ns, plan.guard)
+            guard = nft.start_guard(session_ns, plan.guard) if plan.guard else None
+            try:
+                self._tcp(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
+                with nsops.opened(session_ns) as ns:
+                    apply_plan(ns, plan)
+                    verify(ns, plan)
+            finally:
+                if guard is not None:
+                    guard.wait()  # reaped even when the work above failed
         except BaseException:
             self.destroy(request.session, request.vm)
             raise

@@ -674,10 +674,10 @@ class Service:
 
     def _vm_row(self, s: Session, session: str, name: str) -> VmRow:
         srow = self._session_row(s, session)
-        for v in srow.vms:
-            if v.name == name:
-                return v
-        raise NotFound(f"VM in session {session!r}", name, [v.name for v in srow.vms])
+        vm = s.scalar(select(VmRow).where(VmRow.session_id == srow.id, VmRow.name == name))
+        if vm is None:
+            raise NotFound(f"VM in session {session!r}", name, [v.name for v in srow.vms])
+        return vm
 
     def _resolve(self, s: Session, vm: VmRow) -> Effective:
         session = vm.session
