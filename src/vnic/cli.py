@@ -730,14 +730,17 @@ def _bench(which: str, out_path: Path | None) -> None:
                 "configured",
                 "measured (frames)",
                 "ratio",
+                "lost / reordered",
                 title="shaping fidelity (iperf3)",
             )
             for r in result["rows"]:
+                extra = f"{r['lost_percent']}% / {r['out_of_order']}" if "lost_percent" in r else ""
                 table.add_row(
                     r["case"],
                     f"{r['configured_bps'] / 1e6:g} Mbit/s",
                     f"{r['measured_bps'] / 1e6:.3f} Mbit/s",
                     f"{r['ratio']:.3f}",
+                    extra,
                 )
         else:
             table = Table("metric", "value", title=f"launch of {result['vms']} shaped VMs")

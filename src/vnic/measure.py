@@ -28,6 +28,7 @@ class Throughput:
     bytes: int
     seconds: float
     lost_percent: float = 0.0
+    out_of_order: int = 0
 
 
 def _wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
@@ -96,12 +97,15 @@ def iperf3(
             raise RuntimeError(f"iperf3: {data['error']}")
         end = data["end"]
         if udp_rate:
-            s = end["sum"]
+            # The receiver's view: what arrived, not what was offered.
+            sent = end["sum"]
+            got = end.get("sum_received") or sent
             return Throughput(
-                float(s["bits_per_second"]) * (1 - s["lost_percent"] / 100),
-                int(s["bytes"]),
-                float(s["seconds"]),
-                float(s["lost_percent"]),
+                float(got["bits_per_second"]),
+                int(got["bytes"]),
+                float(got["seconds"]),
+                float(sent.get("lost_percent", 0.0)),
+                int(sent.get("out_of_order", 0)),
             )
         r = end["sum_received"]
         return Throughput(float(r["bits_per_second"]), int(r["bytes"]), float(r["seconds"]))
@@ -134,3 +138,90 @@ def ping(
         timeout=count * (interval + timeout) + 10,
     )
     return [float(m) for m in _RTT.findall(proc.stdout)]
+
+
+_RECEIVER = """
+import json, socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", int(sys.argv[1])))
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+stamps = []
+try:
+    while True:
+        data = s.recv(65535)
+        stamps.append((time.monotonic(), len(data)))
+        if data.startswith(b"END"):
+            break
+except socket.timeout:
+    pass
+print(json.dumps(stamps), flush=True)
+"""
+
+_SENDER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+total, size = int(sys.argv[3]), int(sys.argv[4])
+sent = 0
+while sent < total:
+    n = min(size, total - sent)
+    s.sendto(b"x" * n, (sys.argv[1], int(sys.argv[2])))
+    sent += n
+s.sendto(b"END", (sys.argv[1], int(sys.argv[2])))
+"""
+
+UDP_IPV4_OVERHEAD = 8 + 20 + 14
+
+
+def burst_rate(
+    session: str,
+    sender: str,
+    receiver: str,
+    receiver_ip: str,
+    *,
+    total: int = 30_000,
+    size: int = 1400,
+    port: int = 5400,
+) -> float:
+    """Send ``total`` bytes of UDP back to back; the frame rate (bit/s) at which they arrived.
+
+    Measured at the receiver from the first to the last datagram, counting
+    Ethernet frames (payload + 42 bytes) after the first.
+    """
+    import sys
+
+    rx = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            names.vm_netns(session, receiver),
+            sys.executable,
+            "-c",
+            _RECEIVER,
+            str(port),
+            "3",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert rx.stdout is not None
+        rx.stdout.readline()  # "ready"
+        nsops.run(
+            names.vm_netns(session, sender),
+            [sys.executable, "-c", _SENDER, receiver_ip, str(port), str(total), str(size)],
+            check=True,
+            timeout=20,
+        )
+        out, _ = rx.communicate(timeout=20)
+    finally:
+        if rx.poll() is None:
+            rx.kill()
+            rx.wait()
+    stamps = [(t, n) for t, n in json.loads(out) if n != 3]  # drop the END marker
+    if len(stamps) < 2:
+        raise RuntimeError(f"burst probe received {len(stamps)} datagrams")
+    span = stamps[-1][0] - stamps[0][0]
+    frames = sum(n + UDP_IPV4_OVERHEAD for _, n in stamps[1:])
+    return float(frames * 8 / span)
