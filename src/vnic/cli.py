@@ -385,6 +385,34 @@ def session_show(name: str, as_json: JsonFlag = False) -> None:
     run(body)
 
 
+@session_app.command("up")
+def session_up(
+    name: str,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Launch processes (one per core is best).")
+    ] = 2,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+    as_json: JsonFlag = False,
+) -> None:
+    """Launch every defined VM of the session, in parallel."""
+
+    def body() -> None:
+        svc = service()
+        pending = [v.name for v in svc.list_vms(name) if v.state == "defined"]
+        outcomes = svc.launch_many(name, pending, driver, workers)
+        failed = [o for o in outcomes if o.error]
+        if as_json:
+            emit_json([o.__dict__ for o in outcomes])
+        else:
+            for o in sorted(outcomes, key=lambda o: o.vm):
+                status = f"failed: {o.error}" if o.error else f"running ({o.seconds * 1000:.0f} ms)"
+                out.print(f"vm {name}/{o.vm}: {status}", markup=False)
+        if failed:
+            raise typer.Exit(2)
+
+    run(body)
+
+
 @session_app.command("down")
 def session_down(
     name: str,

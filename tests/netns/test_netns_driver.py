@@ -20,7 +20,7 @@ from vnic.dataplane.tc import DataplaneError, read_class_counters
 from vnic.errors import Unsupported
 from vnic.manager.service import VmRequest
 from vnic.measure import TCP_GOODPUT, iperf3, ping
-from vnic.model.units import MacAddress, MacRange
+from vnic.model.units import Duration, MacAddress, MacRange
 from vnic.plan.compile import DEFAULT_MINOR
 
 
@@ -210,3 +210,22 @@ def test_session_down_after_sigkill_of_the_launching_process(lab: Lab, tmp_path:
     stopped = lab.service.session_down(s, lab.driver)
     assert set(stopped) == {f"k{i}" for i in range(6)}
     assert leftovers(s) == []
+
+
+def test_session_up_launches_in_parallel_and_reports_failures(lab: Lab) -> None:
+    lab.profile(name="plain", egress={"rate": "50Mbit"}, ingress={"rate": "50Mbit"})
+    s = lab.session(default="plain")
+    for i in range(6):
+        lab.service.add_vm(VmRequest(s, f"p{i}"))
+    # One VM asks for something the driver cannot do here: it alone fails.
+    lab.service.add_vm(VmRequest(s, "slow", patch={"egress.delay": Duration.parse("10ms")}))
+    outcomes = lab.service.launch_many(s, [*[f"p{i}" for i in range(6)], "slow"], workers=2)
+    by_vm = {o.vm: o for o in outcomes}
+    assert set(by_vm) == {*(f"p{i}" for i in range(6)), "slow"}
+    assert by_vm["slow"].error and "egress.delay" in by_vm["slow"].error
+    assert all(by_vm[f"p{i}"].error is None for i in range(6))
+    assert sorted(lab.driver.running(s)) == sorted(f"p{i}" for i in range(6))
+    states = {v.name: v.state for v in lab.service.list_vms(s)}
+    assert states == {**{f"p{i}": "running" for i in range(6)}, "slow": "defined"}
+    p5 = lab.service.explain(s, "p5").vm
+    assert p5.ipv4 and ping(s, "p0", p5.ipv4, count=2)

@@ -8,6 +8,8 @@ dataclasses, never ORM rows.
 
 from __future__ import annotations
 
+import multiprocessing
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +21,15 @@ from sqlalchemy.orm import Session
 
 from vnic.dataplane.names import vm_addresses
 from vnic.drivers.base import Driver, LaunchRequest
-from vnic.errors import Conflict, Exhausted, FieldError, InUse, InvalidInput, NotFound
+from vnic.errors import (
+    Conflict,
+    Exhausted,
+    FieldError,
+    InUse,
+    InvalidInput,
+    NotFound,
+    VnicError,
+)
 from vnic.model.profile import (
     DEFAULT_MAC_RANGE,
     OFF,
@@ -636,6 +646,36 @@ class Service:
             revisions=dict(eff.revisions),
         )
 
+    def launch_many(
+        self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
+    ) -> list[LaunchOutcome]:
+        """Launch ``names`` with ``workers`` processes, each with its own database
+        connection and driver (launches are CPU-bound: one process per core).
+
+        Every VM is attempted; the outcomes say which launched, in how long,
+        and why the others failed.
+        """
+        if not names:
+            return []
+        if workers < 1:
+            raise InvalidInput.one("workers", workers, "a number of processes of at least 1")
+        # The first launch brings the session's network up; after it, launches
+        # of different VMs touch disjoint objects and may run side by side.
+        _worker_init(self.db.url, driver_kind)
+        outcomes = [_worker_launch((session, names[0]))]
+        rest = [(session, name) for name in names[1:]]
+        if rest:
+            # Children get their own connections; the parent's pool must not be shared.
+            self.db.engine.dispose()
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(
+                min(workers, len(rest)),
+                initializer=_worker_init,
+                initargs=(self.db.url, driver_kind),
+            ) as pool:
+                outcomes += pool.imap_unordered(_worker_launch, rest)
+        return outcomes
+
     def destroy_vm(self, session: str, name: str, driver: Driver) -> None:
         """Stop the VM and remove its network; its definition (and MAC) stays."""
         with self.db.transaction() as s:
@@ -721,6 +761,35 @@ class Service:
             if vm.host_index
             else None,
         )
+
+
+@dataclass(frozen=True)
+class LaunchOutcome:
+    """One VM of a parallel launch: seconds taken, or the error that stopped it."""
+
+    vm: str
+    seconds: float
+    error: str | None = None
+
+
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(url: str, driver_kind: str) -> None:
+    from vnic.drivers.registry import get_driver
+
+    _worker["service"] = Service(Database(url, migrate=False))
+    _worker["driver"] = get_driver(driver_kind)
+
+
+def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
+    session, name = task
+    start = time.perf_counter()
+    try:
+        _worker["service"].launch_vm(session, name, _worker["driver"])
+    except VnicError as exc:
+        return LaunchOutcome(name, time.perf_counter() - start, str(exc))
+    return LaunchOutcome(name, time.perf_counter() - start)
 
 
 def _aware(moment: datetime | None) -> datetime | None:
