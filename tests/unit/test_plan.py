@@ -51,7 +51,7 @@ def test_each_direction_lands_on_its_device_with_rates_in_bytes() -> None:
         1_250_000,
     )
     assert root.burst == 3000 and root.quantum == 1514  # derived burst: 2 MTUs at 10 Mbit/s
-    assert plan.ingress.classes[0].burst == 125_000  # 1 ms at 1 Gbit/s
+    assert plan.ingress.classes[0].burst == 31_250  # 250 us at 1 Gbit/s
     (egress_leaf,) = plan.egress.leaves
     assert (egress_leaf.kind, egress_leaf.limit) == ("bfifo", 62_500)  # 50 ms at 10 Mbit/s
     assert (plan.ingress.leaves[0].kind, plan.ingress.leaves[0].limit) == ("pfifo", 100)

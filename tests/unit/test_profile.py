@@ -422,7 +422,7 @@ def test_parse_assignments_checks_rules() -> None:
 # --------------------------------------------------------------------------- derived values
 
 
-@pytest.mark.parametrize(("rate", "burst"), [("1Mbit", 3000), ("1Gbit", 125_000)])
+@pytest.mark.parametrize(("rate", "burst"), [("1Mbit", 3000), ("100Mbit", 3125), ("1Gbit", 31_250)])
 def test_derived_burst(rate: str, burst: int) -> None:
     out = derived_values({"egress.rate": Rate.parse(rate)})
     assert out["egress.burst"] == ByteSize(burst)

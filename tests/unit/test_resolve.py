@@ -127,10 +127,10 @@ def test_full_stack_provenance() -> None:
     assert _layer(eff, "ingress.delay") == RUNTIME == "runtime"
     assert "storm" in s["ingress.delay"].detail
 
-    # derived: burst = max(2 MTU, 1 ms at rate); queue = rate x (delay + jitter + 50 ms)
-    assert v["egress.burst"] == ByteSize(12_500)
+    # derived: burst = max(2 MTU, 250 us at rate); queue = rate x (delay + jitter + 50 ms)
+    assert v["egress.burst"] == ByteSize(3_125)
     assert v["egress.queue"] == QueueLimit.of_bytes(1_000_000)
-    assert v["ingress.burst"] == ByteSize(6_250)
+    assert v["ingress.burst"] == ByteSize(3_000)
     assert v["ingress.queue"] == QueueLimit.of_bytes(937_500)
     for path in ("egress.burst", "egress.queue", "ingress.burst", "ingress.queue"):
         assert _layer(eff, path) == DERIVED == "derived"

@@ -96,7 +96,7 @@ QUEUE_HEADROOM: Final = Duration.parse("50ms")
 #: Rate assumed for sizing a default queue when a direction has delay but no rate.
 QUEUE_REFERENCE_RATE: Final = Rate.parse("1Gbit")
 #: Traffic one burst may carry: this much time at the direction's rate.
-BURST_TIME: Final = Duration.parse("1ms")
+BURST_TIME: Final = Duration.parse("250us")
 
 
 # --------------------------------------------------------------------------- loss
@@ -268,7 +268,7 @@ def _direction_fields(d: str) -> list[FieldDef]:
             ByteSize.parse,
             ByteSize.EXPECTED,
             "Bytes that may pass at line rate before the rate applies; at least the MTU. "
-            "Default: the larger of two MTUs and 1 ms of traffic at the rate.",
+            "Default: the larger of two MTUs and 250 µs of traffic at the rate.",
             unit="bytes",
         ),
         FieldDef(
