@@ -45,10 +45,6 @@ def render(guard: PortGuard) -> str:
     return "\n".join(lines) + "\n"
 
 
-def apply_guard(session_ns: str, guard: PortGuard) -> None:
-    start_guard(session_ns, guard).wait()
-
-
 class PendingGuard:
     """An ``nft`` run started in the background; :meth:`wait` raises if it failed.
 
@@ -103,48 +99,35 @@ def drop_counters(session_ns: str, chain: str) -> dict[str, int]:
 
 
 def remove_guard(session_ns: str, chain: str, tag: str) -> None:
-    """Delete the jump carrying ``tag`` and the VM's chain; absent parts are fine."""
+    """Delete the jumps carrying ``tag`` and the VM's chain, in one nft transaction;
+    absent parts are fine."""
     if not nsops.exists(session_ns):
         return
-    for rule in _rules(session_ns, "prerouting"):
-        if rule.get("comment") == tag:
-            nsops.run_inside(
-                session_ns,
-                [
-                    "nft",
-                    "delete",
-                    "rule",
-                    "bridge",
-                    TABLE,
-                    "prerouting",
-                    "handle",
-                    str(rule["handle"]),
-                ],
-                capture_output=True,
-                timeout=10,
-            )
-    if _rules(session_ns, chain) or _chain_exists(session_ns, chain):
-        nsops.run_inside(
-            session_ns,
-            ["nft", "flush", "chain", "bridge", TABLE, chain],
-            capture_output=True,
-            timeout=10,
-        )
-        nsops.run_inside(
-            session_ns,
-            ["nft", "delete", "chain", "bridge", TABLE, chain],
-            capture_output=True,
-            timeout=10,
-        )
+    lines = [
+        f"delete rule bridge {TABLE} prerouting handle {rule['handle']}"
+        for rule in _rules(session_ns, "prerouting")
+        if rule.get("comment") == tag
+    ]
+    if _chain_exists(session_ns, chain):
+        lines += [f"flush chain bridge {TABLE} {chain}", f"delete chain bridge {TABLE} {chain}"]
+    if not lines:
+        return
+    proc = nsops.run_inside(
+        session_ns,
+        ["nft", "-f", "-"],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"nftables refused to remove the guard {chain}: {proc.stderr.strip()}")
 
 
 def _chain_exists(session_ns: str, chain: str) -> bool:
-    return (
-        nsops.run_inside(
-            session_ns,
-            ["nft", "list", "chain", "bridge", TABLE, chain],
-            capture_output=True,
-            timeout=10,
-        ).returncode
-        == 0
+    proc = nsops.run_inside(
+        session_ns,
+        ["nft", "list", "chain", "bridge", TABLE, chain],
+        capture_output=True,
+        timeout=10,
     )
+    return proc.returncode == 0

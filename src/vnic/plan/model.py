@@ -9,7 +9,7 @@ bytes, as the kernel takes them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 #: Bytes an Ethernet header adds to an IP packet. HTB on a veth or tap counts
 #: frames including this header, so the profile's rate is the rate of
@@ -74,9 +74,6 @@ class U32Match:
     value: int
     mask: int
     offset: int
-
-    def key(self) -> str:
-        return f"0x{self.value:08x}/0x{self.mask:08x}+{self.offset}"
 
 
 @dataclass(frozen=True)
@@ -160,7 +157,6 @@ class Plan:
     guard: PortGuard | None = None
     sysctls: tuple[Sysctl, ...] = ()
     congestion_control: str | None = None
-    notes: tuple[str, ...] = field(default=())
 
     def directions(self) -> tuple[DirectionPlan, DirectionPlan]:
         return (self.egress, self.ingress)
