@@ -144,3 +144,10 @@ class Unsupported(VnicError):
 
     http_status = 422
     kind = "unsupported"
+
+
+class DataplaneError(VnicError):
+    """The kernel refused or did not keep what a plan asked for."""
+
+    http_status = 500
+    kind = "dataplane"

@@ -16,8 +16,8 @@ import pytest
 from tests.netns.conftest import Lab, leftovers
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
-from vnic.dataplane.tc import DataplaneError, read_class_counters
-from vnic.errors import Unsupported
+from vnic.dataplane.tc import read_class_counters
+from vnic.errors import DataplaneError, Unsupported
 from vnic.manager.service import VmRequest
 from vnic.measure import TCP_GOODPUT, iperf3, ping
 from vnic.model.units import Duration, MacAddress, MacRange

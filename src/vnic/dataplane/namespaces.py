@@ -24,7 +24,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.dataplane.names import BRIDGE, VM_IFNAME, VmLinks, owner_tag
-from vnic.dataplane.tc import DataplaneError
+from vnic.errors import DataplaneError
 
 IFA_F_NODAD = 0x02
 
@@ -35,6 +35,28 @@ def exists(name: str) -> bool:
 
 def listing() -> list[str]:
     return sorted(netns.listnetns())
+
+
+def find_link(ipr: Any, name: str) -> int | None:
+    """Index of interface ``name`` in the socket's namespace, or None.
+
+    A targeted RTM_GETLINK: ``link_lookup`` would dump and decode every link
+    of the namespace, which in a session namespace grows with its VMs.
+    """
+    try:
+        return int(ipr.link("get", ifname=name)[0]["index"])
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+
+
+def link_index(ipr: Any, name: str) -> int:
+    """Index of interface ``name``; :class:`DataplaneError` if it does not exist."""
+    index = find_link(ipr, name)
+    if index is None:
+        raise DataplaneError(f"device {name!r} does not exist")
+    return index
 
 
 @contextlib.contextmanager
@@ -121,7 +143,7 @@ def create(name: str) -> None:
             os.unlink(path)
         raise DataplaneError(f"cannot create namespace {name}: {failure[0]}")
     with opened(name) as ns:
-        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        ns.link("set", index=link_index(ns, "lo"), state="up")
 
 
 def pids(name: str) -> list[int]:
@@ -195,20 +217,14 @@ def run_inside(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Comp
 
 def ensure_session(ns_name: str, session: str) -> None:
     """The session namespace with its bridge, created if missing."""
-    if exists(ns_name):
-        with opened(ns_name) as ns:
-            try:
-                ns.link("get", ifname=BRIDGE)
-                return
-            except NetlinkError:
-                pass  # namespace without its bridge (a killed launch): finish it below
-    else:
+    if not exists(ns_name):
         create(ns_name)
     with opened(ns_name) as ns:
-        if not ns.link_lookup(ifname=BRIDGE):
-            ns.link("add", ifname=BRIDGE, kind="bridge")
-        idx = ns.link_lookup(ifname=BRIDGE)[0]
-        ns.link("set", index=idx, ifalias=owner_tag(session), state="up")
+        if find_link(ns, BRIDGE) is not None:
+            return
+        # New, or left without its bridge by a killed launch: finish it.
+        ns.link("add", ifname=BRIDGE, kind="bridge")
+        ns.link("set", index=link_index(ns, BRIDGE), ifalias=owner_tag(session), state="up")
 
 
 def plug_vm(
@@ -223,19 +239,17 @@ def plug_vm(
     links = VmLinks.of(vm)
     tag = owner_tag(session, vm)
     with opened(session_ns) as ns:
-        if ns.link_lookup(ifname=links.port) or ns.link_lookup(ifname=links.ifb):
+        if find_link(ns, links.port) is not None or find_link(ns, links.ifb) is not None:
             raise DataplaneError(f"links {links.port}/{links.ifb} already exist in {session_ns}")
         ns.link(
             "add", ifname=links.port, kind="veth", peer={"ifname": VM_IFNAME, "net_ns_fd": vm_ns}
         )
-        port = ns.link_lookup(ifname=links.port)[0]
-        bridge = ns.link_lookup(ifname=BRIDGE)[0]
-        ns.link("set", index=port, master=bridge, ifalias=tag, state="up")
+        port = link_index(ns, links.port)
+        ns.link("set", index=port, master=link_index(ns, BRIDGE), ifalias=tag, state="up")
         ns.link("add", ifname=links.ifb, kind="ifb")
-        ifb = ns.link_lookup(ifname=links.ifb)[0]
-        ns.link("set", index=ifb, ifalias=tag, state="up")
+        ns.link("set", index=link_index(ns, links.ifb), ifalias=tag, state="up")
     with opened(vm_ns) as vns:
-        eth = vns.link_lookup(ifname=VM_IFNAME)[0]
+        eth = link_index(vns, VM_IFNAME)
         vns.link("set", index=eth, address=mac, state="up")
         for addr in addresses:
             vns.addr(
@@ -256,18 +270,15 @@ def unplug_vm(session_ns: str, session: str, vm: str) -> None:
     tag = owner_tag(session, vm)
     with opened(session_ns) as ns:
         for name in (links.port, links.ifb):
-            for idx in ns.link_lookup(ifname=name):
-                # The port goes away by itself once its peer's namespace is gone,
-                # possibly between the lookup and the delete: ENODEV is success.
-                try:
-                    link = ns.get_links(idx)[0]
-                    if link.get_attr("IFLA_IFALIAS") == tag:
-                        ns.link("del", index=idx)
-                except NetlinkError as exc:
-                    if exc.code != errno.ENODEV:
-                        raise DataplaneError(
-                            f"cannot delete {name} in {session_ns}: {exc}"
-                        ) from exc
+            # Absent is fine, and the port goes away by itself once its peer's
+            # namespace is gone, possibly between the get and the delete.
+            try:
+                (link,) = ns.link("get", ifname=name)
+                if link.get_attr("IFLA_IFALIAS") == tag:
+                    ns.link("del", index=link["index"])
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise DataplaneError(f"cannot delete {name} in {session_ns}: {exc}") from exc
 
 
 def set_route_congctl(

@@ -12,7 +12,7 @@ import subprocess
 from typing import Any
 
 from vnic.dataplane import namespaces as nsops
-from vnic.dataplane.tc import DataplaneError
+from vnic.errors import DataplaneError
 from vnic.plan.model import PortGuard
 
 TABLE = "vnic"

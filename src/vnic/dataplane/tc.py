@@ -13,9 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pyroute2.netlink.exceptions import NetlinkError
-
-from vnic.errors import VnicError
+from vnic.dataplane.namespaces import link_index, run_inside
+from vnic.errors import DataplaneError
 from vnic.plan.compile import DEFAULT_MINOR
 from vnic.plan.model import DirectionPlan, HtbClass, Plan, U32Match
 
@@ -25,27 +24,12 @@ ETH_P_ALL = 0x0003
 MATCH_ALL_KEY = "0x0/0x0+0"
 
 
-class DataplaneError(VnicError):
-    """The kernel refused or did not keep what the plan asked for."""
-
-    http_status = 500
-    kind = "dataplane"
-
-
 def _handle(minor: int) -> int:
     return ROOT_HANDLE | minor
 
 
 def _leaf_major(minor: int) -> int:
     return 2 if minor == DEFAULT_MINOR else minor
-
-
-def _index(ipr: Any, name: str) -> int:
-    # A targeted RTM_GETLINK: link_lookup would dump every link of the namespace.
-    try:
-        return int(ipr.link("get", ifname=name)[0]["index"])
-    except NetlinkError as exc:
-        raise DataplaneError(f"device {name!r} does not exist ({exc})") from None
 
 
 def _teach_pyroute2_bfifo() -> None:
@@ -64,8 +48,8 @@ def apply_plan(ipr: Any, plan: Plan) -> None:
         if direction.shaped:
             _apply_direction(ipr, direction)
     if plan.redirect is not None:
-        port = _index(ipr, plan.redirect.device)
-        ifb = _index(ipr, plan.redirect.target)
+        port = link_index(ipr, plan.redirect.device)
+        ifb = link_index(ipr, plan.redirect.target)
         ipr.tc("add", "ingress", port, INGRESS_HANDLE)
         ipr.tc(
             "add-filter",
@@ -82,7 +66,7 @@ def apply_plan(ipr: Any, plan: Plan) -> None:
 
 def _apply_direction(ipr: Any, d: DirectionPlan) -> None:
     assert d.device is not None and d.root is not None
-    idx = _index(ipr, d.device)
+    idx = link_index(ipr, d.device)
     ipr.tc("replace", "htb", idx, ROOT_HANDLE, default=d.root.default_minor)
     for c in d.classes:
         ipr.tc("replace-class", "htb", idx, _handle(c.minor), **_class_args(c))
@@ -153,7 +137,7 @@ class ClassState:
 
 def read_classes(ipr: Any, device: str) -> dict[int, ClassState]:
     """Every HTB class of ``device`` under ``1:``."""
-    idx = _index(ipr, device)
+    idx = link_index(ipr, device)
     out: dict[int, ClassState] = {}
     for msg in ipr.get_classes(index=idx):
         if msg.get_attr("TCA_KIND") != "htb" or (msg["handle"] >> 16) != 1:
@@ -205,8 +189,6 @@ def read_class_counters(session_ns: str) -> dict[tuple[str, int], ClassCounters]
     devices at once, and tc's C decoder is about ten times faster here than
     decoding the same dump in Python. Drops are queue overflows of the class.
     """
-    from vnic.dataplane.namespaces import run_inside
-
     proc = run_inside(
         session_ns, ["tc", "-s", "-j", "qdisc", "show"], capture_output=True, timeout=30
     )

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from vnic.dataplane import names, nft
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe
-from vnic.dataplane.tc import DataplaneError, apply_plan, verify
+from vnic.dataplane.tc import apply_plan, verify
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
-from vnic.errors import Conflict
+from vnic.errors import Conflict, DataplaneError
 from vnic.plan.compile import compile_plan, guard_chain
 from vnic.plan.model import Devices, Identity, Plan
 
