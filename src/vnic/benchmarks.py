@@ -23,13 +23,17 @@ from vnic.dataplane import names
 from vnic.dataplane.tc import read_class_counters
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Service, VmRequest
-from vnic.measure import TCP_GOODPUT, Throughput, burst_rate, iperf3
+from vnic.measure import (
+    TCP_GOODPUT,
+    UDP_GOODPUT,
+    UDP_PAYLOAD,
+    Throughput,
+    burst_rate,
+    iperf3,
+)
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
 
-UDP_PAYLOAD = 1400
-#: Payload share of a frame for UDP datagrams of UDP_PAYLOAD bytes over IPv4.
-UDP_GOODPUT = UDP_PAYLOAD / (UDP_PAYLOAD + 8 + 20 + 14)
 PEER_RATE = "10Gbit"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -18,6 +19,11 @@ from vnic.dataplane import namespaces as nsops
 #: Goodput of a saturating TCP flow relative to the Ethernet frame rate:
 #: 1448 bytes of payload (MSS with timestamps) per 1514-byte frame.
 TCP_GOODPUT = 1448 / 1514
+#: Bytes a UDP datagram's frame adds to its payload: UDP, IPv4 and Ethernet headers.
+UDP_IPV4_OVERHEAD = 8 + 20 + 14
+#: Datagram payload the measurements use, and its share of the frame.
+UDP_PAYLOAD = 1400
+UDP_GOODPUT = UDP_PAYLOAD / (UDP_PAYLOAD + UDP_IPV4_OVERHEAD)
 
 
 @dataclass(frozen=True)
@@ -64,8 +70,9 @@ def iperf3(
     """
     server_ns = names.vm_netns(session, server)
     client_ns = names.vm_netns(session, client)
-    srv = subprocess.Popen(
-        ["ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-p", str(port)],
+    srv = nsops.popen(
+        server_ns,
+        ["iperf3", "-s", "-1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -170,8 +177,6 @@ while sent < total:
 s.sendto(b"END", (sys.argv[1], int(sys.argv[2])))
 """
 
-UDP_IPV4_OVERHEAD = 8 + 20 + 14
-
 
 def burst_rate(
     session: str,
@@ -180,7 +185,7 @@ def burst_rate(
     receiver_ip: str,
     *,
     total: int = 30_000,
-    size: int = 1400,
+    size: int = UDP_PAYLOAD,
     port: int = 5400,
 ) -> float:
     """Send ``total`` bytes of UDP back to back; the frame rate (bit/s) at which they arrived.
@@ -188,22 +193,10 @@ def burst_rate(
     Measured at the receiver from the first to the last datagram, counting
     Ethernet frames (payload + 42 bytes) after the first.
     """
-    import sys
-
-    rx = subprocess.Popen(
-        [
-            "ip",
-            "netns",
-            "exec",
-            names.vm_netns(session, receiver),
-            sys.executable,
-            "-c",
-            _RECEIVER,
-            str(port),
-            "3",
-        ],
+    rx = nsops.popen(
+        names.vm_netns(session, receiver),
+        [sys.executable, "-c", _RECEIVER, str(port), "3"],
         stdout=subprocess.PIPE,
-        text=True,
     )
     try:
         assert rx.stdout is not None

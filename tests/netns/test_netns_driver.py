@@ -127,15 +127,11 @@ def test_tcp_settings_are_set_inside_the_vm(lab: Lab) -> None:
     assert nsops.read_sysctl(names.vm_netns(s, "srv"), "net.ipv4.tcp_congestion_control") == "bbr"
     assert server.vm.ipv4
     # ss inside the VM shows the algorithm of a live connection.
-    srv = subprocess.Popen(
-        ["ip", "netns", "exec", names.vm_netns(s, "srv"), "iperf3", "-s", "-1"],
-        stdout=subprocess.DEVNULL,
-    )
+    srv = nsops.popen(names.vm_netns(s, "srv"), ["iperf3", "-s", "-1"], stdout=subprocess.DEVNULL)
     try:
         time.sleep(0.5)
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", vm_ns, "iperf3", "-c", server.vm.ipv4, "-t", "3"],
-            stdout=subprocess.DEVNULL,
+        client = nsops.popen(
+            vm_ns, ["iperf3", "-c", server.vm.ipv4, "-t", "3"], stdout=subprocess.DEVNULL
         )
         time.sleep(1.5)
         info = lab.exec(s, "cub", "ss", "-tni", "dst", server.vm.ipv4)

@@ -181,6 +181,11 @@ def run(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedPr
     return subprocess.run(["ip", "netns", "exec", name, *argv], text=True, **kwargs)
 
 
+def popen(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``argv`` inside namespace ``name`` (``ip netns exec``) without waiting for it."""
+    return subprocess.Popen(["ip", "netns", "exec", name, *argv], text=True, **kwargs)
+
+
 def _sysctl_path(key: str) -> str:
     return "/proc/sys/" + key.replace(".", "/")
 

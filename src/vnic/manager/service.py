@@ -744,6 +744,7 @@ class Service:
 
     @staticmethod
     def _vm_info(vm: VmRow) -> VmInfo:
+        addresses = vm_addresses(vm.session.network_id, vm.host_index) if vm.host_index else None
         return VmInfo(
             session=vm.session.name,
             name=vm.name,
@@ -754,12 +755,8 @@ class Service:
             override_patch=vm.override_patch,
             mac=str(MacAddress(vm.mac.mac)) if vm.mac else None,
             state=vm.state,
-            ipv4=str(vm_addresses(vm.session.network_id, vm.host_index)[0].ip)
-            if vm.host_index
-            else None,
-            ipv6=str(vm_addresses(vm.session.network_id, vm.host_index)[1].ip)
-            if vm.host_index
-            else None,
+            ipv4=str(addresses[0].ip) if addresses else None,
+            ipv6=str(addresses[1].ip) if addresses else None,
         )
 
 
