@@ -15,6 +15,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.documents import parse_documents, read_documents
 from vnic.drivers.netns import NetnsDriver
@@ -96,9 +97,7 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
         out.print(table)
     finally:
         stopped = service.session_down(SESSION, driver)
-        left = [
-            n for n in nsops.listing() if n == f"vnic.{SESSION}" or n.startswith(f"vnic.{SESSION}.")
-        ]
+        left = [n for n in nsops.listing() if names.of_session(n, SESSION)]
         out.print(
             f"session {SESSION}: down, {len(stopped)} VMs stopped, {len(left)} namespaces left",
             markup=False,

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Explanation, Service, VmRequest
@@ -76,9 +77,7 @@ class Lab:
 
 def leftovers(session: str) -> list[str]:
     """Namespaces of ``session`` that still exist."""
-    return [
-        n for n in nsops.listing() if n == f"vnic.{session}" or n.startswith(f"vnic.{session}.")
-    ]
+    return [n for n in nsops.listing() if names.of_session(n, session)]
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from vnic.dataplane import namespaces as nsops
+from tests.netns.conftest import leftovers
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +28,7 @@ def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
         # The demo's rates (2-200 Mbit/s) are ones the shaper meets within a few percent.
         assert all(0.9 <= r <= 1.05 for r in ratios), ratios
         assert "0 namespaces left" in out
-        assert not [n for n in nsops.listing() if n == "vnic.demo" or n.startswith("vnic.demo.")]
+        assert not leftovers("demo")
         if run == 0:
             assert "profile office: created" in out
     assert "profile office: unchanged" in out

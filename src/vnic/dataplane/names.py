@@ -37,6 +37,11 @@ def owner_tag(session: str, vm: str | None = None) -> str:
     return f"{PREFIX}:{session}/{vm}" if vm else f"{PREFIX}:{session}"
 
 
+def of_session(name: str, session: str) -> bool:
+    """Whether namespace ``name`` is ``session``'s own or one of its VMs'."""
+    return name == session_netns(session) or name.startswith(vm_netns(session, ""))
+
+
 def parse_vm_netns(name: str, session: str) -> str | None:
     """The VM name if ``name`` is a VM namespace of ``session``, else None."""
     prefix = vm_netns(session, "")

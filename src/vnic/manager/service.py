@@ -659,10 +659,11 @@ class Service:
             return []
         if workers < 1:
             raise InvalidInput.one("workers", workers, "a number of processes of at least 1")
+        from vnic.drivers.registry import get_driver
+
         # The first launch brings the session's network up; after it, launches
         # of different VMs touch disjoint objects and may run side by side.
-        _worker_init(self.db.url, driver_kind)
-        outcomes = [_worker_launch((session, names[0]))]
+        outcomes = [_timed_launch(self, get_driver(driver_kind), session, names[0])]
         rest = [(session, name) for name in names[1:]]
         if rest:
             # Children get their own connections; the parent's pool must not be shared.
@@ -781,9 +782,13 @@ def _worker_init(url: str, driver_kind: str) -> None:
 
 def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
     session, name = task
+    return _timed_launch(_worker["service"], _worker["driver"], session, name)
+
+
+def _timed_launch(service: Service, driver: Driver, session: str, name: str) -> LaunchOutcome:
     start = time.perf_counter()
     try:
-        _worker["service"].launch_vm(session, name, _worker["driver"])
+        service.launch_vm(session, name, driver)
     except VnicError as exc:
         return LaunchOutcome(name, time.perf_counter() - start, str(exc))
     return LaunchOutcome(name, time.perf_counter() - start)

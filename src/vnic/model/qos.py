@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vnic.errors import FieldError, show_value
-from vnic.model.units import Dscp, Rate, UnitError
+from vnic.model.units import Dscp, Rate, UnitError, is_ascii_digits
 
 PROTOCOLS: dict[str, int] = {
     "icmp": 1,
@@ -43,8 +43,6 @@ PROTOCOLS: dict[str, int] = {
     "sctp": 132,
 }
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-# ASCII digits only: str.isdigit() also accepts "²" and other scripts' digits.
-_DIGITS = re.compile(r"^[0-9]+$")
 _PORT_RANGE = re.compile(r"^\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*$")
 
 
@@ -127,7 +125,7 @@ def _parse_protocol(value: Any) -> int:
         key = value.strip().lower()
         if key in PROTOCOLS:
             return PROTOCOLS[key]
-        if _DIGITS.match(key) and int(key) <= 255:
+        if is_ascii_digits(key) and int(key) <= 255:
             return int(key)
     raise ValueError
 
@@ -135,7 +133,7 @@ def _parse_protocol(value: Any) -> int:
 def _parse_port(value: Any) -> PortRange:
     if isinstance(value, int) and not isinstance(value, bool):
         first = last = value
-    elif isinstance(value, str) and _DIGITS.match(value.strip()):
+    elif isinstance(value, str) and is_ascii_digits(value.strip()):
         first = last = int(value)
     elif isinstance(value, str) and (m := _PORT_RANGE.match(value)):
         first, last = int(m.group(1)), int(m.group(2))

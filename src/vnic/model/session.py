@@ -10,6 +10,7 @@ from typing import Any, Final
 
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.profile import parse_labels, parse_name
+from vnic.model.units import is_ascii_digits
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
 SESSION_NAME_EXPECTED: Final = (
@@ -63,7 +64,7 @@ def parse_needs(values: Any, path: str = "needs") -> tuple[str, ...]:
 
 
 def parse_network_id(value: Any, path: str = "network_id") -> int:
-    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+    if isinstance(value, str) and is_ascii_digits(value.strip()):
         value = int(value)
     if (
         isinstance(value, bool)

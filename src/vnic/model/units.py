@@ -56,6 +56,14 @@ _NUMBER_WITH_SUFFIX = re.compile(
 )
 
 
+_ASCII_DIGITS = re.compile(r"[0-9]+")
+
+
+def is_ascii_digits(text: str) -> bool:
+    """Whether ``text`` is a whole number in ASCII digits (``str.isdigit`` also takes "²")."""
+    return _ASCII_DIGITS.fullmatch(text) is not None
+
+
 def _split(text: object, expected: str) -> tuple[Decimal, str]:
     """Split ``"1.5 Gbit"`` into ``(Decimal('1.5'), 'gbit')``; refuse negatives and junk."""
     if isinstance(text, bool) or not isinstance(text, str | int | float):
@@ -483,7 +491,7 @@ class Dscp:
             key = text.strip().lower()
             if key in _DSCP_NAMES:
                 return cls(_DSCP_NAMES[key])
-            if re.fullmatch(r"[0-9]+", key):  # ASCII only; isdigit() takes "²"
+            if is_ascii_digits(key):
                 return cls.parse(int(key))
         raise UnitError(text, cls.EXPECTED)
 
