@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # Kernel tools, traffic tools, the PostgreSQL server the tests run against,
 # and what Python needs to build a virtual environment.
 APT_PACKAGES=(
-  iproute2 nftables iptables iputils-ping iperf3 irtt procps
+  iproute2 nftables iptables iputils-ping iperf3 irtt procps ethtool libc6-dev
   python3 python3-venv python3-dev gcc
   postgresql
 )

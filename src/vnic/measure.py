@@ -46,7 +46,7 @@ def _wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
         if out.strip():
             return
         time.sleep(0.05)
-    raise TimeoutError(f"iperf3 server in {ns} not listening on {port} after {timeout}s")
+    raise TimeoutError(f"server in {ns} not listening on {port} after {timeout}s")
 
 
 def iperf3(
@@ -218,3 +218,283 @@ def burst_rate(
     span = stamps[-1][0] - stamps[0][0]
     frames = sum(n + UDP_IPV4_OVERHEAD for _, n in stamps[1:])
     return float(frames * 8 / span)
+
+
+@dataclass(frozen=True)
+class PacketRate:
+    """A paced UDP flood: datagrams sent and received, over ``seconds``."""
+
+    sent: int
+    received: int
+    seconds: float
+
+    @property
+    def received_pps(self) -> float:
+        return self.received / self.seconds if self.seconds else 0.0
+
+    @property
+    def lost_fraction(self) -> float:
+        return 1 - self.received / self.sent if self.sent else 0.0
+
+
+_COUNT_TABLE = "vnic_measure"
+
+
+def resolve_neighbour(session: str, client: str, address: str, tries: int = 20) -> None:
+    """Make sure ``client`` knows ``address``'s MAC before a measured flood.
+
+    Without it, the first datagrams wait for ARP, and on a lossy profile a
+    lost ARP request makes the kernel drop the whole queued burst.
+    """
+    for _ in range(tries):
+        if ping(session, client, address, count=1, timeout=0.5):
+            return
+    raise RuntimeError(f"{client} cannot reach {address}")
+
+
+def udp_flood(
+    session: str,
+    client: str,
+    server: str,
+    server_ip: str,
+    *,
+    pps: int,
+    payload: int = 18,
+    seconds: float = 3.0,
+    port: int = 9,
+) -> PacketRate:
+    """Send ``pps`` datagrams per second of ``payload`` bytes from ``client`` to ``server``.
+
+    The server counts what arrives with an nftables counter at prerouting and
+    drops it there, so the receiver costs nothing and answers nothing; the
+    sender is ``vnic-udpblast`` (batches with sendmmsg). 18 bytes of payload
+    make a 60-byte frame, the Ethernet minimum.
+    """
+    from vnic.engine import build
+
+    server_ns = names.vm_netns(session, server)
+    resolve_neighbour(session, client, server_ip)
+    script = (
+        f"table ip {_COUNT_TABLE} {{\n chain pre {{\n  type filter hook prerouting priority -300;\n"
+        f"  udp dport {port} counter drop\n }}\n}}\n"
+    )
+    added = nsops.run_inside(server_ns, ["nft", "-f", "-"], input=script, capture_output=True)
+    if added.returncode != 0:
+        raise RuntimeError(f"cannot count packets in {server}: {added.stderr.strip()}")
+    try:
+        proc = nsops.run(
+            names.vm_netns(session, client),
+            [str(build("udpblast")), server_ip, str(port), str(pps), str(payload), str(seconds)],
+            capture_output=True,
+            timeout=seconds + 20,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"vnic-udpblast: {proc.stderr.strip()}")
+        sent = json.loads(proc.stdout)
+        time.sleep(0.5)  # let what the network still holds arrive
+        listing = nsops.run_inside(
+            server_ns, ["nft", "-j", "list", "table", "ip", _COUNT_TABLE], capture_output=True
+        )
+        received = 0
+        for item in json.loads(listing.stdout)["nftables"]:
+            for expr in item.get("rule", {}).get("expr", []):
+                if "counter" in expr:
+                    received = int(expr["counter"]["packets"])
+        return PacketRate(int(sent["sent"]), received, float(sent["seconds"]))
+    finally:
+        nsops.run_inside(
+            server_ns, ["nft", "delete", "table", "ip", _COUNT_TABLE], capture_output=True
+        )
+
+
+@dataclass(frozen=True)
+class OneWay:
+    """Per-packet one-way results of an irtt run, indexed by sequence number.
+
+    ``up``: client -> server, ``down``: server -> client. Delays in ns, None
+    where the packet was lost in that direction (or, for ``down``, never sent
+    because the request was lost). Both ends run on this host's clock, so
+    one-way delays are exact up to the tools' own scheduling.
+    """
+
+    sent: int
+    up_delay: list[int | None]
+    down_delay: list[int | None]
+    lost_up: list[int]
+    lost_down: list[int]
+    reordered_up: int
+    reordered_down: int
+
+    @staticmethod
+    def _present(values: list[int | None]) -> list[int]:
+        return [v for v in values if v is not None]
+
+    def up(self) -> list[int]:
+        return self._present(self.up_delay)
+
+    def down(self) -> list[int]:
+        return self._present(self.down_delay)
+
+
+def _reordered(arrivals: list[tuple[int, int]]) -> int:
+    """Packets that arrived after a packet sent later than them (seqno order vs arrival order)."""
+    count = 0
+    latest = -1
+    for _, seq in sorted(arrivals):
+        if seq < latest:
+            count += 1
+        latest = max(latest, seq)
+    return count
+
+
+def one_way(
+    session: str,
+    client: str,
+    server: str,
+    server_ip: str,
+    *,
+    interval: str = "10ms",
+    duration: str = "3s",
+    payload: int = 0,
+) -> OneWay:
+    """Send irtt probes every ``interval`` for ``duration`` and return per-packet results."""
+    server_ns = names.vm_netns(session, server)
+    srv = nsops.popen(
+        server_ns,
+        ["irtt", "server", "-b", server_ip, "-i", "0"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(server_ns, 2112)
+        argv = ["irtt", "client", "-i", interval, "-d", duration, "-Q", "-o", "-"]
+        if payload:
+            argv += ["-l", str(payload)]
+        seconds = _seconds(duration)
+        proc = nsops.run(
+            names.vm_netns(session, client),
+            [*argv, server_ip],
+            capture_output=True,
+            timeout=seconds + 30,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"irtt: {proc.stderr.strip()}")
+        data = json.loads(proc.stdout)
+    finally:
+        srv.terminate()
+        try:
+            srv.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            srv.kill()
+            srv.wait()
+    trips = data["round_trips"]
+    up: list[int | None] = []
+    down: list[int | None] = []
+    lost_up, lost_down = [], []
+    up_arrivals, down_arrivals = [], []
+    for t in trips:
+        lost = t["lost"]
+        delay = t.get("delay", {})
+        seq = int(t["seqno"])
+        if lost in ("true", "true_up"):
+            lost_up.append(seq)
+        if lost == "true_down":
+            lost_down.append(seq)
+        up.append(int(delay["send"]) if "send" in delay else None)
+        down.append(int(delay["receive"]) if "receive" in delay else None)
+        stamps = t.get("timestamps", {})
+        server_rx = stamps.get("server", {}).get("receive", {}).get("wall")
+        client_rx = stamps.get("client", {}).get("receive", {}).get("wall")
+        if server_rx:
+            up_arrivals.append((int(server_rx), seq))
+        if client_rx:
+            down_arrivals.append((int(client_rx), seq))
+    return OneWay(
+        sent=len(trips),
+        up_delay=up,
+        down_delay=down,
+        lost_up=lost_up,
+        lost_down=lost_down,
+        reordered_up=_reordered(up_arrivals),
+        reordered_down=_reordered(down_arrivals),
+    )
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    for suffix in ("ms", "s", "m"):
+        if duration.endswith(suffix):
+            return float(duration[: -len(suffix)]) * units[suffix]
+    raise ValueError(f"duration like 500ms, 3s or 1m, got {duration!r}")
+
+
+_SEQ_RECEIVER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.settimeout(float(sys.argv[3]))
+print("ready", flush=True)
+seen = []
+try:
+    while True:
+        seen.append(struct.unpack("!Q", s.recv(65535)[:8])[0])
+except socket.timeout:
+    pass
+print(" ".join(map(str, seen)), flush=True)
+"""
+
+
+def udp_sequence(
+    session: str,
+    client: str,
+    server: str,
+    server_ip: str,
+    *,
+    count: int,
+    pps: int = 2000,
+    payload: int = 64,
+    port: int = 9000,
+    quiet: float = 1.0,
+) -> list[int]:
+    """Send ``count`` numbered datagrams; return the numbers received, in arrival order.
+
+    A number missing was lost; one twice was duplicated; out of order was reordered.
+    The receiver stops after ``quiet`` seconds without a datagram.
+    """
+    from vnic.engine import build
+
+    server_ns = names.vm_netns(session, server)
+    resolve_neighbour(session, client, server_ip)
+    receiver = nsops.popen(
+        server_ns,
+        [sys.executable, "-c", _SEQ_RECEIVER, server_ip, str(port), str(quiet)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert receiver.stdout is not None
+        if receiver.stdout.readline().strip() != "ready":
+            raise RuntimeError("sequence receiver did not start")
+        seconds = count / pps
+        proc = nsops.run(
+            names.vm_netns(session, client),
+            [
+                str(build("udpblast")),
+                server_ip,
+                str(port),
+                str(pps),
+                str(payload),
+                f"{seconds:.6f}",
+            ],
+            capture_output=True,
+            timeout=seconds + 20,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"vnic-udpblast: {proc.stderr.strip()}")
+        out, _ = receiver.communicate(timeout=seconds + quiet + 30)
+    finally:
+        if receiver.poll() is None:
+            receiver.kill()
+            receiver.wait()
+    return [int(x) for x in out.split()]

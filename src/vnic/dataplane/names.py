@@ -8,7 +8,9 @@ made and a restarted agent can tell its objects from anyone else's:
 * in the session namespace, per VM: the bridge port ``vh<id>`` (host end of
   the VM's veth) and the IFB ``vi<id>``, both with the interface alias
   ``vnic:<session>/<vm>``; ``<id>`` is 10 hex digits of a hash of the VM name
-  (interface names are limited to 15 bytes).
+  (interface names are limited to 15 bytes);
+* when the vnic delay engine runs: the relay veth ``vx<id>`` (engine side)
+  with its peer ``vy<id>`` on the bridge instead of the port, same alias.
 
 Session and VM names are ``[a-z0-9-]`` (see :mod:`vnic.model.session`), so
 ``.`` separates them unambiguously.
@@ -61,11 +63,16 @@ class VmLinks:
 
     port: str
     ifb: str
+    relay: str
+    relay_port: str
 
     @classmethod
     def of(cls, vm: str) -> VmLinks:
         ident = _vm_id(vm)
-        return cls(port=f"vh{ident}", ifb=f"vi{ident}")
+        return cls(port=f"vh{ident}", ifb=f"vi{ident}", relay=f"vx{ident}", relay_port=f"vy{ident}")
+
+    def all(self) -> tuple[str, ...]:
+        return (self.port, self.ifb, self.relay, self.relay_port)
 
 
 def session_ipv4(network_id: int) -> ipaddress.IPv4Network:

@@ -8,9 +8,13 @@ namespace ``vnic.probe-<pid>`` that is removed afterwards.
 from __future__ import annotations
 
 import os
+import select
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vnic.dataplane import namespaces as nsops
 
@@ -57,6 +61,7 @@ class Probe:
     nftables: dict[str, bool] = field(default_factory=dict)
     sysctls: dict[str, bool] = field(default_factory=dict)
     congestion_control: dict[str, str] = field(default_factory=dict)
+    engines: dict[str, bool] = field(default_factory=dict)
 
     def has(self, feature: str) -> bool:
         """``"qdisc:netem"``, ``"action:mirred"``, ``"link:ifb"``, ``"nft:numgen"`` ..."""
@@ -68,6 +73,7 @@ class Probe:
             "link": self.links,
             "nft": self.nftables,
             "sysctl": self.sysctls,
+            "engine": self.engines,
         }[group]
         return table.get(name, False)
 
@@ -80,6 +86,7 @@ class Probe:
             "nftables": self.nftables,
             "sysctls": self.sysctls,
             "congestion_control": self.congestion_control,
+            "engines": self.engines,
         }
 
 
@@ -153,6 +160,8 @@ def _probe_in(ns: str) -> Probe:
             p.sysctls[key] = True
         except Exception:
             p.sysctls[key] = False
+    p.engines["netem"] = p.qdiscs.get("netem", False)
+    p.engines["delayd"] = _delayd_ok(ns)
     available = nsops.read_sysctl(ns, "net.ipv4.tcp_available_congestion_control").split()
     allowed = nsops.read_sysctl(ns, "net.ipv4.tcp_allowed_congestion_control").split()
     for algo in available:
@@ -191,3 +200,53 @@ def tools_missing() -> list[str]:
         if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
             missing.append(tool)
     return missing
+
+
+_NETEM: dict[str, bool] = {}
+
+
+def netem_available() -> bool:
+    """Whether ``sch_netem`` works here: tried once per process in a throwaway namespace."""
+    if "netem" not in _NETEM:
+        ns = f"vnic.probe-netem-{os.getpid()}"
+        nsops.remove(ns)
+        nsops.create(ns)
+        try:
+            _NETEM["netem"] = _ok(ns, ["tc", "qdisc", "add", "dev", "lo", "root", "netem"])
+        finally:
+            nsops.remove(ns)
+    return _NETEM["netem"]
+
+
+def _delayd_ok(ns: str) -> bool:
+    """Whether the vnic delay engine builds and relays between two veths here."""
+    from vnic.dataplane import delayd
+    from vnic.plan.model import DelayEngine
+
+    if shutil.which("ethtool") is None:
+        return False
+    if not (
+        _ok(ns, ["ip", "link", "add", "e0", "type", "veth", "peer", "name", "e1"])
+        and _ok(ns, ["ip", "link", "set", "e0", "up"])
+        and _ok(ns, ["ip", "link", "set", "e1", "up"])
+    ):
+        return False
+    try:
+        exe = delayd.binary()
+    except Exception:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = DelayEngine("e0", "e1", None, None)
+        argv = delayd.argv(engine, "vnic:probe", Path(tmp) / "stats", exe)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 10)
+            return bool(ready) and proc.stdout.readline().strip() == b"ready"
+        finally:
+            proc.kill()
+            proc.wait()

@@ -17,6 +17,7 @@ from vnic.dataplane.namespaces import link_index, run_inside
 from vnic.errors import DataplaneError
 from vnic.plan.compile import DEFAULT_MINOR
 from vnic.plan.model import DirectionPlan, HtbClass, Plan, U32Match
+from vnic.plan.netem import netem_argv
 
 ROOT_HANDLE = 0x10000
 INGRESS_HANDLE = 0xFFFF0000
@@ -64,8 +65,21 @@ def apply_plan(ipr: Any, plan: Plan) -> None:
         )
 
 
+def apply_netem(session_ns: str, plan: Plan) -> None:
+    """Put the plan's netem qdiscs in place (after :func:`apply_plan` made their HTB classes)."""
+    for d in plan.directions():
+        for q in d.netem:
+            proc = run_inside(session_ns, ["tc", *netem_argv(q)], capture_output=True, timeout=30)
+            if proc.returncode != 0:
+                raise DataplaneError(
+                    f"cannot add netem on {q.device} ({d.direction}): {proc.stderr.strip()}"
+                )
+
+
 def _apply_direction(ipr: Any, d: DirectionPlan) -> None:
-    assert d.device is not None and d.root is not None
+    assert d.device is not None
+    if d.root is None:
+        return  # netem alone, at the root: see apply_netem
     idx = link_index(ipr, d.device)
     ipr.tc("replace", "htb", idx, ROOT_HANDLE, default=d.root.default_minor)
     for c in d.classes:
@@ -155,7 +169,7 @@ def verify(ipr: Any, plan: Plan) -> None:
     """Read the plan's classes back; raise :class:`DataplaneError` on any difference."""
     problems = []
     for d in plan.directions():
-        if not d.shaped or d.device is None:
+        if d.root is None or d.device is None:
             continue
         state = read_classes(ipr, d.device)
         for c in d.classes:
@@ -197,7 +211,7 @@ def read_class_counters(session_ns: str) -> dict[tuple[str, int], ClassCounters]
     out: dict[tuple[str, int], ClassCounters] = {}
     for q in json.loads(proc.stdout or "[]"):
         parent = str(q.get("parent", ""))
-        if q.get("kind") not in ("bfifo", "pfifo") or not parent.startswith("1:"):
+        if q.get("kind") not in ("bfifo", "pfifo", "netem") or not parent.startswith("1:"):
             continue
         out[(str(q["dev"]), int(parent[2:], 16))] = ClassCounters(
             bytes=int(q.get("bytes", 0)),

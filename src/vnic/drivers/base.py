@@ -56,7 +56,11 @@ def check_supported(caps: Capabilities, values: Mapping[str, object]) -> None:
         value = values.get(path)
         if value is None or path in caps.fields:
             continue
-        if path.endswith((".burst", ".queue", ".distribution")) or path in ("mtu", "mac_range"):
+        if path.endswith((".burst", ".queue", ".distribution")) or path in (
+            "mtu",
+            "mac_range",
+            "seed",
+        ):
             continue  # derived or always honoured alongside the fields they belong to
         need = caps.missing.get(path, "support in this driver")
         errors.append(

@@ -8,17 +8,20 @@ re-raises.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from vnic.dataplane import names, nft
+from vnic.dataplane import delayd, names, nft
 from vnic.dataplane import namespaces as nsops
-from vnic.dataplane.probe import Probe
-from vnic.dataplane.tc import apply_plan, verify
+from vnic.dataplane.probe import Probe, netem_available
+from vnic.dataplane.tc import apply_netem, apply_plan, verify
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
-from vnic.errors import Conflict, DataplaneError
-from vnic.plan.compile import compile_plan, guard_chain
+from vnic.errors import Conflict, DataplaneError, InvalidInput
+from vnic.plan.compile import ENGINES, compile_plan, guard_chain, impaired
 from vnic.plan.model import Devices, Identity, Plan
 
 #: Profile fields this driver honours today; the others name what they need.
@@ -36,12 +39,13 @@ HONOURED = frozenset(
         "egress.dscp_mark",
     }
 )
+#: Fields carried by netem or the vnic delay engine.
+IMPAIRMENTS = frozenset(
+    f"{d}.{f}"
+    for d in ("egress", "ingress")
+    for f in ("delay", "jitter", "reorder", "loss", "duplicate", "corrupt")
+)
 _LATER = {
-    **{
-        f"{d}.{f}": "netem or the vnic delay engine (latency and loss issue)"
-        for d in ("egress", "ingress")
-        for f in ("delay", "jitter", "reorder", "loss", "duplicate", "corrupt")
-    },
     "egress.peak": "a tbf peak-rate leaf (not built yet)",
     "ingress.peak": "a tbf peak-rate leaf (not built yet)",
 }
@@ -80,13 +84,36 @@ def capabilities_from_probe(probe: Probe) -> Capabilities:
             missing[path] = "kernel features " + ", ".join(absent)
         else:
             fields.add(path)
-    if not probe.has("qdisc:netem"):
-        for path, why in _LATER.items():
-            if why.startswith("netem"):
-                missing[path] = (
-                    "netem (missing on this kernel) or the vnic delay engine (latency and loss issue)"
-                )
+    if probe.has("qdisc:netem") or probe.has("engine:delayd"):
+        fields |= IMPAIRMENTS
+    else:
+        for path in IMPAIRMENTS:
+            missing[path] = (
+                "netem (missing on this kernel) or the vnic delay engine "
+                "(needs a C compiler, ethtool and packet sockets)"
+            )
     return Capabilities(NetnsDriver.kind, frozenset(fields), missing)
+
+
+@dataclass(frozen=True)
+class EngineChoice:
+    """Which engine carries delay and loss on this host, and why."""
+
+    engine: str
+    reason: str
+
+
+def choose_engine(probe: Probe | None = None) -> EngineChoice:
+    """netem where the kernel has it, else the vnic delay engine; ``VNIC_ENGINE`` forces one."""
+    forced = os.environ.get("VNIC_ENGINE", "").strip()
+    if forced:
+        if forced not in ENGINES:
+            raise InvalidInput.one("VNIC_ENGINE", forced, "one of " + ", ".join(ENGINES))
+        return EngineChoice(forced, "forced by VNIC_ENGINE")
+    has_netem = probe.has("qdisc:netem") if probe is not None else netem_available()
+    if has_netem:
+        return EngineChoice("netem", "the kernel has sch_netem")
+    return EngineChoice("delayd", "the kernel has no sch_netem: the vnic delay engine runs instead")
 
 
 class NetnsDriver:
@@ -98,7 +125,7 @@ class NetnsDriver:
     def capabilities(self) -> Capabilities:
         if self.probe is not None:
             return capabilities_from_probe(self.probe)
-        return Capabilities(self.kind, HONOURED, _LATER)
+        return Capabilities(self.kind, HONOURED | IMPAIRMENTS, _LATER)
 
     def plan_for(self, request: LaunchRequest) -> Plan:
         links = names.VmLinks.of(request.vm)
@@ -108,7 +135,17 @@ class NetnsDriver:
             ipv6=str(request.ipv6.ip),
             tag=names.owner_tag(request.session, request.vm),
         )
-        return compile_plan(request.profile, Devices(port=links.port, ifb=links.ifb), identity)
+        engine = choose_engine(self.probe).engine if impaired(request.profile) else None
+        devices = Devices(port=links.port, ifb=links.ifb)
+        if engine == "delayd":
+            devices = Devices(links.port, links.ifb, links.relay, links.relay_port)
+        return compile_plan(
+            request.profile,
+            devices,
+            identity,
+            engine=engine,
+            seed=default_seed(request.session, request.vm),
+        )
 
     def launch(self, request: LaunchRequest) -> None:
         check_supported(self.capabilities(), request.values)
@@ -129,19 +166,39 @@ class NetnsDriver:
                 request.vm,
                 str(request.mac),
                 [request.ipv4, request.ipv6],
+                relay=plan.engine is not None,
             )
             guard = nft.start_guard(session_ns, plan.guard) if plan.guard else None
             try:
                 self._tcp(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
+                self._offloads(session_ns, vm_ns, plan)
                 with nsops.opened(session_ns) as ns:
                     apply_plan(ns, plan)
                     verify(ns, plan)
+                apply_netem(session_ns, plan)
+                if plan.engine is not None:
+                    delayd.start(session_ns, request.session, request.vm, plan.engine)
             finally:
                 if guard is not None:
                     guard.wait()  # reaped even when the work above failed
         except BaseException:
             self.destroy(request.session, request.vm)
             raise
+
+    def _offloads(self, session_ns: str, vm_ns: str, plan: Plan) -> None:
+        """Segmentation offload off where per-packet decisions are made (see Impairment.per_packet).
+
+        VM egress is segmented by the VM's own interface. VM ingress: with the
+        engine, by the bridge's transmit to the relay; netem sits on the port
+        itself, where frames from other VMs still arrive as super-packets.
+        """
+        for imp in plan.impairments:
+            if not imp.per_packet:
+                continue
+            if imp.direction == "egress":
+                nsops.set_offloads(vm_ns, names.VM_IFNAME, on=False)
+            elif plan.engine is not None:
+                nsops.set_offloads(session_ns, plan.devices.relay_port, on=False)
 
     def _tcp(
         self,
@@ -170,19 +227,26 @@ class NetnsDriver:
 
     def destroy(self, session: str, vm: str) -> None:
         session_ns = names.session_netns(session)
+        delayd.stop(session, vm)
         nsops.remove(names.vm_netns(session, vm))
-        port = names.VmLinks.of(vm).port
-        nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
+        links = names.VmLinks.of(vm)
+        for port in (links.port, links.relay_port):
+            nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
         nsops.unplug_vm(session_ns, session, vm)
+
+    def engine_stats(self, session: str, vm: str) -> delayd.EngineStats | None:
+        """Counters of the VM's delay engine, or None when it has none."""
+        return delayd.read_stats(session, vm)
 
     def drop_counters(self, session: str, vm: str) -> dict[str, int]:
         """Frames from the VM dropped on the host side, by reason (spoof-mac, spoof-ipv4, ...)."""
-        return nft.drop_counters(
-            names.session_netns(session), guard_chain(names.VmLinks.of(vm).port)
-        )
+        session_ns = names.session_netns(session)
+        links = names.VmLinks.of(vm)
+        port = links.relay_port if delayd.running(session, vm) else links.port
+        return nft.drop_counters(session_ns, guard_chain(port))
 
     def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
-        for vm in sorted({*vms, *self.running(session)}):
+        for vm in sorted({*vms, *self.running(session), *delayd.recorded(session)}):
             self.destroy(session, vm)
         nsops.remove(names.session_netns(session))
 
@@ -197,3 +261,9 @@ class NetnsDriver:
         if not nsops.exists(vm_ns):
             raise Conflict(f"VM {session}/{vm} is not running")
         return nsops.run(vm_ns, argv, **kwargs)
+
+
+def default_seed(session: str, vm: str) -> int:
+    """The seed a VM's random choices use when its profile sets none: stable per session and VM."""
+    digest = hashlib.sha256(names.owner_tag(session, vm).encode()).digest()
+    return int.from_bytes(digest[:8], "big") & (2**63 - 1)

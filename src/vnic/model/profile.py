@@ -40,6 +40,7 @@ from vnic.model.units import (
     QueueLimit,
     Rate,
     UnitError,
+    is_ascii_digits,
 )
 
 
@@ -369,6 +370,17 @@ class _NestedErrors(Exception):
         self.errors = errors
 
 
+SEED_EXPECTED: Final = "an integer from 0 to 9223372036854775807"
+
+
+def _parse_seed(raw: Any) -> int:
+    if isinstance(raw, str) and is_ascii_digits(raw.strip()):
+        raw = int(raw.strip())
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < 2**63:
+        raise UnitError(raw, SEED_EXPECTED)
+    return raw
+
+
 _cc_parse, _cc_expected = _choice(CONGESTION_CONTROLS, "a TCP congestion control algorithm")
 
 FIELDS: Final[dict[str, FieldDef]] = {
@@ -380,6 +392,15 @@ FIELDS: Final[dict[str, FieldDef]] = {
             ByteSize.EXPECTED,
             "MTU of the vNIC. Default: 1500B.",
             unit="bytes",
+        ),
+        FieldDef(
+            "seed",
+            _parse_seed,
+            SEED_EXPECTED,
+            "Seed of every random choice (jitter, loss, duplication, corruption, reordering), "
+            "so a run can be repeated packet for packet. Default: derived from the session and "
+            "VM names and the direction.",
+            dump=_dump_plain,
         ),
         FieldDef(
             "mac_range",
@@ -735,6 +756,7 @@ class Profile:
 
     mtu: ByteSize = DEFAULT_MTU
     mac_range: MacRange = DEFAULT_MAC_RANGE
+    seed: int | None = None
     egress: Direction = field(default_factory=Direction)
     ingress: Direction = field(default_factory=Direction)
     qos: Qos = field(default_factory=Qos)
@@ -767,6 +789,7 @@ def build_profile(values: Mapping[str, Any]) -> Profile:
     return Profile(
         mtu=top.get("mtu", DEFAULT_MTU),
         mac_range=top.get("mac_range", DEFAULT_MAC_RANGE),
+        seed=top.get("seed"),
         egress=Direction(**groups["egress"]),
         ingress=Direction(**groups["ingress"]),
         qos=Qos(**groups["qos"]),

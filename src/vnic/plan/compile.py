@@ -13,6 +13,18 @@ redirected from the port's ingress to an IFB and shaped on the IFB's egress.
 
 Burst and cburst are the profile's burst (derived from the rate when unset);
 quantum is one full frame, set explicitly so HTB never computes it from r2q.
+
+Delay, jitter, loss, duplication, corruption and reordering take one of two
+engines, chosen by the driver from what the kernel has:
+
+* ``netem``: each leaf of an impaired direction is a netem qdisc instead of a
+  FIFO (a root netem when the direction has no rate), its limit the
+  bandwidth-delay product in packets; with jitter and no reordering its
+  ``rate`` is set, which makes netem keep packet order.
+* ``delayd`` (the vnic delay engine, :mod:`vnic.dataplane.delayd`): the VM's
+  port leaves the bridge; the engine relays frames between the port and a
+  relay veth whose peer is on the bridge. VM ingress is shaped on the port,
+  VM egress on the relay (the engine writes into both), so no IFB is used.
 """
 
 from __future__ import annotations
@@ -23,15 +35,19 @@ from itertools import product
 
 from vnic.model.profile import Direction, Profile
 from vnic.model.qos import PROTOCOLS, IpNetwork, PortRange, QosClass, QosMatch
+from vnic.model.units import Probability
 from vnic.plan.model import (
     ETH_HEADER,
     ClassifierFilter,
+    DelayEngine,
     Devices,
     DirectionPlan,
     HtbClass,
     HtbRoot,
     Identity,
+    Impairment,
     LeafQueue,
+    NetemQdisc,
     Plan,
     PortGuard,
     Redirect,
@@ -53,21 +69,66 @@ IPV6_L4 = 40
 MATCH_ALL = U32Match(0, 0, 0)
 _TRANSPORTS = (PROTOCOLS["tcp"], PROTOCOLS["udp"], PROTOCOLS["sctp"])
 
+#: Engines an impaired profile can be compiled for.
+ENGINES = ("netem", "delayd")
+#: Rate assumed for a direction without one when sizing what a delay line holds (bytes/s).
+LINE_RATE = 10_000_000_000 // 8
+#: Jitter spans this many of its units: all of a uniform jitter (+-jitter), and
+#: 4 standard deviations of the other distributions.
+_JITTER_SPAN = {"uniform": 1, "normal": 4, "pareto": 4, "paretonormal": 4}
+_PPB = 1_000_000_000
+_SEED_MASK = 2**63 - 1
 
-def compile_plan(profile: Profile, devices: Devices, identity: Identity | None = None) -> Plan:
+
+def impaired(profile: Profile) -> bool:
+    """Whether the profile needs an engine beyond HTB: delay, jitter, loss and the like."""
+    return any(d.has_delay or d.has_loss for d in (profile.egress, profile.ingress))
+
+
+def compile_plan(
+    profile: Profile,
+    devices: Devices,
+    identity: Identity | None = None,
+    *,
+    engine: str | None = None,
+    seed: int = 0,
+) -> Plan:
     """Compile the host-side plan of one vNIC from its effective profile.
 
     With ``identity``, the plan also guards the port against spoofed MAC, ARP
-    and IP sources and applies the egress DSCP mark.
+    and IP sources and applies the egress DSCP mark. ``engine`` (one of
+    :data:`ENGINES`) carries delay and loss and must be given when the profile
+    is :func:`impaired`; with ``delayd`` the devices need a relay. ``seed``
+    is used when the profile sets none.
     """
+    if impaired(profile) and engine not in ENGINES:
+        raise ValueError(f"an impaired profile needs an engine ({', '.join(ENGINES)})")
+    use = engine if impaired(profile) else None
+    if use == "delayd" and not (devices.relay and devices.relay_port):
+        raise ValueError("the delay engine needs relay devices")
     frame = profile.mtu.value + ETH_HEADER
-    egress = _direction("egress", profile.egress, profile.qos.egress, devices.ifb, frame)
+    base_seed = profile.seed if profile.seed is not None else seed
+    impairments = {
+        name: impairment(name, profile.direction(name), frame, base_seed)
+        for name in ("egress", "ingress")
+    }
+    egress_device = devices.relay if use == "delayd" else devices.ifb
+    egress = _direction("egress", profile.egress, profile.qos.egress, egress_device, frame)
     ingress = _direction("ingress", profile.ingress, profile.qos.ingress, devices.port, frame)
-    redirect = Redirect(devices.port, devices.ifb) if egress.shaped else None
+    engine_plan = None
+    if use == "netem":
+        egress = _with_netem(egress, impairments["egress"], devices.ifb, profile, frame)
+        ingress = _with_netem(ingress, impairments["ingress"], devices.port, profile, frame)
+    elif use == "delayd":
+        engine_plan = DelayEngine(
+            devices.port, devices.relay, impairments["egress"], impairments["ingress"]
+        )
+    redirect = Redirect(devices.port, devices.ifb) if egress.shaped and use != "delayd" else None
     guard = None
     if identity is not None:
         mark = profile.egress.dscp_mark.value if profile.egress.dscp_mark else None
-        guard = PortGuard(devices.port, guard_chain(devices.port), identity, mark)
+        port = devices.bridge_port if use == "delayd" else devices.port
+        guard = PortGuard(port, guard_chain(port), identity, mark)
     return Plan(
         devices=devices,
         egress=egress,
@@ -76,7 +137,88 @@ def compile_plan(profile: Profile, devices: Devices, identity: Identity | None =
         guard=guard,
         sysctls=_sysctls(profile),
         congestion_control=profile.tcp.congestion_control,
+        engine=engine_plan,
     )
+
+
+def direction_seed(seed: int, direction: str) -> int:
+    """The seed of one direction: the two directions draw independent sequences."""
+    return (seed * 2 + (direction == "ingress")) & _SEED_MASK
+
+
+def impairment(name: str, d: Direction, frame: int, seed: int) -> Impairment | None:
+    """The direction's delay and loss settings in engine units, or None when it has none."""
+    if not (d.has_delay or d.has_loss):
+        return None
+    delay = d.delay.value if d.delay else 0
+    jitter = d.jitter.value if d.jitter else 0
+    distribution = d.distribution or "uniform"
+    held_time = delay + jitter * _JITTER_SPAN.get(distribution, 4)
+    rate = d.rate.value // 8 if d.rate else LINE_RATE
+    queue = _queue_bytes(d, frame)
+    return Impairment(
+        direction=name,
+        delay=delay,
+        jitter=jitter,
+        distribution=distribution,
+        reorder=_ppb(d.reorder),
+        loss=_ppb(d.loss.mean) if d.loss else 0,
+        loss_burst=d.loss.burst_length if d.loss else None,
+        duplicate=_ppb(d.duplicate),
+        corrupt=_ppb(d.corrupt),
+        # What the line holds while delaying at the rate, twice over for
+        # slow-start bursts, plus the direction's own queue.
+        limit=2 * rate * held_time // 1_000_000_000 + queue + 64 * frame,
+        seed=direction_seed(seed, name),
+    )
+
+
+def _ppb(p: Probability | None) -> int:
+    return round(p.fraction * _PPB) if p is not None else 0
+
+
+def _queue_bytes(d: Direction, frame: int) -> int:
+    kind, limit = _queue(d, frame)
+    return limit * frame if kind == "pfifo" else limit
+
+
+def _with_netem(
+    d: DirectionPlan, imp: Impairment | None, device: str, profile: Profile, frame: int
+) -> DirectionPlan:
+    """Put netem where the direction's FIFOs were (or at the root when it has no rate)."""
+    if imp is None:
+        return d
+    direction = profile.direction(d.direction)
+    rate = direction.rate.value // 8 if direction.rate else 0
+    held = imp.delay + imp.jitter * _JITTER_SPAN.get(imp.distribution, 4)
+    in_flight = (rate or LINE_RATE) * held // 1_000_000_000 + _queue_bytes(direction, frame)
+    limit = max(-(-in_flight // frame), 4)
+    # netem keeps packet order only when it also paces by rate.
+    pace = (rate or LINE_RATE) if imp.jitter and not imp.reorder else 0
+    if d.root is None:
+        return DirectionPlan(
+            d.direction, device=device, netem=(NetemQdisc(device, 0, imp, limit, pace),)
+        )
+    assert d.device is not None
+    qdiscs = tuple(
+        NetemQdisc(d.device, leaf.class_minor, imp, limit, _class_ceil(d, leaf.class_minor, pace))
+        for leaf in d.leaves
+    )
+    return DirectionPlan(
+        d.direction,
+        device=d.device,
+        root=d.root,
+        classes=d.classes,
+        leaves=(),
+        filters=d.filters,
+        netem=qdiscs,
+    )
+
+
+def _class_ceil(d: DirectionPlan, minor: int, pace: int) -> int:
+    if not pace:
+        return 0
+    return next((c.ceil for c in d.classes if c.minor == minor), pace)
 
 
 def guard_chain(port: str) -> str:

@@ -23,11 +23,20 @@ class Devices:
 
     ``port``: the host end of the VM's link (bridge-side veth or tap); VM
     ingress is shaped on its egress. ``ifb``: the IFB that VM egress is
-    redirected to and shaped on.
+    redirected to and shaped on. ``relay``/``relay_port``: the veth pair the
+    vnic delay engine writes VM egress into (``relay``) and whose other end
+    sits on the bridge (``relay_port``); empty when the engine is not used.
     """
 
     port: str
     ifb: str
+    relay: str = ""
+    relay_port: str = ""
+
+    @property
+    def bridge_port(self) -> str:
+        """The device on the bridge: the relay's when the delay engine runs, else the port."""
+        return self.relay_port or self.port
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,71 @@ class LeafQueue:
     class_minor: int
     kind: str  # "bfifo" or "pfifo"
     limit: int
+
+
+@dataclass(frozen=True)
+class Impairment:
+    """What one direction does to packets besides limiting their rate.
+
+    Times in ns, probabilities in parts per billion, ``limit`` in bytes (how
+    much the delay line may hold). ``loss_burst``: mean loss burst in packets
+    for Gilbert–Elliott loss, None for random loss. ``seed`` drives every
+    random choice, so a rerun repeats the same per-packet decisions.
+    """
+
+    direction: str
+    delay: int = 0
+    jitter: int = 0
+    distribution: str = "uniform"
+    reorder: int = 0
+    loss: int = 0
+    loss_burst: float | None = None
+    duplicate: int = 0
+    corrupt: int = 0
+    limit: int = 0
+    seed: int = 0
+
+    @property
+    def per_packet(self) -> bool:
+        """Whether decisions are per packet, so segmentation offload must be off.
+
+        With TSO/GSO one "packet" is a super-packet of up to 64 KB; losing,
+        duplicating, corrupting or reordering it would hit dozens of TCP
+        segments at once. Jitter that keeps order may stay on super-packets:
+        consecutive segments leave in order anyway, at most microseconds apart.
+        """
+        return bool(self.reorder or self.loss or self.duplicate or self.corrupt)
+
+
+@dataclass(frozen=True)
+class NetemQdisc:
+    """A netem qdisc: under HTB class ``1:parent_minor``, or at the root when 0.
+
+    ``limit`` in packets; ``rate`` in bytes/s (0 = none) is set when jitter
+    must keep packet order: netem then schedules each packet after the one
+    before it.
+    """
+
+    device: str
+    parent_minor: int
+    impairment: Impairment
+    limit: int
+    rate: int = 0
+
+
+@dataclass(frozen=True)
+class DelayEngine:
+    """The vnic delay engine of one vNIC (no netem on this kernel).
+
+    It moves VM egress from ``port`` to ``relay`` and VM ingress from
+    ``relay`` to ``port``, holding and dropping packets as each direction's
+    impairment says; the rate is then applied on the device it writes to.
+    """
+
+    port: str
+    relay: str
+    egress: Impairment | None
+    ingress: Impairment | None
 
 
 @dataclass(frozen=True)
@@ -140,10 +214,11 @@ class DirectionPlan:
     classes: tuple[HtbClass, ...] = ()
     leaves: tuple[LeafQueue, ...] = ()
     filters: tuple[ClassifierFilter, ...] = ()
+    netem: tuple[NetemQdisc, ...] = ()
 
     @property
     def shaped(self) -> bool:
-        return self.root is not None
+        return self.root is not None or bool(self.netem)
 
 
 @dataclass(frozen=True)
@@ -157,6 +232,15 @@ class Plan:
     guard: PortGuard | None = None
     sysctls: tuple[Sysctl, ...] = ()
     congestion_control: str | None = None
+    engine: DelayEngine | None = None
+
+    @property
+    def impairments(self) -> tuple[Impairment, ...]:
+        """Every direction's impairment, whichever engine carries it."""
+        if self.engine is not None:
+            return tuple(i for i in (self.engine.egress, self.engine.ingress) if i)
+        seen = {q.impairment.direction: q.impairment for d in self.directions() for q in d.netem}
+        return tuple(seen.values())
 
     def directions(self) -> tuple[DirectionPlan, DirectionPlan]:
         return (self.egress, self.ingress)

@@ -1,0 +1,243 @@
+"""Run the vnic delay engine (``vnic-delayd``, C) for one vNIC, and read its counters.
+
+The engine is built from ``vnic/engine/delayd.c`` on first use (see
+:mod:`vnic.engine`). It runs in the
+session namespace, one process per vNIC (a thread per direction), detached
+from whoever launched the VM: the VM outlives ``vnic vm launch``. It stops
+when the VM is destroyed (by its pid file, after checking the process is
+ours), when its session namespace is removed (every process in it is
+stopped), or by itself when one of its interfaces disappears.
+
+Pid, counters and log live in ``<run dir>/<session>/<vm>.{pid,stats,log}``
+(run dir ``/run/vnic/delayd`` unless ``VNIC_RUN_DIR`` is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import mmap
+import os
+import select
+import signal
+import struct
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vnic.dataplane import names
+from vnic.engine import build
+from vnic.errors import DataplaneError
+from vnic.plan.model import DelayEngine, Impairment
+
+#: Counter names, in the order of ``enum counter`` in delayd.c.
+COUNTERS = (
+    "rx_frames",
+    "rx_bytes",
+    "tx_frames",
+    "tx_bytes",
+    "held_frames",
+    "held_bytes",
+    "dropped_loss",
+    "dropped_overflow",
+    "dropped_send",
+    "duplicated",
+    "corrupted",
+    "reordered",
+    "late",
+    "max_late_ns",
+    "socket_drops",
+)
+_MAGIC = 0x766E696364656C31
+_HEADER = struct.Struct("=4Q")
+_READY_TIMEOUT = 10.0
+
+
+def binary() -> Path:
+    """The engine executable (built on first use)."""
+    return build("delayd")
+
+
+def run_dir(session: str) -> Path:
+    return Path(os.environ.get("VNIC_RUN_DIR") or "/run/vnic/delayd") / session
+
+
+def _paths(session: str, vm: str) -> tuple[Path, Path, Path, Path]:
+    base = run_dir(session)
+    return tuple(base / f"{vm}.{kind}" for kind in ("pid", "stats", "log", "argv"))  # type: ignore[return-value]
+
+
+def direction_spec(imp: Impairment, source_dev: str, target_dev: str) -> str:
+    """One direction's argument for the engine (times ns, probabilities ppb)."""
+    burst = round(imp.loss_burst * 1000) if imp.loss_burst else 0
+    fields = {
+        "name": imp.direction,
+        "from": source_dev,
+        "to": target_dev,
+        "delay": imp.delay,
+        "jitter": imp.jitter,
+        "dist": imp.distribution,
+        "reorder": imp.reorder,
+        "loss": imp.loss,
+        "burst": burst,
+        "dup": imp.duplicate,
+        "corrupt": imp.corrupt,
+        "limit": imp.limit,
+        "seed": imp.seed,
+    }
+    return ",".join(f"{k}={v}" for k, v in fields.items())
+
+
+def passthrough(direction: str) -> Impairment:
+    """A direction the engine relays untouched (the other one is impaired)."""
+    return Impairment(direction=direction, limit=64 << 20)
+
+
+def argv(engine: DelayEngine, tag: str, stats: Path, exe: Path) -> list[str]:
+    egress = engine.egress or passthrough("egress")
+    ingress = engine.ingress or passthrough("ingress")
+    return [
+        str(exe),
+        "--tag",
+        tag,
+        "--stats",
+        str(stats),
+        direction_spec(egress, engine.port, engine.relay),
+        direction_spec(ingress, engine.relay, engine.port),
+    ]
+
+
+def start(session_ns: str, session: str, vm: str, engine: DelayEngine) -> int:
+    """Start the engine for ``vm`` in ``session_ns``; return its pid once it is relaying."""
+    stats = _paths(session, vm)[1]
+    return _spawn(
+        session_ns, session, vm, argv(engine, names.owner_tag(session, vm), stats, binary())
+    )
+
+
+def restart(session_ns: str, session: str, vm: str) -> int:
+    """Stop the VM's engine and start a fresh one with the same arguments (same seed)."""
+    _, _, _, argv_file = _paths(session, vm)
+    try:
+        args = json.loads(argv_file.read_text())
+    except FileNotFoundError:
+        raise DataplaneError(f"no delay engine was started for {session}/{vm}") from None
+    stop(session, vm)
+    return _spawn(session_ns, session, vm, args)
+
+
+def _spawn(session_ns: str, session: str, vm: str, args: list[str]) -> int:
+    pid_file, _, log, argv_file = _paths(session, vm)
+    pid_file.parent.mkdir(parents=True, exist_ok=True)
+    argv_file.write_text(json.dumps(args))
+    with open(log, "w") as log_fh:
+        # A new session: the engine must outlive the command that launched the VM.
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", session_ns, *args],
+            stdout=subprocess.PIPE,
+            stderr=log_fh,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    # Recorded at once, so a launch killed right now still leaves a way to stop it.
+    pid_file.write_text(f"{proc.pid}\n")
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], _READY_TIMEOUT)
+    line = proc.stdout.readline() if ready else b""
+    proc.stdout.close()
+    if line.strip() != b"ready":
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=5)
+        reason = log.read_text().strip() or "no output"
+        pid_file.unlink()
+        raise DataplaneError(f"the delay engine for {session}/{vm} did not start: {reason}")
+    return proc.pid
+
+
+def _owned_pid(session: str, vm: str) -> int | None:
+    """The engine's pid if its pid file names a live process started for this VM."""
+    pid_file = _paths(session, vm)[0]
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    tag = names.owner_tag(session, vm).encode()
+    owned = any(a == b"--tag" and b == tag for a, b in itertools.pairwise(cmdline))
+    return pid if owned else None
+
+
+def recorded(session: str) -> list[str]:
+    """VMs of ``session`` with an engine pid file (running or left by a crash)."""
+    base = run_dir(session)
+    return sorted(p.stem for p in base.glob("*.pid")) if base.is_dir() else []
+
+
+def running(session: str, vm: str) -> bool:
+    return _owned_pid(session, vm) is not None
+
+
+def stop(session: str, vm: str, grace: float = 2.0) -> None:
+    """Stop the VM's engine (TERM, then KILL after ``grace`` s) and remove its files."""
+    pid = _owned_pid(session, vm)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _is_alive(pid):
+            time.sleep(0.01)
+        if _is_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    for path in _paths(session, vm):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    with contextlib.suppress(OSError):
+        run_dir(session).rmdir()  # only when empty: other VMs' files stay
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] not in "ZX"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters of one VM's engine: direction -> counter name -> value."""
+
+    pid: int
+    directions: dict[str, dict[str, int]]
+    cpu_seconds: float
+
+
+def read_stats(session: str, vm: str) -> EngineStats | None:
+    """The engine's counters, or None when no engine runs for the VM."""
+    pid = _owned_pid(session, vm)
+    stats = _paths(session, vm)[1]
+    if pid is None:
+        return None
+    with open(stats, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        magic, _version, _pid, ndirs = _HEADER.unpack_from(m, 0)
+        if magic != _MAGIC:
+            return None
+        size = struct.calcsize(f"={len(COUNTERS)}Q")
+        dirs = {}
+        for i, name in enumerate(("egress", "ingress")[:ndirs]):
+            values = struct.unpack_from(f"={len(COUNTERS)}Q", m, _HEADER.size + i * size)
+            dirs[name] = dict(zip(COUNTERS, values, strict=True))
+    return EngineStats(pid, dirs, cpu_seconds(pid))
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used so far, in seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()
+    except (FileNotFoundError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
