@@ -23,6 +23,8 @@
 #   VNIC_GUEST_SHARE    more host directories to share, "PATH[:ro] ..."
 #   VNIC_GUEST_ENV      more variable names to pass into the guest; CI and
 #                       every VNIC_* variable (but VNIC_GUEST_*) always are
+#   VNIC_GUEST_APPEND   extra kernel command line words
+#   VNIC_GUEST_QEMU_ARGS  extra QEMU arguments (split on spaces)
 #
 # QEMU runs with -accel tcg: this host's /dev/kvm cannot run stock kernels.
 # The cached image is opened with snapshot=on: guest writes to / go to a
@@ -99,7 +101,7 @@ add_share() { # path ro|rw cache
 }
 # The repository, read-write; no guest caching, so what the command writes is
 # on the host at once and host files are seen as they are.
-add_share "$REPO" rw mmap
+add_share "$REPO" rw "${VNIC_GUEST_9P_CACHE:-loose}"
 # The Python .venv was made from (pyenv's prefix on this machine). Read-only
 # and unchanging during a run, so the guest may cache it (faster imports).
 # Not when it is the system Python: the guest's own /usr has the same Debian
@@ -167,7 +169,7 @@ QEMU=(
   -accel tcg -cpu max -smp "$SMP" -m "$MEM"
   -nodefaults -no-user-config -display none -no-reboot -nic none
   -kernel "$IMAGE/vmlinuz" -initrd "$IMAGE/initrd.img"
-  -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/vnic-init panic=1 $quiet"
+  -append "console=ttyS0 root=/dev/vda rw rootfstype=ext4 init=/sbin/vnic-init panic=1 $quiet ${VNIC_GUEST_APPEND:-}"
   -drive "file=$IMAGE/disk.img,format=raw,if=virtio,snapshot=on,cache=unsafe"
   -serial "file:$CTL/console.log"
   -device virtio-rng-pci
@@ -180,6 +182,8 @@ QEMU=(
   -device "virtio-9p-pci,fsdev=fsctl,mount_tag=vnicctl"
   "${QEMU_SHARES[@]}"
 )
+# shellcheck disable=SC2206 # split on purpose: these are separate arguments
+QEMU+=(${VNIC_GUEST_QEMU_ARGS:-})
 # QEMU's own messages go to our stderr; its stdin is nothing.
 "${QEMU[@]}" </dev/null >&2 &
 QEMU_PID=$!

@@ -252,8 +252,29 @@ def write(result: dict[str, Any], out: Path | None) -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def run(which: str, out: Path | None, printer: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
-    result = fidelity() if which == "fidelity" else launch()
+def run(
+    which: str,
+    out: Path | None,
+    printer: Callable[[dict[str, Any]], None],
+    *,
+    part: str = "all",
+    quick: bool = False,
+) -> dict[str, Any]:
+    """Run a benchmark, write its JSON to ``out`` and print it.
+
+    ``fidelity`` has two parts: ``rates`` (shaping) and ``impairments`` (delay,
+    jitter, loss; see :mod:`vnic.bench_impairments`).
+    """
+    if which == "fidelity":
+        from vnic.bench_impairments import impairments
+
+        result: dict[str, Any] = {"benchmark": "fidelity"}
+        if part in ("all", "rates"):
+            result["rates"] = fidelity(seconds=1.5 if quick else 3.0)
+        if part in ("all", "impairments"):
+            result["impairments"] = impairments(quick=quick)
+    else:
+        result = launch()
     write(result, out)
     printer(result)
     return result

@@ -700,16 +700,20 @@ def doctor(as_json: JsonFlag = False) -> None:
 
     def body() -> None:
         from vnic.dataplane.probe import run_probe, tools_missing
-        from vnic.drivers.netns import capabilities_from_probe
+        from vnic.drivers.netns import NetnsDriver, capabilities_from_probe, choose_engine
 
         probe = run_probe()
         caps = capabilities_from_probe(probe)
+        choice = choose_engine(probe)
+        in_use = NetnsDriver(probe).engines_in_use()
         if as_json:
             emit_json(
                 {
                     "kernel": probe.to_dict(),
                     "tools_missing": tools_missing(),
                     "drivers": [caps.to_dict()],
+                    "delay_engine": {"engine": choice.engine, "why": choice.reason},
+                    "vnics": in_use,
                 }
             )
             return
@@ -733,6 +737,23 @@ def doctor(as_json: JsonFlag = False) -> None:
             "\n".join(f"{k}: {v}" for k, v in sorted(caps.missing.items())),
         )
         out.print(fields)
+        out.print(f"delay and loss engine: {choice.engine} ({choice.reason})", markup=False)
+        if in_use:
+            vnics = Table("session", "vm", "engine", "detail")
+            for row in in_use:
+                detail = row.get("why") or ""
+                counters = row.get("counters")
+                if isinstance(counters, dict):
+                    detail = (
+                        "; ".join(
+                            f"{d}: held {c['held_frames']}, lost {c['dropped_loss']}, "
+                            f"overflow {c['dropped_overflow']}, late {c['late']}"
+                            for d, c in counters.items()
+                        )
+                        + f"; pid {row['pid']}, cpu {row['cpu_seconds']:.2f} s"
+                    )
+                vnics.add_row(str(row["session"]), str(row["vm"]), str(row["engine"]), str(detail))
+            out.print(vnics)
         missing = tools_missing()
         if missing:
             out.print(f"missing tools: {' '.join(missing)} (run scripts/install.sh)", markup=False)
@@ -748,37 +769,100 @@ bench_app = typer.Typer(
 app.add_typer(bench_app, name="bench")
 
 
-def _bench(which: str, out_path: Path | None) -> None:
+def _rates_table(result: dict[str, Any]) -> Table:
+    table = Table(
+        "case",
+        "configured",
+        "measured (frames)",
+        "ratio",
+        "lost / reordered",
+        title="shaping fidelity (iperf3)",
+    )
+    for r in result["rows"]:
+        extra = f"{r['lost_percent']}% / {r['out_of_order']}" if "lost_percent" in r else ""
+        table.add_row(
+            r["case"],
+            f"{r['configured_bps'] / 1e6:g} Mbit/s",
+            f"{r['measured_bps'] / 1e6:.3f} Mbit/s",
+            f"{r['ratio']:.3f}",
+            extra,
+        )
+    return table
+
+
+def _impairments_table(result: dict[str, Any]) -> Table:
+    table = Table(
+        "case",
+        "configured",
+        "measured",
+        "detail",
+        "target",
+        title=f"delay, jitter and loss (engine: {result['engine']})",
+    )
+    for r in result["rows"]:
+        kind = r["kind"]
+        configured = measured = detail = ""
+        if kind == "baseline":
+            measured = f"{r['median_one_way_us']} µs one way"
+        elif kind == "delay":
+            configured, measured = f"{r['configured_ms']} ms", f"{r['measured_ms']:.3f} ms"
+            detail = f"error {r['median_error_us']} µs, p99-p50 {r['p99_minus_median_us']} µs, reordered {r['reordered']}"
+        elif kind == "jitter":
+            configured = f"σ {r['configured_sigma_ms']:.3f} ms"
+            measured = f"σ {r['measured_sigma_ms']:.3f} ms ({r['ratio']:.3f})"
+            detail = f"n {r['samples']}, skew {r['skewness']}, reordered {r['reordered']}"
+        elif kind == "loss":
+            lo, hi = r["interval_95_percent"]
+            configured = f"{r['configured_percent']:g} %, bursts {r['configured_burst']:g}"
+            measured = f"{r['measured_percent']:.3f} % [{lo:.3f}, {hi:.3f}]"
+            detail = f"mean burst {r['mean_burst']}, n {r['packets']}"
+        elif kind == "order":
+            measured = f"{r['reordered']} reordered of {r['received']}"
+        elif kind == "seed":
+            measured = f"identical: {r['identical']} ({r['lost_first']} / {r['lost_second']} lost)"
+        elif kind == "throughput":
+            configured = f"{r['configured_bps'] / 1e6:g} Mbit/s"
+            measured = f"{r['measured_bps'] / 1e6:.2f} Mbit/s ({r['ratio']:.3f})"
+        elif kind == "engine":
+            if "offered_pps" in r:
+                configured = f"{r['offered_pps']} pkt/s"
+                measured = f"{r['received_pps']} pkt/s"
+                detail = f"late {r['late_share']}, {r['engine_cpu_us_per_packet']} µs CPU/pkt"
+            else:
+                measured = f"{r['measured_bps'] / 1e9:.2f} Gbit/s"
+                detail = f"engine CPU {r['engine_cpu_share']}, late {r['late_share']}"
+        elif kind == "mobile":
+            configured = r.get("configured", "")
+            if "median_ms" in r:
+                measured = f"{r['median_ms']} ms, σ {r['sigma_ms']} ms, loss {r['loss_percent']} %"
+                detail = f"loss 95% {r['loss_interval_95_percent']}, reordered {r['reordered']}"
+            else:
+                measured = f"{r['egress_bps'] / 1e6:.2f} / {r['ingress_bps'] / 1e6:.2f} Mbit/s"
+        verdict = {True: "met", False: "MISSED"}.get(r.get("pass"), "")
+        table.add_row(r["case"], configured, measured, detail, verdict)
+    return table
+
+
+def _bench(which: str, out_path: Path | None, part: str = "all", quick: bool = False) -> None:
     from vnic.benchmarks import run as run_bench
 
     def printer(result: dict[str, Any]) -> None:
         if which == "fidelity":
-            table = Table(
-                "case",
-                "configured",
-                "measured (frames)",
-                "ratio",
-                "lost / reordered",
-                title="shaping fidelity (iperf3)",
-            )
-            for r in result["rows"]:
-                extra = f"{r['lost_percent']}% / {r['out_of_order']}" if "lost_percent" in r else ""
-                table.add_row(
-                    r["case"],
-                    f"{r['configured_bps'] / 1e6:g} Mbit/s",
-                    f"{r['measured_bps'] / 1e6:.3f} Mbit/s",
-                    f"{r['ratio']:.3f}",
-                    extra,
-                )
-        else:
-            table = Table("metric", "value", title=f"launch of {result['vms']} shaped VMs")
-            for k, v in result.items():
-                if k != "benchmark":
-                    table.add_row(k, str(v))
+            if "rates" in result:
+                out.print(_rates_table(result["rates"]))
+            if "impairments" in result:
+                out.print(_impairments_table(result["impairments"]))
+            return
+        table = Table("metric", "value", title=f"launch of {result['vms']} shaped VMs")
+        for k, v in result.items():
+            if k != "benchmark":
+                table.add_row(k, str(v))
         out.print(table)
 
     def body() -> None:
-        run_bench(which, out_path, printer)
+        if part not in ("all", "rates", "impairments"):
+            raise InvalidInput.one("--part", part, "one of all, rates, impairments")
+        run_bench(which, out_path, printer, part=part, quick=quick)
 
     run(body)
 
@@ -788,9 +872,17 @@ def bench_fidelity(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the results as JSON here.")
     ] = None,
+    part: Annotated[
+        str,
+        typer.Option("--part", help="all, rates (shaping) or impairments (delay, jitter, loss)."),
+    ] = "all",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Shorter measurements (a smoke run).")
+    ] = False,
 ) -> None:
-    """Configured vs measured rates (1, 10, 100, 1000 Mbit/s each way, TCP and UDP), QoS shares, asymmetry."""
-    _bench("fidelity", json_out)
+    """Configured vs measured: rates (1, 10, 100, 1000 Mbit/s each way, TCP and UDP), QoS shares,
+    asymmetry; delay, jitter, loss, order, seeds and the delay engine's ceiling."""
+    _bench("fidelity", json_out, part, quick)
 
 
 @bench_app.command("launch")

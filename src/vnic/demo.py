@@ -21,11 +21,14 @@ from vnic.documents import parse_documents, read_documents
 from vnic.drivers.netns import NetnsDriver
 from vnic.errors import NotFound, VnicError
 from vnic.manager.service import Explanation, Service, VmRequest
-from vnic.measure import TCP_GOODPUT, iperf3
+from vnic.measure import TCP_GOODPUT, iperf3, one_way
 from vnic.model.session import AssignmentRule
+from vnic.stats import quantile, stdev
 
 SESSION = "demo"
 SECONDS = 2.0
+#: irtt probes per VM for the latency table: every 10 ms for this long.
+PROBE_TIME = "3s"
 
 
 def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
@@ -95,6 +98,8 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
                 )
         out.print()
         out.print(table)
+        out.print()
+        out.print(_delay_table(launched, meter_ip))
     finally:
         stopped = service.session_down(SESSION, driver)
         left = [n for n in nsops.listing() if names.of_session(n, SESSION)]
@@ -102,3 +107,39 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
             f"session {SESSION}: down, {len(stopped)} VMs stopped, {len(left)} namespaces left",
             markup=False,
         )
+
+
+def _delay_table(launched: dict[str, Explanation], meter_ip: str) -> Table:
+    """One-way delay, jitter and loss per VM and direction, measured with irtt."""
+    table = Table(
+        "vm",
+        "direction",
+        "configured",
+        "measured one-way median",
+        "σ",
+        "lost",
+        title=f"irtt, a probe every 10 ms for {PROBE_TIME}, one-way (both ends on this host's clock)",
+        title_justify="left",
+    )
+    for name in ("desk", "web", "phone"):
+        d = launched[name].effective.profile
+        got = one_way(SESSION, name, "meter", meter_ip, interval="10ms", duration=PROBE_TIME)
+        for direction, delays, lost in (
+            ("egress", got.up(), got.lost_up),
+            ("ingress", got.down(), got.lost_down),
+        ):
+            p = d.direction(direction)
+            parts = [str(p.delay) if p.delay else "no delay"]
+            if p.jitter:
+                parts.append(f"± {p.jitter} {p.distribution}")
+            if p.loss:
+                parts.append(f"loss {p.loss.to_document()}")
+            table.add_row(
+                name,
+                direction,
+                " ".join(parts),
+                f"{quantile(delays, 0.5) / 1e6:.2f} ms",
+                f"{stdev(delays) / 1e6:.2f} ms",
+                f"{len(lost)} of {got.sent}",
+            )
+    return table

@@ -431,7 +431,7 @@ def _seconds(duration: str) -> float:
 _SEQ_RECEIVER = """
 import socket, struct, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 32 << 20)  # root: above rmem_max
 s.bind((sys.argv[1], int(sys.argv[2])))
 s.settimeout(float(sys.argv[3]))
 print("ready", flush=True)

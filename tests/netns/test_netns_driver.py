@@ -20,7 +20,7 @@ from vnic.dataplane.tc import read_class_counters
 from vnic.errors import DataplaneError, Unsupported
 from vnic.manager.service import VmRequest
 from vnic.measure import TCP_GOODPUT, iperf3, ping
-from vnic.model.units import Duration, MacAddress, MacRange
+from vnic.model.units import MacAddress, MacRange, Rate
 from vnic.plan.compile import DEFAULT_MINOR
 
 
@@ -144,10 +144,10 @@ def test_tcp_settings_are_set_inside_the_vm(lab: Lab) -> None:
 
 
 def test_unsupported_field_is_refused_before_anything_is_touched(lab: Lab) -> None:
-    lab.profile(name="delayed", egress={"rate": "10Mbit", "delay": "20ms"})
-    s = lab.session(default="delayed")
+    lab.profile(name="peaky", egress={"rate": "10Mbit", "peak": "20Mbit"})
+    s = lab.session(default="peaky")
     before = nsops.listing()
-    with pytest.raises(Unsupported, match=r"egress\.delay"):
+    with pytest.raises(Unsupported, match=r"egress\.peak"):
         lab.launch(s, "d")
     assert nsops.listing() == before
     assert lab.service.explain(s, "d").vm.state == "defined"
@@ -214,11 +214,11 @@ def test_session_up_launches_in_parallel_and_reports_failures(lab: Lab) -> None:
     for i in range(6):
         lab.service.add_vm(VmRequest(s, f"p{i}"))
     # One VM asks for something the driver cannot do here: it alone fails.
-    lab.service.add_vm(VmRequest(s, "slow", patch={"egress.delay": Duration.parse("10ms")}))
+    lab.service.add_vm(VmRequest(s, "slow", patch={"egress.peak": Rate.parse("100Mbit")}))
     outcomes = lab.service.launch_many(s, [*[f"p{i}" for i in range(6)], "slow"], workers=2)
     by_vm = {o.vm: o for o in outcomes}
     assert set(by_vm) == {*(f"p{i}" for i in range(6)), "slow"}
-    assert by_vm["slow"].error and "egress.delay" in by_vm["slow"].error
+    assert by_vm["slow"].error and "egress.peak" in by_vm["slow"].error
     assert all(by_vm[f"p{i}"].error is None for i in range(6))
     assert sorted(lab.driver.running(s)) == sorted(f"p{i}" for i in range(6))
     states = {v.name: v.state for v in lab.service.list_vms(s)}

@@ -41,9 +41,13 @@ def test_capabilities_follow_the_probe() -> None:
     probe = run_probe()
     caps = capabilities_from_probe(probe)
     assert "egress.rate" in caps.fields and "qos.ingress" in caps.fields
-    assert "egress.delay" not in caps.fields
-    if not probe.has("qdisc:netem"):
-        assert "netem (missing on this kernel)" in caps.missing["egress.delay"]
+    # Delay and loss: netem where the kernel has it, else the vnic delay engine.
+    assert probe.has("qdisc:netem") or probe.has("engine:delayd")
+    assert "egress.delay" in caps.fields and "ingress.loss" in caps.fields
+    probe.qdiscs["netem"] = probe.engines["netem"] = probe.engines["delayd"] = False
+    neither = capabilities_from_probe(probe)
+    assert "egress.delay" not in neither.fields
+    assert "netem (missing on this kernel)" in neither.missing["egress.delay"]
     probe.actions["mirred"] = False
     crippled = capabilities_from_probe(probe)
     assert "egress.rate" not in crippled.fields

@@ -196,8 +196,8 @@ def _link_add(kind: str) -> list[str]:
 def tools_missing() -> list[str]:
     """Programs the data plane and measurements call that are not installed."""
     missing = []
-    for tool in ("ip", "tc", "nft", "iperf3", "ping", "ss"):
-        if subprocess.run(["sh", "-c", f"command -v {tool}"], capture_output=True).returncode != 0:
+    for tool in ("ip", "tc", "nft", "iperf3", "irtt", "ping", "ss", "ethtool", "cc"):
+        if shutil.which(tool) is None:
             missing.append(tool)
     return missing
 

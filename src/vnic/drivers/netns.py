@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import os
 import subprocess
 from collections.abc import Sequence
@@ -234,6 +235,32 @@ class NetnsDriver:
             nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
         nsops.unplug_vm(session_ns, session, vm)
 
+    def engines_in_use(self) -> list[dict[str, object]]:
+        """Every running VM on this host and what carries its delay and loss, with counters."""
+        report: list[dict[str, object]] = []
+        for ns_name in nsops.listing():
+            parts = ns_name.split(".")
+            if len(parts) != 3 or parts[0] != names.PREFIX:
+                continue
+            session, vm = parts[1], parts[2]
+            stats = delayd.read_stats(session, vm)
+            links = names.VmLinks.of(vm)
+            if stats is not None:
+                engine, detail = (
+                    "delayd",
+                    {
+                        "pid": stats.pid,
+                        "cpu_seconds": stats.cpu_seconds,
+                        "counters": stats.directions,
+                    },
+                )
+            elif {links.port, links.ifb} & _netem_devices(names.session_netns(session)):
+                engine, detail = "netem", {}
+            else:
+                engine, detail = "none", {"why": "its profile has no delay or loss"}
+            report.append({"session": session, "vm": vm, "engine": engine, **detail})
+        return report
+
     def engine_stats(self, session: str, vm: str) -> delayd.EngineStats | None:
         """Counters of the VM's delay engine, or None when it has none."""
         return delayd.read_stats(session, vm)
@@ -267,3 +294,15 @@ def default_seed(session: str, vm: str) -> int:
     """The seed a VM's random choices use when its profile sets none: stable per session and VM."""
     digest = hashlib.sha256(names.owner_tag(session, vm).encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
+
+
+def _netem_devices(session_ns: str) -> set[str]:
+    """Devices in ``session_ns`` with a netem qdisc."""
+    if not nsops.exists(session_ns):
+        return set()
+    proc = nsops.run_inside(
+        session_ns, ["tc", "-j", "qdisc", "show"], capture_output=True, timeout=30
+    )
+    if proc.returncode != 0:
+        return set()
+    return {str(q["dev"]) for q in json.loads(proc.stdout or "[]") if q.get("kind") == "netem"}

@@ -298,17 +298,23 @@ def _direction_fields(d: str) -> list[FieldDef]:
             f"{d}.jitter",
             Duration.parse,
             Duration.EXPECTED,
-            "Variation of the delay; at most the delay. Packet order is kept unless reorder is set.",
+            "Variation of the delay; at most the delay. Uniform: delay +- jitter; normal, pareto, "
+            "paretonormal: standard deviation = jitter. Packet order is kept unless reorder is set.",
             unit="ns",
         ),
         FieldDef(
-            f"{d}.distribution", dist_parse, dist_expected, "Shape of the jitter. Default: uniform."
+            f"{d}.distribution",
+            dist_parse,
+            dist_expected,
+            "Shape of the jitter. Default: uniform. Pareto has shape 3, truncated at 4.5 times "
+            "its scale (where netem's table ends); paretonormal is 1/4 normal + 3/4 pareto.",
         ),
         FieldDef(
             f"{d}.reorder",
             Probability.parse,
             Probability.EXPECTED,
-            "Probability that a packet is sent ahead of earlier ones (needs delay). Default: 0, order kept.",
+            "Probability that a packet is sent at once, ahead of earlier ones still delayed "
+            "(needs delay); with reorder set, jitter may reorder too. Default: 0, order kept.",
             unit="probability",
         ),
         FieldDef(
