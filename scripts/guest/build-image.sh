@@ -65,9 +65,9 @@ fi
 # into place at the end, so an interrupted build never looks complete.
 STAGE=$(mktemp -d "$CACHE/.build-$KEY.XXXXXX")
 cleanup() {
-  # Only the staging directory this run made. Mounts made for the chroot live
-  # in a private mount namespace (unshare below), so none can be left behind
-  # that rm would walk into.
+  # Only the staging directory this run made. Mounts made in the target live
+  # in private mount namespaces (unshare below), so none are left behind for
+  # rm to walk into; --one-file-system guards against it all the same.
   rm -rf --one-file-system -- "$STAGE"
 }
 trap cleanup EXIT
@@ -77,10 +77,10 @@ started=$SECONDS
 
 # Configure the initramfs before debootstrap installs the kernel, so the
 # kernel's postinst builds the initrd once, already trimmed. The stock kernel
-# has virtio_pci, virtio_blk and ext4 as modules and the guest has no udev to
-# load them on demand: force_load puts them in the initrd and loads them at
-# boot. MODULES=list keeps everything else out (smaller initrd = faster boot
-# under TCG). None of these files belongs to a package, so dpkg leaves them be.
+# has virtio_pci, virtio_blk and ext4 as modules; force_load puts them in the
+# initrd and loads them at boot, whether or not the initrd's udev would.
+# MODULES=list keeps everything else out (smaller initrd = faster boot under
+# TCG). None of these files belongs to a package, so dpkg leaves them be.
 mkdir -p "$ROOT/etc/initramfs-tools/conf.d" "$ROOT/etc/initramfs-tools/hooks"
 cat >"$ROOT/etc/initramfs-tools/conf.d/vnic-guest.conf" <<'EOF'
 MODULES=list
@@ -105,12 +105,14 @@ chmod 755 "$ROOT/etc/initramfs-tools/hooks/vnic-guest"
 #    the netem distribution tables, /usr/lib/x86_64-linux-gnu/tc/*.dist);
 #  - python3 (3.11, same as the host's Debian) and the shared libraries a
 #    pyenv-built CPython 3.11 and the wheels in .venv link against, so the
-#    host's interpreter, shared over 9p, runs unchanged.
+#    host's interpreter, shared over 9p, runs unchanged;
+#  - gcc and libc6-dev: vnic compiles its C helpers (src/vnic/engine/*.c)
+#    on first use, in the guest as on the host.
 # No systemd: /sbin/vnic-init below is PID 1, which boots in a few seconds.
 PACKAGES=(
   linux-image-amd64 initramfs-tools kmod
   iproute2 nftables iptables iperf3 irtt iputils-ping procps ethtool
-  python3
+  python3 gcc libc6-dev
   libssl3 libffi8 libsqlite3-0 zlib1g libbz2-1.0 liblzma5 libreadline8
   libncursesw6 libtinfo6 libuuid1 libexpat1 libnsl2 libtirpc3 libgdbm6
 )
@@ -119,7 +121,10 @@ PACKAGES=(
 DEBS="$CACHE/debs-$SUITE"
 mkdir -p "$DEBS"
 log "debootstrap $SUITE into $ROOT (this takes a few minutes)"
-debootstrap --variant=minbase --components=main --cache-dir="$DEBS" \
+# In a private mount namespace: the /proc and /sys debootstrap mounts in the
+# target vanish with it, even if it is interrupted.
+unshare --mount --propagation private \
+  debootstrap --variant=minbase --components=main --cache-dir="$DEBS" \
   --include="$(IFS=,; echo "${PACKAGES[*]}")" \
   "$SUITE" "$ROOT" "$MIRROR" >&2
 
@@ -147,7 +152,11 @@ mnt() { # type source target options
 poweroff_now() {
   sync
   # Unmount the shares so nothing the command wrote is left in a guest cache.
-  [ -n "${SHARES:-}" ] && umount $SHARES 2>/dev/null
+  # Shares last mounted first: a share may sit inside another.
+  local i
+  for ((i = ${#SHARES[@]} - 1; i >= 0; i--)); do
+    umount "${SHARES[i]}" 2>/dev/null
+  done
   mount -o remount,ro / 2>/dev/null
   echo 1 >/proc/sys/kernel/sysrq
   echo o >/proc/sysrq-trigger
@@ -155,6 +164,7 @@ poweroff_now() {
   exit 1 # PID 1 exiting panics the kernel; with panic=1 and -no-reboot QEMU stops
 }
 
+SHARES=()
 mnt proc proc /proc nosuid,nodev,noexec
 mnt sysfs sysfs /sys nosuid,nodev,noexec
 mnt devtmpfs devtmpfs /dev mode=0755,nosuid
@@ -183,12 +193,11 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vnicctl /run/vnic
 fi
 
 # Shares: one line each, "tag path ro|rw cache".
-SHARES=""
 while read -r tag path mode cache; do
   [ -n "$tag" ] || continue
   mkdir -p "$path"
   if mount -t 9p -o "trans=virtio,version=9p2000.L,msize=512000,$mode,cache=$cache,access=client" "$tag" "$path"; then
-    SHARES="$path $SHARES"
+    SHARES+=("$path")
   else
     say "mounting share $tag at $path failed"
   fi
@@ -220,7 +229,7 @@ printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$
 echo '/dev/vda / ext4 rw,relatime 0 1' >"$ROOT/etc/fstab"
 
 # Check what the guest depends on before calling the build good.
-release=$(basename "$(ls -d "$ROOT"/lib/modules/*/ | head -n1)")
+release=$(find "$ROOT/lib/modules/" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | sort | tail -n1)
 for f in "boot/vmlinuz-$release" "boot/initrd.img-$release"; do
   [ -f "$ROOT/$f" ] || { log "missing $f in the root file system"; exit 1; }
 done
