@@ -130,9 +130,9 @@ unshare --mount --propagation private \
 
 # PID 1 of the guest. It mounts the kernel file systems, loads the 9p and
 # virtio-console modules, mounts the shares run.sh describes in
-# /run/vnic/mounts, runs /run/vnic/cmd with stdout/stderr on two virtio
+# /run/vnic-guest/mounts, runs /run/vnic-guest/cmd with stdout/stderr on two virtio
 # serial ports that run.sh connects to its own stdout/stderr, writes the exit
-# code to /run/vnic/rc on the control share, and powers off.
+# code to /run/vnic-guest/rc on the control share, and powers off.
 cat >"$ROOT/sbin/vnic-init" <<'EOF'
 #!/bin/bash
 # PID 1 of the vnic test guest (see scripts/guest/build-image.sh).
@@ -186,8 +186,8 @@ ip link set lo up
 modprobe -a 9pnet_virtio 9p virtio_console virtio_rng 2>/dev/null \
   || say "modprobe of 9p/virtio modules failed"
 
-mkdir -p /run/vnic
-if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vnicctl /run/vnic; then
+mkdir -p /run/vnic-guest
+if ! mount -t 9p -o trans=virtio,version=9p2000.L,msize=512000 vnicctl /run/vnic-guest; then
   say "no control share (vnicctl); was this booted by scripts/guest/run.sh?"
   poweroff_now
 fi
@@ -201,7 +201,7 @@ while read -r tag path mode cache; do
   else
     say "mounting share $tag at $path failed"
   fi
-done </run/vnic/mounts
+done </run/vnic-guest/mounts
 
 # The command's stdout and stderr go to virtio serial ports named by run.sh;
 # they are not ttys, so bytes pass unchanged (no \n -> \r\n).
@@ -214,10 +214,10 @@ for port in /sys/class/virtio-ports/*; do
   esac
 done
 
-bash /run/vnic/cmd </dev/null >"$out" 2>"$err"
+bash /run/vnic-guest/cmd </dev/null >"$out" 2>"$err"
 rc=$?
-echo "$rc" >/run/vnic/rc.tmp && mv /run/vnic/rc.tmp /run/vnic/rc
-umount /run/vnic
+echo "$rc" >/run/vnic-guest/rc.tmp && mv /run/vnic-guest/rc.tmp /run/vnic-guest/rc
+umount /run/vnic-guest
 poweroff_now
 EOF
 chmod 755 "$ROOT/sbin/vnic-init"

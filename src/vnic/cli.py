@@ -741,10 +741,10 @@ def doctor(as_json: JsonFlag = False) -> None:
         if in_use:
             vnics = Table("session", "vm", "engine", "detail")
             for row in in_use:
-                detail = row.get("why") or ""
+                detail = str(row.get("why") or "")
                 counters = row.get("counters")
                 if isinstance(counters, dict):
-                    detail = (
+                    detail += "\n" + (
                         "; ".join(
                             f"{d}: held {c['held_frames']}, lost {c['dropped_loss']}, "
                             f"overflow {c['dropped_overflow']}, late {c['late']}"

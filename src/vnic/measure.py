@@ -431,12 +431,14 @@ def _seconds(duration: str) -> float:
 _SEQ_RECEIVER = """
 import socket, struct, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUFFORCE, 32 << 20)  # root: above rmem_max
+s.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE (root): above rmem_max
 s.bind((sys.argv[1], int(sys.argv[2])))
-s.settimeout(float(sys.argv[3]))
+s.settimeout(30.0)  # the sender may take a while to start (a slow or emulated host)
 print("ready", flush=True)
 seen = []
 try:
+    seen.append(struct.unpack("!Q", s.recv(65535)[:8])[0])
+    s.settimeout(float(sys.argv[3]))
     while True:
         seen.append(struct.unpack("!Q", s.recv(65535)[:8])[0])
 except socket.timeout:
@@ -464,6 +466,7 @@ def udp_sequence(
     """
     from vnic.engine import build
 
+    blaster = build("udpblast")  # before the receiver starts waiting
     server_ns = names.vm_netns(session, server)
     resolve_neighbour(session, client, server_ip)
     receiver = nsops.popen(
@@ -475,12 +478,14 @@ def udp_sequence(
     try:
         assert receiver.stdout is not None
         if receiver.stdout.readline().strip() != "ready":
-            raise RuntimeError("sequence receiver did not start")
+            receiver.kill()
+            _, err = receiver.communicate()
+            raise RuntimeError(f"sequence receiver did not start: {err.strip()}")
         seconds = count / pps
         proc = nsops.run(
             names.vm_netns(session, client),
             [
-                str(build("udpblast")),
+                str(blaster),
                 server_ip,
                 str(port),
                 str(pps),
@@ -492,7 +497,7 @@ def udp_sequence(
         )
         if proc.returncode != 0:
             raise RuntimeError(f"vnic-udpblast: {proc.stderr.strip()}")
-        out, _ = receiver.communicate(timeout=seconds + quiet + 30)
+        out, _ = receiver.communicate(timeout=seconds + quiet + 60)
     finally:
         if receiver.poll() is None:
             receiver.kill()

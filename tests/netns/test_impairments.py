@@ -30,6 +30,11 @@ from vnic.manager.service import VmRequest
 
 MS = 1_000_000
 Z999 = 3.29
+#: Multiplies every timing tolerance: 1 here; the stock-kernel guest under
+#: software emulation (scripts/guest) sets more, since a process there can be
+#: descheduled for milliseconds. Statistical checks (loss intervals, order,
+#: bursts, seeds) never widen.
+SLACK = float(os.environ.get("VNIC_TEST_TIMING_SLACK", "1"))
 
 
 def _pair(lab: Lab, **doc: Any) -> tuple[str, str]:
@@ -56,11 +61,11 @@ def test_constant_delay_each_direction(lab: Lab) -> None:
     got, base = _added(lab, s, b_ip, interval="10ms", duration="3s")
     up = stats.quantile(got.up(), 0.5) - stats.quantile(base.up(), 0.5)
     down = stats.quantile(got.down(), 0.5) - stats.quantile(base.down(), 0.5)
-    assert abs(up - 20 * MS) <= max(0.3 * MS, 0.03 * 20 * MS), up
-    assert abs(down - 5 * MS) <= max(0.3 * MS, 0.03 * 5 * MS), down
+    assert abs(up - 20 * MS) <= SLACK * max(0.3 * MS, 0.03 * 20 * MS), up
+    assert abs(down - 5 * MS) <= SLACK * max(0.3 * MS, 0.03 * 5 * MS), down
     # No jitter configured: the tail stays close to the median (the benchmark
     # holds it to 0.5 ms; here a loaded CI machine gets more room).
-    assert stats.quantile(got.up(), 0.99) - stats.quantile(got.up(), 0.5) < 5 * MS
+    assert stats.quantile(got.up(), 0.99) - stats.quantile(got.up(), 0.5) < SLACK * 5 * MS
     assert got.reordered_up == 0 and not got.lost_up
 
 
@@ -79,11 +84,11 @@ def test_jitter_follows_its_distribution(
     delays = got.up()
     assert len(delays) > 350
     sigma = stats.stdev(delays)
-    assert abs(sigma / (jitter * sigma_per_jitter) - 1) < 0.15, sigma
-    assert abs(stats.mean(delays) - 40 * MS) < 1.5 * MS
+    assert abs(sigma / (jitter * sigma_per_jitter) - 1) < 0.15 * SLACK, sigma
+    assert abs(stats.mean(delays) - 40 * MS) < 1.5 * MS * SLACK
     skew = stats.skewness(delays)
     if distribution in ("uniform", "normal"):
-        assert abs(skew) < 0.6, skew
+        assert abs(skew) < 0.6 * SLACK, skew
     else:
         assert skew > 0.8, skew  # the long right tail of Pareto
     if distribution == "uniform":
@@ -147,7 +152,7 @@ def test_duplicate_and_corrupt(lab: Lab) -> None:
 def test_tcp_through_100ms_fills_the_rate(lab: Lab) -> None:
     s, b_ip = _pair(lab, egress={"rate": "20Mbit", "delay": "100ms"})
     got = measure.iperf3(s, "a", "b", b_ip, seconds=8, omit=3)
-    assert got.bits_per_second > 0.93 * 20e6 * measure.TCP_GOODPUT, got.bits_per_second
+    assert got.bits_per_second > (1 - 0.07 * SLACK) * 20e6 * measure.TCP_GOODPUT
 
 
 needs_delayd = pytest.mark.skipif(
@@ -265,3 +270,50 @@ def test_engine_stops_with_its_vm_and_after_a_killed_launch(lab: Lab) -> None:
         if e is not None:
             assert not os.path.exists(f"/proc/{e.pid}")
     assert not delayd.run_dir(s).exists()
+
+
+needs_netem = pytest.mark.skipif(
+    os.geteuid() == 0 and choose_engine().engine != "netem",
+    reason="netem is missing on this kernel; CI runs this in the stock-kernel guest (scripts/guest)",
+)
+
+
+@needs_netem
+def test_netem_sits_under_htb_with_a_bdp_limit_and_pacing(lab: Lab) -> None:
+    import json
+
+    s, _ = _pair(lab, egress={"rate": "10Mbit", "delay": "20ms", "jitter": "5ms"})
+    out = nsops.run_inside(
+        names.session_netns(s), ["tc", "-j", "qdisc", "show"], capture_output=True, check=True
+    ).stdout
+    links = names.VmLinks.of("a")
+    netems = [q for q in json.loads(out) if q["kind"] == "netem" and q["dev"] == links.ifb]
+    assert [q["parent"] for q in netems] == ["1:ffff"]
+    opts = netems[0]["options"]
+    # rate x (delay + jitter) + queue in full frames, not netem's default 1000
+    assert 20 <= opts["limit"] < 1000
+    assert opts["delay"]["delay"] == pytest.approx(0.020) and opts["delay"][
+        "jitter"
+    ] == pytest.approx(0.005)
+    assert opts["rate"]["rate"] == 10_000_000 // 8
+
+
+def test_doctor_names_each_vnics_engine(lab: Lab) -> None:
+    import json
+
+    s, _ = _pair(lab, egress={"delay": "5ms", "loss": "1%"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "vnic.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    mine = {v["vm"]: v for v in data["vnics"] if v["session"] == s}
+    expected = choose_engine().engine
+    assert data["delay_engine"]["engine"] == expected
+    assert mine["a"]["engine"] == expected and mine["a"]["why"]
+    assert mine["b"]["engine"] == "none"
+    if expected == "delayd":
+        assert mine["a"]["counters"]["egress"]["rx_frames"] >= 0

@@ -22,6 +22,7 @@ from vnic.dataplane.probe import Probe, netem_available
 from vnic.dataplane.tc import apply_netem, apply_plan, verify
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict, DataplaneError, InvalidInput
+from vnic.model.profile import Profile
 from vnic.plan.compile import ENGINES, compile_plan, guard_chain, impaired
 from vnic.plan.model import Devices, Identity, Plan
 
@@ -104,17 +105,31 @@ class EngineChoice:
     reason: str
 
 
-def choose_engine(probe: Probe | None = None) -> EngineChoice:
-    """netem where the kernel has it, else the vnic delay engine; ``VNIC_ENGINE`` forces one."""
+def choose_engine(probe: Probe | None = None, profile: Profile | None = None) -> EngineChoice:
+    """netem where the kernel has it, else the vnic delay engine; ``VNIC_ENGINE`` forces one.
+
+    One exception: egress duplication goes to the delay engine even where
+    netem exists. netem duplicating on the IFB that VM egress is redirected
+    to crashes Linux 6.1 (skb_under_panic in the bridge, seen in the
+    stock-kernel guest), so vnic never configures it.
+    """
     forced = os.environ.get("VNIC_ENGINE", "").strip()
     if forced:
         if forced not in ENGINES:
             raise InvalidInput.one("VNIC_ENGINE", forced, "one of " + ", ".join(ENGINES))
         return EngineChoice(forced, "forced by VNIC_ENGINE")
     has_netem = probe.has("qdisc:netem") if probe is not None else netem_available()
-    if has_netem:
-        return EngineChoice("netem", "the kernel has sch_netem")
-    return EngineChoice("delayd", "the kernel has no sch_netem: the vnic delay engine runs instead")
+    if not has_netem:
+        return EngineChoice(
+            "delayd", "the kernel has no sch_netem: the vnic delay engine runs instead"
+        )
+    if profile is not None and profile.egress.duplicate and profile.egress.duplicate.value:
+        return EngineChoice(
+            "delayd",
+            "egress.duplicate: netem duplicating on the egress IFB crashes Linux 6.1, "
+            "so the vnic delay engine carries this vNIC",
+        )
+    return EngineChoice("netem", "the kernel has sch_netem")
 
 
 class NetnsDriver:
@@ -136,7 +151,9 @@ class NetnsDriver:
             ipv6=str(request.ipv6.ip),
             tag=names.owner_tag(request.session, request.vm),
         )
-        engine = choose_engine(self.probe).engine if impaired(request.profile) else None
+        engine = (
+            choose_engine(self.probe, request.profile).engine if impaired(request.profile) else None
+        )
         devices = Devices(port=links.port, ifb=links.ifb)
         if engine == "delayd":
             devices = Devices(links.port, links.ifb, links.relay, links.relay_port)
@@ -236,7 +253,8 @@ class NetnsDriver:
         nsops.unplug_vm(session_ns, session, vm)
 
     def engines_in_use(self) -> list[dict[str, object]]:
-        """Every running VM on this host and what carries its delay and loss, with counters."""
+        """Every running VM on this host, what carries its delay and loss and why, with counters."""
+        host = choose_engine(self.probe)
         report: list[dict[str, object]] = []
         for ns_name in nsops.listing():
             parts = ns_name.split(".")
@@ -245,17 +263,24 @@ class NetnsDriver:
             session, vm = parts[1], parts[2]
             stats = delayd.read_stats(session, vm)
             links = names.VmLinks.of(vm)
+            detail: dict[str, object]
             if stats is not None:
+                why = (
+                    host.reason
+                    if host.engine == "delayd"
+                    else ("egress.duplicate: netem duplicating on the egress IFB crashes Linux 6.1")
+                )
                 engine, detail = (
                     "delayd",
                     {
+                        "why": why,
                         "pid": stats.pid,
                         "cpu_seconds": stats.cpu_seconds,
                         "counters": stats.directions,
                     },
                 )
             elif {links.port, links.ifb} & _netem_devices(names.session_netns(session)):
-                engine, detail = "netem", {}
+                engine, detail = "netem", {"why": host.reason}
             else:
                 engine, detail = "none", {"why": "its profile has no delay or loss"}
             report.append({"session": session, "vm": vm, "engine": engine, **detail})
