@@ -259,6 +259,7 @@ def run(
     *,
     part: str = "all",
     quick: bool = False,
+    cells: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Run a benchmark, write its JSON to ``out`` and print it.
 
@@ -266,13 +267,13 @@ def run(
     jitter, loss; see :mod:`vnic.bench_impairments`).
     """
     if which == "fidelity":
-        from vnic.bench_impairments import impairments
+        from vnic.bench_impairments import CELLS, impairments
 
         result: dict[str, Any] = {"benchmark": "fidelity"}
         if part in ("all", "rates"):
             result["rates"] = fidelity(seconds=1.5 if quick else 3.0)
         if part in ("all", "impairments"):
-            result["impairments"] = impairments(quick=quick)
+            result["impairments"] = impairments(quick=quick, cells_wanted=cells or CELLS)
     else:
         result = launch()
     write(result, out)

@@ -816,6 +816,11 @@ def _impairments_table(result: dict[str, Any]) -> Table:
             configured = f"{r['configured_percent']:g} %, bursts {r['configured_burst']:g}"
             measured = f"{r['measured_percent']:.3f} % [{lo:.3f}, {hi:.3f}]"
             detail = f"mean burst {r['mean_burst']}, n {r['packets']}"
+            if "engine_lost_percent" in r:
+                detail += (
+                    f"; engine decided {r['engine_lost_percent']:.3f} %, "
+                    f"measuring path lost {r['measuring_path_lost']}"
+                )
         elif kind == "order":
             measured = f"{r['reordered']} reordered of {r['received']}"
         elif kind == "seed":
@@ -843,7 +848,13 @@ def _impairments_table(result: dict[str, Any]) -> Table:
     return table
 
 
-def _bench(which: str, out_path: Path | None, part: str = "all", quick: bool = False) -> None:
+def _bench(
+    which: str,
+    out_path: Path | None,
+    part: str = "all",
+    quick: bool = False,
+    cells: str | None = None,
+) -> None:
     from vnic.benchmarks import run as run_bench
 
     def printer(result: dict[str, Any]) -> None:
@@ -860,9 +871,17 @@ def _bench(which: str, out_path: Path | None, part: str = "all", quick: bool = F
         out.print(table)
 
     def body() -> None:
+        from vnic.bench_impairments import CELLS
+
         if part not in ("all", "rates", "impairments"):
             raise InvalidInput.one("--part", part, "one of all, rates, impairments")
-        run_bench(which, out_path, printer, part=part, quick=quick)
+        chosen = tuple(c.strip() for c in cells.split(",")) if cells else CELLS
+        unknown = [c for c in chosen if c not in CELLS]
+        if unknown:
+            raise InvalidInput.one(
+                "--cells", cells, "a comma-separated list of " + ", ".join(CELLS)
+            )
+        run_bench(which, out_path, printer, part=part, quick=quick, cells=chosen)
 
     run(body)
 
@@ -879,10 +898,14 @@ def bench_fidelity(
     quick: Annotated[
         bool, typer.Option("--quick", help="Shorter measurements (a smoke run).")
     ] = False,
+    cells: Annotated[
+        str | None,
+        typer.Option("--cells", help="Impairment cells to run (comma-separated); default all."),
+    ] = None,
 ) -> None:
     """Configured vs measured: rates (1, 10, 100, 1000 Mbit/s each way, TCP and UDP), QoS shares,
     asymmetry; delay, jitter, loss, order, seeds and the delay engine's ceiling."""
-    _bench("fidelity", json_out, part, quick)
+    _bench("fidelity", json_out, part, quick, cells)
 
 
 @bench_app.command("launch")

@@ -67,3 +67,20 @@ def loss_bursts(lost: Iterable[int]) -> list[int]:
             runs.append(1)
         previous = seq
     return runs
+
+
+def gilbert_interval(mean: float, burst: float, n: int, z: float = Z95) -> tuple[int, int]:
+    """Like :func:`binomial_interval`, for the loss count of a Gilbert chain.
+
+    Losses in bursts are correlated, so the count varies more than a
+    binomial one: its variance is n·m(1−m)·(1+ρ)/(1−ρ), with ρ = 1 − p − r
+    the correlation of the chain's state from one packet to the next
+    (r = 1/burst, p = m·r/(1−m)). For bursts of 5 that is about 3 times the
+    binomial standard deviation.
+    """
+    r = 1 / burst
+    p = mean * r / (1 - mean)
+    rho = 1 - p - r
+    mu = n * mean
+    sd = math.sqrt(n * mean * (1 - mean) * (1 + rho) / (1 - rho))
+    return max(0, math.floor(mu - z * sd - 0.5)), min(n, math.ceil(mu + z * sd + 0.5))

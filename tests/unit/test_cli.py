@@ -150,3 +150,18 @@ def test_fields_lists_every_profile_field(vnic: Vnic) -> None:
         "mac_range",
         "tcp.congestion_control",
     } <= paths
+
+
+def test_bench_options_are_checked_before_anything_runs(vnic: Vnic) -> None:
+    proc = vnic("bench", "fidelity", "--part", "impairments", "--cells", "delay,warp", ok=False)
+    assert proc.returncode == 2
+    assert "--cells: got 'delay,warp'" in proc.stderr and "delay, jitter, order" in proc.stderr
+    proc = vnic("bench", "fidelity", "--part", "everything", ok=False)
+    assert proc.returncode == 2 and "--part: got 'everything'" in proc.stderr
+
+
+def test_a_profile_seed_must_be_a_non_negative_integer(vnic: Vnic) -> None:
+    proc = vnic("profile", "apply", "-f", "-", stdin="name: s\nseed: -3\n", ok=False)
+    assert proc.returncode == 2 and "seed: got -3" in proc.stderr
+    vnic("profile", "apply", "-f", "-", stdin="name: s\nseed: 7\negress: {loss: 1%}\n")
+    assert vnic.json("profile", "show", "s")["document"]["seed"] == 7
