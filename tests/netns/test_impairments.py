@@ -66,7 +66,11 @@ def test_constant_delay_each_direction(lab: Lab) -> None:
     # No jitter configured: the tail stays close to the median (the benchmark
     # holds it to 0.5 ms; here a loaded CI machine gets more room).
     assert stats.quantile(got.up(), 0.99) - stats.quantile(got.up(), 0.5) < SLACK * 5 * MS
-    assert got.reordered_up == 0 and not got.lost_up
+    assert not got.lost_up
+    # Order by irtt's receive timestamps; under emulation (SLACK > 1) those
+    # can disagree with arrival order, so there only the kernel-order test
+    # (test_jitter_keeps_order_and_reorder_is_opt_in) judges reordering.
+    assert got.reordered_up == 0 or SLACK > 1
 
 
 @pytest.mark.parametrize(
@@ -93,7 +97,7 @@ def test_jitter_follows_its_distribution(
         assert skew > 0.8, skew  # the long right tail of Pareto
     if distribution == "uniform":
         assert min(delays) > 40 * MS - jitter - 0.2 * MS
-    assert got.reordered_up == 0
+    assert got.reordered_up == 0 or SLACK > 1  # see test_constant_delay_each_direction
 
 
 def test_jitter_keeps_order_and_reorder_is_opt_in(lab: Lab) -> None:
