@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
@@ -240,6 +241,24 @@ class PacketRate:
 _COUNT_TABLE = "vnic_measure"
 
 
+def _blast(
+    session: str, client: str, address: str, port: int, pps: int, payload: int, seconds: float
+) -> dict[str, Any]:
+    """Run ``vnic-udpblast`` in ``client``; its report: datagrams sent, seconds taken."""
+    from vnic.engine import build
+
+    proc = nsops.run(
+        names.vm_netns(session, client),
+        [str(build("udpblast")), address, str(port), str(pps), str(payload), f"{seconds:.6f}"],
+        capture_output=True,
+        timeout=seconds + 20,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"vnic-udpblast: {proc.stderr.strip()}")
+    report: dict[str, Any] = json.loads(proc.stdout)
+    return report
+
+
 def resolve_neighbour(session: str, client: str, address: str, tries: int = 20) -> None:
     """Make sure ``client`` knows ``address``'s MAC before a measured flood.
 
@@ -270,8 +289,6 @@ def udp_flood(
     sender is ``vnic-udpblast`` (batches with sendmmsg). 18 bytes of payload
     make a 60-byte frame, the Ethernet minimum.
     """
-    from vnic.engine import build
-
     server_ns = names.vm_netns(session, server)
     resolve_neighbour(session, client, server_ip)
     script = (
@@ -282,15 +299,7 @@ def udp_flood(
     if added.returncode != 0:
         raise RuntimeError(f"cannot count packets in {server}: {added.stderr.strip()}")
     try:
-        proc = nsops.run(
-            names.vm_netns(session, client),
-            [str(build("udpblast")), server_ip, str(port), str(pps), str(payload), str(seconds)],
-            capture_output=True,
-            timeout=seconds + 20,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"vnic-udpblast: {proc.stderr.strip()}")
-        sent = json.loads(proc.stdout)
+        sent = _blast(session, client, server_ip, port, pps, payload, seconds)
         time.sleep(0.5)  # let what the network still holds arrive
         listing = nsops.run_inside(
             server_ns, ["nft", "-j", "list", "table", "ip", _COUNT_TABLE], capture_output=True
@@ -466,7 +475,7 @@ def udp_sequence(
     """
     from vnic.engine import build
 
-    blaster = build("udpblast")  # before the receiver starts waiting
+    build("udpblast")  # before the receiver starts waiting: a first build takes seconds
     server_ns = names.vm_netns(session, server)
     resolve_neighbour(session, client, server_ip)
     receiver = nsops.popen(
@@ -482,21 +491,7 @@ def udp_sequence(
             _, err = receiver.communicate()
             raise RuntimeError(f"sequence receiver did not start: {err.strip()}")
         seconds = count / pps
-        proc = nsops.run(
-            names.vm_netns(session, client),
-            [
-                str(blaster),
-                server_ip,
-                str(port),
-                str(pps),
-                str(payload),
-                f"{seconds:.6f}",
-            ],
-            capture_output=True,
-            timeout=seconds + 20,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"vnic-udpblast: {proc.stderr.strip()}")
+        _blast(session, client, server_ip, port, pps, payload, seconds)
         out, _ = receiver.communicate(timeout=seconds + quiet + 60)
     finally:
         if receiver.poll() is None:

@@ -3,7 +3,10 @@ torn down after its test, and the test fails if anything of it is left."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +76,37 @@ class Lab:
         for session in self.sessions:
             self.service.session_down(session, self.driver)
         self.db.dispose()
+
+
+def launch_in_child(lab: Lab, session: str, vms: list[str]) -> subprocess.Popen[bytes]:
+    """Launch ``vms`` (already defined) from a separate process, as `vnic session up` would,
+    so a test can kill that process part-way through."""
+    script = "; ".join(
+        [
+            "import sys",
+            "from vnic.manager.service import Service",
+            "from vnic.store.db import Database",
+            "from vnic.drivers.netns import NetnsDriver",
+            "svc = Service(Database(sys.argv[1]))",
+            "d = NetnsDriver()",
+            "[svc.launch_vm(sys.argv[2], vm, d) for vm in sys.argv[3:]]",
+        ]
+    )
+    env = {**os.environ, "VNIC_DATABASE_URL": str(lab.db.url)}
+    return subprocess.Popen([sys.executable, "-c", script, str(lab.db.url), session, *vms], env=env)
+
+
+def doctor_json() -> dict[str, Any]:
+    """`vnic doctor --json`, run as a real process."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "vnic.cli", "doctor", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data: dict[str, Any] = json.loads(proc.stdout)
+    return data
 
 
 def leftovers(session: str) -> list[str]:

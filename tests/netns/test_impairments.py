@@ -14,14 +14,12 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
 
-from tests.netns.conftest import Lab, leftovers
+from tests.netns.conftest import Lab, doctor_json, launch_in_child, leftovers
 from vnic import measure, stats
 from vnic.dataplane import delayd, names
 from vnic.dataplane import namespaces as nsops
@@ -251,17 +249,7 @@ def test_engine_stops_with_its_vm_and_after_a_killed_launch(lab: Lab) -> None:
     # A launching process killed with SIGKILL: session down still removes everything.
     for i in range(3):
         lab.service.add_vm(VmRequest(s, f"k{i}"))
-    script = "; ".join(
-        [
-            "import sys",
-            "from vnic.manager.service import Service",
-            "from vnic.store.db import Database",
-            "from vnic.drivers.netns import NetnsDriver",
-            "svc = Service(Database(sys.argv[1]))",
-            f"[svc.launch_vm({s!r}, f'k{{i}}', NetnsDriver()) for i in range(3)]",
-        ]
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(lab.db.url)])
+    proc = launch_in_child(lab, s, [f"k{i}" for i in range(3)])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not delayd.recorded(s):
         time.sleep(0.01)
@@ -303,17 +291,8 @@ def test_netem_sits_under_htb_with_a_bdp_limit_and_pacing(lab: Lab) -> None:
 
 
 def test_doctor_names_each_vnics_engine(lab: Lab) -> None:
-    import json
-
     s, _ = _pair(lab, egress={"delay": "5ms", "loss": "1%"})
-    proc = subprocess.run(
-        [sys.executable, "-m", "vnic.cli", "doctor", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+    data = doctor_json()
     mine = {v["vm"]: v for v in data["vnics"] if v["session"] == s}
     expected = choose_engine().engine
     assert data["delay_engine"]["engine"] == expected

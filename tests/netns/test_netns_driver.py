@@ -4,7 +4,6 @@ ping and TCP, MAC and TCP settings read from inside the VM, cleanup."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import Lab, leftovers
+from tests.netns.conftest import Lab, launch_in_child, leftovers
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
@@ -180,19 +179,7 @@ def test_session_down_after_sigkill_of_the_launching_process(lab: Lab, tmp_path:
     s = lab.session(default="plain")
     for i in range(6):
         lab.service.add_vm(VmRequest(s, f"k{i}"))
-    env = {**os.environ, "VNIC_DATABASE_URL": str(lab.db.url)}
-    script = "; ".join(
-        [
-            "import sys",
-            "from vnic.manager.service import Service",
-            "from vnic.store.db import Database",
-            "from vnic.drivers.netns import NetnsDriver",
-            "svc = Service(Database(sys.argv[1]))",
-            "d = NetnsDriver()",
-            f"[svc.launch_vm({s!r}, f'k{{i}}', d) for i in range(6)]",
-        ]
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script, str(lab.db.url)], env=env)
+    proc = launch_in_child(lab, s, [f"k{i}" for i in range(6)])
     # Kill it while it is part-way through (after the first VM exists).
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and not any(

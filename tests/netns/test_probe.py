@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
+from tests.netns.conftest import doctor_json
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import run_probe
 from vnic.drivers.netns import capabilities_from_probe
@@ -55,14 +52,7 @@ def test_capabilities_follow_the_probe() -> None:
 
 
 def test_doctor_json() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "vnic.cli", "doctor", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    data = json.loads(proc.stdout)
+    data = doctor_json()
     assert data["kernel"]["qdiscs"]["htb"] is True
     assert data["drivers"][0]["kind"] == "netns"
     assert data["tools_missing"] == []

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vnic.dataplane import names
+from vnic.dataplane import namespaces as nsops
 from vnic.engine import build
 from vnic.errors import DataplaneError
 from vnic.plan.model import DelayEngine, Impairment
@@ -143,11 +144,7 @@ def _spawn(session_ns: str, session: str, vm: str, args: list[str]) -> int:
         )
     # Recorded at once, so a launch killed right now still leaves a way to stop it.
     pid_file.write_text(f"{proc.pid}\n")
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], _READY_TIMEOUT)
-    line = proc.stdout.readline() if ready else b""
-    proc.stdout.close()
-    if line.strip() != b"ready":
+    if not became_ready(proc):
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(timeout=5)
@@ -155,6 +152,15 @@ def _spawn(session_ns: str, session: str, vm: str, args: list[str]) -> int:
         pid_file.unlink()
         raise DataplaneError(f"the delay engine for {session}/{vm} did not start: {reason}")
     return proc.pid
+
+
+def became_ready(proc: subprocess.Popen[bytes], timeout: float = _READY_TIMEOUT) -> bool:
+    """Whether a just-started engine printed "ready" (all sockets bound) within ``timeout`` s."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else b""
+    proc.stdout.close()
+    return line.strip() == b"ready"
 
 
 def _owned_pid(session: str, vm: str) -> int | None:
@@ -187,9 +193,9 @@ def stop(session: str, vm: str, grace: float = 2.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _is_alive(pid):
+        while time.monotonic() < deadline and nsops.alive(pid):
             time.sleep(0.01)
-        if _is_alive(pid):
+        if nsops.alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
     for path in _paths(session, vm):
@@ -197,14 +203,6 @@ def stop(session: str, vm: str, grace: float = 2.0) -> None:
             path.unlink()
     with contextlib.suppress(OSError):
         run_dir(session).rmdir()  # only when empty: other VMs' files stay
-
-
-def _is_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] not in "ZX"
-    except (FileNotFoundError, IndexError):
-        return False
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ def remove(name: str, grace: float = 2.0) -> None:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while victims and time.monotonic() < deadline:
-        victims = [p for p in victims if _alive(p)]
+        victims = [p for p in victims if alive(p)]
         time.sleep(0.02)
     for pid in victims:
         with contextlib.suppress(ProcessLookupError):
@@ -168,7 +168,8 @@ def remove(name: str, grace: float = 2.0) -> None:
     netns.remove(name)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether ``pid`` is a running (not zombie) process."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(") ", 1)[1][0] != "Z"

@@ -8,7 +8,6 @@ namespace ``vnic.probe-<pid>`` that is removed afterwards.
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import subprocess
 import tempfile
@@ -244,9 +243,7 @@ def _delayd_ok(ns: str) -> bool:
             stderr=subprocess.DEVNULL,
         )
         try:
-            assert proc.stdout is not None
-            ready, _, _ = select.select([proc.stdout], [], [], 10)
-            return bool(ready) and proc.stdout.readline().strip() == b"ready"
+            return delayd.became_ready(proc)
         finally:
             proc.kill()
             proc.wait()

@@ -255,6 +255,7 @@ class NetnsDriver:
     def engines_in_use(self) -> list[dict[str, object]]:
         """Every running VM on this host, what carries its delay and loss and why, with counters."""
         host = choose_engine(self.probe)
+        netem_by_session: dict[str, set[str]] = {}  # one qdisc dump per session, not per VM
         report: list[dict[str, object]] = []
         for ns_name in nsops.listing():
             parts = ns_name.split(".")
@@ -279,12 +280,18 @@ class NetnsDriver:
                         "counters": stats.directions,
                     },
                 )
-            elif {links.port, links.ifb} & _netem_devices(names.session_netns(session)):
+            elif {links.port, links.ifb} & self._netem_in(session, netem_by_session):
                 engine, detail = "netem", {"why": host.reason}
             else:
                 engine, detail = "none", {"why": "its profile has no delay or loss"}
             report.append({"session": session, "vm": vm, "engine": engine, **detail})
         return report
+
+    @staticmethod
+    def _netem_in(session: str, seen: dict[str, set[str]]) -> set[str]:
+        if session not in seen:
+            seen[session] = _netem_devices(names.session_netns(session))
+        return seen[session]
 
     def engine_stats(self, session: str, vm: str) -> delayd.EngineStats | None:
         """Counters of the VM's delay engine, or None when it has none."""
