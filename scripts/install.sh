@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   iproute2 nftables iptables iputils-ping iperf3 irtt procps ethtool libc6-dev
   python3 python3-venv python3-dev gcc
-  postgresql
+  postgresql prometheus
 )
 
 missing=()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,8 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from vnic.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
+from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput, VnicError
-from vnic.manager.service import Explanation, ProfileInfo, Service, SessionInfo, VmInfo, VmRequest
+from vnic.manager import views
+from vnic.manager.auth import Tokens
+from vnic.manager.client import ManagerClient
+from vnic.manager.service import Explanation, Service, VmInfo, VmRequest
 from vnic.model.profile import FIELDS, parse_assignments
 from vnic.model.session import AssignmentRule
 from vnic.settings import Settings
@@ -52,7 +55,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.
 
 class _State:
     database_url: str | None = None
-    service: Service | None = None
+    server: str | None = None
+    token: str | None = None
+    service: Service | ManagerClient | None = None
 
 
 state = _State()
@@ -68,26 +73,53 @@ def _root(
             help="Database URL (default: SQLite file under VNIC_HOME).",
         ),
     ] = None,
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            envvar="VNIC_SERVER",
+            help="URL of a running manager (vnic serve); default: work embedded, on the database.",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", envvar="VNIC_TOKEN", help="API token for --server."),
+    ] = None,
 ) -> None:
     state.database_url = database
+    state.server = server
+    state.token = token
     state.service = None
 
 
-def service() -> Service:
+def service() -> Service | ManagerClient:
+    """The service: a running manager's API with --server, else embedded on the database."""
     if state.service is None:
-        url = state.database_url or Settings.from_env().database_url
-        state.service = Service(Database(url))
+        if state.server:
+            state.service = ManagerClient(state.server, state.token)
+        else:
+            state.service = Service(Database(database_url()))
     return state.service
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__}")
+def database_url() -> str:
+    return state.database_url or Settings.from_env().database_url
+
+
+def dispatcher(kind: str) -> Driver:
+    """Where launches go: this host's agent (embedded), or nowhere here with --server
+    (the manager dispatches to its agents)."""
+    from vnic.agent.core import local_agent
+
+    if state.server:
+        from vnic.drivers.fake import FakeDriver
+
+        return FakeDriver()  # unused: the manager client ignores the driver argument
+    return local_agent(kind)
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+    sys.stdout.write(json.dumps(data, indent=2, default=views.encode) + "\n")
 
 
 def run(action: Callable[[], None]) -> None:
@@ -152,7 +184,7 @@ def profile_list(as_json: JsonFlag = False) -> None:
     def body() -> None:
         infos = service().list_profiles()
         if as_json:
-            emit_json([_profile_json(p) for p in infos])
+            emit_json([views.profile_json(p) for p in infos])
             return
         table = Table("name", "rev", "description", "labels", "used by")
         for p in infos:
@@ -168,19 +200,6 @@ def profile_list(as_json: JsonFlag = False) -> None:
     run(body)
 
 
-def _profile_json(p: ProfileInfo) -> dict[str, Any]:
-    return {
-        "name": p.name,
-        "revision": p.revision,
-        "description": p.description,
-        "labels": dict(p.labels),
-        "document": p.document,
-        "created_at": p.created_at,
-        "updated_at": p.updated_at,
-        "used_by": list(p.users),
-    }
-
-
 @profile_app.command("show")
 def profile_show(
     name: str,
@@ -194,7 +213,7 @@ def profile_show(
     def body() -> None:
         p = service().get_profile(name, revision)
         if as_json:
-            emit_json(_profile_json(p))
+            emit_json(views.profile_json(p))
             return
         out.print(f"# profile {p.name}, revision {p.revision}", markup=False)
         out.print(dump_yaml([p.document]).rstrip(), markup=False)
@@ -283,18 +302,6 @@ def profile_fields(as_json: JsonFlag = False) -> None:
 # ----------------------------------------------------------------------------- session
 
 
-def _session_json(s: SessionInfo) -> dict[str, Any]:
-    return {
-        "name": s.name,
-        "network_id": s.network_id,
-        "default_profile": s.policy.default_profile,
-        "rules": [r.to_document() for r in s.policy.rules],
-        "overrides_allowed": s.policy.overrides_allowed,
-        "vms": list(s.vms),
-        "created_at": s.created_at,
-    }
-
-
 @session_app.command("create")
 def session_create(
     name: str,
@@ -329,7 +336,7 @@ def session_create(
             overrides_allowed=not no_overrides,
         )
         if as_json:
-            emit_json(_session_json(info))
+            emit_json(views.session_json(info))
         else:
             out.print(f"session {info.name}: created (network id {info.network_id})", markup=False)
 
@@ -343,7 +350,7 @@ def session_list(as_json: JsonFlag = False) -> None:
     def body() -> None:
         infos = service().list_sessions()
         if as_json:
-            emit_json([_session_json(s) for s in infos])
+            emit_json([views.session_json(s) for s in infos])
             return
         table = Table("name", "network id", "default profile", "rules", "overrides", "vms")
         for s in infos:
@@ -368,8 +375,8 @@ def session_show(name: str, as_json: JsonFlag = False) -> None:
         info = service().get_session(name)
         vms = service().list_vms(name)
         if as_json:
-            data = _session_json(info)
-            data["vms"] = [_vm_json(v) for v in vms]
+            data = views.session_json(info)
+            data["vms"] = [views.vm_json(v) for v in vms]
             emit_json(data)
             return
         out.print(f"session {info.name}  network id {info.network_id}", markup=False)
@@ -421,9 +428,7 @@ def session_down(
     """Stop every VM of the session and remove its network namespaces, links and qdiscs."""
 
     def body() -> None:
-        from vnic.drivers.registry import get_driver
-
-        stopped = service().session_down(name, get_driver(driver))
+        stopped = service().session_down(name, dispatcher(driver))
         out.print(f"session {name}: down ({len(stopped)} VMs stopped)", markup=False)
 
     run(body)
@@ -445,22 +450,6 @@ def session_delete(
 
 
 # ----------------------------------------------------------------------------- vm
-
-
-def _vm_json(v: VmInfo) -> dict[str, Any]:
-    return {
-        "session": v.session,
-        "name": v.name,
-        "role": v.role,
-        "labels": dict(v.labels),
-        "needs": list(v.needs),
-        "override_profile": v.override_profile,
-        "override_patch": v.override_patch,
-        "mac": v.mac,
-        "ipv4": v.ipv4,
-        "ipv6": v.ipv6,
-        "state": v.state,
-    }
 
 
 def _vm_table(vms: Sequence[VmInfo]) -> None:
@@ -517,7 +506,7 @@ def vm_add(
             )
         )
         if as_json:
-            emit_json(_explain_json(result))
+            emit_json(views.explain_json(result))
         else:
             out.print(f"vm {session}/{name}: added, MAC {result.vm.mac}", markup=False)
 
@@ -550,9 +539,7 @@ def vm_launch(
     """Launch a VM: define it first if new, resolve its profile, configure its vNIC, start it."""
 
     def body() -> None:
-        from vnic.drivers.registry import get_driver
-
-        drv = get_driver(driver)
+        drv = dispatcher(driver)
         svc = service()
         known = {v.name for v in svc.list_vms(session)}
         if name not in known:
@@ -581,7 +568,7 @@ def vm_launch(
                 svc.remove_vm(session, name)  # a failed launch of a new VM defines nothing
             raise
         if as_json:
-            emit_json(_explain_json(result))
+            emit_json(views.explain_json(result))
         else:
             v = result.vm
             out.print(
@@ -621,9 +608,7 @@ def vm_destroy(
     """Stop a VM and remove its network (the definition and MAC stay)."""
 
     def body() -> None:
-        from vnic.drivers.registry import get_driver
-
-        service().destroy_vm(session, name, get_driver(driver))
+        service().destroy_vm(session, name, dispatcher(driver))
         out.print(f"vm {session}/{name}: destroyed", markup=False)
 
     run(body)
@@ -636,7 +621,7 @@ def vm_list(session: str, as_json: JsonFlag = False) -> None:
     def body() -> None:
         vms = service().list_vms(session)
         if as_json:
-            emit_json([_vm_json(v) for v in vms])
+            emit_json([views.vm_json(v) for v in vms])
         else:
             _vm_table(vms)
 
@@ -654,10 +639,6 @@ def vm_remove(session: str, name: str) -> None:
     run(body)
 
 
-def _explain_json(e: Explanation) -> dict[str, Any]:
-    return {"vm": _vm_json(e.vm), "effective": e.effective.to_dict()}
-
-
 @vm_app.command("explain")
 def vm_explain(
     session: str,
@@ -670,7 +651,7 @@ def vm_explain(
     def body() -> None:
         e = service().explain(session, name)
         if as_json:
-            emit_json(_explain_json(e))
+            emit_json(views.explain_json(e))
             return
         print_explanation(e, all_fields=all_fields)
 
@@ -926,7 +907,7 @@ def db_upgrade() -> None:
     """Create or migrate the database schema to the newest revision."""
 
     def body() -> None:
-        svc = service()
+        svc = Service(Database(database_url()))
         out.print(
             f"database {svc.db.engine.url.render_as_string(hide_password=True)}: up to date",
             markup=False,
@@ -944,7 +925,149 @@ def demo(
     """Launch a shaped demo session (default, rule, override), measure each VM both ways, tear it down. Root."""
     from vnic.demo import run_demo
 
-    run(lambda: run_demo(service(), profiles_dir, out))
+    run(lambda: run_demo(Service(Database(database_url())), profiles_dir, out))
+
+
+# ----------------------------------------------------------------------------- servers, tokens
+
+token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin, owner, reader).")
+app.add_typer(token_app, name="token")
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8470,
+    agent: Annotated[
+        str | None,
+        typer.Option("--agent", help="URL of a standalone agent (default: one in this process)."),
+    ] = None,
+    agent_key_file: Annotated[
+        Path | None, typer.Option("--agent-key-file", help="The agent's key (with --agent).")
+    ] = None,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+) -> None:
+    """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics.
+    Binds to localhost unless told otherwise; every call needs a token (vnic token create)."""
+    from vnic.serve import build_manager, run_manager
+
+    def body() -> None:
+        key = agent_key_file.read_text().strip() if agent_key_file else None
+        manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
+        run_manager(manager, host, port)
+
+    run(body)
+
+
+@app.command("agent")
+def agent_command(
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8471,
+    key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--key-file", help="Agent key file (default $VNIC_HOME/agent.key, made once)."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="Desired-state directory (default $VNIC_HOME/agent)."),
+    ] = None,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+) -> None:
+    """Run this host's agent on its own: the manager reaches it with --agent URL.
+    Reconciles the kernel with its desired state before it answers."""
+    from vnic.agent.api import agent_key
+    from vnic.agent.core import local_agent
+    from vnic.serve import run_agent
+
+    def body() -> None:
+        home = Settings.from_env().home
+        key = agent_key(key_file or home / "agent.key")
+        run_agent(local_agent(driver, state_dir), key, host, port)
+
+    run(body)
+
+
+@token_app.command("create")
+def token_create(
+    name: str,
+    role: Annotated[str, typer.Option("--role", help="admin, owner or reader.")],
+    as_json: JsonFlag = False,
+) -> None:
+    """Create a token and print its secret (shown once). Embedded, this is how the
+    first admin token is made."""
+
+    def body() -> None:
+        svc = service()
+        if isinstance(svc, ManagerClient):
+            info, secret = svc.create_token(name, role)
+        else:
+            info, secret = Tokens(svc.db).create(name, role)
+        if as_json:
+            emit_json({**views.token_json(info), "secret": secret})
+        else:
+            out.print(f"token {info.name} ({info.role}): {secret}", markup=False)
+
+    run(body)
+
+
+@token_app.command("list")
+def token_list(as_json: JsonFlag = False) -> None:
+    """List tokens (names and roles; secrets are never stored)."""
+
+    def body() -> None:
+        svc = service()
+        infos = svc.list_tokens() if isinstance(svc, ManagerClient) else Tokens(svc.db).list()
+        if as_json:
+            emit_json([views.token_json(t) for t in infos])
+            return
+        table = Table("name", "role", "created")
+        for t in infos:
+            table.add_row(t.name, t.role, t.created_at.isoformat(timespec="seconds"))
+        out.print(table)
+
+    run(body)
+
+
+@token_app.command("revoke")
+def token_revoke(name: str) -> None:
+    """Revoke a token: calls with it are refused from now on."""
+
+    def body() -> None:
+        svc = service()
+        if isinstance(svc, ManagerClient):
+            svc.revoke_token(name)
+        else:
+            Tokens(svc.db).revoke(name)
+        out.print(f"token {name}: revoked", markup=False)
+
+    run(body)
+
+
+@app.command("top")
+def top(
+    session: str,
+    interval: Annotated[float, typer.Option("--interval", help="Seconds between updates.")] = 1.0,
+    count: Annotated[
+        int, typer.Option("--count", help="Updates to show, then exit (0: until Ctrl-C).")
+    ] = 0,
+) -> None:
+    """Live per-vNIC table of a session: rates against the profile, drops by cause, latency."""
+    from vnic.top import run_top
+
+    def body() -> None:
+        svc = service()
+        if isinstance(svc, ManagerClient):
+            source = svc.stats
+        else:
+            from vnic.agent.core import local_agent
+
+            svc.get_session(session)
+            source = local_agent().stats
+        run_top(session, source, out, interval=interval, count=count)
+
+    run(body)
 
 
 def main() -> None:

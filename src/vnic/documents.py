@@ -115,3 +115,20 @@ def dump_yaml(docs: Sequence[Any]) -> str:
     """Profiles as one YAML list (a single profile as a mapping)."""
     body: Any = docs[0] if len(docs) == 1 else list(docs)
     return yaml.safe_dump(body, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: keys of ``patch`` replace, ``None`` removes, the rest stays.
+
+    Nested mappings merge; any other value (lists included) replaces whole.
+    Neither argument is modified.
+    """
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result

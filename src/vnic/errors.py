@@ -139,6 +139,28 @@ class Exhausted(Conflict):
     kind = "exhausted"
 
 
+class Unauthenticated(VnicError):
+    """No token, or a token vnic does not know."""
+
+    http_status = 401
+    kind = "unauthenticated"
+
+
+class Forbidden(VnicError):
+    """The token is valid but its role may not do this."""
+
+    http_status = 403
+    kind = "forbidden"
+
+
+class Unavailable(VnicError):
+    """A component vnic needs (an agent, the database) did not answer."""
+
+    http_status = 503
+    exit_code = 3
+    kind = "unavailable"
+
+
 class Unsupported(VnicError):
     """The target (driver, kernel) cannot do what was asked."""
 
@@ -151,3 +173,43 @@ class DataplaneError(VnicError):
 
     http_status = 500
     kind = "dataplane"
+
+
+#: Every error kind, by the ``error`` field of its API body (the client maps bodies back).
+KINDS: dict[str, type[VnicError]] = {
+    cls.kind: cls
+    for cls in (
+        VnicError,
+        InvalidInput,
+        NotFound,
+        Conflict,
+        InUse,
+        Exhausted,
+        Unauthenticated,
+        Forbidden,
+        Unavailable,
+        Unsupported,
+        DataplaneError,
+    )
+}
+
+
+def error_from_body(body: Any) -> VnicError:
+    """The error an API error body describes (``{error, message, fields}``), for clients.
+
+    The instance has the kind's class, so status, exit code and ``except``
+    clauses behave as for the original; only its message is carried over.
+    """
+    if not isinstance(body, dict):
+        body = {"message": str(body)}
+    kind = str(body.get("error", "error"))
+    message = str(body.get("message", "unknown error"))
+    fields = body.get("fields")
+    if kind == "invalid" and isinstance(fields, list) and fields:
+        return InvalidInput(
+            [FieldError(str(f["field"]), str(f["value"]), str(f["expected"])) for f in fields]
+        )
+    cls = KINDS.get(kind, VnicError)
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error

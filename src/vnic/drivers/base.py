@@ -77,7 +77,8 @@ def check_supported(caps: Capabilities, values: Mapping[str, object]) -> None:
 class Driver(Protocol):
     """The narrow interface every driver implements."""
 
-    kind: str
+    @property
+    def kind(self) -> str: ...
 
     def capabilities(self) -> Capabilities: ...
 

@@ -14,7 +14,13 @@ def _netns() -> Driver:
     return NetnsDriver()
 
 
-FACTORIES: dict[str, Callable[[], Driver]] = {"netns": _netns}
+def _fake() -> Driver:
+    from vnic.drivers.fake import FakeDriver
+
+    return FakeDriver()
+
+
+FACTORIES: dict[str, Callable[[], Driver]] = {"netns": _netns, "fake": _fake}
 DEFAULT = "netns"
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vnic.dataplane.names import vm_addresses
+from vnic.documents import merge_patch
 from vnic.drivers.base import Driver, LaunchRequest
 from vnic.errors import (
     Conflict,
@@ -28,6 +29,7 @@ from vnic.errors import (
     InUse,
     InvalidInput,
     NotFound,
+    Unsupported,
     VnicError,
 )
 from vnic.model.profile import (
@@ -38,6 +40,7 @@ from vnic.model.profile import (
     parse_labels,
     parse_name,
     parse_patch,
+    parse_profile_document,
     values_to_document,
 )
 from vnic.model.resolve import Adjustment, Effective, ProfileRef, resolve
@@ -102,6 +105,7 @@ class SessionInfo:
     policy: Policy
     vms: Sequence[str]
     created_at: datetime
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -268,26 +272,28 @@ class Service:
 
     def _recheck_vms(self, s: Session, changed: Iterable[str]) -> None:
         """Re-resolve every VM that uses a changed profile; refuse if one breaks."""
+        self._recheck(s, [vm for name in changed for vm in self._vms_using(s, name)])
+
+    def _recheck(self, s: Session, vms: Iterable[VmRow]) -> None:
+        """Re-resolve ``vms``; refuse if one gets an invalid profile or loses its MAC's range."""
         errors: list[FieldError] = []
-        for name in changed:
-            for vm in self._vms_using(s, name):
-                label = f"{vm.session.name}/{vm.name}"
-                try:
-                    eff = self._resolve(s, vm)
-                except InvalidInput as exc:
-                    errors.extend(
-                        FieldError(e.path, f"{e.value} for VM {label}", e.expected)
-                        for e in exc.errors
+        for vm in vms:
+            label = f"{vm.session.name}/{vm.name}"
+            try:
+                eff = self._resolve(s, vm)
+            except InvalidInput as exc:
+                errors.extend(
+                    FieldError(e.path, f"{e.value} for VM {label}", e.expected) for e in exc.errors
+                )
+                continue
+            if vm.mac is not None and MacAddress(vm.mac.mac) not in eff.profile.mac_range:
+                errors.append(
+                    FieldError(
+                        "mac_range",
+                        f"{eff.profile.mac_range} for VM {label}",
+                        f"a range that still holds its MAC {MacAddress(vm.mac.mac)}",
                     )
-                    continue
-                if vm.mac is not None and MacAddress(vm.mac.mac) not in eff.profile.mac_range:
-                    errors.append(
-                        FieldError(
-                            "mac_range",
-                            f"{eff.profile.mac_range} for VM {label}",
-                            f"a range that still holds its MAC {MacAddress(vm.mac.mac)}",
-                        )
-                    )
+                )
         if errors:
             raise InvalidInput(errors)
 
@@ -312,6 +318,18 @@ class Service:
             if v.session_id not in sessions
         ]
         return vms
+
+    def update_profile(self, name: str, patch: Mapping[str, Any]) -> ApplyResult:
+        """Merge ``patch`` into the profile's current document (RFC 7386: omitted keys stay,
+        ``null`` removes) and store the result as a new revision, with the same checks
+        as :meth:`apply_profiles`."""
+        if "name" in patch and patch["name"] != name:
+            raise InvalidInput.one("name", patch["name"], f"{name!r}: a profile cannot be renamed")
+        with self.db.transaction() as s:
+            current = dict(self._current_document(s, self._profile_row(s, name)))
+        merged = merge_patch(current, dict(patch))
+        merged["name"] = name
+        return self.apply_profiles([parse_profile_document(merged)])[0]
 
     def list_profiles(self) -> list[ProfileInfo]:
         with self.db.transaction() as s:
@@ -428,28 +446,19 @@ class Service:
         rules: Sequence[AssignmentRule] = (),
         network_id: int | None = None,
         overrides_allowed: bool = True,
+        owner: str | None = None,
     ) -> SessionInfo:
         name = parse_session_name(name)
         if network_id is not None:
             network_id = parse_network_id(network_id)
+        if owner is not None:
+            owner = parse_name(owner, "owner")
         with self.db.transaction() as s:
             self.db.allocation_lock(s)
             if s.scalar(select(SessionRow).where(SessionRow.name == name)) is not None:
                 raise Conflict(f"session {name!r} already exists")
-            default_row = self._profile_row(s, default_profile) if default_profile else None
-            rule_rows = []
-            for i, rule in enumerate(rules):
-                try:
-                    profile_row = self._profile_row(s, rule.profile)
-                except NotFound as exc:
-                    raise InvalidInput.one(
-                        f"rules[{i}].profile", rule.profile, f"an existing profile ({exc})"
-                    ) from None
-                match = rule.to_document()
-                del match["profile"]
-                rule_rows.append(
-                    AssignmentRuleRow(position=i, profile_id=profile_row.id, match=match)
-                )
+            default_row = self._existing_profile(s, default_profile, "default_profile")
+            rule_rows = self._rule_rows(s, rules)
             if network_id is None:
                 network_id = self._free_network_id(s)
             elif (
@@ -461,11 +470,59 @@ class Service:
                 network_id=network_id,
                 default_profile_id=default_row.id if default_row else None,
                 overrides_allowed=overrides_allowed,
+                owner=owner,
                 created_at=self.clock(),
             )
             row.rules.extend(rule_rows)
             s.add(row)
             s.flush()
+            return self._session_info(row)
+
+    def _existing_profile(self, s: Session, name: str | None, path: str) -> ProfileRow | None:
+        """The named profile, or None for no name; a missing one is an input error at ``path``."""
+        if name is None:
+            return None
+        try:
+            return self._profile_row(s, parse_name(name, path))
+        except NotFound as exc:
+            raise InvalidInput.one(path, name, f"an existing profile ({exc})") from None
+
+    def _rule_rows(self, s: Session, rules: Sequence[AssignmentRule]) -> list[AssignmentRuleRow]:
+        rows = []
+        for i, rule in enumerate(rules):
+            profile_row = self._existing_profile(s, rule.profile, f"rules[{i}].profile")
+            assert profile_row is not None  # a rule always names a profile
+            match = rule.to_document()
+            del match["profile"]
+            rows.append(AssignmentRuleRow(position=i, profile_id=profile_row.id, match=match))
+        return rows
+
+    def update_session(self, name: str, changes: Mapping[str, Any]) -> SessionInfo:
+        """Change a session's policy or owner; keys absent from ``changes`` stay as they are.
+
+        ``changes`` may hold ``default_profile`` (a name, or None for none),
+        ``rules`` (the whole ordered list, replaced), ``overrides_allowed`` and
+        ``owner`` (None for none). Refused, with nothing changed, when a VM
+        of the session would get an invalid effective profile or lose its MAC's range.
+        """
+        with self.db.transaction() as s:
+            row = self._session_row(s, name)
+            if "default_profile" in changes:
+                default = self._existing_profile(s, changes["default_profile"], "default_profile")
+                row.default_profile_id = default.id if default else None
+                row.default_profile = default
+            if "rules" in changes:
+                row.rules.clear()
+                s.flush()  # the old positions must go before the new ones are written
+                row.rules.extend(self._rule_rows(s, changes["rules"]))
+            if "overrides_allowed" in changes:
+                row.overrides_allowed = bool(changes["overrides_allowed"])
+            if "owner" in changes:
+                owner = changes["owner"]
+                row.owner = parse_name(owner, "owner") if owner is not None else None
+            s.flush()
+            s.expire(row, ["rules", "default_profile"])
+            self._recheck(s, row.vms)
             return self._session_info(row)
 
     def _free_network_id(self, s: Session) -> int:
@@ -520,6 +577,7 @@ class Service:
             policy=self._policy(row),
             vms=[v.name for v in row.vms],
             created_at=row.created_at,
+            owner=row.owner,
         )
 
     # ------------------------------------------------------------------ VMs
@@ -581,6 +639,57 @@ class Service:
                     f"could not allocate a MAC for {session.name}/{name}: {exc.orig}"
                 ) from None
             return Explanation(self._vm_info(vm), eff)
+
+    def update_vm(self, session: str, name: str, changes: Mapping[str, Any]) -> Explanation:
+        """Change a VM's facts or override; keys absent from ``changes`` stay as they are.
+
+        Keys: ``role``, ``labels``, ``needs`` (replaced), ``profile`` (override
+        profile name, None removes), ``patch`` (merged into the override patch
+        as an RFC 7386 merge patch, so ``null`` removes a field from the
+        override; None as the whole value removes the override patch). The
+        session must allow overrides to set one. The VM keeps its MAC, which
+        must stay inside the new effective range. A running VM is not touched
+        here: the caller reconfigures it (:meth:`reconfigure_vm`).
+        """
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            if "role" in changes:
+                vm.role = parse_role(changes["role"])
+            if "labels" in changes:
+                vm.labels = parse_labels(changes["labels"] or {})
+            if "needs" in changes:
+                vm.needs = list(parse_needs(changes["needs"] or []))
+            setting = [k for k in ("profile", "patch") if changes.get(k) is not None]
+            if setting and not vm.session.overrides_allowed:
+                raise InvalidInput.one(
+                    setting[0],
+                    changes[setting[0]],
+                    f"no override: session {vm.session.name!r} does not allow overrides",
+                )
+            if "profile" in changes:
+                row = self._existing_profile(s, changes["profile"], "profile")
+                vm.override_profile_id = row.id if row else None
+                vm.override_profile = row
+            if "patch" in changes:
+                vm.override_patch = self._merged_override(vm.override_patch, changes["patch"])
+            s.flush()
+            self._recheck(s, [vm])
+            return Explanation(self._vm_info(vm), self._resolve(s, vm))
+
+    @staticmethod
+    def _merged_override(
+        current: Mapping[str, Any] | None, patch: Mapping[str, Any] | None
+    ) -> dict[str, Any] | None:
+        if patch is None:
+            return None
+        if not isinstance(patch, Mapping):
+            raise InvalidInput.one("patch", patch, "a mapping of profile fields, or null")
+        merged = merge_patch(dict(current or {}), dict(patch))
+        errors: list[FieldError] = []
+        values = document_to_values(merged, errors)
+        if errors:
+            raise InvalidInput([e.under("patch") for e in errors])
+        return values_to_document(values) or None
 
     def _free_mac(self, s: Session, pool: MacRange) -> MacAddress:
         taken = s.scalars(
@@ -646,6 +755,44 @@ class Service:
             revisions=dict(eff.revisions),
         )
 
+    def reconfigure_vm(self, session: str, name: str, driver: Driver) -> Explanation:
+        """Send a running VM its current effective profile; a defined VM only re-resolves."""
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            eff = self._resolve(s, vm)
+            if vm.state != "running":
+                return Explanation(self._vm_info(vm), eff)
+            request = self._launch_request(vm, eff)
+        reconfigure = getattr(driver, "reconfigure", None)
+        if reconfigure is None:
+            raise Unsupported(f"the {driver.kind} driver cannot reconfigure a running VM")
+        reconfigure(request)
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            vm.applied = {
+                "driver": driver.kind,
+                "revisions": dict(eff.revisions),
+                "values": values_to_document(eff.values),
+            }
+            return Explanation(self._vm_info(vm), eff)
+
+    def desired(self) -> list[tuple[str, LaunchRequest]]:
+        """``(driver kind, launch request)`` of every VM the database says is running:
+        what the agents must run."""
+        with self.db.transaction() as s:
+            out = []
+            for vm in s.scalars(select(VmRow).where(VmRow.state == "running")):
+                kind = str((vm.applied or {}).get("driver", "netns"))
+                out.append((kind, self._launch_request(vm, self._resolve(s, vm))))
+            return out
+
+    def mark_stopped(self, session: str, name: str) -> None:
+        """Record that a VM no longer runs (its agent lost it and could not restore it)."""
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            vm.state = "defined"
+            vm.applied = None
+
     def launch_many(
         self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
     ) -> list[LaunchOutcome]:
@@ -659,11 +806,11 @@ class Service:
             return []
         if workers < 1:
             raise InvalidInput.one("workers", workers, "a number of processes of at least 1")
-        from vnic.drivers.registry import get_driver
+        from vnic.agent.core import local_agent
 
         # The first launch brings the session's network up; after it, launches
         # of different VMs touch disjoint objects and may run side by side.
-        outcomes = [_timed_launch(self, get_driver(driver_kind), session, names[0])]
+        outcomes = [_timed_launch(self, local_agent(driver_kind), session, names[0])]
         rest = [(session, name) for name in names[1:]]
         if rest:
             # Children get their own connections; the parent's pool must not be shared.
@@ -774,10 +921,10 @@ _worker: dict[str, Any] = {}
 
 
 def _worker_init(url: str, driver_kind: str) -> None:
-    from vnic.drivers.registry import get_driver
+    from vnic.agent.core import local_agent
 
     _worker["service"] = Service(Database(url, migrate=False))
-    _worker["driver"] = get_driver(driver_kind)
+    _worker["driver"] = local_agent(driver_kind)
 
 
 def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:

@@ -89,6 +89,8 @@ class SessionRow(Base):
         ForeignKey("profiles.id", ondelete="RESTRICT"), nullable=True
     )
     overrides_allowed: Mapped[bool] = mapped_column(Boolean, default=True)
+    # Name of the API token (role "owner") that may run this session's VMs.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     default_profile: Mapped[ProfileRow | None] = relationship()
@@ -184,3 +186,15 @@ class AdjustmentRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     vm: Mapped[VmRow] = relationship(back_populates="adjustments")
+
+
+class TokenRow(Base):
+    """An API token. Only the SHA-256 of its secret is stored; the secret is shown once."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,138 @@
+"""The agent's HTTP API, for a manager on another process or host (``vnic agent``).
+
+Every route but ``/v1/health`` needs the agent key (``Authorization: Bearer
+KEY``), a secret file only root can read on the agent's host
+(:func:`agent_key`). Prometheus scrapes ``/metrics`` with the same key.
+Errors leave as the manager's do: status from the error kind, body
+``{error, message, fields}``, so the client can raise the same error again.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+import vnic
+from vnic.agent.core import Agent, DesiredVm
+from vnic.agent.wire import request_from_wire
+from vnic.errors import InvalidInput, Unauthenticated, VnicError
+from vnic.manager.api import ERRORS, error_response
+
+
+def agent_key(path: Path) -> str:
+    """The agent key at ``path``, created (mode 0600) with 256 random bits if missing."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    return path.read_text().strip()
+
+
+def _desired(doc: Any, path: str) -> DesiredVm:
+    if not isinstance(doc, dict):
+        raise InvalidInput.one(path, doc, "an object with driver and request")
+    try:
+        request = request_from_wire(doc.get("request"))
+    except InvalidInput as exc:
+        raise exc.under(f"{path}.request") from None
+    return DesiredVm(str(doc.get("driver") or "netns"), request)
+
+
+_bearer = HTTPBearer(auto_error=False, description="The agent key")
+
+
+def _check_key(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    given = creds.credentials if creds else ""
+    if not hmac.compare_digest(given.encode(), str(request.app.state.key).encode()):
+        raise Unauthenticated("this agent needs its key: 'Authorization: Bearer KEY'")
+
+
+Auth = Annotated[None, Depends(_check_key)]
+
+
+def create_agent_app(agent: Agent, key: str) -> FastAPI:
+    app = FastAPI(title="vnic agent", version=vnic.__version__, responses=ERRORS)
+    app.state.key = key
+
+    @app.exception_handler(VnicError)
+    async def _vnic_error(_: Request, exc: VnicError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": vnic.__version__}
+
+    @app.get("/v1/capabilities")
+    def capabilities(_: Auth) -> list[dict[str, object]]:
+        return [c.to_dict() for c in agent.all_capabilities()]
+
+    @app.get("/v1/vms")
+    def desired(_: Auth) -> list[dict[str, Any]]:
+        from vnic.agent.wire import request_to_wire
+
+        return [
+            {"driver": d.driver, "request": request_to_wire(d.request)} for d in agent.desired()
+        ]
+
+    @app.post("/v1/vms", status_code=201)
+    def launch(_: Auth, body: Annotated[dict[str, Any], Body()]) -> dict[str, str]:
+        vm = _desired(body, "body")
+        agent.launch(vm.request, vm.driver)
+        return {"session": vm.request.session, "vm": vm.request.vm}
+
+    @app.put("/v1/vms/{session}/{vm}")
+    def reconfigure(
+        _: Auth, session: str, vm: str, body: Annotated[dict[str, Any], Body()]
+    ) -> dict[str, str]:
+        wanted = _desired(body, "body")
+        if (wanted.request.session, wanted.request.vm) != (session, vm):
+            raise InvalidInput.one(
+                "request.vm", wanted.request.vm, f"{session}/{vm}, as the URL says"
+            )
+        agent.reconfigure(wanted.request)
+        return {"session": session, "vm": vm}
+
+    @app.delete("/v1/vms/{session}/{vm}", status_code=204)
+    def destroy(_: Auth, session: str, vm: str) -> Response:
+        agent.destroy(session, vm)
+        return Response(status_code=204)
+
+    @app.delete("/v1/sessions/{session}", status_code=204)
+    def teardown(
+        _: Auth, session: str, vm: Annotated[list[str] | None, Query()] = None
+    ) -> Response:
+        agent.teardown_session(session, vm or [])
+        return Response(status_code=204)
+
+    @app.get("/v1/sessions/{session}/running")
+    def running(_: Auth, session: str) -> list[str]:
+        return agent.running(session)
+
+    @app.get("/v1/sessions/{session}/stats")
+    def stats(_: Auth, session: str) -> list[dict[str, Any]]:
+        return agent.stats(session)
+
+    @app.post("/v1/sync")
+    def sync(_: Auth, body: Annotated[list[dict[str, Any]], Body()]) -> dict[str, Any]:
+        vms = [_desired(doc, f"[{i}]") for i, doc in enumerate(body)]
+        return agent.sync(vms).to_dict()
+
+    @app.post("/v1/reconcile")
+    def reconcile(_: Auth) -> dict[str, Any]:
+        return agent.reconcile().to_dict()
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(_: Auth) -> PlainTextResponse:
+        return PlainTextResponse(agent.metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return app

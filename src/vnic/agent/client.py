@@ -1,0 +1,102 @@
+"""The manager's side of a remote agent: the agent interface over HTTP.
+
+Errors come back as the agent raised them (same kind, same message, same
+fields), so the manager reports a remote failure exactly like a local one.
+An agent that does not answer is :class:`~vnic.errors.Unavailable` (503).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+from vnic.agent.core import DesiredVm, ReconcileReport
+from vnic.agent.wire import request_from_wire, request_to_wire
+from vnic.drivers.base import Capabilities, LaunchRequest
+from vnic.errors import Unavailable, error_from_body
+
+
+def raise_for_body(response: httpx.Response) -> None:
+    """Raise the :class:`VnicError` an error response describes (nothing for a success)."""
+    if response.is_success:
+        return
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"error": "error", "message": response.text or response.reason_phrase}
+    raise error_from_body(body)
+
+
+class AgentClient:
+    """A remote agent at ``url`` (``http://host:port``), authenticated by its key."""
+
+    def __init__(self, url: str, key: str, *, timeout: float = 120.0, default: str = "netns"):
+        self.url = url.rstrip("/")
+        self.default = default
+        self._http = httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
+        )
+
+    @property
+    def kind(self) -> str:
+        return self.default
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"agent {self.url} did not answer: {exc}") from None
+        raise_for_body(response)
+        return response
+
+    def capabilities(self) -> Capabilities:
+        for caps in self.all_capabilities():
+            if caps.kind == self.default:
+                return caps
+        raise Unavailable(f"agent {self.url} has no {self.default} driver")
+
+    def all_capabilities(self) -> list[Capabilities]:
+        return [
+            Capabilities(c["kind"], frozenset(c["fields"]), dict(c["missing"]))
+            for c in self._call("GET", "/v1/capabilities").json()
+        ]
+
+    def launch(self, request: LaunchRequest, kind: str | None = None) -> None:
+        body = {"driver": kind or self.default, "request": request_to_wire(request)}
+        self._call("POST", "/v1/vms", json=body)
+
+    def reconfigure(self, request: LaunchRequest) -> None:
+        body = {"driver": self.default, "request": request_to_wire(request)}
+        self._call("PUT", f"/v1/vms/{request.session}/{request.vm}", json=body)
+
+    def destroy(self, session: str, vm: str) -> None:
+        self._call("DELETE", f"/v1/vms/{session}/{vm}")
+
+    def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
+        self._call("DELETE", f"/v1/sessions/{session}", params={"vm": list(vms)})
+
+    def running(self, session: str) -> list[str]:
+        return [str(v) for v in self._call("GET", f"/v1/sessions/{session}/running").json()]
+
+    def stats(self, session: str) -> list[dict[str, Any]]:
+        data: list[dict[str, Any]] = self._call("GET", f"/v1/sessions/{session}/stats").json()
+        return data
+
+    def desired(self) -> list[DesiredVm]:
+        return [
+            DesiredVm(d["driver"], request_from_wire(d["request"]))
+            for d in self._call("GET", "/v1/vms").json()
+        ]
+
+    def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport:
+        body = [{"driver": v.driver, "request": request_to_wire(v.request)} for v in vms]
+        data = self._call("POST", "/v1/sync", json=body).json()
+        return ReconcileReport(**data)
+
+    def metrics_text(self) -> str:
+        return self._call("GET", "/metrics").text
+
+    def close(self) -> None:
+        self._http.close()

@@ -1,0 +1,361 @@
+"""The host agent: desired state, launch / reconfigure / destroy, reconcile.
+
+The agent keeps the VMs it must run in a small JSON file (its *desired
+state*), written atomically before the kernel is touched on launch and before
+anything is removed on destroy. That order is what makes SIGKILL at any
+moment harmless:
+
+- killed during a launch: the VM is desired but half-built; on restart,
+  reconcile finds drift and builds it again from scratch;
+- killed during a destroy: the VM is no longer desired but partly there;
+  reconcile removes what is left, by ownership (names and tags), nothing else.
+
+The agent never touches the database: the manager sends it requests and,
+on its own start, the whole desired set (:meth:`Agent.sync`). The agent
+implements the driver interface itself, so the service layer launches
+through an agent exactly as through a driver.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vnic.agent.wire import request_from_wire, request_to_wire
+from vnic.drivers.base import Capabilities, Driver, LaunchRequest
+from vnic.errors import Conflict, InvalidInput, NotFound, VnicError
+
+if TYPE_CHECKING:
+    from vnic.agent.monitor import Monitor
+
+VmKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class DesiredVm:
+    driver: str
+    request: LaunchRequest
+
+    @property
+    def key(self) -> VmKey:
+        return (self.request.session, self.request.vm)
+
+
+@dataclass
+class ReconcileReport:
+    """What one reconcile pass found and did."""
+
+    #: VMs rebuilt because they were missing or differed from their request: key -> differences.
+    reapplied: dict[str, list[str]] = field(default_factory=dict)
+    #: VMs (``session/vm``) and sessions removed because nothing desires them.
+    removed: list[str] = field(default_factory=list)
+    #: VMs that could not be rebuilt: key -> error.
+    failed: dict[str, str] = field(default_factory=dict)
+    #: Differences still present after the pass (empty when all is well).
+    drift: dict[str, list[str]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "reapplied": self.reapplied,
+            "removed": self.removed,
+            "failed": self.failed,
+            "drift": self.drift,
+        }
+
+
+def _label(key: VmKey) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+class DesiredState:
+    """The desired VMs of one host, as ``<state_dir>/desired.json``.
+
+    Every change re-reads the file and rewrites it through a temporary file,
+    fsync and rename, under an exclusive ``flock`` on ``desired.lock``: a
+    reader or a restarted agent sees the old or the new set, never a torn
+    one, and two processes on one host (``vnic serve`` and an embedded
+    ``vnic vm launch``) never lose each other's changes.
+    """
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "desired.json"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_path = state_dir / "desired.lock"
+        self._thread_lock = threading.Lock()
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[VmKey, DesiredVm]]:
+        with self._thread_lock, open(self._lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield self._load()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _load(self) -> dict[VmKey, DesiredVm]:
+        if not self.path.exists():
+            return {}
+        doc = json.loads(self.path.read_text() or "{}")
+        out: dict[VmKey, DesiredVm] = {}
+        for entry in doc.get("vms", []):
+            vm = DesiredVm(str(entry["driver"]), request_from_wire(entry["request"]))
+            out[vm.key] = vm
+        return out
+
+    def _save(self, vms: Mapping[VmKey, DesiredVm]) -> None:
+        doc = {
+            "vms": [
+                {"driver": vm.driver, "request": request_to_wire(vm.request)}
+                for _, vm in sorted(vms.items())
+            ]
+        }
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def all(self) -> list[DesiredVm]:
+        with self._locked() as vms:
+            return list(vms.values())
+
+    def get(self, key: VmKey) -> DesiredVm | None:
+        with self._locked() as vms:
+            return vms.get(key)
+
+    def put(self, vm: DesiredVm, *, new: bool = False) -> None:
+        """Record ``vm``; with ``new``, refuse (409) if the host already has it."""
+        with self._locked() as vms:
+            if new and vm.key in vms:
+                raise Conflict(f"VM {_label(vm.key)} is already running on this host")
+            vms[vm.key] = vm
+            self._save(vms)
+
+    def remove(self, keys: Sequence[VmKey]) -> None:
+        with self._locked() as vms:
+            if any(vms.pop(k, None) is not None for k in list(keys)):
+                self._save(vms)
+
+    def replace(self, wanted: Sequence[DesiredVm]) -> None:
+        with self._locked():
+            self._save({vm.key: vm for vm in wanted})
+
+
+class Agent:
+    """One host's drivers, their desired VMs, and the reconcile loop.
+
+    ``drivers`` maps a kind to a driver; ``default`` is the kind used when a
+    request names none. Launches of one session are serialised (they share
+    the session's switch); different sessions proceed side by side.
+    """
+
+    def __init__(
+        self, state_dir: Path, drivers: Mapping[str, Driver], default: str = "netns"
+    ) -> None:
+        if default not in drivers:
+            raise InvalidInput.one("driver", default, "one of " + ", ".join(sorted(drivers)))
+        self.drivers = dict(drivers)
+        self.default = default
+        self.state = DesiredState(state_dir)
+        self.last_report = ReconcileReport()
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._monitor: Monitor | None = None
+
+    # Monitoring.
+
+    @property
+    def monitor(self) -> Monitor:
+        if self._monitor is None:
+            from vnic.agent.monitor import Monitor
+
+            self._monitor = Monitor(self)
+        return self._monitor
+
+    def start_monitor(self, interval: float | None = None) -> None:
+        """Refresh drift and latency in the background (every ``interval`` seconds)."""
+        if interval is not None:
+            self.monitor.interval = interval
+        self.monitor.start()
+
+    def metrics_text(self) -> str:
+        """Prometheus exposition of every desired vNIC (docs/metrics.md)."""
+        return self.monitor.metrics_text()
+
+    def stats(self, session: str) -> list[dict[str, Any]]:
+        """Per-vNIC samples of ``session`` as plain data (``vnic top``)."""
+        return self.monitor.stats(session)
+
+    # The driver interface, so the service layer can launch through an agent.
+
+    @property
+    def kind(self) -> str:
+        return self.default
+
+    def capabilities(self) -> Capabilities:
+        return self.drivers[self.default].capabilities()
+
+    def all_capabilities(self) -> list[Capabilities]:
+        return [d.capabilities() for _, d in sorted(self.drivers.items())]
+
+    def driver(self, kind: str | None = None) -> Driver:
+        kind = kind or self.default
+        try:
+            return self.drivers[kind]
+        except KeyError:
+            raise InvalidInput.one(
+                "driver", kind, "one of " + ", ".join(sorted(self.drivers))
+            ) from None
+
+    @contextmanager
+    def _session_lock(self, session: str) -> Iterator[None]:
+        with self._locks_guard:
+            lock = self._locks.setdefault(session, threading.Lock())
+        with lock:
+            yield
+
+    def launch(self, request: LaunchRequest, kind: str | None = None) -> None:
+        """Record the VM as desired, then build it; a failed build is undone in both places."""
+        kind = kind or self.default
+        driver = self.driver(kind)
+        key = (request.session, request.vm)
+        with self._session_lock(request.session):
+            self.state.put(DesiredVm(kind, request), new=True)
+            try:
+                driver.launch(request)
+            except BaseException:
+                self.state.remove([key])
+                raise
+
+    def reconfigure(self, request: LaunchRequest) -> None:
+        """Make a running VM match ``request`` (the driver's own live change where it has one)."""
+        key = (request.session, request.vm)
+        with self._session_lock(request.session):
+            current = self.state.get(key)
+            if current is None:
+                raise NotFound(f"VM on this host in session {request.session!r}", request.vm)
+            if current.request == request:
+                return
+            driver = self.driver(current.driver)
+            self.state.put(DesiredVm(current.driver, request))
+            live = getattr(driver, "reconfigure", None)
+            if live is not None:
+                live(request)
+            else:
+                # No live change in this driver yet: rebuild the vNIC.
+                driver.destroy(request.session, request.vm)
+                driver.launch(request)
+
+    def destroy(self, session: str, vm: str) -> None:
+        """Forget the VM first, then remove it: a kill in between leaves an orphan to reap."""
+        key = (session, vm)
+        with self._session_lock(session):
+            current = self.state.get(key)
+            kind = current.driver if current else self.default
+            self.state.remove([key])
+            self.driver(kind).destroy(session, vm)
+
+    def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
+        with self._session_lock(session):
+            mine = [vm for vm in self.state.all() if vm.request.session == session]
+            self.state.remove([vm.key for vm in mine])
+            for kind, driver in sorted(self.drivers.items()):
+                names = {*vms, *(vm.request.vm for vm in mine if vm.driver == kind)}
+                driver.teardown_session(session, sorted(names))
+
+    def running(self, session: str) -> list[str]:
+        found: set[str] = set()
+        for driver in self.drivers.values():
+            found |= set(driver.running(session))
+        return sorted(found)
+
+    # Reconcile.
+
+    def desired(self) -> list[DesiredVm]:
+        return self.state.all()
+
+    def mine(self) -> list[DesiredVm]:
+        """Desired VMs of the drivers this agent has loaded (an embedded command loads one)."""
+        return [vm for vm in self.state.all() if vm.driver in self.drivers]
+
+    def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport:
+        """Adopt ``vms`` as the whole desired state (the manager's view), then reconcile."""
+        self.state.replace(vms)
+        return self.reconcile()
+
+    def drift(self) -> dict[str, list[str]]:
+        """Differences between each desired VM and the kernel, read back; only VMs with some."""
+        out: dict[str, list[str]] = {}
+        for vm in self.mine():
+            check = getattr(self.driver(vm.driver), "drift", None)
+            found = check(vm.request) if check is not None else []
+            if found:
+                out[_label(vm.key)] = list(found)
+        return out
+
+    def reconcile(self) -> ReconcileReport:
+        """Rebuild desired VMs that drifted, remove what nobody desires, report what is left."""
+        report = ReconcileReport()
+        desired = {vm.key: vm for vm in self.mine()}
+        for kind, driver in sorted(self.drivers.items()):
+            inventory = getattr(driver, "inventory", None)
+            present: dict[str, set[str]] = inventory() if inventory is not None else {}
+            for session, vms in sorted(present.items()):
+                with self._session_lock(session):
+                    orphans = sorted(
+                        vm
+                        for vm in vms
+                        if (session, vm) not in desired or desired[(session, vm)].driver != kind
+                    )
+                    for vm in orphans:
+                        driver.destroy(session, vm)
+                        report.removed.append(f"{session}/{vm}")
+                    if not any(k[0] == session and d.driver == kind for k, d in desired.items()):
+                        driver.teardown_session(session)
+                        report.removed.append(f"session {session}")
+        for _, wanted in sorted(desired.items()):
+            self._repair(wanted, report)
+        report.drift = self.drift()
+        self.last_report = report
+        return report
+
+    def _repair(self, vm: DesiredVm, report: ReconcileReport) -> None:
+        driver = self.driver(vm.driver)
+        check = getattr(driver, "drift", None)
+        differences = check(vm.request) if check is not None else []
+        if not differences:
+            return
+        with self._session_lock(vm.request.session):
+            try:
+                driver.destroy(vm.request.session, vm.request.vm)
+                driver.launch(vm.request)
+            except VnicError as exc:
+                report.failed[_label(vm.key)] = str(exc)
+                return
+        report.reapplied[_label(vm.key)] = list(differences)
+
+
+def local_agent(kind: str = "netns", state_dir: Path | None = None) -> Agent:
+    """The agent of this host, in this process, with the ``kind`` driver loaded.
+
+    Embedded commands (``vnic vm launch`` without ``--server``) and ``vnic serve``
+    share its desired state under ``$VNIC_HOME/agent``.
+    """
+    from vnic.drivers.registry import get_driver
+    from vnic.settings import Settings
+
+    directory = state_dir or Settings.from_env().home / "agent"
+    return Agent(directory, {kind: get_driver(kind)}, default=kind)

@@ -1,0 +1,69 @@
+"""An in-memory driver for service and API tests: it records what it was asked to run.
+
+It honours every profile field and touches nothing outside this object, so
+tests of the manager, the API and the agent's bookkeeping run without root.
+It is never the only test of a feature: the netns tests run the same paths
+against the kernel.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
+from vnic.errors import Conflict, DataplaneError
+from vnic.model.profile import FIELDS
+
+
+class FakeDriver:
+    kind = "fake"
+
+    def __init__(self, fail_on: Sequence[str] = ()) -> None:
+        #: VM names whose launch fails, to test that failures change nothing.
+        self.fail_on = set(fail_on)
+        self.vms: dict[tuple[str, str], LaunchRequest] = {}
+        self.launches = 0
+        self._lock = threading.Lock()
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(self.kind, frozenset(FIELDS))
+
+    def launch(self, request: LaunchRequest) -> None:
+        check_supported(self.capabilities(), request.values)
+        if request.vm in self.fail_on:
+            raise DataplaneError(f"fake driver: launch of {request.vm!r} fails on purpose")
+        with self._lock:
+            key = (request.session, request.vm)
+            if key in self.vms:
+                raise Conflict(f"VM {request.session}/{request.vm} is already running")
+            self.vms[key] = request
+            self.launches += 1
+
+    def reconfigure(self, request: LaunchRequest) -> None:
+        with self._lock:
+            self.vms[(request.session, request.vm)] = request
+
+    def destroy(self, session: str, vm: str) -> None:
+        with self._lock:
+            self.vms.pop((session, vm), None)
+
+    def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
+        with self._lock:
+            for key in [k for k in self.vms if k[0] == session]:
+                del self.vms[key]
+
+    def running(self, session: str) -> list[str]:
+        return sorted(vm for s, vm in self.vms if s == session)
+
+    def inventory(self) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for s, vm in self.vms:
+            out.setdefault(s, set()).add(vm)
+        return out
+
+    def drift(self, request: LaunchRequest) -> list[str]:
+        have = self.vms.get((request.session, request.vm))
+        if have is None:
+            return [f"VM {request.session}/{request.vm} is not running"]
+        return [] if have == request else ["the running profile differs from the desired one"]

@@ -1,0 +1,242 @@
+"""The REST API as a Python object with the service's own methods and results.
+
+``vnic --server URL ...`` uses this in place of :class:`~vnic.manager.service.Service`,
+so every command prints the same thing against a running manager as
+embedded. Values are validated by the manager (the one validation path);
+its errors come back as the same :class:`~vnic.errors.VnicError` kinds, with
+the same fields.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import httpx
+
+from vnic.errors import FieldError, InvalidInput, Unavailable, VnicError, error_from_body
+from vnic.manager.auth import TokenInfo
+from vnic.manager.service import (
+    ApplyResult,
+    Explanation,
+    LaunchOutcome,
+    ProfileInfo,
+    RevisionInfo,
+    SessionInfo,
+    VmInfo,
+    VmRequest,
+)
+from vnic.model.profile import ProfileSpec, build_profile, parse_field, values_to_document
+from vnic.model.resolve import Effective, Source
+from vnic.model.session import AssignmentRule, Policy
+
+
+def _time(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def profile_info(d: Mapping[str, Any]) -> ProfileInfo:
+    return ProfileInfo(
+        name=d["name"],
+        description=d["description"],
+        labels=d["labels"],
+        revision=d["revision"],
+        document=d["document"],
+        created_at=_time(d["created_at"]),
+        updated_at=_time(d["updated_at"]),
+        users=d["used_by"],
+    )
+
+
+def session_info(d: Mapping[str, Any]) -> SessionInfo:
+    return SessionInfo(
+        name=d["name"],
+        network_id=d["network_id"],
+        policy=Policy(
+            default_profile=d["default_profile"],
+            rules=tuple(AssignmentRule.from_document(r) for r in d["rules"]),
+            overrides_allowed=d["overrides_allowed"],
+        ),
+        vms=d["vms"],
+        created_at=_time(d["created_at"]),
+        owner=d.get("owner"),
+    )
+
+
+def vm_info(d: Mapping[str, Any]) -> VmInfo:
+    return VmInfo(**{k: d[k] for k in VmInfo.__dataclass_fields__})
+
+
+def explanation(d: Mapping[str, Any]) -> Explanation:
+    values: dict[str, Any] = {}
+    sources: dict[str, Source] = {}
+    for path, f in d["effective"]["fields"].items():
+        sources[path] = Source(f["source"]["layer"], f["source"]["detail"])
+        if f["value"] is not None:
+            values[path] = parse_field(path, f["value"])
+    effective = Effective(build_profile(values), values, sources, d["effective"]["revisions"])
+    return Explanation(vm_info(d["vm"]), effective)
+
+
+class ManagerClient:
+    """A running manager at ``url``, called with an API token."""
+
+    def __init__(self, url: str, token: str | None, *, timeout: float = 300.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"manager {self.url} did not answer: {exc}") from None
+        if not response.is_success:
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"message": response.text or response.reason_phrase}
+            raise error_from_body(body)
+        return response.json() if response.content else None
+
+    # profiles
+
+    def apply_profiles(self, specs: Sequence[ProfileSpec]) -> list[ApplyResult]:
+        docs = [s.to_document() for s in specs]
+        return [ApplyResult(**r) for r in self._call("POST", "/v1/import/profiles", json=docs)]
+
+    def list_profiles(self) -> list[ProfileInfo]:
+        return [profile_info(p) for p in self._call("GET", "/v1/profiles")]
+
+    def get_profile(self, name: str, revision: int | None = None) -> ProfileInfo:
+        params = {"revision": revision} if revision is not None else {}
+        return profile_info(self._call("GET", f"/v1/profiles/{name}", params=params))
+
+    def history(self, name: str) -> list[RevisionInfo]:
+        return [
+            RevisionInfo(r["revision"], _time(r["created_at"]), r["document"])
+            for r in self._call("GET", f"/v1/profiles/{name}/revisions")
+        ]
+
+    def delete_profile(self, name: str) -> None:
+        self._call("DELETE", f"/v1/profiles/{name}")
+
+    def export_profiles(self, names: Sequence[str] = ()) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call(
+            "GET", "/v1/export/profiles", params={"name": list(names)}
+        )
+        return result
+
+    # sessions
+
+    def create_session(
+        self,
+        name: str,
+        *,
+        default_profile: str | None = None,
+        rules: Sequence[AssignmentRule] = (),
+        network_id: int | None = None,
+        overrides_allowed: bool = True,
+        owner: str | None = None,
+    ) -> SessionInfo:
+        body = {
+            "name": name,
+            "default_profile": default_profile,
+            "rules": [r.to_document() for r in rules],
+            "network_id": network_id,
+            "overrides_allowed": overrides_allowed,
+            "owner": owner,
+        }
+        return session_info(self._call("POST", "/v1/sessions", json=body))
+
+    def update_session(self, name: str, changes: Mapping[str, Any]) -> SessionInfo:
+        body = dict(changes)
+        if "rules" in body:
+            body["rules"] = [r.to_document() for r in body["rules"]]
+        return session_info(self._call("PATCH", f"/v1/sessions/{name}", json=body))
+
+    def list_sessions(self) -> list[SessionInfo]:
+        return [session_info(s) for s in self._call("GET", "/v1/sessions")]
+
+    def get_session(self, name: str) -> SessionInfo:
+        return session_info(self._call("GET", f"/v1/sessions/{name}"))
+
+    def delete_session(self, name: str, *, force: bool = False) -> list[str]:
+        vms = list(self.get_session(name).vms)
+        self._call("DELETE", f"/v1/sessions/{name}", params={"force": force})
+        return vms
+
+    def session_down(self, session: str, driver: object = None) -> list[str]:
+        stopped: list[str] = self._call("POST", f"/v1/sessions/{session}/down")
+        return stopped
+
+    # VMs
+
+    def add_vm(self, req: VmRequest) -> Explanation:
+        body = {
+            "name": req.name,
+            "role": req.role,
+            "labels": dict(req.labels),
+            "needs": list(req.needs),
+            "profile": req.profile,
+            "patch": values_to_document(req.patch) if req.patch else None,
+        }
+        return explanation(self._call("POST", f"/v1/sessions/{req.session}/vms", json=body))
+
+    def update_vm(self, session: str, name: str, changes: Mapping[str, Any]) -> Explanation:
+        return explanation(self._call("PATCH", f"/v1/sessions/{session}/vms/{name}", json=changes))
+
+    def launch_vm(self, session: str, name: str, driver: object = None) -> Explanation:
+        return explanation(self._call("POST", f"/v1/sessions/{session}/vms/{name}/launch"))
+
+    def launch_many(
+        self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
+    ) -> list[LaunchOutcome]:
+        """Launch ``names`` with ``workers`` requests in flight; every VM is attempted."""
+        if workers < 1:
+            raise InvalidInput([FieldError("workers", str(workers), "at least 1")])
+
+        def one(name: str) -> LaunchOutcome:
+            start = time.perf_counter()
+            try:
+                self.launch_vm(session, name)
+            except VnicError as exc:
+                return LaunchOutcome(name, time.perf_counter() - start, str(exc))
+            return LaunchOutcome(name, time.perf_counter() - start)
+
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(one, names))
+
+    def destroy_vm(self, session: str, name: str, driver: object = None) -> None:
+        self._call("POST", f"/v1/sessions/{session}/vms/{name}/destroy")
+
+    def remove_vm(self, session: str, name: str) -> None:
+        self._call("DELETE", f"/v1/sessions/{session}/vms/{name}")
+
+    def list_vms(self, session: str) -> list[VmInfo]:
+        return [vm_info(v) for v in self._call("GET", f"/v1/sessions/{session}/vms")]
+
+    def explain(self, session: str, name: str) -> Explanation:
+        return explanation(self._call("GET", f"/v1/sessions/{session}/vms/{name}/explain"))
+
+    def stats(self, session: str) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", f"/v1/sessions/{session}/stats")
+        return result
+
+    # tokens
+
+    def create_token(self, name: str, role: str) -> tuple[TokenInfo, str]:
+        d = self._call("POST", "/v1/tokens", json={"name": name, "role": role})
+        return TokenInfo(d["name"], d["role"], _time(d["created_at"])), d["secret"]
+
+    def list_tokens(self) -> list[TokenInfo]:
+        return [
+            TokenInfo(t["name"], t["role"], _time(t["created_at"]))
+            for t in self._call("GET", "/v1/tokens")
+        ]
+
+    def revoke_token(self, name: str) -> None:
+        self._call("DELETE", f"/v1/tokens/{name}")

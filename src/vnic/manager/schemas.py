@@ -1,0 +1,187 @@
+"""Request and response schemas of the REST API, one per operation (create / update / public).
+
+These exist for the OpenAPI document and for shape checks at the door
+(a string where a string goes). Field *values* are validated by
+:mod:`vnic.model` through the service, the same path the CLI uses, so a bad
+rate or an unknown profile field is refused with the same message either way.
+Profile documents are free-form objects here for that reason: their fields
+are described in ``docs/profiles.md`` and refused, field by field, by the model.
+
+Update schemas keep "omitted" apart from ``null``: the handler reads
+``model_fields_set``, so an omitted key leaves a value unchanged and
+``null`` removes it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Document = dict[str, Any]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Dotted path of the field, e.g. egress.rate")
+    value: str = Field(description="The value given, as text")
+    expected: str = Field(description="What would have been accepted")
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="Error kind: invalid, not_found, conflict, in_use, ...")
+    message: str
+    fields: list[FieldProblem] | None = None
+
+
+# ----------------------------------------------------------------------------- profiles
+
+
+class ProfilePublic(BaseModel):
+    name: str
+    revision: int
+    description: str
+    labels: dict[str, str]
+    document: Document
+    created_at: datetime
+    updated_at: datetime
+    used_by: list[str]
+
+
+class RevisionPublic(BaseModel):
+    revision: int
+    created_at: datetime
+    document: Document
+
+
+class ApplyResultPublic(BaseModel):
+    name: str
+    action: Literal["created", "updated", "unchanged"]
+    revision: int
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+class SessionCreate(_Strict):
+    name: str
+    default_profile: str | None = None
+    rules: list[Document] = Field(
+        default_factory=list,
+        description="Ordered assignment rules: {profile, name (glob), role, labels, needs}",
+    )
+    network_id: int | None = Field(default=None, description="VNI 1..16777215; default lowest free")
+    overrides_allowed: bool = True
+    owner: str | None = Field(default=None, description="Name of the owner token")
+
+
+class SessionUpdate(_Strict):
+    default_profile: str | None = None
+    rules: list[Document] | None = None
+    overrides_allowed: bool | None = None
+    owner: str | None = None
+
+
+class SessionPublic(BaseModel):
+    name: str
+    network_id: int
+    default_profile: str | None
+    rules: list[Document]
+    overrides_allowed: bool
+    owner: str | None
+    vms: list[str]
+    created_at: datetime
+
+
+# ----------------------------------------------------------------------------- VMs
+
+
+class VmCreate(_Strict):
+    name: str
+    role: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    needs: list[str] = Field(default_factory=list)
+    profile: str | None = Field(default=None, description="Override profile")
+    patch: Document | None = Field(default=None, description="Override fields, a profile document")
+    launch: bool = Field(default=False, description="Launch the VM right away")
+
+
+class VmUpdate(_Strict):
+    role: str | None = None
+    labels: dict[str, str] | None = None
+    needs: list[str] | None = None
+    profile: str | None = None
+    patch: Document | None = Field(
+        default=None, description="Merged into the override patch (RFC 7386: null removes)"
+    )
+
+
+class VmPublic(BaseModel):
+    session: str
+    name: str
+    role: str | None
+    labels: dict[str, str]
+    needs: list[str]
+    override_profile: str | None
+    override_patch: Document | None
+    mac: str | None
+    ipv4: str | None
+    ipv6: str | None
+    state: str
+
+
+class SourcePublic(BaseModel):
+    layer: str
+    detail: str
+
+
+class FieldPublic(BaseModel):
+    value: Any = None
+    source: SourcePublic
+
+
+class EffectivePublic(BaseModel):
+    revisions: dict[str, int]
+    fields: dict[str, FieldPublic]
+
+
+class ExplanationPublic(BaseModel):
+    vm: VmPublic
+    effective: EffectivePublic
+
+
+# ----------------------------------------------------------------------------- other
+
+
+class DriverPublic(BaseModel):
+    agent: str
+    kind: str
+    fields: list[str]
+    missing: dict[str, str]
+
+
+class TokenCreate(_Strict):
+    name: str
+    role: Literal["admin", "owner", "reader"]
+
+
+class TokenPublic(BaseModel):
+    name: str
+    role: str
+    created_at: datetime
+
+
+class TokenCreated(TokenPublic):
+    secret: str = Field(description="The token; shown only in this response")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str

@@ -1,0 +1,85 @@
+"""The public JSON shape of every service result, shared by the API and the CLI.
+
+One function per view, so ``vnic ... --json`` and the REST API print the
+same object for the same thing, and the remote client can read it back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from vnic.manager.auth import TokenInfo
+from vnic.manager.service import (
+    ApplyResult,
+    Explanation,
+    ProfileInfo,
+    RevisionInfo,
+    SessionInfo,
+    VmInfo,
+)
+
+
+def profile_json(p: ProfileInfo) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "revision": p.revision,
+        "description": p.description,
+        "labels": dict(p.labels),
+        "document": dict(p.document),
+        "created_at": p.created_at,
+        "updated_at": p.updated_at,
+        "used_by": list(p.users),
+    }
+
+
+def revision_json(r: RevisionInfo) -> dict[str, Any]:
+    return {"revision": r.revision, "created_at": r.created_at, "document": dict(r.document)}
+
+
+def apply_json(r: ApplyResult) -> dict[str, Any]:
+    return {"name": r.name, "action": r.action, "revision": r.revision}
+
+
+def session_json(s: SessionInfo) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "network_id": s.network_id,
+        "default_profile": s.policy.default_profile,
+        "rules": [r.to_document() for r in s.policy.rules],
+        "overrides_allowed": s.policy.overrides_allowed,
+        "owner": s.owner,
+        "vms": list(s.vms),
+        "created_at": s.created_at,
+    }
+
+
+def vm_json(v: VmInfo) -> dict[str, Any]:
+    return {
+        "session": v.session,
+        "name": v.name,
+        "role": v.role,
+        "labels": dict(v.labels),
+        "needs": list(v.needs),
+        "override_profile": v.override_profile,
+        "override_patch": v.override_patch,
+        "mac": v.mac,
+        "ipv4": v.ipv4,
+        "ipv6": v.ipv6,
+        "state": v.state,
+    }
+
+
+def explain_json(e: Explanation) -> dict[str, Any]:
+    return {"vm": vm_json(e.vm), "effective": e.effective.to_dict()}
+
+
+def token_json(t: TokenInfo) -> dict[str, Any]:
+    return {"name": t.name, "role": t.role, "created_at": t.created_at}
+
+
+def encode(value: Any) -> Any:
+    """``json.dumps`` default: datetimes as ISO 8601."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")

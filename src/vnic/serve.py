@@ -1,0 +1,88 @@
+"""Running the manager (``vnic serve``) and the agent (``vnic agent``) as servers.
+
+The manager reconciles on start: it sends its agent the VMs the database
+says are running (:meth:`~vnic.agent.core.Agent.sync`); the agent rebuilds
+those that drifted or vanished and removes vnic objects nobody desires.
+A standalone agent reconciles its own desired-state file when it starts,
+before it answers anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from vnic.agent.core import Agent, DesiredVm, ReconcileReport, local_agent
+from vnic.manager.api import AgentLike, Manager
+from vnic.manager.auth import Tokens
+from vnic.manager.service import Service
+from vnic.store.db import Database
+
+log = logging.getLogger("vnic.serve")
+
+#: Default ports: the manager's API and a standalone agent's.
+MANAGER_PORT = 8470
+AGENT_PORT = 8471
+
+
+def build_manager(
+    database_url: str,
+    *,
+    agent_url: str | None = None,
+    agent_key: str | None = None,
+    state_dir: Path | None = None,
+    driver: str = "netns",
+) -> Manager:
+    """A manager on ``database_url`` with an in-process agent, or the one at ``agent_url``."""
+    db = Database(database_url)
+    agent: AgentLike
+    if agent_url:
+        from vnic.agent.client import AgentClient
+
+        agent = AgentClient(agent_url, agent_key or "", default=driver)
+        name = agent_url
+    else:
+        agent = local_agent(driver, state_dir)
+        name = "local"
+    return Manager(Service(db), Tokens(db), agent, agent_name=name)
+
+
+def sync_agent(manager: Manager) -> ReconcileReport:
+    """Send the agent the database's running VMs and let it reconcile."""
+    desired = [DesiredVm(kind, request) for kind, request in manager.service.desired()]
+    return manager.agent.sync(desired)
+
+
+def describe(report: ReconcileReport) -> list[str]:
+    lines = [f"rebuilt {vm}: {'; '.join(why)}" for vm, why in report.reapplied.items()]
+    lines += [f"removed {what} (nobody owns it)" for what in report.removed]
+    lines += [f"could not rebuild {vm}: {err}" for vm, err in report.failed.items()]
+    lines += [f"drift on {vm}: {'; '.join(d)}" for vm, d in report.drift.items()]
+    return lines
+
+
+def run_manager(manager: Manager, host: str, port: int) -> None:
+    import uvicorn
+
+    from vnic.manager.api import create_app
+
+    for line in describe(sync_agent(manager)):
+        print(f"vnic serve: {line}", flush=True)
+    if isinstance(manager.agent, Agent):
+        manager.agent.start_monitor()
+    print(
+        f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
+    )
+    uvicorn.run(create_app(manager), host=host, port=port, log_level="warning")
+
+
+def run_agent(agent: Agent, key: str, host: str, port: int) -> None:
+    import uvicorn
+
+    from vnic.agent.api import create_agent_app
+
+    for line in describe(agent.reconcile()):
+        print(f"vnic agent: {line}", flush=True)
+    agent.start_monitor()
+    print(f"vnic agent: listening on http://{host}:{port}", flush=True)
+    uvicorn.run(create_agent_app(agent, key), host=host, port=port, log_level="warning")
