@@ -899,6 +899,57 @@ def bench_launch(
     _bench("launch", json_out)
 
 
+@bench_app.command("api")
+def bench_api(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    no_launch: Annotated[
+        bool, typer.Option("--no-launch", help="Skip the netns launch part (it needs root).")
+    ] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (a smoke run).")] = False,
+) -> None:
+    """Control plane through real HTTP: explain and profile list on 1000 VMs / 100 profiles,
+    100 concurrent launches on the netns driver, /metrics rendering for 1000 vNICs."""
+    from vnic.bench_api import run as run_api
+
+    def body() -> None:
+        result = run_api(launch=not no_launch, quick=quick)
+        table = Table("measure", "p50 ms", "p99 ms", "max ms", "n", "target")
+        rec = result["records"]
+        rows = [
+            (f"explain ({rec['vms']} VMs)", rec["explain"], "p99 < 20 ms"),
+            (f"profile list ({rec['profiles']})", rec["profile_list"], "< 50 ms"),
+            ("render /metrics, 1000 vNICs", result["metrics_render"], "< 500 ms"),
+        ]
+        if "launch" in result:
+            lau = result["launch"]
+            rows.append(
+                (f"launch, {lau['concurrent_requests']} at once", lau["per_launch"], "no error")
+            )
+            rows.append(
+                (
+                    f"scrape /metrics, {lau['concurrent_requests']} real vNICs",
+                    lau["metrics_scrape"],
+                    "",
+                )
+            )
+        for name, m, target in rows:
+            table.add_row(
+                name, str(m["p50_ms"]), str(m["p99_ms"]), str(m["max_ms"]), str(m["n"]), target
+            )
+        out.print(table)
+        if "launch" in result:
+            lau = result["launch"]
+            out.print(
+                f"launch errors: {len(lau['errors'])}; wall {lau['wall_seconds']} s", markup=False
+            )
+        if json_out:
+            json_out.write_text(json.dumps({"benchmark": "api", **result}, indent=2) + "\n")
+
+    run(body)
+
+
 # ----------------------------------------------------------------------------- db, demo
 
 
@@ -930,6 +981,10 @@ def demo(
 
 # ----------------------------------------------------------------------------- servers, tokens
 
+MonitorInterval = Annotated[
+    float,
+    typer.Option("--monitor-interval", help="Seconds between drift checks and latency probes."),
+]
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin, owner, reader).")
 app.add_typer(token_app, name="token")
 
@@ -946,6 +1001,7 @@ def serve(
         Path | None, typer.Option("--agent-key-file", help="The agent's key (with --agent).")
     ] = None,
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+    monitor_interval: MonitorInterval = 10.0,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics.
     Binds to localhost unless told otherwise; every call needs a token (vnic token create)."""
@@ -954,7 +1010,7 @@ def serve(
     def body() -> None:
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
-        run_manager(manager, host, port)
+        run_manager(manager, host, port, monitor_interval)
 
     run(body)
 
@@ -974,6 +1030,7 @@ def agent_command(
         typer.Option("--state-dir", help="Desired-state directory (default $VNIC_HOME/agent)."),
     ] = None,
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+    monitor_interval: MonitorInterval = 10.0,
 ) -> None:
     """Run this host's agent on its own: the manager reaches it with --agent URL.
     Reconciles the kernel with its desired state before it answers."""
@@ -984,7 +1041,7 @@ def agent_command(
     def body() -> None:
         home = Settings.from_env().home
         key = agent_key(key_file or home / "agent.key")
-        run_agent(local_agent(driver, state_dir), key, host, port)
+        run_agent(local_agent(driver, state_dir), key, host, port, monitor_interval)
 
     run(body)
 

@@ -217,7 +217,9 @@ def test_names_and_duplicates(service: Service) -> None:
     service.create_session("s1")
     with pytest.raises(Conflict):
         service.create_session("s1")
-    with pytest.raises(InvalidInput, match="default_profile: got .nope.; expected an existing profile"):
+    with pytest.raises(
+        InvalidInput, match=r"default_profile: got .nope.; expected an existing profile"
+    ):
         service.create_session("s2", default_profile="nope")
     service.add_vm(VmRequest("s1", "a"))
     with pytest.raises(Conflict):

@@ -89,6 +89,7 @@ class DesiredState:
         state_dir.mkdir(parents=True, exist_ok=True)
         self._lock_path = state_dir / "desired.lock"
         self._thread_lock = threading.Lock()
+        self._sessions: set[str] = set()
 
     @contextmanager
     def _locked(self) -> Iterator[dict[VmKey, DesiredVm]]:
@@ -100,6 +101,7 @@ class DesiredState:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _load(self) -> dict[VmKey, DesiredVm]:
+        self._sessions = set()
         if not self.path.exists():
             return {}
         doc = json.loads(self.path.read_text() or "{}")
@@ -107,14 +109,19 @@ class DesiredState:
         for entry in doc.get("vms", []):
             vm = DesiredVm(str(entry["driver"]), request_from_wire(entry["request"]))
             out[vm.key] = vm
+        self._sessions = {str(s) for s in doc.get("sessions", [])} | {k[0] for k in out}
         return out
 
     def _save(self, vms: Mapping[VmKey, DesiredVm]) -> None:
+        self._sessions |= {k[0] for k in vms}
         doc = {
+            # Every session this host's agent built something in and has not torn
+            # down: the only sessions whose leftovers it may reap (ownership).
+            "sessions": sorted(self._sessions),
             "vms": [
                 {"driver": vm.driver, "request": request_to_wire(vm.request)}
                 for _, vm in sorted(vms.items())
-            ]
+            ],
         }
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "w") as f:
@@ -152,6 +159,18 @@ class DesiredState:
     def replace(self, wanted: Sequence[DesiredVm]) -> None:
         with self._locked():
             self._save({vm.key: vm for vm in wanted})
+
+    def owned_sessions(self) -> set[str]:
+        """Sessions this agent made objects in and has not torn down."""
+        with self._locked():
+            return set(self._sessions)
+
+    def forget_session(self, session: str) -> None:
+        """The session is gone from this host: stop owning it (it has no desired VM)."""
+        with self._locked() as vms:
+            if session in self._sessions and not any(k[0] == session for k in vms):
+                self._sessions.discard(session)
+                self._save(vms)
 
 
 class Agent:
@@ -275,6 +294,7 @@ class Agent:
             for kind, driver in sorted(self.drivers.items()):
                 names = {*vms, *(vm.request.vm for vm in mine if vm.driver == kind)}
                 driver.teardown_session(session, sorted(names))
+            self.state.forget_session(session)
 
     def running(self, session: str) -> list[str]:
         found: set[str] = set()
@@ -310,10 +330,13 @@ class Agent:
         """Rebuild desired VMs that drifted, remove what nobody desires, report what is left."""
         report = ReconcileReport()
         desired = {vm.key: vm for vm in self.mine()}
+        owned = self.state.owned_sessions()
         for kind, driver in sorted(self.drivers.items()):
             inventory = getattr(driver, "inventory", None)
             present: dict[str, set[str]] = inventory() if inventory is not None else {}
             for session, vms in sorted(present.items()):
+                if session not in owned:
+                    continue  # another agent's, or a test's: not ours to remove
                 with self._session_lock(session):
                     orphans = sorted(
                         vm
@@ -325,6 +348,7 @@ class Agent:
                         report.removed.append(f"{session}/{vm}")
                     if not any(k[0] == session and d.driver == kind for k, d in desired.items()):
                         driver.teardown_session(session)
+                        self.state.forget_session(session)
                         report.removed.append(f"session {session}")
         for _, wanted in sorted(desired.items()):
             self._repair(wanted, report)

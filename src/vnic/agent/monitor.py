@@ -32,14 +32,13 @@ class Monitor:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._probe: Any = None
 
     def _collector(self, kind: str) -> Collector | None:
         driver = self.agent.drivers.get(kind)
         if driver is None or kind != "netns":
             return None  # only the netns driver has kernel counters to read
         if kind not in self._collectors:
-            self._collectors[kind] = Collector(driver)  # type: ignore[arg-type]
+            self._collectors[kind] = Collector(driver)
         return self._collectors[kind]
 
     def samples(self, session: str | None = None) -> list[VnicSample]:
@@ -78,17 +77,16 @@ class Monitor:
     def _measure_latency(self) -> dict[tuple[str, str], float | None]:
         if "netns" not in self.agent.drivers:
             return {}
-        if self._probe is None:
-            from vnic.agent.latency import LatencyProbe
+        from vnic.dataplane.latency import Target, measure
 
-            self._probe = LatencyProbe()
         targets = [
-            (vm.request.session, vm.request.vm, str(vm.request.ipv4.ip))
+            Target(
+                vm.request.session, vm.request.vm, vm.request.network_id, str(vm.request.ipv4.ip)
+            )
             for vm in self.agent.mine()
             if vm.driver == "netns"
         ]
-        result: dict[tuple[str, str], float | None] = self._probe.measure(targets)
-        return result
+        return measure(targets)
 
     def start(self, on_error: Callable[[Exception], None] | None = None) -> None:
         if self._thread is not None:

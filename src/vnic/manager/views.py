@@ -6,7 +6,7 @@ same object for the same thing, and the remote client can read it back.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from vnic.manager.auth import TokenInfo
@@ -20,6 +20,11 @@ from vnic.manager.service import (
 )
 
 
+def utc(moment: datetime) -> datetime:
+    """Times as UTC with their offset (SQLite hands them back without one)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def profile_json(p: ProfileInfo) -> dict[str, Any]:
     return {
         "name": p.name,
@@ -27,14 +32,14 @@ def profile_json(p: ProfileInfo) -> dict[str, Any]:
         "description": p.description,
         "labels": dict(p.labels),
         "document": dict(p.document),
-        "created_at": p.created_at,
-        "updated_at": p.updated_at,
+        "created_at": utc(p.created_at),
+        "updated_at": utc(p.updated_at),
         "used_by": list(p.users),
     }
 
 
 def revision_json(r: RevisionInfo) -> dict[str, Any]:
-    return {"revision": r.revision, "created_at": r.created_at, "document": dict(r.document)}
+    return {"revision": r.revision, "created_at": utc(r.created_at), "document": dict(r.document)}
 
 
 def apply_json(r: ApplyResult) -> dict[str, Any]:
@@ -50,7 +55,7 @@ def session_json(s: SessionInfo) -> dict[str, Any]:
         "overrides_allowed": s.policy.overrides_allowed,
         "owner": s.owner,
         "vms": list(s.vms),
-        "created_at": s.created_at,
+        "created_at": utc(s.created_at),
     }
 
 
@@ -75,7 +80,7 @@ def explain_json(e: Explanation) -> dict[str, Any]:
 
 
 def token_json(t: TokenInfo) -> dict[str, Any]:
-    return {"name": t.name, "role": t.role, "created_at": t.created_at}
+    return {"name": t.name, "role": t.role, "created_at": utc(t.created_at)}
 
 
 def encode(value: Any) -> Any:

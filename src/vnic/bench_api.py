@@ -1,0 +1,187 @@
+"""`vnic bench api`: the control plane's speed, through real HTTP.
+
+- ``explain`` and profile-list latency with 1000 VM records and 100 profiles
+  (SQLite file, a real uvicorn server on localhost, httpx as the client);
+- 100 concurrent launch requests against the netns driver (root), per-launch
+  latency and errors;
+- ``/metrics`` with 1000 vNICs: rendering of 1000 samples, and a real scrape
+  of the vNICs launched above.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from vnic.agent.core import Agent
+from vnic.agent.metrics import DirectionSample, VnicSample, render
+from vnic.drivers.fake import FakeDriver
+from vnic.drivers.registry import get_driver
+from vnic.manager.api import Manager, create_app
+from vnic.manager.auth import Tokens
+from vnic.manager.service import Service, VmRequest
+from vnic.model.profile import parse_profile_document
+from vnic.stats import quantile
+from vnic.store.db import Database
+
+
+def _ms(values: list[float]) -> dict[str, float]:
+    ms = sorted(v * 1000 for v in values)
+    return {
+        "p50_ms": round(quantile(ms, 0.5), 2),
+        "p99_ms": round(quantile(ms, 0.99), 2),
+        "max_ms": round(ms[-1], 2),
+        "n": len(ms),
+    }
+
+
+@contextmanager
+def _server(manager: Manager) -> Iterator[str]:
+    import socket
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(create_app(manager), host="127.0.0.1", port=port, log_level="error")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    while not server.started:
+        time.sleep(0.02)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def _timed(client: httpx.Client, path: str, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        r = client.get(path)
+        out.append(time.perf_counter() - start)
+        r.raise_for_status()
+    return out
+
+
+def records(work: Path, vms: int = 1000, profiles: int = 100, repeats: int = 200) -> dict[str, Any]:
+    """explain and profile list through HTTP on ``vms`` VM records and ``profiles`` profiles."""
+    db = Database(f"sqlite:///{work / 'records.db'}")
+    svc = Service(db)
+    svc.apply_profiles(
+        [
+            parse_profile_document(
+                {"name": f"p{i}", "egress": {"rate": f"{i + 1}Mbit"}, "ingress": {"delay": "1ms"}}
+            )
+            for i in range(profiles)
+        ]
+    )
+    per_session = 200
+    for s in range((vms + per_session - 1) // per_session):
+        svc.create_session(f"s{s}", default_profile=f"p{s}")
+        for i in range(min(per_session, vms - s * per_session)):
+            svc.add_vm(VmRequest(f"s{s}", f"vm{i}", profile=f"p{i % profiles}"))
+    tokens = Tokens(db)
+    _, secret = tokens.create("bench", "reader")
+    agent = Agent(work / "agent", {"fake": FakeDriver()}, default="fake")
+    with (
+        _server(Manager(svc, tokens, agent)) as url,
+        httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}) as client,
+    ):
+        paths = [f"/v1/sessions/s{i % 5}/vms/vm{(i * 37) % 200}/explain" for i in range(repeats)]
+        explain: list[float] = []
+        for path in paths:
+            explain += _timed(client, path, 1)
+        listing = _timed(client, "/v1/profiles", max(20, repeats // 10))
+    db.dispose()
+    return {
+        "vms": vms,
+        "profiles": profiles,
+        "explain": _ms(explain),
+        "profile_list": _ms(listing),
+        "targets": {"explain_p99_ms": 20, "profile_list_ms": 50},
+    }
+
+
+def launches(work: Path, count: int = 100) -> dict[str, Any]:
+    """``count`` launch requests at once against the netns driver (needs root)."""
+    db = Database(f"sqlite:///{work / 'launch.db'}")
+    svc = Service(db)
+    svc.apply_profiles([parse_profile_document({"name": "b", "egress": {"rate": "100Mbit"}})])
+    session = f"bench{int(time.time()) % 100000}"
+    svc.create_session(session, default_profile="b")
+    for i in range(count):
+        svc.add_vm(VmRequest(session, f"vm{i}"))
+    tokens = Tokens(db)
+    _, secret = tokens.create("bench", "admin")
+    agent = Agent(work / "agent-netns", {"netns": get_driver("netns")}, default="netns")
+    manager = Manager(svc, tokens, agent)
+    errors: list[str] = []
+    try:
+        with (
+            _server(manager) as url,
+            httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=600
+            ) as client,
+        ):
+
+            def launch(i: int) -> float:
+                start = time.perf_counter()
+                r = client.post(f"/v1/sessions/{session}/vms/vm{i}/launch")
+                if r.status_code != 200:
+                    errors.append(f"vm{i}: {r.status_code} {r.text[:200]}")
+                return time.perf_counter() - start
+
+            wall = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(count) as pool:
+                times = list(pool.map(launch, range(count)))
+            wall = time.perf_counter() - wall
+            scrape = _timed(client, "/metrics", 10)
+    finally:
+        svc.session_down(session, agent)
+        db.dispose()
+    return {
+        "concurrent_requests": count,
+        "errors": errors,
+        "wall_seconds": round(wall, 2),
+        "per_launch": _ms(times),
+        "metrics_scrape": {"vnics": count, **_ms(scrape)},
+    }
+
+
+def metrics_render(vnics: int = 1000, repeats: int = 20) -> dict[str, Any]:
+    d = DirectionSample(bytes=123456789, packets=98765, rate_bps=1.9e7, profile_rate_bps=20_000_000)
+    samples = [
+        VnicSample(f"s{i // 200}", f"vm{i}", {"campus": 3}, d, d, latency_seconds=0.002)
+        for i in range(vnics)
+    ]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        render(samples)
+        times.append(time.perf_counter() - start)
+    return {"vnics": vnics, **_ms(times), "target_ms": 500}
+
+
+def run(*, launch: bool = True, quick: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="vnic-bench-api-") as tmp:
+        work = Path(tmp)
+        result: dict[str, Any] = {
+            "records": records(work, repeats=50 if quick else 200),
+            "metrics_render": metrics_render(),
+        }
+        if launch:
+            result["launch"] = launches(work, 20 if quick else 100)
+    return result
