@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from vnic.agent.core import Agent, DesiredVm, ReconcileReport, local_agent
+from vnic.agent.core import Agent, ReconcileReport, local_agent
 from vnic.manager.api import AgentLike, Manager
 from vnic.manager.auth import Tokens
 from vnic.manager.service import Service
@@ -47,12 +47,6 @@ def build_manager(
     return Manager(Service(db), Tokens(db), agent, agent_name=name)
 
 
-def sync_agent(manager: Manager) -> ReconcileReport:
-    """Send the agent the database's running VMs and let it reconcile."""
-    desired = [DesiredVm(kind, request) for kind, request in manager.service.desired()]
-    return manager.agent.sync(desired)
-
-
 def describe(report: ReconcileReport) -> list[str]:
     lines = [f"rebuilt {vm}: {'; '.join(why)}" for vm, why in report.reapplied.items()]
     lines += [f"removed {what} (nobody owns it)" for what in report.removed]
@@ -66,7 +60,7 @@ def run_manager(manager: Manager, host: str, port: int, monitor_interval: float 
 
     from vnic.manager.api import create_app
 
-    for line in describe(sync_agent(manager)):
+    for line in describe(manager.reconcile()):
         print(f"vnic serve: {line}", flush=True)
     if isinstance(manager.agent, Agent):
         manager.agent.start_monitor(monitor_interval)

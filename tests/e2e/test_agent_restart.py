@@ -69,13 +69,15 @@ def test_sigkill_mid_launch_then_restart_reconciles(
             time.sleep(rng.uniform(0.05, 0.6))  # somewhere inside a launch
             (agent if killed == "agent" else serve).kill()
             worker.join(timeout=120)
-            # Restart: the agent reconciles its own desired state, the manager then
-            # sends it the database's running VMs.
+            # Restart: the agent reconciles its own desired state; the manager sends it
+            # the database's running VMs when it starts, or when an admin asks.
             if killed == "agent":
                 agent.start()
-                serve.kill()
-            serve.start()
-            admin = Client(serve.url, token)
+                report = admin("POST", "/v1/reconcile")
+                assert report["failed"] == {} and report["drift"] == {}, report
+            else:
+                serve.start()
+                admin = Client(serve.url, token)
 
             running = {v.name for v in Service(db).list_vms(session_name) if v.state == "running"}
             desired = {d.request.vm for d in DesiredState(home / "agent").all()}

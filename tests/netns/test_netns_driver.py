@@ -138,6 +138,11 @@ def test_tcp_settings_are_set_inside_the_vm(lab: Lab) -> None:
     finally:
         srv.wait(timeout=20)
     assert "cubic" in info.split(), info
+    # Both families' session routes carry it (read back by drift), IPv6 included.
+    route6 = lab.exec(s, "cub", "ip", "-6", "route", "get", server.vm.ipv6)
+    assert "congctl cubic" in route6, route6
+    for _, request in lab.service.desired():
+        assert lab.driver.drift(request) == [], request.vm
     assert "wscale" not in info  # window scaling off
     assert "sack" not in info.split()
 

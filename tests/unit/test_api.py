@@ -410,3 +410,18 @@ def test_shape_errors_name_the_field(api: Api) -> None:
     r = api.call("admin", "POST", "/v1/sessions", json={"name": "s", "unknown": 1})
     assert r.status_code == 422
     assert r.json()["fields"][0]["field"] == "unknown"
+
+
+def test_reconcile_rebuilds_lost_vms_and_reaps_orphans(api: Api) -> None:
+    setup_session(api)
+    for vm in ("web", "db"):
+        api.call("alice", "POST", "/v1/sessions/lab1/vms", json={"name": vm, "launch": True})
+    lost = api.driver.vms.pop(("lab1", "web"))  # the host lost it (reboot, hand-made damage)
+    api.driver.vms[("lab1", "ghost")] = lost  # and has a VM nobody desires
+    api.driver.vms[("other", "x")] = lost  # in a session this agent never built: not its own
+    assert api.call("alice", "POST", "/v1/reconcile").status_code == 403
+    report = api.call("admin", "POST", "/v1/reconcile").json()
+    assert report["reapplied"] == {"lab1/web": ["VM lab1/web is not running"]}
+    assert report["removed"] == ["lab1/ghost"]
+    assert report["drift"] == {} and report["failed"] == {}
+    assert set(api.driver.vms) == {("lab1", "web"), ("lab1", "db"), ("other", "x")}

@@ -65,9 +65,15 @@ def run_dir(session: str) -> Path:
     return Path(os.environ.get("VNIC_RUN_DIR") or "/run/vnic/delayd") / session
 
 
+#: The files an engine has in its session's run dir, ``<vm>.<kind>``.
+RUN_FILE_KINDS = ("pid", "stats", "log", "argv")
+#: What the engine's executable is called (``vnic-delayd-<build hash>``, see :mod:`vnic.engine`).
+ENGINE_NAME = "vnic-delayd"
+
+
 def _paths(session: str, vm: str) -> tuple[Path, Path, Path, Path]:
     base = run_dir(session)
-    return tuple(base / f"{vm}.{kind}" for kind in ("pid", "stats", "log", "argv"))  # type: ignore[return-value]
+    return tuple(base / f"{vm}.{kind}" for kind in RUN_FILE_KINDS)  # type: ignore[return-value]
 
 
 def direction_spec(imp: Impairment, source_dev: str, target_dev: str) -> str:
@@ -97,10 +103,13 @@ def passthrough(direction: str) -> Impairment:
 
 
 def argv(engine: DelayEngine, tag: str, stats: Path, exe: Path) -> list[str]:
+    return [str(exe), *_arguments(engine, tag, stats)]
+
+
+def _arguments(engine: DelayEngine, tag: str, stats: Path) -> list[str]:
     egress = engine.egress or passthrough("egress")
     ingress = engine.ingress or passthrough("ingress")
     return [
-        str(exe),
         "--tag",
         tag,
         "--stats",
@@ -108,6 +117,32 @@ def argv(engine: DelayEngine, tag: str, stats: Path, exe: Path) -> list[str]:
         direction_spec(egress, engine.port, engine.relay),
         direction_spec(ingress, engine.relay, engine.port),
     ]
+
+
+def expected_arguments(session: str, vm: str, engine: DelayEngine) -> list[str]:
+    """The arguments (after the executable) :func:`start` gives the VM's engine for ``engine``.
+
+    Without the executable: its path names the build, which is not part of what
+    the plan asks for (and finding it could mean compiling it).
+    """
+    return _arguments(engine, names.owner_tag(session, vm), _paths(session, vm)[1])
+
+
+def running_arguments(session: str, vm: str) -> list[str] | None:
+    """The arguments (after the executable) the VM's running engine was started with
+    (empty when they were not recorded); None when no engine of the VM runs.
+
+    Read from the argv file :func:`_spawn` writes next to the pid file, not from
+    ``/proc/PID/cmdline``: the engine splits its direction arguments in place,
+    so its command line no longer reads back as given.
+    """
+    if _owned_pid(session, vm) is None:
+        return None
+    try:
+        args = json.loads(_paths(session, vm)[3].read_text())
+    except (FileNotFoundError, ValueError):
+        return []  # running, but what with is not known
+    return [str(a) for a in args[1:]]
 
 
 def start(session_ns: str, session: str, vm: str, engine: DelayEngine) -> int:
@@ -174,6 +209,61 @@ def _owned_pid(session: str, vm: str) -> int | None:
     tag = names.owner_tag(session, vm).encode()
     owned = any(a == b"--tag" and b == tag for a, b in itertools.pairwise(cmdline))
     return pid if owned else None
+
+
+def run_files() -> dict[str, set[str]]:
+    """Every session with files in the run dir, mapped to the VMs they belong to.
+
+    Any of a VM's files counts, not only its pid file: a launch killed while
+    starting the engine can leave its argv and log before the pid is recorded.
+    """
+    base = run_dir("")
+    out: dict[str, set[str]] = {}
+    if not base.is_dir():
+        return out
+    for directory in base.iterdir():
+        if not directory.is_dir():
+            continue
+        vms = {p.stem for p in directory.iterdir() if p.suffix[1:] in RUN_FILE_KINDS}
+        if vms:
+            out[directory.name] = vms
+    return out
+
+
+def engine_processes() -> dict[int, tuple[str, str]]:
+    """Every live engine process on the host, by pid: its (session, VM) from its ``--tag``.
+
+    Found by the owner tag in the command line, as :func:`stop` checks it, so an
+    engine whose pid was never recorded (its launch was killed between starting
+    it and writing the pid file) is found too. The ``ip netns exec`` that starts
+    an engine carries the same arguments until it becomes the engine.
+    """
+    out: dict[int, tuple[str, str]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # exited while we looked, or a kernel thread
+        if not any(Path(os.fsdecode(a)).name.startswith(ENGINE_NAME) for a in cmdline):
+            continue
+        for flag, value in itertools.pairwise(cmdline):
+            if flag != b"--tag":
+                continue
+            owner = _parse_tag(value.decode(errors="replace"))
+            if owner is not None and nsops.alive(int(entry.name)):
+                out[int(entry.name)] = owner
+    return out
+
+
+def _parse_tag(tag: str) -> tuple[str, str] | None:
+    """``(session, vm)`` of a VM owner tag ``vnic:<session>/<vm>``, else None."""
+    prefix = f"{names.PREFIX}:"
+    if not tag.startswith(prefix) or "/" not in tag:
+        return None
+    session, _, vm = tag[len(prefix) :].partition("/")
+    return (session, vm) if session and vm else None
 
 
 def recorded(session: str) -> list[str]:

@@ -147,7 +147,27 @@ def create(name: str) -> None:
 
 
 def pids(name: str) -> list[int]:
-    return sorted(int(p) for p in netns.ns_pids().get(name, []))
+    """Processes that live in namespace ``name``.
+
+    Not this process, and not a process of which only some threads are inside:
+    that is a vnic manager or agent reading the namespace with a thread (see
+    :func:`inside`), a visitor that must not be stopped with the namespace.
+    """
+    try:
+        inode = os.stat(f"{RUN_DIR}/{name}").st_ino
+    except FileNotFoundError:
+        return []
+    out = []
+    for pid in (int(p) for p in netns.ns_pids().get(name, [])):
+        if pid == os.getpid():
+            continue
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            if all(os.stat(f"/proc/{pid}/task/{t}/ns/net").st_ino == inode for t in tasks):
+                out.append(pid)
+        except FileNotFoundError:
+            continue  # gone already
+    return sorted(out)
 
 
 def remove(name: str, grace: float = 2.0) -> None:
@@ -361,6 +381,9 @@ def set_route_congctl(
     """Per-route congestion control for ``network`` on ``eth0`` (reaches algorithms the
     namespace sysctl may not select, such as cubic)."""
     family = "-6" if network.version == 6 else "-4"
+    # "replace" matches the kernel's own prefix route only with the same metric:
+    # IPv6 gives it 256 (IPv4 0); without it a second, losing route is added.
+    metric = ["metric", "256"] if network.version == 6 else []
     proc = subprocess.run(
         [
             "ip",
@@ -374,6 +397,7 @@ def set_route_congctl(
             VM_IFNAME,
             "proto",
             "kernel",
+            *metric,
             "congctl",
             algorithm,
         ],

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import dataclass
 from typing import Any
 
 from vnic.dataplane import namespaces as nsops
 from vnic.errors import DataplaneError
+from vnic.model.units import Dscp, UnitError
 from vnic.plan.model import PortGuard
 
 TABLE = "vnic"
@@ -85,6 +87,89 @@ def _rules(session_ns: str, chain: str) -> list[dict[str, Any]]:
     if proc.returncode != 0:
         return []
     return [item["rule"] for item in json.loads(proc.stdout)["nftables"] if "rule" in item]
+
+
+def jump_tags(session_ns: str) -> list[str]:
+    """Owner tags on the ``prerouting`` jumps of ``session_ns``: one per guarded VM port."""
+    return [str(r["comment"]) for r in _rules(session_ns, "prerouting") if r.get("comment")]
+
+
+@dataclass(frozen=True)
+class GuardState:
+    """A port guard as nftables reports it.
+
+    ``jumps``: the ports whose ``prerouting`` jump into the chain carries the
+    owner tag; ``rules``: the chain's rules as (comment, value matched
+    against), in order; None when the chain does not exist.
+    """
+
+    jumps: tuple[str, ...]
+    rules: tuple[tuple[str, str], ...] | None
+
+
+def read_guard(session_ns: str, chain: str, tag: str) -> GuardState:
+    """The guard chain ``chain`` and the jumps into it carrying ``tag``, read back."""
+    jumps = tuple(
+        str(_match_value(rule))
+        for rule in _rules(session_ns, "prerouting")
+        if rule.get("comment") == tag and _jump_target(rule) == chain
+    )
+    rules = None
+    if _chain_exists(session_ns, chain):
+        rules = tuple(
+            (str(r.get("comment", "")), _match_value(r)) for r in _rules(session_ns, chain)
+        )
+    return GuardState(jumps, rules)
+
+
+def expected_rules(guard: PortGuard) -> tuple[tuple[str, str], ...]:
+    """The (comment, value matched against) of each rule :func:`render` puts in the chain,
+    in the form :func:`read_guard` reads them back."""
+    ident = guard.identity
+    rules = [
+        ("spoof-mac", ident.mac),
+        ("spoof-arp", ident.mac),
+        ("spoof-arp", ident.ipv4),
+        ("spoof-ipv4", ident.ipv4),
+        ("spoof-ipv6", ",".join(sorted(["::", "fe80::/10", ident.ipv6]))),
+    ]
+    if guard.dscp_mark is not None:
+        rules += [
+            ("dscp-mark", f"ip dscp {guard.dscp_mark}"),
+            ("dscp-mark", f"ip6 dscp {guard.dscp_mark}"),
+        ]
+    return tuple(rules)
+
+
+def _jump_target(rule: dict[str, Any]) -> str | None:
+    for expr in rule.get("expr", []):
+        if isinstance(expr, dict) and "jump" in expr:
+            return str(expr["jump"]["target"])
+    return None
+
+
+def _match_value(rule: dict[str, Any]) -> str:
+    """What the rule's first match compares with, as text (a set as its sorted members);
+    for a DSCP mark, ``<protocol> dscp <number>`` (nft prints known code points by name)."""
+    for expr in rule.get("expr", []):
+        if isinstance(expr, dict) and "match" in expr:
+            return _element(expr["match"]["right"])
+        if isinstance(expr, dict) and "mangle" in expr:
+            payload = expr["mangle"]["key"].get("payload", {})
+            try:
+                value: object = Dscp.parse(expr["mangle"]["value"]).value
+            except UnitError:
+                value = expr["mangle"]["value"]
+            return f"{payload.get('protocol')} {payload.get('field')} {value}"
+    return ""
+
+
+def _element(value: object) -> str:
+    if isinstance(value, dict) and "set" in value:
+        return ",".join(sorted(_element(e) for e in value["set"]))
+    if isinstance(value, dict) and "prefix" in value:
+        return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+    return str(value)
 
 
 def drop_counters(session_ns: str, chain: str) -> dict[str, int]:

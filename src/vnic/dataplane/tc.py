@@ -9,12 +9,13 @@ otherwise leave HTB's default path passing traffic unshaped.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
 from vnic.dataplane.namespaces import link_index, run_inside
 from vnic.errors import DataplaneError
+from vnic.model.units import Rate
 from vnic.plan.compile import DEFAULT_MINOR
 from vnic.plan.model import DirectionPlan, HtbClass, Plan, U32Match
 from vnic.plan.netem import netem_argv
@@ -167,22 +168,106 @@ def read_classes(ipr: Any, device: str) -> dict[int, ClassState]:
 
 def verify(ipr: Any, plan: Plan) -> None:
     """Read the plan's classes back; raise :class:`DataplaneError` on any difference."""
+    problems = class_differences(ipr, plan)
+    if problems:
+        raise DataplaneError("kernel state differs from the plan: " + "; ".join(problems))
+
+
+def class_differences(ipr: Any, plan: Plan, devices: Set[str] | None = None) -> list[str]:
+    """Each difference between the plan's HTB classes and the kernel's, as a short sentence.
+
+    Compares rate, ceiling and priority, and names classes missing or not
+    planned. ``devices``: the devices that exist, when the caller knows (a
+    missing device is the caller's to report); by default every planned one
+    must exist.
+    """
     problems = []
     for d in plan.directions():
         if d.root is None or d.device is None:
             continue
+        if devices is not None and d.device not in devices:
+            continue
         state = read_classes(ipr, d.device)
         for c in d.classes:
-            got = state.get(c.minor)
+            name = f"{d.direction} class 1:{c.minor:x} on {d.device}"
+            got = state.pop(c.minor, None)
             if got is None:
-                problems.append(f"{d.direction}: class 1:{c.minor:x} missing on {d.device}")
-            elif (got.rate, got.ceil) != (c.rate, c.ceil):
-                problems.append(
-                    f"{d.direction}: class 1:{c.minor:x} on {d.device} has rate {got.rate * 8} bit/s "
-                    f"ceil {got.ceil * 8} bit/s, planned {c.rate * 8} / {c.ceil * 8}"
-                )
-    if problems:
-        raise DataplaneError("kernel state differs from the plan: " + "; ".join(problems))
+                problems.append(f"{name}: expected present, found missing")
+                continue
+            for what, want, have in (
+                ("rate", c.rate, got.rate),
+                ("ceil", c.ceil, got.ceil),
+                ("prio", c.prio, got.prio),
+            ):
+                if want != have:
+                    shown = (Rate(want * 8), Rate(have * 8)) if what != "prio" else (want, have)
+                    problems.append(f"{name} {what}: expected {shown[0]}, found {shown[1]}")
+        problems += [
+            f"{d.direction} class 1:{minor:x} on {d.device}: expected none, found one "
+            f"(rate {Rate(got.rate * 8)})"
+            for minor, got in sorted(state.items())
+        ]
+    return problems
+
+
+def qdisc_differences(ipr: Any, plan: Plan, devices: Set[str] | None = None) -> list[str]:
+    """Each difference between the plan's qdiscs and the kernel's: the HTB root, each
+    leaf's kind and limit, netem where the plan has it, and the ingress qdisc that
+    redirects VM egress. ``devices`` as in :func:`class_differences`."""
+    _teach_pyroute2_bfifo()  # decodes bfifo's options
+    want: dict[tuple[str, int], tuple[str, int | None]] = {}  # (device, parent) -> kind, limit
+    for d in plan.directions():
+        if d.root is not None and d.device is not None:
+            want[(d.device, TC_ROOT)] = ("htb", None)
+        for leaf in d.leaves:
+            want[(leaf.device, _handle(leaf.class_minor))] = (leaf.kind, leaf.limit)
+        for q in d.netem:
+            parent = _handle(q.parent_minor) if q.parent_minor else TC_ROOT
+            want[(q.device, parent)] = ("netem", None)
+    if plan.redirect is not None:
+        want[(plan.redirect.device, TC_INGRESS)] = ("ingress", None)
+    problems = []
+    found: dict[str, dict[int, tuple[str, int | None]]] = {}
+    for (device, parent), (kind, limit) in sorted(want.items()):
+        if devices is not None and device not in devices:
+            continue
+        if device not in found:
+            found[device] = _qdiscs(ipr, device)
+        have = found[device].get(parent)
+        name = f"qdisc {_parent_name(parent)} on {device}"
+        if have is None:
+            problems.append(f"{name}: expected {kind}, found none")
+        elif have[0] != kind:
+            problems.append(f"{name}: expected {kind}, found {have[0]}")
+        elif limit is not None and have[1] != limit:
+            problems.append(f"{name} limit: expected {limit}, found {have[1]}")
+    return problems
+
+
+#: ``parent`` of a root qdisc and of the ingress qdisc in a netlink dump.
+TC_ROOT = 0xFFFFFFFF
+TC_INGRESS = 0xFFFFFFF1
+
+
+def _qdiscs(ipr: Any, device: str) -> dict[int, tuple[str, int | None]]:
+    """The qdiscs of ``device`` by parent handle: kind and (for FIFOs) limit."""
+    out: dict[int, tuple[str, int | None]] = {}
+    for msg in ipr.get_qdiscs(index=link_index(ipr, device)):
+        kind = str(msg.get_attr("TCA_KIND"))
+        limit = None
+        if kind in ("bfifo", "pfifo"):
+            opts = msg.get_attr("TCA_OPTIONS")
+            limit = int(opts["limit"]) if opts is not None else None
+        out[int(msg["parent"])] = (kind, limit)
+    return out
+
+
+def _parent_name(parent: int) -> str:
+    if parent == TC_ROOT:
+        return "root"
+    if parent == TC_INGRESS:
+        return "ingress"
+    return f"under {parent >> 16:x}:{parent & 0xFFFF:x}"
 
 
 @dataclass(frozen=True)

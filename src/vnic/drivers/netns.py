@@ -4,28 +4,52 @@ Launch = session namespace and bridge (if new) -> VM namespace -> veth into
 the bridge + IFB -> addresses -> TCP settings -> compiled plan applied on the
 host side -> read back. Any failure removes what this launch created and
 re-raises.
+
+For a host agent that restarts (possibly after SIGKILL in the middle of a
+launch): :meth:`NetnsDriver.inventory` finds every VM with anything on the
+host, by name or owner tag; :meth:`NetnsDriver.drift` reads one VM's state
+back and names each difference from what launch builds; and
+:meth:`NetnsDriver.destroy` removes whatever a killed launch left.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import ipaddress
 import json
 import os
+import re
+import signal
 import subprocess
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.dataplane import delayd, names, nft
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe, netem_available
-from vnic.dataplane.tc import apply_netem, apply_plan, verify
+from vnic.dataplane.tc import (
+    apply_netem,
+    apply_plan,
+    class_differences,
+    qdisc_differences,
+    verify,
+)
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict, DataplaneError, InvalidInput
 from vnic.model.profile import Profile
 from vnic.plan.compile import ENGINES, compile_plan, guard_chain, impaired
 from vnic.plan.model import Devices, Identity, Plan
 
+#: ``IFF_UP`` in a link's flags.
+IFF_UP = 0x1
+#: The main routing table, where the VM's routes are.
+RT_TABLE_MAIN = 254
 #: Profile fields this driver honours today; the others name what they need.
 HONOURED = frozenset(
     {
@@ -244,13 +268,73 @@ class NetnsDriver:
             nsops.set_route_congctl(vm_ns, net, algo)
 
     def destroy(self, session: str, vm: str) -> None:
+        """Remove everything of the VM, whatever state a killed launch (or destroy) left.
+
+        Idempotent, and ordered so that each step still finds what it removes:
+        the engine first (by its pid file, then by its owner tag for one whose
+        pid was never recorded), then the VM namespace (which takes ``eth0``
+        and with it the port), then the guard and the remaining links. A
+        session namespace that is only a placeholder file (a launch killed
+        between creating and mounting it) holds none of these, so it is
+        skipped; :meth:`teardown_session` removes it.
+        """
         session_ns = names.session_netns(session)
         delayd.stop(session, vm)
+        _stop_untracked_engines(session, vm)
         nsops.remove(names.vm_netns(session, vm))
+        if not _is_namespace(session_ns):
+            return
         links = names.VmLinks.of(vm)
         for port in (links.port, links.relay_port):
             nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
-        nsops.unplug_vm(session_ns, session, vm)
+        _unplug(session_ns, session, vm)
+
+    def inventory(self) -> dict[str, set[str]]:
+        """Every session with vnic objects on this host, mapped to the VMs that have any.
+
+        Read-only. A VM counts when any of these exists: its namespace, its
+        delay engine's process or run files, a link in the session namespace
+        tagged with it (found even when the VM namespace is gone), a guard jump
+        tagged with it. A session namespace without VMs maps to an empty set.
+        Costs one link dump and one nft listing per session namespace and one
+        scan of /proc, whatever the number of VMs.
+        """
+        return _find(None)
+
+    def drift(self, request: LaunchRequest) -> list[str]:
+        """How the kernel differs from what :meth:`launch` builds for ``request``, read back.
+
+        One short sentence per difference, naming the object, what the plan
+        expects and what was found; empty when nothing differs. A VM whose
+        namespace is missing gives that one sentence. Read-only.
+        """
+        session, vm = request.session, request.vm
+        vm_ns = names.vm_netns(session, vm)
+        missing = [f"VM {session}/{vm}: namespace {vm_ns} expected, found missing"]
+        if not _is_namespace(vm_ns):
+            return missing
+        try:
+            return self._drift(request, vm_ns)
+        except (OSError, NetlinkError, DataplaneError):
+            if _is_namespace(vm_ns):
+                raise
+            return missing  # destroyed while we looked
+
+    def _drift(self, request: LaunchRequest, vm_ns: str) -> list[str]:
+        session, vm = request.session, request.vm
+        plan = self.plan_for(request)
+        problems = _vm_side_drift(vm_ns, request, plan)
+        session_ns = names.session_netns(session)
+        if not _is_namespace(session_ns):
+            return [*problems, f"session namespace {session_ns}: expected present, found missing"]
+        with nsops.opened(session_ns) as ns:
+            present, link_problems = _link_drift(ns, session, vm, plan)
+            problems += link_problems
+            problems += class_differences(ns, plan, present)
+            problems += qdisc_differences(ns, plan, present)
+        problems += _engine_drift(session, vm, plan)
+        problems += _guard_drift(session_ns, plan)
+        return problems
 
     def engines_in_use(self) -> list[dict[str, object]]:
         """Every running VM on this host, what carries its delay and loss and why, with counters."""
@@ -305,7 +389,10 @@ class NetnsDriver:
         return nft.drop_counters(session_ns, guard_chain(port))
 
     def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
-        for vm in sorted({*vms, *self.running(session), *delayd.recorded(session)}):
+        """Destroy every VM of the session that has anything on this host (and ``vms``),
+        then remove the session namespace."""
+        found = _find(session).get(session, set())
+        for vm in sorted({*vms, *found}):
             self.destroy(session, vm)
         nsops.remove(names.session_netns(session))
 
@@ -338,3 +425,318 @@ def _netem_devices(session_ns: str) -> set[str]:
     if proc.returncode != 0:
         return set()
     return {str(q["dev"]) for q in json.loads(proc.stdout or "[]") if q.get("kind") == "netem"}
+
+
+# ----------------------------------------------------------------------------- finding and removing
+
+
+def _find(only: str | None) -> dict[str, set[str]]:
+    """:meth:`NetnsDriver.inventory`, of every session or of session ``only``."""
+    out: dict[str, set[str]] = {}
+    session_namespaces = []
+    for ns_name in nsops.listing():
+        owner = _parse_netns(ns_name)
+        if owner is None or only not in (None, owner[0]):
+            continue
+        session, vm = owner
+        vms = out.setdefault(session, set())
+        if vm is not None:
+            vms.add(vm)
+        elif _is_namespace(ns_name):
+            session_namespaces.append(session)
+    for session in session_namespaces:
+        ns_name = names.session_netns(session)
+        try:
+            tags = [*_link_tags(ns_name), *nft.jump_tags(ns_name)]
+        except (OSError, DataplaneError):
+            if _is_namespace(ns_name):
+                raise
+            continue  # removed while we looked (a teardown running alongside)
+        out[session].update(vm for vm in (_vm_of_tag(t, session) for t in tags) if vm)
+    engines = delayd.engine_processes().values()
+    for session, vms in [*delayd.run_files().items(), *((s, {vm}) for s, vm in engines)]:
+        if only in (None, session):
+            out.setdefault(session, set()).update(vms)
+    return out
+
+
+def _parse_netns(name: str) -> tuple[str, str | None] | None:
+    """``(session, vm)`` of a VM namespace, ``(session, None)`` of a session namespace, else None.
+
+    The capability probe's throwaway namespaces (``vnic.probe-<pid>``,
+    ``vnic.probe-netem-<pid>``) share the prefix but are not sessions: they
+    belong to the probing process, which removes them itself.
+    """
+    parts = name.split(".")
+    if len(parts) not in (2, 3) or parts[0] != names.PREFIX:
+        return None
+    if not all(_NAME.fullmatch(p) for p in parts[1:]):
+        return None
+    if len(parts) == 2 and _PROBE.fullmatch(parts[1]):
+        return None
+    return (parts[1], parts[2] if len(parts) == 3 else None)
+
+
+#: Session and VM names (see :mod:`vnic.model.session`); anything else is not vnic's.
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+_PROBE = re.compile(r"probe-(?:netem-)?\d+")
+
+
+def _is_namespace(name: str) -> bool:
+    """Whether /run/netns/NAME is a mounted namespace, not just the file a killed
+    :func:`~vnic.dataplane.namespaces.create` made before mounting onto it (entering
+    such a file fails, so nothing can be inside)."""
+    try:
+        return os.stat(os.path.join(nsops.RUN_DIR, name)).st_dev == _nsfs_device()
+    except FileNotFoundError:
+        return False
+
+
+def _nsfs_device() -> int:
+    """The device of the namespace file system (every namespace file is on it)."""
+    return os.stat("/proc/self/ns/net").st_dev
+
+
+def _vm_of_tag(tag: str, session: str) -> str | None:
+    """The VM named by owner tag ``tag`` if it is one of ``session``'s VMs, else None."""
+    prefix = names.owner_tag(session, "x")[:-1]
+    vm = tag[len(prefix) :] if tag.startswith(prefix) else ""
+    return vm if _NAME.fullmatch(vm) else None
+
+
+def _link_tags(session_ns: str) -> list[str]:
+    """The aliases of every link in ``session_ns``, from one dump.
+
+    ``ip -j`` rather than a pyroute2 dump: iproute2's C decoder is much faster
+    than decoding every link in Python, and a session holds up to four links
+    per VM.
+    """
+    proc = nsops.run_inside(
+        session_ns, ["ip", "-j", "link", "show"], capture_output=True, timeout=30
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot list the links of {session_ns}: {proc.stderr.strip()}")
+    return [str(link["ifalias"]) for link in json.loads(proc.stdout or "[]") if "ifalias" in link]
+
+
+def _stop_untracked_engines(session: str, vm: str, grace: float = 2.0) -> None:
+    """Stop engines of the VM that no pid file names (TERM, then KILL after ``grace`` s).
+
+    A launch killed between starting the engine and recording its pid leaves
+    one; it carries the VM's owner tag, which is how it is found.
+    """
+    victims = [pid for pid, owner in delayd.engine_processes().items() if owner == (session, vm)]
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while victims and time.monotonic() < deadline:
+        victims = [p for p in victims if nsops.alive(p)]
+        time.sleep(0.01)
+    for pid in victims:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _unplug(session_ns: str, session: str, vm: str) -> None:
+    """Delete the VM's links in the session namespace: those tagged with it, and those
+    with its names and no tag at all.
+
+    A link gets its tag in a second netlink call after it is made, so a launch
+    killed in between leaves it untagged; in vnic's own session namespace a
+    link with the VM's (hash-derived) name and no alias can only be that. A
+    link with the name but another VM's tag (a hash collision) is left alone.
+    Deleting one end of a veth deletes the other, so an end may vanish between
+    lookup and delete.
+    """
+    tag = names.owner_tag(session, vm)
+    with nsops.opened(session_ns) as ns:
+        for name in names.VmLinks.of(vm).all():
+            try:
+                (link,) = ns.link("get", ifname=name)
+                if link.get_attr("IFLA_IFALIAS") in (tag, None, ""):
+                    ns.link("del", index=link["index"])
+            except NetlinkError as exc:
+                if exc.code != errno.ENODEV:
+                    raise DataplaneError(f"cannot delete {name} in {session_ns}: {exc}") from exc
+
+
+# ----------------------------------------------------------------------------- drift
+
+
+def _vm_side_drift(vm_ns: str, request: LaunchRequest, plan: Plan) -> list[str]:
+    """``eth0``'s MAC, state and addresses, and the plan's sysctls, inside the VM."""
+    problems = []
+    with nsops.opened(vm_ns) as vns:
+        index = nsops.find_link(vns, names.VM_IFNAME)
+        if index is None:
+            problems.append(f"{names.VM_IFNAME} in {vm_ns}: expected present, found missing")
+        else:
+            (link,) = vns.link("get", index=index)
+            mac = str(link.get_attr("IFLA_ADDRESS"))
+            if mac != str(request.mac):
+                problems.append(f"{names.VM_IFNAME} MAC: expected {request.mac}, found {mac}")
+            if not link["flags"] & IFF_UP:
+                problems.append(f"{names.VM_IFNAME} state: expected up, found down")
+            have = {
+                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in vns.get_addr(index=index)
+            }
+            for want in (request.ipv4, request.ipv6):
+                if str(want) not in have:
+                    problems.append(
+                        f"{names.VM_IFNAME} address: expected {want}, found "
+                        + (", ".join(sorted(have)) or "none")
+                    )
+        if plan.congestion_control is not None:
+            problems += _congctl_drift(vns, request, plan.congestion_control)
+    for s in plan.sysctls:
+        try:
+            value = nsops.read_sysctl(vm_ns, s.key)
+        except DataplaneError as exc:
+            value = f"unreadable ({exc})"
+        if value != s.value:
+            problems.append(f"sysctl {s.key}: expected {s.value}, found {value}")
+    return problems
+
+
+def _congctl_drift(vns: Any, request: LaunchRequest, algorithm: str) -> list[str]:
+    """The congestion control of the route each session network is reached by.
+
+    Launch sets it per route (see ``NetnsDriver._tcp``); what counts is the
+    route the kernel picks, the one with the lowest metric when there are several.
+    """
+    best: dict[str, tuple[int, str]] = {}  # network -> (metric, algorithm)
+    for route in vns.get_routes(table=RT_TABLE_MAIN):
+        network = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+        metrics = route.get_attr("RTA_METRICS")
+        algo = (metrics.get_attr("RTAX_CC_ALGO") if metrics is not None else None) or "none"
+        metric = int(route.get_attr("RTA_PRIORITY") or 0)
+        if network not in best or metric < best[network][0]:
+            best[network] = (metric, str(algo))
+    problems = []
+    for net in (request.ipv4.network, request.ipv6.network):
+        found = best.get(str(net), (0, "no route"))[1]
+        if found != algorithm:
+            problems.append(f"route {net} congctl: expected {algorithm}, found {found}")
+    return problems
+
+
+def _link_drift(ns: Any, session: str, vm: str, plan: Plan) -> tuple[set[str], list[str]]:
+    """The VM's links in the session namespace against the plan: which exist, and each
+    difference (missing, unexpected, untagged, down, on the wrong master)."""
+    links = names.VmLinks.of(vm)
+    tag = names.owner_tag(session, vm)
+    relay = plan.engine is not None
+    want = {links.port, links.relay, links.relay_port} if relay else {links.port, links.ifb}
+    bridge = nsops.find_link(ns, names.BRIDGE)
+    problems = (
+        [] if bridge is not None else [f"bridge {names.BRIDGE}: expected present, found missing"]
+    )
+    present = set()
+    for name, role in (
+        (links.port, "port"),
+        (links.ifb, "IFB"),
+        (links.relay, "relay"),
+        (links.relay_port, "relay port"),
+    ):
+        index = nsops.find_link(ns, name)
+        if index is None:
+            if name in want:
+                problems.append(f"{role} {name}: expected present, found missing")
+            continue
+        present.add(name)
+        if name not in want:
+            problems.append(f"{role} {name}: expected none, found one")
+            continue
+        (link,) = ns.link("get", index=index)
+        alias = link.get_attr("IFLA_IFALIAS") or "none"
+        if alias != tag:
+            problems.append(f"{role} {name} tag: expected {tag}, found {alias}")
+        if not link["flags"] & IFF_UP:
+            problems.append(f"{role} {name} state: expected up, found down")
+        master = link.get_attr("IFLA_MASTER")
+        on_bridge = name == plan.devices.bridge_port
+        if on_bridge and (bridge is None or master != bridge):
+            problems.append(
+                f"{role} {name} master: expected {names.BRIDGE}, found {_name_of(ns, master)}"
+            )
+        elif not on_bridge and master:
+            problems.append(f"{role} {name} master: expected none, found {_name_of(ns, master)}")
+    return present & want, problems
+
+
+def _name_of(ns: Any, index: int | None) -> str:
+    if not index:
+        return "none"
+    try:
+        (link,) = ns.link("get", index=index)
+    except NetlinkError:
+        return f"index {index}"
+    return str(link.get_attr("IFLA_IFNAME"))
+
+
+def _engine_drift(session: str, vm: str, plan: Plan) -> list[str]:
+    """Whether the delay engine runs as the plan says, with the arguments it would get."""
+    running = delayd.running_arguments(session, vm)
+    if plan.engine is None:
+        return [] if running is None else ["delay engine: expected none, found one running"]
+    if running is None:
+        left = " (its pid file names no live engine)" if vm in delayd.recorded(session) else ""
+        return [f"delay engine: expected running, found not running{left}"]
+    expected = delayd.expected_arguments(session, vm, plan.engine)
+    if running == expected:
+        return []
+    problems = []
+    want, have = _engine_directions(expected), _engine_directions(running)
+    for direction in sorted(want.keys() | have.keys()):
+        a, b = want.get(direction, {}), have.get(direction, {})
+        problems += [
+            f"delay engine {direction} {key}: expected {a.get(key, 'none')}, found {b.get(key, 'none')}"
+            for key in sorted(a.keys() | b.keys())
+            if a.get(key) != b.get(key)
+        ]
+    flags_want = [x for x in expected if "=" not in x]
+    flags_have = [x for x in running if "=" not in x]
+    if flags_want != flags_have:
+        problems.append(
+            f"delay engine options: expected {' '.join(flags_want)}, found {' '.join(flags_have)}"
+        )
+    return problems
+
+
+def _engine_directions(args: Sequence[str]) -> dict[str, dict[str, str]]:
+    """The engine's per-direction arguments (``name=egress,delay=...``) by direction."""
+    out = {}
+    for arg in args:
+        if "=" not in arg:
+            continue
+        fields = dict(kv.partition("=")[::2] for kv in arg.split(","))
+        out[fields.pop("name", "?")] = fields
+    return out
+
+
+def _guard_drift(session_ns: str, plan: Plan) -> list[str]:
+    """The nft port guard: its chain, its rules (kind and value), and the tagged jump."""
+    guard = plan.guard
+    if guard is None:
+        return []
+    state = nft.read_guard(session_ns, guard.chain, guard.identity.tag)
+    problems = []
+    if guard.port not in state.jumps:
+        found = ", ".join(state.jumps) or "none"
+        problems.append(
+            f"nft jump to {guard.chain}: expected from {guard.port}, found from {found}"
+        )
+    if state.rules is None:
+        return [*problems, f"nft chain {guard.chain}: expected present, found missing"]
+    want = nft.expected_rules(guard)
+    if state.rules != want:
+        problems.append(
+            f"nft chain {guard.chain} rules: expected {_rules_text(want)}, "
+            f"found {_rules_text(state.rules) or 'none'}"
+        )
+    return problems
+
+
+def _rules_text(rules: Sequence[tuple[str, str]]) -> str:
+    return "; ".join(f"{comment} {value}" for comment, value in rules)

@@ -12,8 +12,10 @@ process (``vnic serve``) or over HTTP (``vnic serve --agent URL``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Protocol, cast
 
 from fastapi import Depends, FastAPI, Query, Request, Response
@@ -49,12 +51,57 @@ class AgentLike(Driver, Protocol):
     def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport: ...
 
 
+class Gate:
+    """Many dispatches at once, or one reconcile alone (a readers-writer lock).
+
+    A reconcile sends the agent the database's running VMs; a launch between
+    its agent call and its database write would look like an orphan to it.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._exclusive)
+            self._exclusive = True
+            self._cond.wait_for(lambda: self._active == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
 @dataclass
 class Manager:
     service: Service
     tokens: Tokens
     agent: AgentLike
     agent_name: str = "local"
+    gate: Gate = field(default_factory=Gate)
+
+    def reconcile(self) -> ReconcileReport:
+        """Send the agent the VMs the database says run; it rebuilds, reaps and reports."""
+        with self.gate.exclusive():
+            desired = [DesiredVm(kind, request) for kind, request in self.service.desired()]
+            return self.agent.sync(desired)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -251,7 +298,8 @@ def create_app(manager: Manager) -> FastAPI:
         info = svc.get_session(name)
         if info.vms and not force:
             svc.delete_session(name)  # raises InUse, naming the VMs
-        svc.session_down(name, manager.agent)
+        with manager.gate.shared():
+            svc.session_down(name, manager.agent)
         svc.delete_session(name, force=True)
         return Response(status_code=204)
 
@@ -259,7 +307,8 @@ def create_app(manager: Manager) -> FastAPI:
     def session_down(who: Caller, name: str) -> list[str]:
         """Stop every VM of the session and remove its network; returns the VMs stopped."""
         vm_writer(who, name, "stopping a session")
-        return svc.session_down(name, manager.agent)
+        with manager.gate.shared():
+            return svc.session_down(name, manager.agent)
 
     # ------------------------------------------------------------------ VMs
 
@@ -290,7 +339,8 @@ def create_app(manager: Manager) -> FastAPI:
         )
         if body.launch:
             try:
-                result = svc.launch_vm(session, result.vm.name, manager.agent)
+                with manager.gate.shared():
+                    result = svc.launch_vm(session, result.vm.name, manager.agent)
             except BaseException:
                 svc.remove_vm(session, result.vm.name)
                 raise
@@ -307,14 +357,16 @@ def create_app(manager: Manager) -> FastAPI:
         vm_writer(who, session, "overriding a VM")
         changes: dict[str, Any] = {k: getattr(body, k) for k in body.model_fields_set}
         svc.update_vm(session, vm, changes)
-        return views.explain_json(svc.reconfigure_vm(session, vm, manager.agent))
+        with manager.gate.shared():
+            return views.explain_json(svc.reconfigure_vm(session, vm, manager.agent))
 
     @app.delete("/v1/sessions/{session}/vms/{vm}", status_code=204, tags=["vms"])
     def delete_vm(who: Caller, session: str, vm: str) -> Response:
         """Stop the VM if it runs, then remove its definition and release its MAC."""
         vm_writer(who, session, "removing a VM")
         if svc.explain(session, vm).vm.state == "running":
-            svc.destroy_vm(session, vm, manager.agent)
+            with manager.gate.shared():
+                svc.destroy_vm(session, vm, manager.agent)
         svc.remove_vm(session, vm)
         return Response(status_code=204)
 
@@ -327,13 +379,15 @@ def create_app(manager: Manager) -> FastAPI:
         vm_writer(who, session, "launching a VM")
         if svc.explain(session, vm).vm.state == "running":
             raise Conflict(f"VM {session}/{vm} is already running")
-        return views.explain_json(svc.launch_vm(session, vm, manager.agent))
+        with manager.gate.shared():
+            return views.explain_json(svc.launch_vm(session, vm, manager.agent))
 
     @app.post("/v1/sessions/{session}/vms/{vm}/destroy", response_model=sc.VmPublic, tags=["vms"])
     def destroy_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
         """Stop the VM and remove its network; the definition and MAC stay."""
         vm_writer(who, session, "destroying a VM")
-        svc.destroy_vm(session, vm, manager.agent)
+        with manager.gate.shared():
+            svc.destroy_vm(session, vm, manager.agent)
         return views.vm_json(svc.explain(session, vm).vm)
 
     @app.get(
@@ -360,6 +414,14 @@ def create_app(manager: Manager) -> FastAPI:
             {"agent": manager.agent_name, **caps.to_dict()}
             for caps in manager.agent.all_capabilities()
         ]
+
+    @app.post("/v1/reconcile", response_model=sc.ReconcilePublic, tags=["meta"])
+    def reconcile(who: Caller) -> dict[str, Any]:
+        """Send the agent the VMs the database says run: it rebuilds missing or drifted
+        ones, removes what nobody desires, and reports the drift left. Also done when
+        the manager starts; needed after an agent restarted on its own."""
+        require_admin(who, "reconciling")
+        return manager.reconcile().to_dict()
 
     @app.get("/v1/tokens", response_model=list[sc.TokenPublic], tags=["tokens"])
     def list_tokens(who: Caller) -> list[dict[str, Any]]:

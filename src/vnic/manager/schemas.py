@@ -185,3 +185,10 @@ class TokenCreated(TokenPublic):
 class Health(BaseModel):
     status: Literal["ok"]
     version: str
+
+
+class ReconcilePublic(BaseModel):
+    reapplied: dict[str, list[str]] = Field(description="VM -> differences that made it rebuilt")
+    removed: list[str] = Field(description="VMs and sessions removed: nobody desired them")
+    failed: dict[str, str] = Field(description="VM -> why it could not be rebuilt")
+    drift: dict[str, list[str]] = Field(description="VM -> differences left after the pass")
