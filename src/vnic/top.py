@@ -10,11 +10,15 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from vnic.model.units import Rate
-
 
 def _rate(bps: float | None) -> str:
-    return "-" if bps is None else str(Rate(int(bps)))
+    """A rate for people: 3 significant digits, decimal units (0 and tiny rates included)."""
+    if bps is None:
+        return "-"
+    for unit, scale in (("Gbit", 1e9), ("Mbit", 1e6), ("kbit", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:.3g}{unit}"
+    return f"{bps:.0f}bit"
 
 
 def _drops(d: Mapping[str, Any]) -> str:

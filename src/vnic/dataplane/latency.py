@@ -65,8 +65,16 @@ def _ensure_switch_address(session_ns: str, network_id: int) -> None:
             )
 
 
-def measure(targets: Sequence[Target], timeout: float = 1.0) -> dict[tuple[str, str], float | None]:
-    """Round trip to every target, seconds; None where no reply came within ``timeout``."""
+def measure(
+    targets: Sequence[Target], timeout: float = 1.0, rounds: int = 2
+) -> dict[tuple[str, str], float | None]:
+    """Round trip to every target, seconds; None where no reply came within ``timeout``.
+
+    Each round sends every target one echo request; the result is the last round
+    that got a reply. The first round also resolves neighbours (an ARP exchange
+    through the VM's shaping, which would double a delayed VM's round trip), so
+    with the default two rounds the second one measures the path alone.
+    """
     out: dict[tuple[str, str], float | None] = {(t.session, t.vm): None for t in targets}
     by_session: dict[str, list[Target]] = {}
     for t in targets:
@@ -81,27 +89,39 @@ def measure(targets: Sequence[Target], timeout: float = 1.0) -> dict[tuple[str, 
             sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         with sock:
             sock.setblocking(False)
-            sent: dict[int, tuple[Target, float]] = {}
-            for seq, t in enumerate(group):
-                try:
-                    sock.sendto(echo_request(ident, seq), (t.ipv4, 0))
-                except OSError:
-                    continue  # no route or neighbour: stays None
-                sent[seq] = (t, time.monotonic())
-            deadline = time.monotonic() + timeout
-            while sent and (left := deadline - time.monotonic()) > 0:
-                ready, _, _ = select.select([sock], [], [], left)
-                if not ready:
-                    break
-                packet, (source, _) = sock.recvfrom(2048)
-                arrived = time.monotonic()
-                ihl = (packet[0] & 0x0F) * 4
-                kind, _, _, rid, rseq = struct.unpack_from("!BBHHH", packet, ihl)
-                if kind != ECHO_REPLY or rid != ident or rseq not in sent:
-                    continue
-                target, at = sent[rseq]
-                if source != target.ipv4:
-                    continue
-                del sent[rseq]
-                out[(target.session, target.vm)] = arrived - at
+            for round_ in range(rounds):
+                for key, rtt in _round(sock, group, ident, round_ * len(group), timeout).items():
+                    if rtt is not None:
+                        out[key] = rtt
+    return out
+
+
+def _round(
+    sock: socket.socket, group: Sequence[Target], ident: int, first_seq: int, timeout: float
+) -> dict[tuple[str, str], float | None]:
+    out: dict[tuple[str, str], float | None] = {}
+    sent: dict[int, tuple[Target, float]] = {}
+    for i, t in enumerate(group):
+        seq = (first_seq + i) & 0xFFFF
+        try:
+            sock.sendto(echo_request(ident, seq), (t.ipv4, 0))
+        except OSError:
+            continue  # no route or neighbour: stays None
+        sent[seq] = (t, time.monotonic())
+    deadline = time.monotonic() + timeout
+    while sent and (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([sock], [], [], left)
+        if not ready:
+            break
+        packet, (source, _) = sock.recvfrom(2048)
+        arrived = time.monotonic()
+        ihl = (packet[0] & 0x0F) * 4
+        kind, _, _, rid, rseq = struct.unpack_from("!BBHHH", packet, ihl)
+        if kind != ECHO_REPLY or rid != ident or rseq not in sent:
+            continue
+        target, at = sent[rseq]
+        if source != target.ipv4:
+            continue
+        del sent[rseq]
+        out[(target.session, target.vm)] = arrived - at
     return out
