@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,11 +20,8 @@ from typing import Any
 
 import httpx
 
-from vnic.agent.core import Agent
-from vnic.agent.metrics import DirectionSample, VnicSample, render
-from vnic.drivers.fake import FakeDriver
+from vnic.agent.bench_metrics import render_benchmark
 from vnic.drivers.registry import get_driver
-from vnic.manager.api import Manager, create_app
 from vnic.manager.auth import Tokens
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
@@ -44,26 +40,42 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def _server(manager: Manager) -> Iterator[str]:
+def _server(work: Path, database: str, *args: str) -> Iterator[str]:
+    """``vnic serve`` on ``database`` as its own process (as deployed: the client's
+    work does not share its interpreter), on a free localhost port."""
+    import os
     import socket
-
-    import uvicorn
+    import subprocess
+    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    config = uvicorn.Config(create_app(manager), host="127.0.0.1", port=port, log_level="error")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    env = {**os.environ, "VNIC_HOME": str(work), "VNIC_DATABASE_URL": database}
+    log = open(work / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vnic.cli", "serve", "--port", str(port), *args],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
-    while not server.started:
-        time.sleep(0.02)
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/v1/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((work / f"serve-{port}.log").read_text())
+            time.sleep(0.1)
         yield url
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
 
 
 def _timed(client: httpx.Client, path: str, repeats: int) -> list[float]:
@@ -78,6 +90,7 @@ def _timed(client: httpx.Client, path: str, repeats: int) -> list[float]:
 
 def records(work: Path, vms: int = 1000, profiles: int = 100, repeats: int = 200) -> dict[str, Any]:
     """explain and profile list through HTTP on ``vms`` VM records and ``profiles`` profiles."""
+    (work / "records").mkdir()
     db = Database(f"sqlite:///{work / 'records.db'}")
     svc = Service(db)
     svc.apply_profiles(
@@ -93,11 +106,9 @@ def records(work: Path, vms: int = 1000, profiles: int = 100, repeats: int = 200
         svc.create_session(f"s{s}", default_profile=f"p{s}")
         for i in range(min(per_session, vms - s * per_session)):
             svc.add_vm(VmRequest(f"s{s}", f"vm{i}", profile=f"p{i % profiles}"))
-    tokens = Tokens(db)
-    _, secret = tokens.create("bench", "reader")
-    agent = Agent(work / "agent", {"fake": FakeDriver()}, default="fake")
+    _, secret = Tokens(db).create("bench", "reader")
     with (
-        _server(Manager(svc, tokens, agent)) as url,
+        _server(work / "records", db.url, "--driver", "fake") as url,
         httpx.Client(base_url=url, headers={"Authorization": f"Bearer {secret}"}) as client,
     ):
         paths = [f"/v1/sessions/s{i % 5}/vms/vm{(i * 37) % 200}/explain" for i in range(repeats)]
@@ -117,6 +128,7 @@ def records(work: Path, vms: int = 1000, profiles: int = 100, repeats: int = 200
 
 def launches(work: Path, count: int = 100) -> dict[str, Any]:
     """``count`` launch requests at once against the netns driver (needs root)."""
+    (work / "launch").mkdir()
     db = Database(f"sqlite:///{work / 'launch.db'}")
     svc = Service(db)
     svc.apply_profiles([parse_profile_document({"name": "b", "egress": {"rate": "100Mbit"}})])
@@ -124,14 +136,11 @@ def launches(work: Path, count: int = 100) -> dict[str, Any]:
     svc.create_session(session, default_profile="b")
     for i in range(count):
         svc.add_vm(VmRequest(session, f"vm{i}"))
-    tokens = Tokens(db)
-    _, secret = tokens.create("bench", "admin")
-    agent = Agent(work / "agent-netns", {"netns": get_driver("netns")}, default="netns")
-    manager = Manager(svc, tokens, agent)
+    _, secret = Tokens(db).create("bench", "admin")
     errors: list[str] = []
     try:
         with (
-            _server(manager) as url,
+            _server(work / "launch", db.url) as url,
             httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=600
             ) as client,
@@ -149,8 +158,10 @@ def launches(work: Path, count: int = 100) -> dict[str, Any]:
                 times = list(pool.map(launch, range(count)))
             wall = time.perf_counter() - wall
             scrape = _timed(client, "/metrics", 10)
+            down = client.post(f"/v1/sessions/{session}/down")
+            down.raise_for_status()
     finally:
-        svc.session_down(session, agent)
+        get_driver("netns").teardown_session(session)  # whatever a failure left
         db.dispose()
     return {
         "concurrent_requests": count,
@@ -161,26 +172,12 @@ def launches(work: Path, count: int = 100) -> dict[str, Any]:
     }
 
 
-def metrics_render(vnics: int = 1000, repeats: int = 20) -> dict[str, Any]:
-    d = DirectionSample(bytes=123456789, packets=98765, rate_bps=1.9e7, profile_rate_bps=20_000_000)
-    samples = [
-        VnicSample(f"s{i // 200}", f"vm{i}", {"campus": 3}, d, d, latency_seconds=0.002)
-        for i in range(vnics)
-    ]
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        render(samples)
-        times.append(time.perf_counter() - start)
-    return {"vnics": vnics, **_ms(times), "target_ms": 500}
-
-
 def run(*, launch: bool = True, quick: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vnic-bench-api-") as tmp:
         work = Path(tmp)
         result: dict[str, Any] = {
             "records": records(work, repeats=50 if quick else 200),
-            "metrics_render": metrics_render(),
+            "metrics_render": render_benchmark(),
         }
         if launch:
             result["launch"] = launches(work, 20 if quick else 100)

@@ -322,6 +322,10 @@ def session_create(
     no_overrides: Annotated[
         bool, typer.Option("--no-overrides", help="Forbid per-VM overrides.")
     ] = False,
+    owner: Annotated[
+        str | None,
+        typer.Option("--owner", help="Name of the owner token that may run its VMs."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a session with its profile policy."""
@@ -334,6 +338,7 @@ def session_create(
             rules=parsed,
             network_id=network_id,
             overrides_allowed=not no_overrides,
+            owner=owner,
         )
         if as_json:
             emit_json(views.session_json(info))
@@ -381,6 +386,7 @@ def session_show(name: str, as_json: JsonFlag = False) -> None:
             return
         out.print(f"session {info.name}  network id {info.network_id}", markup=False)
         out.print(f"  default profile: {info.policy.default_profile or '-'}", markup=False)
+        out.print(f"  owner: {info.owner or '-'} (besides admins)", markup=False)
         out.print(
             f"  overrides: {'allowed' if info.policy.overrides_allowed else 'forbidden'}",
             markup=False,
@@ -981,9 +987,11 @@ def demo(
 
 # ----------------------------------------------------------------------------- servers, tokens
 
-MonitorInterval = Annotated[
-    float,
-    typer.Option("--monitor-interval", help="Seconds between drift checks and latency probes."),
+LatencyInterval = Annotated[
+    float, typer.Option("--latency-interval", help="Seconds between two latency probes.")
+]
+DriftInterval = Annotated[
+    float, typer.Option("--drift-interval", help="Seconds between two drift checks.")
 ]
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin, owner, reader).")
 app.add_typer(token_app, name="token")
@@ -1001,7 +1009,8 @@ def serve(
         Path | None, typer.Option("--agent-key-file", help="The agent's key (with --agent).")
     ] = None,
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
-    monitor_interval: MonitorInterval = 10.0,
+    latency_interval: LatencyInterval = 10.0,
+    drift_interval: DriftInterval = 60.0,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics.
     Binds to localhost unless told otherwise; every call needs a token (vnic token create)."""
@@ -1010,7 +1019,7 @@ def serve(
     def body() -> None:
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
-        run_manager(manager, host, port, monitor_interval)
+        run_manager(manager, host, port, (latency_interval, drift_interval))
 
     run(body)
 
@@ -1030,7 +1039,8 @@ def agent_command(
         typer.Option("--state-dir", help="Desired-state directory (default $VNIC_HOME/agent)."),
     ] = None,
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
-    monitor_interval: MonitorInterval = 10.0,
+    latency_interval: LatencyInterval = 10.0,
+    drift_interval: DriftInterval = 60.0,
 ) -> None:
     """Run this host's agent on its own: the manager reaches it with --agent URL.
     Reconciles the kernel with its desired state before it answers."""
@@ -1041,7 +1051,9 @@ def agent_command(
     def body() -> None:
         home = Settings.from_env().home
         key = agent_key(key_file or home / "agent.key")
-        run_agent(local_agent(driver, state_dir), key, host, port, monitor_interval)
+        run_agent(
+            local_agent(driver, state_dir), key, host, port, (latency_interval, drift_interval)
+        )
 
     run(body)
 

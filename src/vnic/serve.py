@@ -55,7 +55,9 @@ def describe(report: ReconcileReport) -> list[str]:
     return lines
 
 
-def run_manager(manager: Manager, host: str, port: int, monitor_interval: float = 10.0) -> None:
+def run_manager(
+    manager: Manager, host: str, port: int, intervals: tuple[float, float] = (10.0, 60.0)
+) -> None:
     import uvicorn
 
     from vnic.manager.api import create_app
@@ -63,20 +65,22 @@ def run_manager(manager: Manager, host: str, port: int, monitor_interval: float 
     for line in describe(manager.reconcile()):
         print(f"vnic serve: {line}", flush=True)
     if isinstance(manager.agent, Agent):
-        manager.agent.start_monitor(monitor_interval)
+        manager.agent.start_monitor(*intervals)
     print(
         f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
     )
     uvicorn.run(create_app(manager), host=host, port=port, log_level="warning")
 
 
-def run_agent(agent: Agent, key: str, host: str, port: int, monitor_interval: float = 10.0) -> None:
+def run_agent(
+    agent: Agent, key: str, host: str, port: int, intervals: tuple[float, float] = (10.0, 60.0)
+) -> None:
     import uvicorn
 
     from vnic.agent.api import create_agent_app
 
     for line in describe(agent.reconcile()):
         print(f"vnic agent: {line}", flush=True)
-    agent.start_monitor(monitor_interval)
+    agent.start_monitor(*intervals)
     print(f"vnic agent: listening on http://{host}:{port}", flush=True)
     uvicorn.run(create_agent_app(agent, key), host=host, port=port, log_level="warning")

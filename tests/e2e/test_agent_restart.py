@@ -42,7 +42,7 @@ def test_sigkill_mid_launch_then_restart_reconciles(
 ) -> None:
     rng = random.Random(5)
     key_file = home / "agent.key"
-    agent = Server(home, "agent", "--key-file", str(key_file), "--monitor-interval", "600")
+    agent = Server(home, "agent", "--key-file", str(key_file), "--drift-interval", "600")
     agent_args = ("--agent", agent.url, "--agent-key-file", str(key_file))
     serve = Server(home, "serve", *(agent_args if killed == "agent" else ()))
     token = admin_token(home)

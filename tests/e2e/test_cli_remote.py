@@ -34,7 +34,7 @@ def cli(
 
 def test_cli_remote_matches_embedded(home: Path, tmp_path_factory, session_name: str) -> None:  # type: ignore[no-untyped-def]
     embedded = tmp_path_factory.mktemp("embedded")
-    server = Server(home, "serve", "--monitor-interval", "1")
+    server = Server(home, "serve", "--latency-interval", "1", "--drift-interval", "2")
     token = admin_token(home)
     server.start()
     admin = Client(server.url, token)

@@ -68,7 +68,7 @@ def query(prom: str, expr: str) -> list[dict[str, Any]]:
 
 
 def test_prometheus_sees_the_profile_rate_under_real_traffic(home: Path, session_name: str) -> None:
-    server = Server(home, "serve", "--monitor-interval", "2")
+    server = Server(home, "serve", "--latency-interval", "2", "--drift-interval", "2")
     token = admin_token(home)
     server.start()
     admin = Client(server.url, token)

@@ -90,6 +90,11 @@ class DesiredState:
         self._lock_path = state_dir / "desired.lock"
         self._thread_lock = threading.Lock()
         self._sessions: set[str] = set()
+        # Parsing every profile on every call would cost O(VMs) each time: keep the
+        # last parse, keyed by the file's identity, and each VM's JSON form.
+        self._cache: tuple[tuple[int, int, int], dict[VmKey, DesiredVm], set[str]] | None = None
+        self._parsed: dict[str, DesiredVm] = {}
+        self._wire: dict[VmKey, tuple[DesiredVm, dict[str, Any]]] = {}
 
     @contextmanager
     def _locked(self) -> Iterator[dict[VmKey, DesiredVm]]:
@@ -101,16 +106,38 @@ class DesiredState:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _load(self) -> dict[VmKey, DesiredVm]:
-        self._sessions = set()
-        if not self.path.exists():
+        """The file's VMs; parsed again only when the file changed (by inode, time, size)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            self._sessions = set()
             return {}
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)  # a rename makes a new inode
+        if self._cache is not None and self._cache[0] == stamp:
+            self._sessions = set(self._cache[2])
+            return dict(self._cache[1])
         doc = json.loads(self.path.read_text() or "{}")
         out: dict[VmKey, DesiredVm] = {}
         for entry in doc.get("vms", []):
-            vm = DesiredVm(str(entry["driver"]), request_from_wire(entry["request"]))
-            out[vm.key] = vm
+            text = json.dumps(entry, sort_keys=True)
+            known = self._parsed.get(text)
+            if known is None:
+                known = DesiredVm(str(entry["driver"]), request_from_wire(entry["request"]))
+                self._wire[known.key] = (known, entry)
+            out[known.key] = known
+        self._parsed = {json.dumps(self._wire_of(vm), sort_keys=True): vm for vm in out.values()}
         self._sessions = {str(s) for s in doc.get("sessions", [])} | {k[0] for k in out}
+        self._cache = (stamp, dict(out), set(self._sessions))
         return out
+
+    def _wire_of(self, vm: DesiredVm) -> dict[str, Any]:
+        """The JSON form of ``vm``, made once per request object (profiles are costly to dump)."""
+        cached = self._wire.get(vm.key)
+        if cached is not None and cached[0] is vm:
+            return cached[1]
+        entry = {"driver": vm.driver, "request": request_to_wire(vm.request)}
+        self._wire[vm.key] = (vm, entry)
+        return entry
 
     def _save(self, vms: Mapping[VmKey, DesiredVm]) -> None:
         self._sessions |= {k[0] for k in vms}
@@ -118,10 +145,7 @@ class DesiredState:
             # Every session this host's agent built something in and has not torn
             # down: the only sessions whose leftovers it may reap (ownership).
             "sessions": sorted(self._sessions),
-            "vms": [
-                {"driver": vm.driver, "request": request_to_wire(vm.request)}
-                for _, vm in sorted(vms.items())
-            ],
+            "vms": [self._wire_of(vm) for _, vm in sorted(vms.items())],
         }
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
         with open(tmp, "w") as f:
@@ -134,6 +158,9 @@ class DesiredState:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+        st = os.stat(self.path)
+        self._cache = ((st.st_ino, st.st_mtime_ns, st.st_size), dict(vms), set(self._sessions))
+        self._wire = {k: v for k, v in self._wire.items() if k in vms}
 
     def all(self) -> list[DesiredVm]:
         with self._locked() as vms:
@@ -204,10 +231,14 @@ class Agent:
             self._monitor = Monitor(self)
         return self._monitor
 
-    def start_monitor(self, interval: float | None = None) -> None:
-        """Refresh drift and latency in the background (every ``interval`` seconds)."""
-        if interval is not None:
-            self.monitor.interval = interval
+    def start_monitor(
+        self, latency_interval: float | None = None, drift_interval: float | None = None
+    ) -> None:
+        """Probe latency and check drift in the background (intervals in seconds)."""
+        if latency_interval is not None:
+            self.monitor.latency_interval = latency_interval
+        if drift_interval is not None:
+            self.monitor.drift_interval = drift_interval
         self.monitor.start()
 
     def metrics_text(self) -> str:

@@ -1,33 +1,46 @@
-"""The agent's monitoring: counters on demand, drift and latency in the background.
+"""The agent's monitoring: counters on demand, latency and drift in the background.
 
-Counters are cheap (one qdisc dump per session namespace) and are read at
-every scrape. Drift (a read-back of every vNIC) and the active latency probe
-cost more, so a background thread refreshes them every ``interval`` seconds
-(default 10) and scrapes report the last values.
+Counters are cheap (a few dumps per session namespace) and are read at every
+scrape. The active latency probe (every ``latency_interval`` seconds, default
+10) and the drift check (a read-back of every vNIC, every ``drift_interval``
+seconds, default 60) cost more: background threads refresh them and scrapes
+report the last values.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from vnic.agent.latency import LatencyProbe, Target
 from vnic.agent.metrics import Collector, VnicSample, render
 
 if TYPE_CHECKING:
     from vnic.agent.core import Agent
 
-#: Seconds between two drift checks and latency rounds.
-DEFAULT_INTERVAL = 10.0
+log = logging.getLogger("vnic.agent")
+
+#: Seconds between two latency rounds, and between two drift checks.
+LATENCY_INTERVAL = 10.0
+DRIFT_INTERVAL = 60.0
+
+Key = tuple[str, str]
 
 
 class Monitor:
-    def __init__(self, agent: Agent, interval: float = DEFAULT_INTERVAL) -> None:
+    def __init__(
+        self,
+        agent: Agent,
+        latency_interval: float = LATENCY_INTERVAL,
+        drift_interval: float = DRIFT_INTERVAL,
+    ) -> None:
         self.agent = agent
-        self.interval = interval
-        self.drift: dict[tuple[str, str], int] = {}
-        self.latency: dict[tuple[str, str], float | None] = {}
+        self.latency_interval = latency_interval
+        self.drift_interval = drift_interval
+        self.drift: dict[Key, int] = {}
+        self.probe = LatencyProbe()
         self._collectors: dict[str, Collector] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -43,6 +56,7 @@ class Monitor:
 
     def samples(self, session: str | None = None) -> list[VnicSample]:
         """One sample per desired vNIC (of ``session``, or all), with fresh counters."""
+        latency = self.probe.latest()
         with self._lock:  # rates are deltas since the previous read: one reader at a time
             out: list[VnicSample] = []
             for kind in sorted(self.agent.drivers):
@@ -54,7 +68,7 @@ class Monitor:
                     for vm in self.agent.mine()
                     if vm.driver == kind and (session is None or vm.request.session == session)
                 ]
-                out += collector.collect(requests, drift=self.drift, latency=self.latency)
+                out += collector.collect(requests, drift=self.drift, latency=latency)
             return out
 
     def metrics_text(self) -> str:
@@ -63,49 +77,52 @@ class Monitor:
     def stats(self, session: str) -> list[dict[str, Any]]:
         return [dataclasses.asdict(s) for s in self.samples(session)]
 
-    def refresh(self) -> None:
-        """One round of the slow checks: drift of every vNIC, latency to every VM."""
-        drift = self.agent.drift()
+    def refresh_drift(self) -> None:
+        """Read every desired vNIC back and count its differences from the request."""
+        found = self.agent.drift()
         self.drift = {
             (vm.request.session, vm.request.vm): len(
-                drift.get(f"{vm.request.session}/{vm.request.vm}", [])
+                found.get(f"{vm.request.session}/{vm.request.vm}", [])
             )
             for vm in self.agent.mine()
         }
-        self.latency = self._measure_latency()
 
-    def _measure_latency(self) -> dict[tuple[str, str], float | None]:
-        if "netns" not in self.agent.drivers:
-            return {}
-        from vnic.dataplane.latency import Target, measure
-
-        targets = [
-            Target(
-                vm.request.session, vm.request.vm, vm.request.network_id, str(vm.request.ipv4.ip)
-            )
+    def _targets(self) -> list[Target]:
+        return [
+            Target(vm.request.session, vm.request.vm, vm.request.ipv4)
             for vm in self.agent.mine()
             if vm.driver == "netns"
         ]
-        return measure(targets)
 
-    def start(self, on_error: Callable[[Exception], None] | None = None) -> None:
+    def start(self) -> None:
+        """Probe latency and check drift in the background until :meth:`stop`."""
         if self._thread is not None:
             return
+        if "netns" in self.agent.drivers:
+            self.probe.start(self._targets, self.latency_interval, on_error=_log("latency"))
 
         def loop() -> None:
+            report = _log("drift check")
             while not self._stop.is_set():
                 try:
-                    self.refresh()
+                    self.refresh_drift()
                 except Exception as exc:  # a failed round must not end monitoring
-                    if on_error is not None:
-                        on_error(exc)
-                self._stop.wait(self.interval)
+                    report(exc)
+                self._stop.wait(self.drift_interval)
 
-        self._thread = threading.Thread(target=loop, name="vnic-monitor", daemon=True)
+        self._thread = threading.Thread(target=loop, name="vnic-drift", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
+        self.probe.stop()
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.interval + 5)
+            self._thread.join(timeout=30)
             self._thread = None
+
+
+def _log(what: str) -> Any:
+    def report(exc: Exception) -> None:
+        log.warning("%s failed: %s", what, exc)
+
+    return report

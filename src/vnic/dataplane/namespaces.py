@@ -67,11 +67,25 @@ def inside(name: str) -> Iterator[None]:
     the block belongs to ``name``; entering once is far cheaper than a helper
     process per call (``ip netns exec``, pyroute2's ``NetNS``).
     """
-    netns.pushns(name)
+    # Our own setns, not pyroute2's pushns/popns: those keep one process-wide
+    # stack and save /proc/self (the main thread's namespace), which is wrong
+    # when the agent's threads enter namespaces side by side.
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     try:
-        yield
+        try:
+            target = os.open(f"{RUN_DIR}/{name}", os.O_RDONLY)
+        except FileNotFoundError:
+            raise DataplaneError(f"network namespace {name} does not exist") from None
+        try:
+            _check(_libc.setns(target, CLONE_NEWNET), f"entering namespace {name}")
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            _check(_libc.setns(own, CLONE_NEWNET), "returning to this thread's namespace")
     finally:
-        netns.popns()
+        os.close(own)
 
 
 @contextlib.contextmanager

@@ -91,7 +91,7 @@ class Tokens:
             return TokenInfo(row.name, row.role, row.created_at), secret
 
     def list(self) -> list[TokenInfo]:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             rows = s.scalars(select(TokenRow).order_by(TokenRow.name))
             return [TokenInfo(r.name, r.role, r.created_at) for r in rows]
 
@@ -107,7 +107,7 @@ class Tokens:
         if not secret:
             raise Unauthenticated("this endpoint needs a token: 'Authorization: Bearer vnic_...'")
         digest = hash_secret(secret)
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             row = s.scalar(select(TokenRow).where(TokenRow.secret_hash == digest))
             # The lookup is by hash; compare again in constant time for good measure.
             if row is None or not hmac.compare_digest(row.secret_hash, digest):
@@ -115,7 +115,7 @@ class Tokens:
             return Principal(row.name, row.role)
 
     def session_owner(self, session: str) -> str | None:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             row = s.scalar(select(SessionRow).where(SessionRow.name == session))
             if row is None:
                 raise NotFound("session", session, s.scalars(select(SessionRow.name)).all())

@@ -333,7 +333,7 @@ class Service:
 
     def list_profiles(self) -> list[ProfileInfo]:
         """Every profile with its current document and users, in four queries (not 4 per profile)."""
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             rows = s.scalars(select(ProfileRow).order_by(ProfileRow.name)).all()
             docs = {
                 r.profile_id: r.document
@@ -375,7 +375,7 @@ class Service:
             ]
 
     def get_profile(self, name: str, revision: int | None = None) -> ProfileInfo:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             row = self._profile_row(s, name)
             info = self._profile_info(s, row)
             if revision is None or revision == row.current_revision:
@@ -393,7 +393,7 @@ class Service:
             )
 
     def history(self, name: str) -> list[RevisionInfo]:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             row = self._profile_row(s, name)
             return [RevisionInfo(r.revision, r.created_at, r.document) for r in row.revisions]
 
@@ -408,7 +408,7 @@ class Service:
 
     def export_profiles(self, names: Sequence[str] = ()) -> list[dict[str, Any]]:
         """Current documents of ``names`` (all profiles when empty), ready to apply again."""
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             if names:
                 rows = [self._profile_row(s, n) for n in names]
             else:
@@ -466,6 +466,27 @@ class Service:
             for v in s.scalars(select(VmRow).where(VmRow.override_profile_id == row.id))
         ]
         return sorted(users)
+
+    def _refs(self, s: Session, names: set[str]) -> dict[str, ProfileRef]:
+        """Current revisions of the named profiles, in one query."""
+        if not names:
+            return {}
+        rows = s.execute(
+            select(ProfileRow.name, ProfileRow.current_revision, ProfileRevisionRow.document)
+            .join(ProfileRevisionRow, ProfileRevisionRow.profile_id == ProfileRow.id)
+            .where(
+                ProfileRow.name.in_(names),
+                ProfileRevisionRow.revision == ProfileRow.current_revision,
+            )
+        )
+        refs: dict[str, ProfileRef] = {}
+        for name, revision, document in rows:
+            errors: list[FieldError] = []
+            values = document_to_values(document, errors)
+            if errors:  # pragma: no cover - documents are validated before they are stored
+                raise InvalidInput(errors)
+            refs[name] = ProfileRef(name, revision, values)
+        return refs
 
     def _ref(self, s: Session, row: ProfileRow) -> ProfileRef:
         errors: list[FieldError] = []
@@ -571,14 +592,14 @@ class Service:
         raise Exhausted("no free network id left")  # pragma: no cover - 16 million sessions
 
     def list_sessions(self) -> list[SessionInfo]:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             return [
                 self._session_info(r)
                 for r in s.scalars(select(SessionRow).order_by(SessionRow.name))
             ]
 
     def get_session(self, name: str) -> SessionInfo:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             return self._session_info(self._session_row(s, name))
 
     def delete_session(self, name: str, *, force: bool = False) -> list[str]:
@@ -817,7 +838,7 @@ class Service:
     def desired(self) -> list[tuple[str, LaunchRequest]]:
         """``(driver kind, launch request)`` of every VM the database says is running:
         what the agents must run."""
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             out = []
             for vm in s.scalars(select(VmRow).where(VmRow.state == "running")):
                 kind = str((vm.applied or {}).get("driver", "netns"))
@@ -852,7 +873,7 @@ class Service:
         rest = [(session, name) for name in names[1:]]
         if rest:
             # Children get their own connections; the parent's pool must not be shared.
-            self.db.engine.dispose()
+            self.db.dispose()
             ctx = multiprocessing.get_context("fork")
             with ctx.Pool(
                 min(workers, len(rest)),
@@ -889,12 +910,12 @@ class Service:
             s.delete(self._vm_row(s, session, name))
 
     def list_vms(self, session: str) -> list[VmInfo]:
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             return [self._vm_info(v) for v in self._session_row(s, session).vms]
 
     def explain(self, session: str, name: str) -> Explanation:
         """The VM's effective profile with the source of every field."""
-        with self.db.transaction() as s:
+        with self.db.reading() as s:
             vm = self._vm_row(s, session, name)
             return Explanation(self._vm_info(vm), self._resolve(s, vm))
 
@@ -908,12 +929,11 @@ class Service:
     def _resolve(self, s: Session, vm: VmRow) -> Effective:
         session = vm.session
         policy = self._policy(session)
-        refs: dict[str, ProfileRef] = {}
-        for pname in {
+        wanted = {
             *policy.profile_names(),
             *([vm.override_profile.name] if vm.override_profile else []),
-        }:
-            refs[pname] = self._ref(s, self._profile_row(s, pname))
+        }
+        refs = self._refs(s, wanted)
         patch = parse_patch(vm.override_patch) if vm.override_patch else None
         adjustments = [
             Adjustment(parse_patch(a.patch), a.reason, _aware(a.expires_at)) for a in vm.adjustments

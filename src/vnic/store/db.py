@@ -29,14 +29,15 @@ SCHEMA_HEAD = "0003"
 ALLOCATION_LOCK_KEY = 0x766E6963
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``; SQLite gets foreign keys, a busy timeout and immediate writes."""
+def make_engine(url: str, *, read_only: bool = False) -> Engine:
+    """An engine for ``url``; SQLite gets foreign keys, a busy timeout and immediate writes
+    (``read_only``: deferred transactions, which never wait for a writer under WAL)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 60})
-        _sqlite_pragmas(engine)
+        _sqlite_pragmas(engine, "BEGIN" if read_only else "BEGIN IMMEDIATE")
         return engine
     if parsed.get_backend_name() == "postgresql" and parsed.drivername == "postgresql":
         # Plain "postgresql://" would pick psycopg2, which we do not ship.
@@ -44,7 +45,7 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def _sqlite_pragmas(engine: Engine, begin: str) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when a transaction starts.
@@ -59,7 +60,7 @@ def _sqlite_pragmas(engine: Engine) -> None:
     def _on_begin(conn: Any) -> None:
         # IMMEDIATE takes the write lock up front: two writers queue instead of
         # both reading a free MAC and one failing at commit.
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql(begin)
 
 
 def alembic_config(engine: Engine) -> Config:
@@ -114,6 +115,16 @@ class Database:
         self.url = url
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads on SQLite get their own engine: a deferred BEGIN, so a read never
+        # queues behind a writer's lock (WAL keeps its snapshot consistent).
+        self._read_engine = (
+            make_engine(url, read_only=True) if self.engine.dialect.name == "sqlite" else None
+        )
+        self._read_sessions = (
+            sessionmaker(self._read_engine, expire_on_commit=False)
+            if self._read_engine is not None
+            else self._sessions
+        )
         if migrate and current_revision(self.engine) != SCHEMA_HEAD:
             upgrade(self.engine)
 
@@ -127,6 +138,15 @@ class Database:
         with self._sessions() as session, session.begin():
             yield session
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only unit of work (rolled back at the end: nothing in it is kept)."""
+        with self._read_sessions() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+
     def allocation_lock(self, session: Session) -> None:
         """Serialise allocations until the transaction ends (SQLite already is)."""
         if self.dialect == "postgresql":
@@ -134,3 +154,5 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self._read_engine is not None:
+            self._read_engine.dispose()
