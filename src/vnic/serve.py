@@ -13,8 +13,8 @@ import logging
 from pathlib import Path
 
 from vnic.agent.core import Agent, ReconcileReport, local_agent
-from vnic.manager.api import AgentLike, Manager
 from vnic.manager.auth import Tokens
+from vnic.manager.dispatch import AgentLike, Manager
 from vnic.manager.service import Service
 from vnic.store.db import Database
 

@@ -13,8 +13,9 @@ from fastapi.testclient import TestClient
 
 from vnic.agent.core import Agent
 from vnic.drivers.fake import FakeDriver
-from vnic.manager.api import Manager, create_app
+from vnic.manager.api import create_app
 from vnic.manager.auth import Tokens
+from vnic.manager.dispatch import Manager
 from vnic.manager.service import Service
 from vnic.store.db import Database
 

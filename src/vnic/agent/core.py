@@ -348,13 +348,24 @@ class Agent:
         return self.reconcile()
 
     def drift(self) -> dict[str, list[str]]:
-        """Differences between each desired VM and the kernel, read back; only VMs with some."""
+        """Differences between each desired VM and the kernel, read back; only VMs with some.
+
+        Drivers that read many vNICs at once (``drift_many``: one dump per session
+        namespace) are asked once for all of theirs.
+        """
         out: dict[str, list[str]] = {}
+        by_kind: dict[str, list[LaunchRequest]] = {}
         for vm in self.mine():
-            check = getattr(self.driver(vm.driver), "drift", None)
-            found = check(vm.request) if check is not None else []
-            if found:
-                out[_label(vm.key)] = list(found)
+            by_kind.setdefault(vm.driver, []).append(vm.request)
+        for kind, requests in sorted(by_kind.items()):
+            driver = self.driver(kind)
+            many = getattr(driver, "drift_many", None)
+            if many is not None:
+                found: dict[VmKey, list[str]] = many(requests)
+            else:
+                one = getattr(driver, "drift", None)
+                found = {(r.session, r.vm): (one(r) if one is not None else []) for r in requests}
+            out.update({_label(key): list(d) for key, d in found.items() if d})
         return out
 
     def reconcile(self) -> ReconcileReport:
@@ -381,18 +392,17 @@ class Agent:
                         driver.teardown_session(session)
                         self.state.forget_session(session)
                         report.removed.append(f"session {session}")
-        for _, wanted in sorted(desired.items()):
-            self._repair(wanted, report)
-        report.drift = self.drift()
+        before = self.drift()
+        for key, wanted in sorted(desired.items()):
+            self._repair(wanted, before.get(_label(key), []), report)
+        report.drift = self.drift() if report.reapplied or report.failed else before
         self.last_report = report
         return report
 
-    def _repair(self, vm: DesiredVm, report: ReconcileReport) -> None:
-        driver = self.driver(vm.driver)
-        check = getattr(driver, "drift", None)
-        differences = check(vm.request) if check is not None else []
+    def _repair(self, vm: DesiredVm, differences: list[str], report: ReconcileReport) -> None:
         if not differences:
             return
+        driver = self.driver(vm.driver)
         with self._session_lock(vm.request.session):
             try:
                 driver.destroy(vm.request.session, vm.request.vm)

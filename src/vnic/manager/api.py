@@ -12,11 +12,8 @@ process (``vnic serve``) or over HTTP (``vnic serve --agent URL``).
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Protocol, cast
+from collections.abc import Sequence
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -25,84 +22,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vnic
-from vnic.agent.core import DesiredVm, ReconcileReport
-from vnic.drivers.base import Driver
 from vnic.errors import Conflict, FieldError, InvalidInput, VnicError, show_value
 from vnic.manager import schemas as sc
 from vnic.manager import views
-from vnic.manager.auth import Principal, Tokens, require_admin, require_vm_writer
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.auth import Principal, require_admin, require_vm_writer
+from vnic.manager.dispatch import Manager
+from vnic.manager.service import VmRequest
 from vnic.model.profile import document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
-
-
-class AgentLike(Driver, Protocol):
-    """What the manager needs of an agent (in-process :class:`~vnic.agent.core.Agent`
-    or :class:`~vnic.agent.client.AgentClient`): the driver interface plus these."""
-
-    def reconfigure(self, request: Any) -> None: ...
-
-    def all_capabilities(self) -> Sequence[Any]: ...
-
-    def metrics_text(self) -> str: ...
-
-    def stats(self, session: str) -> list[dict[str, Any]]: ...
-
-    def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport: ...
-
-
-class Gate:
-    """Many dispatches at once, or one reconcile alone (a readers-writer lock).
-
-    A reconcile sends the agent the database's running VMs; a launch between
-    its agent call and its database write would look like an orphan to it.
-    """
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-        self._exclusive = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
-            self._cond.wait_for(lambda: self._active == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
-
-
-@dataclass
-class Manager:
-    service: Service
-    tokens: Tokens
-    agent: AgentLike
-    agent_name: str = "local"
-    gate: Gate = field(default_factory=Gate)
-
-    def reconcile(self) -> ReconcileReport:
-        """Send the agent the VMs the database says run; it rebuilds, reaps and reports."""
-        with self.gate.exclusive():
-            desired = [DesiredVm(kind, request) for kind, request in self.service.desired()]
-            return self.agent.sync(desired)
-
 
 # ----------------------------------------------------------------------------- errors
 

@@ -1,0 +1,323 @@
+"""The active latency probe: ICMP echo between each VM and its session switch.
+
+The session switch is the bridge ``vbr0`` in the session namespace; it speaks
+from the session's reserved ``.1`` address (see :func:`switch_address`),
+which the probe puts on the bridge the first time it probes a session (it
+goes away with the session namespace). The round trip crosses the VM's
+shaping both ways, so it includes the profile's egress and ingress delay.
+
+Scale: no process per VM. One raw ICMP socket per session, opened inside the
+session namespace by the calling thread (which enters the namespace only to
+create it); every VM gets one echo request per round, and replies from all
+sessions are awaited together, matched by identifier, sequence number and
+source. Reply times are the kernel's receive timestamps, so a busy probe
+thread does not inflate what it measures.
+
+Time bound: a call to :meth:`LatencyProbe.measure` takes at most
+``rounds * timeout`` seconds per batch of ``max_sockets`` sessions (plus the
+time to send), however many VMs do not answer. A raw socket, not an ICMP
+datagram socket: ping sockets need ``net.ipv4.ping_group_range`` to admit the
+agent's group in every session namespace, and a fresh namespace admits none.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import itertools
+import os
+import selectors
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vnic.dataplane import names
+from vnic.dataplane import namespaces as nsops
+from vnic.errors import DataplaneError
+
+Key = tuple[str, str]
+IPv4 = str | ipaddress.IPv4Address | ipaddress.IPv4Interface
+
+ECHO_REQUEST, ECHO_REPLY = 8, 0
+#: Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS); the socket module does not export it.
+SO_TIMESTAMPNS = 35
+#: Linux's SO_RCVBUFFORCE (needs CAP_NET_ADMIN), likewise missing from the module.
+SO_RCVBUFFORCE = 33
+_TIMESPEC = struct.Struct("@ll")
+_PAYLOAD = b"vnic-latency"
+#: Receive buffer of a probe socket: room for the replies of a full /24 (253 VMs)
+#: arriving at once, at about 1 kB of kernel memory per queued reply.
+_RCVBUF = 1 << 20
+#: Distinct echo identifiers for successive calls in this process.
+_calls = itertools.count(1)
+
+
+class Target(NamedTuple):
+    """A VM to probe: its session, name, and IPv4 address (interface or bare address)."""
+
+    session: str
+    vm: str
+    ipv4: IPv4
+
+
+def switch_address(vm_ipv4: IPv4) -> ipaddress.IPv4Interface:
+    """The session switch's address: host ``.1`` of the VM's subnet (reserved for the
+    session by :func:`vnic.dataplane.names.vm_addresses`). A bare address is taken to
+    be in a /24, as every session subnet is (:func:`vnic.dataplane.names.session_ipv4`)."""
+    if isinstance(vm_ipv4, ipaddress.IPv4Interface):
+        network = vm_ipv4.network
+    else:
+        network = ipaddress.IPv4Network(f"{vm_ipv4}/24", strict=False)
+    return ipaddress.IPv4Interface((int(network.network_address) + 1, network.prefixlen))
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total = (total >> 16) + (total & 0xFFFF)
+    total += total >> 16
+    return int(~total & 0xFFFF)
+
+
+def echo_request(ident: int, seq: int) -> bytes:
+    """An ICMP echo request with a valid checksum (a raw socket sends it as is)."""
+    header = struct.pack("!BBHHH", ECHO_REQUEST, 0, 0, ident, seq)
+    checksum = _checksum(header + _PAYLOAD)
+    return struct.pack("!BBHHH", ECHO_REQUEST, 0, checksum, ident, seq) + _PAYLOAD
+
+
+def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
+    """(identifier, sequence) of an IPv4 packet carrying an ICMP echo reply, else None."""
+    if len(packet) < 20:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    if len(packet) < ihl + 8:
+        return None
+    kind, _, _, ident, seq = struct.unpack_from("!BBHHH", packet, ihl)
+    if kind != ECHO_REPLY:
+        return None
+    return ident, seq
+
+
+@dataclass
+class _Session:
+    """One session's probe socket and what it has in flight this round."""
+
+    name: str
+    sock: socket.socket
+    targets: list[Target]
+    #: sequence number -> (target, monotonic send time, ns)
+    sent: dict[int, tuple[Target, int]]
+
+
+class LatencyProbe:
+    """Round trip between VMs and their session switch, seconds.
+
+    ``timeout``: seconds to wait for the replies of one round; ``rounds``:
+    echo requests per VM per call (the first also resolves the neighbour, an
+    ARP exchange through the VM's shaping that would double a delayed VM's
+    round trip, so the default two let the second measure the path alone);
+    ``max_sockets``: sessions probed at once (one socket each).
+    """
+
+    def __init__(self, *, timeout: float = 1.0, rounds: int = 2, max_sockets: int = 256) -> None:
+        if timeout <= 0 or rounds < 1 or max_sockets < 1:
+            raise ValueError("timeout > 0, rounds >= 1 and max_sockets >= 1 are needed")
+        self.timeout = timeout
+        self.rounds = rounds
+        self.max_sockets = max_sockets
+        #: session namespace -> identity (inode) of the namespace whose bridge has its address
+        self._addressed: dict[str, int] = {}
+        self._latest: dict[Key, float | None] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ one measurement
+
+    def measure(self, targets: Iterable[Target | tuple[str, str, IPv4]]) -> dict[Key, float | None]:
+        """Round trip to every target in seconds; None where no reply came in time
+        (no answer, lost, slower than ``timeout``, or its session namespace is gone).
+
+        Each target gets the result of the last round it answered.
+        """
+        wanted = [Target(*t) for t in targets]
+        out: dict[Key, float | None] = {(t.session, t.vm): None for t in wanted}
+        by_session: dict[str, list[Target]] = {}
+        for t in wanted:
+            by_session.setdefault(t.session, []).append(t)
+        present = set(nsops.listing())
+        self._addressed = {ns: i for ns, i in self._addressed.items() if ns in present}
+        groups = [
+            (s, ts) for s, ts in sorted(by_session.items()) if names.session_netns(s) in present
+        ]
+        for i in range(0, len(groups), self.max_sockets):
+            out.update(self._batch(groups[i : i + self.max_sockets]))
+        with self._lock:
+            self._latest = dict(out)
+        return out
+
+    def _batch(self, groups: Sequence[tuple[str, list[Target]]]) -> dict[Key, float | None]:
+        out: dict[Key, float | None] = {}
+        sessions: list[_Session] = []
+        try:
+            for session, group in groups:
+                sock = self._open(session, group[0].ipv4)
+                if sock is not None:
+                    sessions.append(_Session(session, sock, group, {}))
+            ident = (os.getpid() + next(_calls)) & 0xFFFF
+            for round_ in range(self.rounds):
+                for key, rtt in self._round(sessions, ident, round_).items():
+                    out[key] = rtt
+        finally:
+            for s in sessions:
+                s.sock.close()
+        return out
+
+    def _open(self, session: str, vm_ipv4: IPv4) -> socket.socket | None:
+        """The session's probe socket, its switch address in place; None if the
+        session has no switch (yet, or any more)."""
+        session_ns = names.session_netns(session)
+        try:
+            self._ensure_switch_address(session_ns, switch_address(vm_ipv4))
+            with nsops.inside(session_ns):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+        except (DataplaneError, OSError, NetlinkError):
+            return None
+        sock.setblocking(False)
+        try:  # past net.core.rmem_max, which would cap a plain SO_RCVBUF
+            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+        except PermissionError:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+        return sock
+
+    def _ensure_switch_address(self, session_ns: str, address: ipaddress.IPv4Interface) -> None:
+        # Checked once per namespace instance (by its inode), not every round: a
+        # netlink round trip per session per round would dominate at scale.
+        identity = os.stat(f"{nsops.RUN_DIR}/{session_ns}").st_ino
+        if self._addressed.get(session_ns) == identity:
+            return
+        with nsops.opened(session_ns) as ipr:
+            index = nsops.link_index(ipr, names.BRIDGE)
+            have = {
+                a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)
+            }
+            if str(address.ip) not in have:
+                try:
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(address.ip),
+                        prefixlen=address.network.prefixlen,
+                    )
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:  # another prober added it meanwhile
+                        raise
+        self._addressed[session_ns] = identity
+
+    def _round(self, sessions: Sequence[_Session], ident: int, round_: int) -> dict[Key, float]:
+        """Send every target one echo request, then collect replies until all came
+        or ``timeout`` passed. Returns the targets that answered."""
+        out: dict[Key, float] = {}
+        selector = selectors.DefaultSelector()  # epoll: no FD_SETSIZE limit
+        try:
+            for s in sessions:
+                s.sent = {}
+                for i, t in enumerate(s.targets):
+                    seq = (round_ * len(s.targets) + i) & 0xFFFF
+                    try:
+                        sent_at = time.monotonic_ns()
+                        s.sock.sendto(echo_request(ident, seq), (_address(t), 0))
+                    except OSError:
+                        continue  # no route or a full buffer: no answer this round
+                    s.sent[seq] = (t, sent_at)
+                if s.sent:
+                    selector.register(s.sock, selectors.EVENT_READ, s)
+            deadline = time.monotonic() + self.timeout
+            waiting = sum(len(s.sent) for s in sessions)
+            while waiting and (left := deadline - time.monotonic()) > 0:
+                for event, _ in selector.select(left):
+                    s = event.data
+                    for key, rtt in _drain(s, ident):
+                        out[key] = rtt
+                        waiting -= 1
+        finally:
+            selector.close()
+        return out
+
+    # ------------------------------------------------------------------ in the background
+
+    def latest(self) -> dict[Key, float | None]:
+        """The result of the last completed :meth:`measure` (empty before the first)."""
+        with self._lock:
+            return dict(self._latest)
+
+    def start(
+        self,
+        targets: Callable[[], Iterable[Target | tuple[str, str, IPv4]]],
+        interval: float = 10.0,
+        on_error: Callable[[Exception], None] | None = None,
+    ) -> None:
+        """Measure ``targets()`` every ``interval`` seconds in a daemon thread until
+        :meth:`stop`; read the results with :meth:`latest`."""
+        if self._thread is not None:
+            return
+        self._stop.clear()
+
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.measure(targets())
+                except Exception as exc:  # a failed round must not end the probing
+                    if on_error is not None:
+                        on_error(exc)
+                self._stop.wait(interval)
+
+        self._thread = threading.Thread(target=loop, name="vnic-latency", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread (waits for a round in progress)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.rounds * self.timeout * 4 + 5)
+            self._thread = None
+
+
+def _address(target: Target) -> str:
+    ip = target.ipv4.ip if isinstance(target.ipv4, ipaddress.IPv4Interface) else target.ipv4
+    return str(ip)
+
+
+def _drain(s: _Session, ident: int) -> list[tuple[Key, float]]:
+    """Every reply queued on the session's socket that answers one of its requests."""
+    out: list[tuple[Key, float]] = []
+    while True:
+        try:
+            packet, ancillary, _, (source, _) = s.sock.recvmsg(2048, socket.CMSG_SPACE(16))
+        except BlockingIOError:
+            return out
+        arrived = time.monotonic_ns()
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(data) >= 16:
+                sec, nsec = _TIMESPEC.unpack_from(data)
+                # How long the reply sat in the socket, by the kernel's (wall) clock.
+                queued = time.time_ns() - (sec * 1_000_000_000 + nsec)
+                if 0 <= queued < arrived:
+                    arrived -= queued
+        reply = parse_echo_reply(packet)
+        if reply is None or reply[0] != ident or reply[1] not in s.sent:
+            continue
+        target, sent_at = s.sent[reply[1]]
+        if source != _address(target):
+            continue
+        del s.sent[reply[1]]
+        out.append(((target.session, target.vm), max(arrived - sent_at, 0) / 1e9))

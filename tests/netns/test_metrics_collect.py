@@ -1,0 +1,137 @@
+"""The agent's collector and latency probe against the real kernel: counters that grow by
+what traffic did, the rate measured during a flow, drops of the loss model, round trips
+to every VM and silence from an address nobody has. Every traffic run is a few seconds."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.netns.conftest import Lab
+from vnic import measure
+from vnic.agent.latency import LatencyProbe, Target, switch_address
+from vnic.agent.metrics import Collector, VnicSample, render
+from vnic.drivers.base import LaunchRequest
+
+RATE = 20_000_000
+
+
+def requests(lab: Lab) -> list[LaunchRequest]:
+    return [r for _, r in lab.service.desired()]
+
+
+def by_vm(samples: list[VnicSample]) -> dict[str, VnicSample]:
+    return {s.vm: s for s in samples}
+
+
+def test_counters_grow_by_the_flow_and_the_rate_is_the_profile_s(lab: Lab) -> None:
+    lab.profile(name="twenty", egress={"rate": "20Mbit"}, ingress={"rate": "20Mbit"})
+    s = lab.session(default="twenty")
+    lab.launch(s, "a")
+    b_ip = lab.launch(s, "b").vm.ipv4
+    assert b_ip
+    collector = Collector(lab.driver)  # the real clock, as the agent runs it
+    reqs = requests(lab)
+    before = by_vm(collector.collect(reqs))
+    assert before["a"].egress.rate_bps is None  # the first reading has nothing to compare
+    done: list[measure.Throughput] = []
+    flow = threading.Thread(
+        target=lambda: done.append(measure.iperf3(s, "a", "b", b_ip, seconds=4, omit=0))
+    )
+    flow.start()
+    try:
+        time.sleep(1.5)  # past TCP's slow start
+        collector.collect(reqs)
+        time.sleep(2.0)
+        during = by_vm(collector.collect(reqs))
+    finally:
+        flow.join(timeout=30)
+    assert done, "iperf3 did not finish"
+    after = by_vm(collector.collect(reqs))
+    for rate in (during["a"].egress.rate_bps, during["b"].ingress.rate_bps):
+        assert rate is not None and 0.9 * RATE < rate < 1.1 * RATE, rate
+    assert during["a"].egress.profile_rate_bps == RATE
+    assert during["b"].ingress.profile_rate_bps == RATE
+
+    payload = done[0].bytes
+    sent = after["a"].egress.bytes - before["a"].egress.bytes
+    got = after["b"].ingress.bytes - before["b"].ingress.bytes
+    # Frames on the wire: iperf3's payload plus TCP/IP/Ethernet headers (~5 % at 1448 B).
+    assert payload <= sent <= payload * 1.08, (payload, sent)
+    assert abs(got - sent) / sent < 0.01, (got, sent)
+    packets = after["a"].egress.packets - before["a"].egress.packets
+    assert payload / 1500 <= packets <= payload / 1400 + 100, (payload, packets)  # full frames
+    assert after["a"].egress.drops["rate_limit"] >= before["a"].egress.drops["rate_limit"]
+    assert after["a"].revisions == {"twenty": 1}
+
+    # The exposition of real samples reads back to the same numbers.
+    text = render(after.values())
+    assert (
+        f'vnic_bytes_total{{session="{s}",vm="a",direction="egress"}} {after["a"].egress.bytes}\n'
+        in text
+    )
+
+    # A session whose namespace is gone reports nothing (no fake counter reset).
+    lab.service.session_down(s, lab.driver)
+    assert collector.collect(reqs) == []
+
+
+def test_emulated_loss_is_counted_as_such(lab: Lab) -> None:
+    lab.profile(name="lossy", egress={"rate": "100Mbit", "loss": "10%"})
+    s = lab.session()
+    lab.launch(s, "a", profile="lossy")
+    b = lab.launch(s, "b")
+    assert b.vm.ipv4
+    collector = Collector(lab.driver)
+    reqs = requests(lab)
+    before = by_vm(collector.collect(reqs))["a"].egress
+    flood = measure.udp_flood(s, "a", "b", b.vm.ipv4, pps=3000, seconds=2)
+    after = by_vm(collector.collect(reqs))["a"].egress
+    lost = after.drops["emulated_loss"] - before.drops["emulated_loss"]
+    delivered = after.packets - before.packets
+    offered = lost + delivered
+    assert flood.sent >= 5000
+    assert 0.08 < lost / offered < 0.12, (lost, offered)
+    # Every datagram the VM sent is either delivered or lost on purpose (a few
+    # neighbour packets of the flood's warm-up ride along).
+    assert flood.sent <= offered <= flood.sent + 20, (flood.sent, offered)
+    assert abs(flood.received - delivered) <= 20, (flood.received, delivered)
+    assert after.drops["rate_limit"] == after.drops["queue_overflow"] == 0
+    assert after.drops["anti_spoofing"] == 0
+
+
+def test_latency_probe_times_every_vm_and_only_answers_count(lab: Lab) -> None:
+    lab.profile(name="far", egress={"rate": "50Mbit", "delay": "5ms"})
+    s = lab.session()
+    lab.launch(s, "far", profile="far")
+    lab.launch(s, "near")
+    other = lab.session()
+    lab.launch(other, "c")
+    targets = [Target(r.session, r.vm, r.ipv4) for r in requests(lab)]
+    subnet = switch_address(next(t.ipv4 for t in targets if t.session == s)).network
+    silent = Target(s, "nobody", str(subnet.network_address + 250))  # no VM has it: no ARP reply
+    gone = Target("no-such-session", "x", "10.9.9.9")
+    probe = LatencyProbe(timeout=0.5, rounds=2)
+    start = time.monotonic()
+    rtt = probe.measure([*targets, silent, gone])
+    took = time.monotonic() - start
+    assert 2 * 0.5 <= took < 2 * 0.5 + 0.5, took  # both rounds waited for "nobody", no longer
+    near, far, c = rtt[(s, "near")], rtt[(s, "far")], rtt[(other, "c")]
+    assert near is not None and 0 < near < 0.003, near
+    assert c is not None and 0 < c < 0.003, c
+    assert far is not None and 0.005 <= far < 0.009, far  # 5 ms out, nothing back
+    assert rtt[(s, "nobody")] is None
+    assert rtt[("no-such-session", "x")] is None
+
+    # In the background, with the collector taking its results.
+    probe.start(lambda: targets, interval=0.2)
+    try:
+        deadline = time.monotonic() + 5
+        while len(probe.latest()) < len(targets) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        probe.stop()
+    latest = probe.latest()
+    assert all(latest[(t.session, t.vm)] is not None for t in targets), latest
+    samples = by_vm(Collector(lab.driver).collect(requests(lab), latency=latest))
+    assert samples["far"].latency_seconds == latest[(s, "far")]
