@@ -21,7 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 import vnic
 from vnic.agent.core import Agent, DesiredVm
-from vnic.agent.wire import request_from_wire
+from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.errors import InvalidInput, Unauthenticated, VnicError
 from vnic.manager.api import ERRORS, error_response
 
@@ -38,11 +38,11 @@ def agent_key(path: Path) -> str:
 
 def _desired(doc: Any, path: str) -> DesiredVm:
     if not isinstance(doc, dict):
-        raise InvalidInput.one(path, doc, "an object with driver and request")
+        raise InvalidInput.one(path or "body", doc, "an object with driver and request")
     try:
         request = request_from_wire(doc.get("request"))
     except InvalidInput as exc:
-        raise exc.under(f"{path}.request") from None
+        raise exc.under(f"{path}.request" if path else "request") from None
     return DesiredVm(str(doc.get("driver") or "netns"), request)
 
 
@@ -78,15 +78,13 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
 
     @app.get("/v1/vms")
     def desired(_: Auth) -> list[dict[str, Any]]:
-        from vnic.agent.wire import request_to_wire
-
         return [
             {"driver": d.driver, "request": request_to_wire(d.request)} for d in agent.desired()
         ]
 
     @app.post("/v1/vms", status_code=201)
     def launch(_: Auth, body: Annotated[dict[str, Any], Body()]) -> dict[str, str]:
-        vm = _desired(body, "body")
+        vm = _desired(body, "")
         agent.launch(vm.request, vm.driver)
         return {"session": vm.request.session, "vm": vm.request.vm}
 
@@ -94,7 +92,7 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
     def reconfigure(
         _: Auth, session: str, vm: str, body: Annotated[dict[str, Any], Body()]
     ) -> dict[str, str]:
-        wanted = _desired(body, "body")
+        wanted = _desired(body, "")
         if (wanted.request.session, wanted.request.vm) != (session, vm):
             raise InvalidInput.one(
                 "request.vm", wanted.request.vm, f"{session}/{vm}, as the URL says"

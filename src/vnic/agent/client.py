@@ -32,12 +32,20 @@ def raise_for_body(response: httpx.Response) -> None:
 class AgentClient:
     """A remote agent at ``url`` (``http://host:port``), authenticated by its key."""
 
-    def __init__(self, url: str, key: str, *, timeout: float = 120.0, default: str = "netns"):
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        timeout: float = 120.0,
+        default: str = "netns",
+        http: httpx.Client | None = None,
+    ) -> None:
+        """``http``: a client to use instead of a new one (tests pass an in-process one)."""
         self.url = url.rstrip("/")
         self.default = default
-        self._http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {key}"}, timeout=timeout
-        )
+        self._http = http or httpx.Client(base_url=self.url, timeout=timeout)
+        self._http.headers["Authorization"] = f"Bearer {key}"
 
     @property
     def kind(self) -> str:
