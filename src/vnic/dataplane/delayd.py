@@ -272,6 +272,16 @@ def recorded(session: str) -> list[str]:
     return sorted(p.stem for p in base.glob("*.pid")) if base.is_dir() else []
 
 
+def session_engines(session: str) -> dict[str, list[str] | None]:
+    """Every VM of ``session`` with an engine pid file, mapped to its :func:`running_arguments`
+    (None when the pid file names no live engine of the VM).
+
+    One listing of the session's run dir for all its VMs; a VM absent here has
+    no pid file, so no engine of it runs (by :func:`running_arguments`).
+    """
+    return {vm: running_arguments(session, vm) for vm in recorded(session)}
+
+
 def running(session: str, vm: str) -> bool:
     return _owned_pid(session, vm) is not None
 

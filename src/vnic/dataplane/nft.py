@@ -107,18 +107,45 @@ class GuardState:
     rules: tuple[tuple[str, str], ...] | None
 
 
+#: The chains of the ``bridge vnic`` table, each with its rules in order (nft's JSON objects).
+Table = dict[str, list[dict[str, Any]]]
+
+
+def read_table(session_ns: str) -> Table:
+    """Every chain of the session's table with its rules, from one ``nft -j list table``;
+    empty when the table does not exist."""
+    proc = nsops.run_inside(
+        session_ns,
+        ["nft", "-j", "list", "table", "bridge", TABLE],
+        capture_output=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        return {}
+    table: Table = {}
+    for item in json.loads(proc.stdout)["nftables"]:
+        if "chain" in item:
+            table.setdefault(str(item["chain"]["name"]), [])
+        elif "rule" in item:
+            table.setdefault(str(item["rule"]["chain"]), []).append(item["rule"])
+    return table
+
+
 def read_guard(session_ns: str, chain: str, tag: str) -> GuardState:
     """The guard chain ``chain`` and the jumps into it carrying ``tag``, read back."""
+    return guard_in(read_table(session_ns), chain, tag)
+
+
+def guard_in(table: Table, chain: str, tag: str) -> GuardState:
+    """:func:`read_guard` from a table already read (one listing for every VM of a session)."""
     jumps = tuple(
         str(_match_value(rule))
-        for rule in _rules(session_ns, "prerouting")
+        for rule in table.get("prerouting", [])
         if rule.get("comment") == tag and _jump_target(rule) == chain
     )
     rules = None
-    if _chain_exists(session_ns, chain):
-        rules = tuple(
-            (str(r.get("comment", "")), _match_value(r)) for r in _rules(session_ns, chain)
-        )
+    if chain in table:
+        rules = tuple((str(r.get("comment", "")), _match_value(r)) for r in table[chain])
     return GuardState(jumps, rules)
 
 

@@ -9,7 +9,7 @@ otherwise leave HTB's default path passing traffic unshaped.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,9 +152,18 @@ class ClassState:
 
 def read_classes(ipr: Any, device: str) -> dict[int, ClassState]:
     """Every HTB class of ``device`` under ``1:``."""
-    idx = link_index(ipr, device)
+    return read_classes_at(ipr, link_index(ipr, device))
+
+
+def read_classes_at(ipr: Any, index: int) -> dict[int, ClassState]:
+    """Every HTB class under ``1:`` of the device with interface index ``index``.
+
+    The kernel dumps classes one device at a time (a class dump without a
+    device returns nothing), so reading a namespace's classes is one dump per
+    device; with the index known, no link lookup comes on top.
+    """
     out: dict[int, ClassState] = {}
-    for msg in ipr.get_classes(index=idx):
+    for msg in ipr.get_classes(index=index):
         if msg.get_attr("TCA_KIND") != "htb" or (msg["handle"] >> 16) != 1:
             continue
         opts = msg.get_attr("TCA_OPTIONS")
@@ -173,6 +182,12 @@ def verify(ipr: Any, plan: Plan) -> None:
         raise DataplaneError("kernel state differs from the plan: " + "; ".join(problems))
 
 
+#: The HTB classes of one device by minor, as :func:`read_classes` returns them.
+ClassReader = Callable[[str], Mapping[int, ClassState]]
+#: The qdiscs of one device by parent handle (kind and FIFO limit), as :func:`read_qdiscs` has them.
+QdiscReader = Callable[[str], Mapping[int, tuple[str, int | None]]]
+
+
 def class_differences(ipr: Any, plan: Plan, devices: Set[str] | None = None) -> list[str]:
     """Each difference between the plan's HTB classes and the kernel's, as a short sentence.
 
@@ -181,13 +196,21 @@ def class_differences(ipr: Any, plan: Plan, devices: Set[str] | None = None) -> 
     missing device is the caller's to report); by default every planned one
     must exist.
     """
+    return compare_classes(plan, lambda device: read_classes(ipr, device), devices)
+
+
+def compare_classes(
+    plan: Plan, classes_of: ClassReader, devices: Set[str] | None = None
+) -> list[str]:
+    """:func:`class_differences` against classes read by ``classes_of`` (device -> classes),
+    e.g. from a dump of the whole namespace taken once for many plans."""
     problems = []
     for d in plan.directions():
         if d.root is None or d.device is None:
             continue
         if devices is not None and d.device not in devices:
             continue
-        state = read_classes(ipr, d.device)
+        state = dict(classes_of(d.device))
         for c in d.classes:
             name = f"{d.direction} class 1:{c.minor:x} on {d.device}"
             got = state.pop(c.minor, None)
@@ -215,6 +238,21 @@ def qdisc_differences(ipr: Any, plan: Plan, devices: Set[str] | None = None) -> 
     leaf's kind and limit, netem where the plan has it, and the ingress qdisc that
     redirects VM egress. ``devices`` as in :func:`class_differences`."""
     _teach_pyroute2_bfifo()  # decodes bfifo's options
+    found: dict[str, dict[int, tuple[str, int | None]]] = {}
+
+    def qdiscs_of(device: str) -> dict[int, tuple[str, int | None]]:
+        if device not in found:
+            found[device] = _qdiscs(ipr, device)
+        return found[device]
+
+    return compare_qdiscs(plan, qdiscs_of, devices)
+
+
+def compare_qdiscs(
+    plan: Plan, qdiscs_of: QdiscReader, devices: Set[str] | None = None
+) -> list[str]:
+    """:func:`qdisc_differences` against qdiscs read by ``qdiscs_of`` (device -> qdiscs by
+    parent), e.g. from :func:`read_qdiscs`."""
     want: dict[tuple[str, int], tuple[str, int | None]] = {}  # (device, parent) -> kind, limit
     for d in plan.directions():
         if d.root is not None and d.device is not None:
@@ -227,13 +265,10 @@ def qdisc_differences(ipr: Any, plan: Plan, devices: Set[str] | None = None) -> 
     if plan.redirect is not None:
         want[(plan.redirect.device, TC_INGRESS)] = ("ingress", None)
     problems = []
-    found: dict[str, dict[int, tuple[str, int | None]]] = {}
     for (device, parent), (kind, limit) in sorted(want.items()):
         if devices is not None and device not in devices:
             continue
-        if device not in found:
-            found[device] = _qdiscs(ipr, device)
-        have = found[device].get(parent)
+        have = qdiscs_of(device).get(parent)
         name = f"qdisc {_parent_name(parent)} on {device}"
         if have is None:
             problems.append(f"{name}: expected {kind}, found none")
@@ -260,6 +295,36 @@ def _qdiscs(ipr: Any, device: str) -> dict[int, tuple[str, int | None]]:
             limit = int(opts["limit"]) if opts is not None else None
         out[int(msg["parent"])] = (kind, limit)
     return out
+
+
+def read_qdiscs(ns_name: str) -> dict[str, dict[int, tuple[str, int | None]]]:
+    """The qdiscs of every device in namespace ``ns_name``, as :func:`_qdiscs` has them per
+    device: device -> parent handle -> (kind, limit of a FIFO).
+
+    One ``tc -j qdisc show`` (fixed and read-only): the kernel dumps the qdiscs
+    of all devices at once, and tc decodes them far faster than pyroute2.
+    """
+    proc = run_inside(ns_name, ["tc", "-j", "qdisc", "show"], capture_output=True, timeout=30)
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot list the qdiscs of {ns_name}: {proc.stderr.strip()}")
+    out: dict[str, dict[int, tuple[str, int | None]]] = {}
+    for q in json.loads(proc.stdout or "[]"):
+        kind = str(q.get("kind"))
+        limit = None
+        if kind in ("bfifo", "pfifo"):
+            value = q.get("options", {}).get("limit")
+            limit = int(value) if value is not None else None
+        parent = TC_ROOT if q.get("root") else _parse_handle(str(q.get("parent", "")))
+        out.setdefault(str(q["dev"]), {})[parent] = (kind, limit)
+    return out
+
+
+def _parse_handle(text: str) -> int:
+    """A handle as tc prints it (``1:ffff``, ``ffff:``, ``:2``, ``ffff:fff1``); 0 for none."""
+    major, sep, minor = text.partition(":")
+    if not sep:
+        return 0
+    return (int(major or "0", 16) << 16) | int(minor or "0", 16)
 
 
 def _parent_name(parent: int) -> str:

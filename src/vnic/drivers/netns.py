@@ -8,7 +8,8 @@ re-raises.
 For a host agent that restarts (possibly after SIGKILL in the middle of a
 launch): :meth:`NetnsDriver.inventory` finds every VM with anything on the
 host, by name or owner tag; :meth:`NetnsDriver.drift` reads one VM's state
-back and names each difference from what launch builds; and
+back and names each difference from what launch builds
+(:meth:`NetnsDriver.drift_many` for many VMs, reading each session once); and
 :meth:`NetnsDriver.destroy` removes whatever a killed launch left.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import ipaddress
 import json
@@ -24,7 +26,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,10 +36,13 @@ from vnic.dataplane import delayd, names, nft
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe, netem_available
 from vnic.dataplane.tc import (
+    ClassState,
     apply_netem,
     apply_plan,
-    class_differences,
-    qdisc_differences,
+    compare_classes,
+    compare_qdiscs,
+    read_classes_at,
+    read_qdiscs,
     verify,
 )
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
@@ -306,35 +311,52 @@ class NetnsDriver:
 
         One short sentence per difference, naming the object, what the plan
         expects and what was found; empty when nothing differs. A VM whose
-        namespace is missing gives that one sentence. Read-only.
+        namespace is missing gives that one sentence. Read-only. For many VMs
+        use :meth:`drift_many`, which reads each session namespace once.
         """
+        return self.drift_many([request])[(request.session, request.vm)]
+
+    def drift_many(self, requests: Sequence[LaunchRequest]) -> dict[tuple[str, str], list[str]]:
+        """:meth:`drift` of each request, by ``(session, vm)`` (the last request wins when a
+        VM is named twice). Read-only.
+
+        Each session namespace is read once for all its VMs: one link dump, one
+        qdisc dump, one listing of the nftables table, one listing of the delay
+        engines' run dir; then per VM, one class dump per shaped device (the
+        kernel dumps classes one device at a time) and, inside the VM's own
+        namespace, one netlink socket and the sysctl files.
+        """
+        by_session: dict[str, list[LaunchRequest]] = {}
+        for request in requests:
+            by_session.setdefault(request.session, []).append(request)
+        out: dict[tuple[str, str], list[str]] = {}
+        for session, batch in by_session.items():
+            with contextlib.ExitStack() as stack:
+                view = _SessionView(session, stack)
+                for request in batch:
+                    out[(session, request.vm)] = self._drift(request, view)
+        return out
+
+    def _drift(self, request: LaunchRequest, view: _SessionView) -> list[str]:
         session, vm = request.session, request.vm
         vm_ns = names.vm_netns(session, vm)
         missing = [f"VM {session}/{vm}: namespace {vm_ns} expected, found missing"]
         if not _is_namespace(vm_ns):
             return missing
         try:
-            return self._drift(request, vm_ns)
+            plan = self.plan_for(request)
+            problems = _vm_side_drift(vm_ns, request, plan)
+            session_ns = names.session_netns(session)
+            if not _is_namespace(session_ns):
+                return [
+                    *problems,
+                    f"session namespace {session_ns}: expected present, found missing",
+                ]
+            return problems + _host_side_drift(view, vm, plan)
         except (OSError, NetlinkError, DataplaneError):
             if _is_namespace(vm_ns):
                 raise
             return missing  # destroyed while we looked
-
-    def _drift(self, request: LaunchRequest, vm_ns: str) -> list[str]:
-        session, vm = request.session, request.vm
-        plan = self.plan_for(request)
-        problems = _vm_side_drift(vm_ns, request, plan)
-        session_ns = names.session_netns(session)
-        if not _is_namespace(session_ns):
-            return [*problems, f"session namespace {session_ns}: expected present, found missing"]
-        with nsops.opened(session_ns) as ns:
-            present, link_problems = _link_drift(ns, session, vm, plan)
-            problems += link_problems
-            problems += class_differences(ns, plan, present)
-            problems += qdisc_differences(ns, plan, present)
-        problems += _engine_drift(session, vm, plan)
-        problems += _guard_drift(session_ns, plan)
-        return problems
 
     def engines_in_use(self) -> list[dict[str, object]]:
         """Every running VM on this host, what carries its delay and loss and why, with counters."""
@@ -419,12 +441,11 @@ def _netem_devices(session_ns: str) -> set[str]:
     """Devices in ``session_ns`` with a netem qdisc."""
     if not nsops.exists(session_ns):
         return set()
-    proc = nsops.run_inside(
-        session_ns, ["tc", "-j", "qdisc", "show"], capture_output=True, timeout=30
-    )
-    if proc.returncode != 0:
+    try:
+        qdiscs = read_qdiscs(session_ns)
+    except DataplaneError:
         return set()
-    return {str(q["dev"]) for q in json.loads(proc.stdout or "[]") if q.get("kind") == "netem"}
+    return {dev for dev, found in qdiscs.items() if any(k == "netem" for k, _ in found.values())}
 
 
 # ----------------------------------------------------------------------------- finding and removing
@@ -505,7 +526,22 @@ def _vm_of_tag(tag: str, session: str) -> str | None:
 
 
 def _link_tags(session_ns: str) -> list[str]:
-    """The aliases of every link in ``session_ns``, from one dump.
+    """The aliases of every link in ``session_ns``, from one dump."""
+    return [link.alias for link in _session_links(session_ns).values() if link.alias is not None]
+
+
+@dataclass(frozen=True)
+class _Link:
+    """A link of a session namespace: index, alias, whether it is up, its master's name."""
+
+    index: int
+    alias: str | None
+    up: bool
+    master: str | None
+
+
+def _session_links(session_ns: str) -> dict[str, _Link]:
+    """Every link in ``session_ns`` by name, from one dump.
 
     ``ip -j`` rather than a pyroute2 dump: iproute2's C decoder is much faster
     than decoding every link in Python, and a session holds up to four links
@@ -516,7 +552,15 @@ def _link_tags(session_ns: str) -> list[str]:
     )
     if proc.returncode != 0:
         raise DataplaneError(f"cannot list the links of {session_ns}: {proc.stderr.strip()}")
-    return [str(link["ifalias"]) for link in json.loads(proc.stdout or "[]") if "ifalias" in link]
+    return {
+        str(link["ifname"]): _Link(
+            index=int(link["ifindex"]),
+            alias=str(link["ifalias"]) if "ifalias" in link else None,
+            up="UP" in link.get("flags", []),
+            master=str(link["master"]) if "master" in link else None,
+        )
+        for link in json.loads(proc.stdout or "[]")
+    }
 
 
 def _stop_untracked_engines(session: str, vm: str, grace: float = 2.0) -> None:
@@ -564,22 +608,76 @@ def _unplug(session_ns: str, session: str, vm: str) -> None:
 # ----------------------------------------------------------------------------- drift
 
 
+class _SessionView:
+    """The host side of a session as the drift of its VMs compares with it: each part read
+    once for all of them, when a VM first needs it (and again only if that read failed).
+
+    The netlink socket for class dumps is closed with ``stack``.
+    """
+
+    def __init__(self, session: str, stack: contextlib.ExitStack) -> None:
+        self.session = session
+        self.ns_name = names.session_netns(session)
+        self._stack = stack
+        self._classes: dict[str, dict[int, ClassState]] = {}
+
+    @functools.cached_property
+    def links(self) -> dict[str, _Link]:
+        return _session_links(self.ns_name)
+
+    @functools.cached_property
+    def qdiscs(self) -> dict[str, dict[int, tuple[str, int | None]]]:
+        return read_qdiscs(self.ns_name)
+
+    @functools.cached_property
+    def table(self) -> nft.Table:
+        return nft.read_table(self.ns_name)
+
+    @functools.cached_property
+    def engines(self) -> dict[str, list[str] | None]:
+        return delayd.session_engines(self.session)
+
+    @functools.cached_property
+    def _netlink(self) -> Any:
+        return self._stack.enter_context(nsops.opened(self.ns_name))
+
+    def classes(self, device: str) -> dict[int, ClassState]:
+        """The HTB classes of ``device`` (one of :attr:`links`), dumped once."""
+        if device not in self._classes:
+            self._classes[device] = read_classes_at(self._netlink, self.links[device].index)
+        return self._classes[device]
+
+    def qdiscs_of(self, device: str) -> dict[int, tuple[str, int | None]]:
+        return self.qdiscs.get(device, {})
+
+
+def _host_side_drift(view: _SessionView, vm: str, plan: Plan) -> list[str]:
+    """The VM's links, classes, qdiscs, delay engine and guard in its session namespace."""
+    present, problems = _link_drift(view.links, view.session, vm, plan)
+    problems += compare_classes(plan, view.classes, present)
+    problems += compare_qdiscs(plan, view.qdiscs_of, present)
+    problems += _engine_drift(view.session, vm, plan, view.engines)
+    problems += _guard_drift(view.table, plan)
+    return problems
+
+
 def _vm_side_drift(vm_ns: str, request: LaunchRequest, plan: Plan) -> list[str]:
-    """``eth0``'s MAC, state and addresses, and the plan's sysctls, inside the VM."""
+    """``eth0``'s MAC, state and addresses, the routes' congestion control and the plan's
+    sysctls, inside the VM: one netlink socket, and the sysctl files read in one visit."""
     problems = []
     with nsops.opened(vm_ns) as vns:
-        index = nsops.find_link(vns, names.VM_IFNAME)
-        if index is None:
+        link = _link_named(vns, names.VM_IFNAME)
+        if link is None:
             problems.append(f"{names.VM_IFNAME} in {vm_ns}: expected present, found missing")
         else:
-            (link,) = vns.link("get", index=index)
             mac = str(link.get_attr("IFLA_ADDRESS"))
             if mac != str(request.mac):
                 problems.append(f"{names.VM_IFNAME} MAC: expected {request.mac}, found {mac}")
             if not link["flags"] & IFF_UP:
                 problems.append(f"{names.VM_IFNAME} state: expected up, found down")
             have = {
-                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in vns.get_addr(index=index)
+                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+                for a in vns.get_addr(index=link["index"])
             }
             for want in (request.ipv4, request.ipv6):
                 if str(want) not in have:
@@ -589,14 +687,35 @@ def _vm_side_drift(vm_ns: str, request: LaunchRequest, plan: Plan) -> list[str]:
                     )
         if plan.congestion_control is not None:
             problems += _congctl_drift(vns, request, plan.congestion_control)
-    for s in plan.sysctls:
-        try:
-            value = nsops.read_sysctl(vm_ns, s.key)
-        except DataplaneError as exc:
-            value = f"unreadable ({exc})"
-        if value != s.value:
-            problems.append(f"sysctl {s.key}: expected {s.value}, found {value}")
-    return problems
+    if not plan.sysctls:
+        return problems
+    with nsops.inside(vm_ns):
+        found = [(s, _read_sysctl_here(vm_ns, s.key)) for s in plan.sysctls]
+    return problems + [
+        f"sysctl {s.key}: expected {s.value}, found {value}"
+        for s, value in found
+        if value != s.value
+    ]
+
+
+def _link_named(ipr: Any, name: str) -> Any:
+    """The link called ``name`` in the socket's namespace (one targeted get), or None."""
+    try:
+        (link,) = ipr.link("get", ifname=name)
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise
+    return link
+
+
+def _read_sysctl_here(ns_name: str, key: str) -> str:
+    """A sysctl of the namespace this thread is in (``ns_name``, for the message)."""
+    try:
+        with open("/proc/sys/" + key.replace(".", "/")) as f:
+            return f.read().strip()
+    except OSError as exc:
+        return f"unreadable (cannot read {key} in {ns_name}: {exc.strerror})"
 
 
 def _congctl_drift(vns: Any, request: LaunchRequest, algorithm: str) -> list[str]:
@@ -621,26 +740,32 @@ def _congctl_drift(vns: Any, request: LaunchRequest, algorithm: str) -> list[str
     return problems
 
 
-def _link_drift(ns: Any, session: str, vm: str, plan: Plan) -> tuple[set[str], list[str]]:
-    """The VM's links in the session namespace against the plan: which exist, and each
-    difference (missing, unexpected, untagged, down, on the wrong master)."""
-    links = names.VmLinks.of(vm)
+def _link_drift(
+    links: Mapping[str, _Link], session: str, vm: str, plan: Plan
+) -> tuple[set[str], list[str]]:
+    """The VM's links in the session namespace (``links``, by name) against the plan: which
+    exist, and each difference (missing, unexpected, untagged, down, on the wrong master)."""
+    vm_links = names.VmLinks.of(vm)
     tag = names.owner_tag(session, vm)
     relay = plan.engine is not None
-    want = {links.port, links.relay, links.relay_port} if relay else {links.port, links.ifb}
-    bridge = nsops.find_link(ns, names.BRIDGE)
+    want = (
+        {vm_links.port, vm_links.relay, vm_links.relay_port}
+        if relay
+        else {vm_links.port, vm_links.ifb}
+    )
+    bridge = links.get(names.BRIDGE)
     problems = (
         [] if bridge is not None else [f"bridge {names.BRIDGE}: expected present, found missing"]
     )
     present = set()
     for name, role in (
-        (links.port, "port"),
-        (links.ifb, "IFB"),
-        (links.relay, "relay"),
-        (links.relay_port, "relay port"),
+        (vm_links.port, "port"),
+        (vm_links.ifb, "IFB"),
+        (vm_links.relay, "relay"),
+        (vm_links.relay_port, "relay port"),
     ):
-        index = nsops.find_link(ns, name)
-        if index is None:
+        link = links.get(name)
+        if link is None:
             if name in want:
                 problems.append(f"{role} {name}: expected present, found missing")
             continue
@@ -648,40 +773,34 @@ def _link_drift(ns: Any, session: str, vm: str, plan: Plan) -> tuple[set[str], l
         if name not in want:
             problems.append(f"{role} {name}: expected none, found one")
             continue
-        (link,) = ns.link("get", index=index)
-        alias = link.get_attr("IFLA_IFALIAS") or "none"
+        alias = link.alias or "none"
         if alias != tag:
             problems.append(f"{role} {name} tag: expected {tag}, found {alias}")
-        if not link["flags"] & IFF_UP:
+        if not link.up:
             problems.append(f"{role} {name} state: expected up, found down")
-        master = link.get_attr("IFLA_MASTER")
         on_bridge = name == plan.devices.bridge_port
-        if on_bridge and (bridge is None or master != bridge):
+        if on_bridge and (bridge is None or link.master != names.BRIDGE):
             problems.append(
-                f"{role} {name} master: expected {names.BRIDGE}, found {_name_of(ns, master)}"
+                f"{role} {name} master: expected {names.BRIDGE}, found {link.master or 'none'}"
             )
-        elif not on_bridge and master:
-            problems.append(f"{role} {name} master: expected none, found {_name_of(ns, master)}")
+        elif not on_bridge and link.master:
+            problems.append(f"{role} {name} master: expected none, found {link.master}")
     return present & want, problems
 
 
-def _name_of(ns: Any, index: int | None) -> str:
-    if not index:
-        return "none"
-    try:
-        (link,) = ns.link("get", index=index)
-    except NetlinkError:
-        return f"index {index}"
-    return str(link.get_attr("IFLA_IFNAME"))
+def _engine_drift(
+    session: str, vm: str, plan: Plan, engines: Mapping[str, list[str] | None]
+) -> list[str]:
+    """Whether the delay engine runs as the plan says, with the arguments it would get.
 
-
-def _engine_drift(session: str, vm: str, plan: Plan) -> list[str]:
-    """Whether the delay engine runs as the plan says, with the arguments it would get."""
-    running = delayd.running_arguments(session, vm)
+    ``engines``: the session's VMs with an engine pid file, with the arguments
+    of the engine running for each (see :func:`delayd.session_engines`).
+    """
+    running = engines.get(vm)
     if plan.engine is None:
         return [] if running is None else ["delay engine: expected none, found one running"]
     if running is None:
-        left = " (its pid file names no live engine)" if vm in delayd.recorded(session) else ""
+        left = " (its pid file names no live engine)" if vm in engines else ""
         return [f"delay engine: expected running, found not running{left}"]
     expected = delayd.expected_arguments(session, vm, plan.engine)
     if running == expected:
@@ -715,12 +834,13 @@ def _engine_directions(args: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _guard_drift(session_ns: str, plan: Plan) -> list[str]:
-    """The nft port guard: its chain, its rules (kind and value), and the tagged jump."""
+def _guard_drift(table: nft.Table, plan: Plan) -> list[str]:
+    """The nft port guard: its chain, its rules (kind and value), and the tagged jump, in
+    the session's table as :func:`nft.read_table` read it."""
     guard = plan.guard
     if guard is None:
         return []
-    state = nft.read_guard(session_ns, guard.chain, guard.identity.tag)
+    state = nft.guard_in(table, guard.chain, guard.identity.tag)
     problems = []
     if guard.port not in state.jumps:
         found = ", ".join(state.jumps) or "none"
