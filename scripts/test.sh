@@ -28,6 +28,18 @@ else
   echo "== pytest: impairments through netem, in a stock-kernel guest (this kernel has none)"
   # Software emulation deschedules processes for milliseconds: timing
   # tolerances widen there, statistical ones do not (see the test module).
-  VNIC_TEST_TIMING_SLACK=3 bash scripts/guest/run.sh \
-    .venv/bin/python -m pytest -p no:cacheprovider -rs "$IMPAIRMENT_TESTS"
+  # A run takes about 6 minutes. A guest that hangs or dies (exit 124 or 125:
+  # the emulator, not a test) is started once more; a failed test is not.
+  # -v and unbuffered output show where a guest was when it was stopped.
+  for attempt in 1 2; do
+    rc=0
+    VNIC_TEST_TIMING_SLACK=3 VNIC_GUEST_TIMEOUT=900 PYTHONUNBUFFERED=1 \
+      VNIC_GUEST_ENV=PYTHONUNBUFFERED bash scripts/guest/run.sh \
+      .venv/bin/python -m pytest -p no:cacheprovider -rs -v "$IMPAIRMENT_TESTS" || rc=$?
+    if [ "$rc" -ne 124 ] && [ "$rc" -ne 125 ]; then
+      exit "$rc"
+    fi
+    echo "== the guest stopped without a result (exit $rc), attempt $attempt of 2"
+  done
+  exit "$rc"
 fi

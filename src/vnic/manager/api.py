@@ -68,9 +68,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 _bearer = HTTPBearer(auto_error=False, description="An API token: vnic token create")
 
 
-def _caller(
+async def _caller(
     request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> Principal:
+    # async: a sync dependency costs a trip through the thread pool on every call;
+    # authentication is a cache hit but every few seconds (one short query then).
     manager: Manager = request.app.state.manager
     return manager.tokens.authenticate(creds.credentials if creds else None)
 

@@ -20,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -68,12 +70,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+#: Seconds a successful authentication is remembered. A token revoked through this
+#: process stops working at once; through another process, within this time.
+AUTH_CACHE_SECONDS = 5.0
+
+
 class Tokens:
     """Token records in the central database."""
 
     def __init__(self, db: Database, clock: Callable[[], datetime] = _now) -> None:
         self.db = db
         self.clock = clock
+        # digest -> (principal, monotonic time it expires): every API call
+        # authenticates, and a database round trip per call is most of a read's cost.
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._cache_lock = threading.Lock()
 
     def create(self, name: str, role: str) -> tuple[TokenInfo, str]:
         """A new token; returns its record and the secret, which is never shown again."""
@@ -101,18 +112,28 @@ class Tokens:
             if row is None:
                 raise NotFound("token", name, s.scalars(select(TokenRow.name)).all())
             s.delete(row)
+        with self._cache_lock:
+            self._cache.clear()
 
     def authenticate(self, secret: str | None) -> Principal:
         """The principal of ``secret``; refused (401) when missing or unknown."""
         if not secret:
             raise Unauthenticated("this endpoint needs a token: 'Authorization: Bearer vnic_...'")
         digest = hash_secret(secret)
+        now = time.monotonic()
+        with self._cache_lock:
+            hit = self._cache.get(digest)
+        if hit is not None and hit[1] > now:
+            return hit[0]
         with self.db.reading() as s:
             row = s.scalar(select(TokenRow).where(TokenRow.secret_hash == digest))
             # The lookup is by hash; compare again in constant time for good measure.
             if row is None or not hmac.compare_digest(row.secret_hash, digest):
                 raise Unauthenticated("the token is not known (revoked, or mistyped)")
-            return Principal(row.name, row.role)
+            who = Principal(row.name, row.role)
+        with self._cache_lock:
+            self._cache[digest] = (who, now + AUTH_CACHE_SECONDS)
+        return who
 
     def session_owner(self, session: str) -> str | None:
         with self.db.reading() as s:
