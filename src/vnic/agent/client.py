@@ -29,6 +29,17 @@ def raise_for_body(response: httpx.Response) -> None:
     raise error_from_body(body)
 
 
+def call(http: httpx.Client, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One request to a vnic server (``what`` names it in errors): no answer is
+    :class:`Unavailable`, an error answer raises the error its body describes."""
+    try:
+        response = http.request(method, path, **kwargs)
+    except httpx.HTTPError as exc:
+        raise Unavailable(f"{what} did not answer: {exc}") from None
+    raise_for_body(response)
+    return response
+
+
 class AgentClient:
     """A remote agent at ``url`` (``http://host:port``), authenticated by its key."""
 
@@ -52,12 +63,7 @@ class AgentClient:
         return self.default
 
     def _call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"agent {self.url} did not answer: {exc}") from None
-        raise_for_body(response)
-        return response
+        return call(self._http, f"agent {self.url}", method, path, **kwargs)
 
     def capabilities(self) -> Capabilities:
         for caps in self.all_capabilities():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.latency import LatencyProbe, Target
@@ -121,7 +122,7 @@ class Monitor:
             self._thread = None
 
 
-def _log(what: str) -> Any:
+def _log(what: str) -> Callable[[Exception], None]:
     def report(exc: Exception) -> None:
         log.warning("%s failed: %s", what, exc)
 

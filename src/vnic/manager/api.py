@@ -22,7 +22,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vnic
-from vnic.errors import Conflict, FieldError, InvalidInput, VnicError, show_value
+from vnic.errors import FieldError, InvalidInput, VnicError, show_value
 from vnic.manager import schemas as sc
 from vnic.manager import views
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
@@ -131,10 +131,7 @@ def create_app(manager: Manager) -> FastAPI:
         """Create a profile from its document (409 if the name exists: PATCH changes one)."""
         require_admin(who, "creating a profile")
         spec = parse_profile_document(document)
-        existing = {p.name for p in svc.list_profiles()}
-        if spec.name in existing:
-            raise Conflict(f"profile {spec.name!r} already exists; PATCH it to change it")
-        svc.apply_profiles([spec])
+        svc.apply_profiles([spec], create_only=True)
         return views.profile_json(svc.get_profile(spec.name))
 
     @app.get("/v1/profiles/{name}", response_model=sc.ProfilePublic, tags=["profiles"])
@@ -224,12 +221,10 @@ def create_app(manager: Manager) -> FastAPI:
     def delete_session(who: Caller, name: str, force: Annotated[bool, Query()] = False) -> Response:
         """Delete a session; with VMs in it only when ``force`` (which stops and removes them)."""
         require_admin(who, "deleting a session")
-        info = svc.get_session(name)
-        if info.vms and not force:
-            svc.delete_session(name)  # raises InUse, naming the VMs
-        with manager.gate.shared():
-            svc.session_down(name, manager.agent)
-        svc.delete_session(name, force=True)
+        if force or not svc.get_session(name).vms:
+            with manager.gate.shared():
+                svc.session_down(name, manager.agent)
+        svc.delete_session(name, force=force)  # without force and with VMs: InUse, naming them
         return Response(status_code=204)
 
     @app.post("/v1/sessions/{name}/down", response_model=list[str], tags=["sessions"])
@@ -277,7 +272,7 @@ def create_app(manager: Manager) -> FastAPI:
 
     @app.get("/v1/sessions/{session}/vms/{vm}", response_model=sc.VmPublic, tags=["vms"])
     def get_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
-        return views.vm_json(svc.explain(session, vm).vm)
+        return views.vm_json(svc.get_vm(session, vm))
 
     @app.patch("/v1/sessions/{session}/vms/{vm}", response_model=sc.ExplanationPublic, tags=["vms"])
     def patch_vm(who: Caller, session: str, vm: str, body: sc.VmUpdate) -> dict[str, Any]:
@@ -293,7 +288,7 @@ def create_app(manager: Manager) -> FastAPI:
     def delete_vm(who: Caller, session: str, vm: str) -> Response:
         """Stop the VM if it runs, then remove its definition and release its MAC."""
         vm_writer(who, session, "removing a VM")
-        if svc.explain(session, vm).vm.state == "running":
+        if svc.get_vm(session, vm).state == "running":
             with manager.gate.shared():
                 svc.destroy_vm(session, vm, manager.agent)
         svc.remove_vm(session, vm)
@@ -306,8 +301,6 @@ def create_app(manager: Manager) -> FastAPI:
     )
     def launch_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
         vm_writer(who, session, "launching a VM")
-        if svc.explain(session, vm).vm.state == "running":
-            raise Conflict(f"VM {session}/{vm} is already running")
         with manager.gate.shared():
             return views.explain_json(svc.launch_vm(session, vm, manager.agent))
 
@@ -317,7 +310,7 @@ def create_app(manager: Manager) -> FastAPI:
         vm_writer(who, session, "destroying a VM")
         with manager.gate.shared():
             svc.destroy_vm(session, vm, manager.agent)
-        return views.vm_json(svc.explain(session, vm).vm)
+        return views.vm_json(svc.get_vm(session, vm))
 
     @app.get(
         "/v1/sessions/{session}/vms/{vm}/explain",

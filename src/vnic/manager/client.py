@@ -17,7 +17,8 @@ from typing import Any
 
 import httpx
 
-from vnic.errors import FieldError, InvalidInput, Unavailable, VnicError, error_from_body
+from vnic.agent.client import call
+from vnic.errors import FieldError, InvalidInput, VnicError
 from vnic.manager.auth import TokenInfo
 from vnic.manager.service import (
     ApplyResult,
@@ -90,16 +91,7 @@ class ManagerClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"manager {self.url} did not answer: {exc}") from None
-        if not response.is_success:
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"message": response.text or response.reason_phrase}
-            raise error_from_body(body)
+        response = call(self._http, f"manager {self.url}", method, path, **kwargs)
         return response.json() if response.content else None
 
     # profiles

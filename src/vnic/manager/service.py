@@ -158,8 +158,11 @@ class Service:
 
     # ------------------------------------------------------------------ profiles
 
-    def apply_profiles(self, specs: Sequence[ProfileSpec]) -> list[ApplyResult]:
+    def apply_profiles(
+        self, specs: Sequence[ProfileSpec], *, create_only: bool = False
+    ) -> list[ApplyResult]:
         """Create or update profiles; a profile whose document is unchanged keeps its revision.
+        With ``create_only``, a name that exists already is a conflict.
 
         All or nothing: a bad MAC range, or a change that would leave any VM
         that uses a profile with an invalid effective profile, refuses the lot.
@@ -188,7 +191,7 @@ class Service:
             self.db.allocation_lock(s)
             changed: list[str] = []
             for spec in specs:
-                result = self._write_profile(s, spec)
+                result = self._write_profile(s, spec, create_only)
                 results.append(result)
                 if result.action == "updated":
                     changed.append(spec.name)
@@ -199,7 +202,7 @@ class Service:
             self._recheck_vms(s, changed)
         return results
 
-    def _write_profile(self, s: Session, spec: ProfileSpec) -> ApplyResult:
+    def _write_profile(self, s: Session, spec: ProfileSpec, create_only: bool) -> ApplyResult:
         doc = spec.to_document()
         mac = spec.values.get("mac_range")
         mac_first, mac_last = (
@@ -221,6 +224,8 @@ class Service:
             row.revisions.append(ProfileRevisionRow(revision=1, document=doc, created_at=now))
             s.add(row)
             return ApplyResult(spec.name, "created", 1)
+        if create_only:
+            raise Conflict(f"profile {spec.name!r} already exists; PATCH it to change it")
         if self._current_document(s, row) == doc:
             return ApplyResult(spec.name, "unchanged", row.current_revision)
         row.current_revision += 1
@@ -332,7 +337,7 @@ class Service:
         return self.apply_profiles([parse_profile_document(merged)])[0]
 
     def list_profiles(self) -> list[ProfileInfo]:
-        """Every profile with its current document and users, in four queries (not 4 per profile)."""
+        """Every profile with its current document and users, in five queries (not 4 per profile)."""
         with self.db.reading() as s:
             rows = s.scalars(select(ProfileRow).order_by(ProfileRow.name)).all()
             docs = {
@@ -343,23 +348,7 @@ class Service:
                     .where(ProfileRevisionRow.revision == ProfileRow.current_revision)
                 )
             }
-            users: dict[int, list[str]] = {}
-            for name, pid in s.execute(select(SessionRow.name, SessionRow.default_profile_id)):
-                if pid is not None:
-                    users.setdefault(pid, []).append(f"session {name} (default profile)")
-            for name, position, pid in s.execute(
-                select(
-                    SessionRow.name, AssignmentRuleRow.position, AssignmentRuleRow.profile_id
-                ).join(SessionRow, SessionRow.id == AssignmentRuleRow.session_id)
-            ):
-                users.setdefault(pid, []).append(f"session {name} (rule #{position + 1})")
-            for session, vm, pid in s.execute(
-                select(SessionRow.name, VmRow.name, VmRow.override_profile_id)
-                .join(SessionRow, SessionRow.id == VmRow.session_id)
-                .where(VmRow.override_profile_id.is_not(None))
-            ):
-                if pid is not None:
-                    users.setdefault(pid, []).append(f"vm {session}/{vm} (override)")
+            users = self._users_by_profile(s)
             return [
                 ProfileInfo(
                     name=r.name,
@@ -369,7 +358,7 @@ class Service:
                     document=docs[r.id],
                     created_at=r.created_at,
                     updated_at=r.updated_at,
-                    users=sorted(users.get(r.id, [])),
+                    users=users.get(r.id, []),
                 )
                 for r in rows
             ]
@@ -451,21 +440,33 @@ class Service:
         )
 
     def _users(self, s: Session, row: ProfileRow) -> list[str]:
-        users = [
-            f"session {r.name} (default profile)"
-            for r in s.scalars(select(SessionRow).where(SessionRow.default_profile_id == row.id))
-        ]
-        users += [
-            f"session {r.session.name} (rule #{r.position + 1})"
-            for r in s.scalars(
-                select(AssignmentRuleRow).where(AssignmentRuleRow.profile_id == row.id)
-            )
-        ]
-        users += [
-            f"vm {v.session.name}/{v.name} (override)"
-            for v in s.scalars(select(VmRow).where(VmRow.override_profile_id == row.id))
-        ]
-        return sorted(users)
+        return self._users_by_profile(s, row.id).get(row.id, [])
+
+    @staticmethod
+    def _users_by_profile(s: Session, only: int | None = None) -> dict[int, list[str]]:
+        """profile id -> what uses it (sorted), for one profile or (``only=None``) all, in
+        three queries whatever their number."""
+        by_default = select(SessionRow.name, SessionRow.default_profile_id)
+        by_rule = select(
+            SessionRow.name, AssignmentRuleRow.position, AssignmentRuleRow.profile_id
+        ).join(SessionRow, SessionRow.id == AssignmentRuleRow.session_id)
+        by_override = select(SessionRow.name, VmRow.name, VmRow.override_profile_id).join(
+            SessionRow, SessionRow.id == VmRow.session_id
+        )
+        if only is not None:
+            by_default = by_default.where(SessionRow.default_profile_id == only)
+            by_rule = by_rule.where(AssignmentRuleRow.profile_id == only)
+            by_override = by_override.where(VmRow.override_profile_id == only)
+        users: dict[int, list[str]] = {}
+        for name, pid in s.execute(by_default):
+            if pid is not None:
+                users.setdefault(pid, []).append(f"session {name} (default profile)")
+        for name, position, pid in s.execute(by_rule):
+            users.setdefault(pid, []).append(f"session {name} (rule #{position + 1})")
+        for session, vm, pid in s.execute(by_override):
+            if pid is not None:
+                users.setdefault(pid, []).append(f"vm {session}/{vm} (override)")
+        return {pid: sorted(names) for pid, names in users.items()}
 
     def _refs(self, s: Session, names: set[str]) -> dict[str, ProfileRef]:
         """Current revisions of the named profiles, in one query."""
@@ -487,13 +488,6 @@ class Service:
                 raise InvalidInput(errors)
             refs[name] = ProfileRef(name, revision, values)
         return refs
-
-    def _ref(self, s: Session, row: ProfileRow) -> ProfileRef:
-        errors: list[FieldError] = []
-        values = document_to_values(self._current_document(s, row), errors)
-        if errors:  # pragma: no cover - documents are validated before they are stored
-            raise InvalidInput(errors)
-        return ProfileRef(row.name, row.current_revision, values)
 
     # ------------------------------------------------------------------ sessions
 
@@ -785,6 +779,8 @@ class Service:
         """
         with self.db.transaction() as s:
             vm = self._vm_row(s, session, name)
+            if vm.state == "running":
+                raise Conflict(f"VM {session}/{name} is already running")
             eff = self._resolve(s, vm)
             request = self._launch_request(vm, eff)
         driver.launch(request)
@@ -912,6 +908,11 @@ class Service:
     def list_vms(self, session: str) -> list[VmInfo]:
         with self.db.reading() as s:
             return [self._vm_info(v) for v in self._session_row(s, session).vms]
+
+    def get_vm(self, session: str, name: str) -> VmInfo:
+        """The VM's record (no resolution: :meth:`explain` adds the effective profile)."""
+        with self.db.reading() as s:
+            return self._vm_info(self._vm_row(s, session, name))
 
     def explain(self, session: str, name: str) -> Explanation:
         """The VM's effective profile with the source of every field."""
