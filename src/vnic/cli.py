@@ -23,8 +23,8 @@ from vnic.errors import InvalidInput, VnicError
 from vnic.manager import views
 from vnic.manager.auth import Tokens
 from vnic.manager.client import ManagerClient
-from vnic.manager.service import Explanation, Service, VmInfo, VmRequest
-from vnic.model.profile import FIELDS, parse_assignments
+from vnic.manager.service import Explanation, Service, VmChange, VmInfo, VmRequest
+from vnic.model.profile import FIELDS, parse_assignments, values_to_document
 from vnic.model.session import AssignmentRule
 from vnic.settings import Settings
 from vnic.store.db import Database
@@ -167,12 +167,18 @@ def profile_apply(
 
     def body() -> None:
         specs = parse_documents(read_documents(files))
-        results = service().apply_profiles(specs)
+        results, changes = service().apply_profiles_live(specs, dispatcher("netns"))
         if as_json:
-            emit_json([r.__dict__ for r in results])
+            emit_json(
+                {
+                    "profiles": [r.__dict__ for r in results],
+                    "changes": [views.change_json(c) for c in changes],
+                }
+            )
             return
         for r in results:
             out.print(f"profile {r.name}: {r.action} (revision {r.revision})", markup=False)
+        print_changes(changes)
 
     run(body)
 
@@ -645,6 +651,87 @@ def vm_remove(session: str, name: str) -> None:
     run(body)
 
 
+@vm_app.command("set")
+def vm_set(
+    session: str,
+    name: str,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Argument(help="FIELD=VALUE: set in the VM's override (off removes an impairment)."),
+    ] = None,
+    unset: Annotated[
+        list[str] | None,
+        typer.Option("--unset", help="FIELD: drop from the override (the policy decides again)."),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Override profile ('none' removes it).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a VM's override; a running VM gets it live (only what changed, in place)."""
+
+    def body() -> None:
+        changes: dict[str, Any] = {}
+        patch = values_to_document(parse_assignments(assignments)) if assignments else {}
+        for path in unset or []:
+            if path not in FIELDS:
+                raise InvalidInput.one("--unset", path, "a profile field, e.g. egress.rate")
+            head, _, tail = path.partition(".")
+            if tail:
+                patch.setdefault(head, {})[tail] = None
+            else:
+                patch[head] = None
+        if patch:
+            changes["patch"] = patch
+        if profile is not None:
+            changes["profile"] = None if profile == "none" else profile
+        if not changes:
+            raise InvalidInput.one(
+                "FIELD=VALUE", "", "at least one assignment, --unset or --profile"
+            )
+        result, applied = service().update_vm_live(session, name, changes, dispatcher("netns"))
+        if as_json:
+            emit_json(
+                {**views.explain_json(result), "changes": [views.change_json(c) for c in applied]}
+            )
+            return
+        if result.vm.state != "running":
+            out.print(
+                f"vm {session}/{name}: override saved (not running: applies at launch)",
+                markup=False,
+            )
+        elif not applied:
+            out.print(f"vm {session}/{name}: no effective change", markup=False)
+        print_changes(applied)
+
+    run(body)
+
+
+def print_changes(changes: Sequence[VmChange]) -> None:
+    """One line per changed field of each running VM, then what the kernel got."""
+    for c in changes:
+        label = f"vm {c.session}/{c.vm}"
+        if c.error:
+            out.print(f"{label}: NOT changed: {c.error}", markup=False)
+            continue
+        for path, (old, new) in c.fields.items():
+            why = c.sources.get(path, "")
+            out.print(
+                f"{label}: {path} {_shown(old)} -> {_shown(new)}" + (f"  ({why})" if why else ""),
+                markup=False,
+            )
+        for line in c.kernel:
+            out.print(f"  kernel: {line}", markup=False)
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
 @vm_app.command("explain")
 def vm_explain(
     session: str,
@@ -905,6 +992,26 @@ def bench_launch(
     _bench("launch", json_out)
 
 
+@bench_app.command("change")
+def bench_change(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats (a smoke run).")] = False,
+) -> None:
+    """Live changes (root): API call to kernel for one vNIC and for a profile on 100 VMs, a
+    rate change under a TCP flow, trace replay per 100 ms against the trace."""
+    from vnic import bench_change as bench
+
+    def body() -> None:
+        result = bench.run(quick=quick)
+        out.print(bench.table(result))
+        if json_out:
+            json_out.write_text(json.dumps({"benchmark": "change", **result}, indent=2) + "\n")
+
+    run(body)
+
+
 @bench_app.command("api")
 def bench_api(
     json_out: Annotated[
@@ -1011,14 +1118,24 @@ def serve(
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
     latency_interval: LatencyInterval = 10.0,
     drift_interval: DriftInterval = 60.0,
+    controller_interval: Annotated[
+        float,
+        typer.Option(
+            "--controller-interval",
+            help="Seconds between controller rounds (threshold rules, expiry).",
+            min=0.1,
+        ),
+    ] = 1.0,
 ) -> None:
-    """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics.
+    """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics, the
+    controller (rules, feedback endpoint in each session, scenarios).
     Binds to localhost unless told otherwise; every call needs a token (vnic token create)."""
     from vnic.serve import build_manager, run_manager
 
     def body() -> None:
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
+        manager.live.interval = controller_interval
         run_manager(manager, host, port, (latency_interval, drift_interval))
 
     run(body)
@@ -1140,8 +1257,15 @@ def top(
 
 
 def main() -> None:
+    from vnic import cli_live
+
+    cli_live.register(app, vm_app, session_app)
     app()
 
 
 if __name__ == "__main__":
-    main()
+    # Run the module under its own name (not __main__): vnic.cli_live imports it and
+    # must see the same options.
+    import vnic.cli
+
+    vnic.cli.main()

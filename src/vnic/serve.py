@@ -1,5 +1,9 @@
 """Running the manager (``vnic serve``) and the agent (``vnic agent``) as servers.
 
+The manager also runs the controller (threshold rules, expiry of runtime
+adjustments, scenarios) and, with its in-process agent, the feedback
+endpoint in every session (see :mod:`vnic.agent.feedback`).
+
 The manager reconciles on start: it sends its agent the VMs the database
 says are running (:meth:`~vnic.agent.core.Agent.sync`); the agent rebuilds
 those that drifted or vanished and removes vnic objects nobody desires.
@@ -62,10 +66,14 @@ def run_manager(
 
     from vnic.manager.api import create_app
 
+    if isinstance(manager.agent, Agent):
+        # Before the reconcile, which opens the endpoint in every session it keeps.
+        manager.agent.serve_feedback().attach(manager.live)
     for line in describe(manager.reconcile()):
         print(f"vnic serve: {line}", flush=True)
     if isinstance(manager.agent, Agent):
         manager.agent.start_monitor(*intervals)
+    manager.live.start()
     print(
         f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
     )

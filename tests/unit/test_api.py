@@ -249,7 +249,7 @@ def test_profile_revisions_and_export_import(api: Api) -> None:
     assert exported[0]["egress"]["rate"] == "25Mbit"
     exported[0]["description"] = "changed"
     again = api.call("admin", "POST", "/v1/import/profiles", json=exported).json()
-    assert again == [{"name": "campus", "action": "updated", "revision": 3}]
+    assert again == [{"name": "campus", "action": "updated", "revision": 3, "changes": []}]
     same = api.call("admin", "POST", "/v1/import/profiles", json=exported).json()
     assert same[0]["action"] == "unchanged"
 

@@ -46,6 +46,12 @@ def _desired(doc: Any, path: str) -> DesiredVm:
     return DesiredVm(str(doc.get("driver") or "netns"), request)
 
 
+def _outcome(result: list[str] | VnicError) -> dict[str, Any]:
+    if isinstance(result, VnicError):
+        return {"error": result.to_dict()}
+    return {"kernel": result}
+
+
 _bearer = HTTPBearer(auto_error=False, description="The agent key")
 
 
@@ -91,14 +97,22 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
     @app.put("/v1/vms/{session}/{vm}")
     def reconfigure(
         _: Auth, session: str, vm: str, body: Annotated[dict[str, Any], Body()]
-    ) -> dict[str, str]:
+    ) -> dict[str, Any]:
         wanted = _desired(body, "")
         if (wanted.request.session, wanted.request.vm) != (session, vm):
             raise InvalidInput.one(
                 "request.vm", wanted.request.vm, f"{session}/{vm}, as the URL says"
             )
-        agent.reconfigure(wanted.request)
-        return {"session": session, "vm": vm}
+        return {"session": session, "vm": vm, "kernel": agent.reconfigure(wanted.request)}
+
+    @app.post("/v1/reconfigure")
+    def reconfigure_many(
+        _: Auth, body: Annotated[list[dict[str, Any]], Body()]
+    ) -> list[dict[str, Any]]:
+        """Live changes of many VMs; each item says what changed in the kernel or why not."""
+        requests = [_desired(doc, f"[{i}]").request for i, doc in enumerate(body)]
+        outcomes = agent.reconfigure_many(requests)
+        return [{"session": s, "vm": v, **_outcome(result)} for (s, v), result in outcomes.items()]
 
     @app.delete("/v1/vms/{session}/{vm}", status_code=204)
     def destroy(_: Auth, session: str, vm: str) -> Response:

@@ -15,7 +15,7 @@ import httpx
 from vnic.agent.core import DesiredVm, ReconcileReport
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.drivers.base import Capabilities, LaunchRequest
-from vnic.errors import Unavailable, error_from_body
+from vnic.errors import Unavailable, VnicError, error_from_body
 
 
 def raise_for_body(response: httpx.Response) -> None:
@@ -81,9 +81,21 @@ class AgentClient:
         body = {"driver": kind or self.default, "request": request_to_wire(request)}
         self._call("POST", "/v1/vms", json=body)
 
-    def reconfigure(self, request: LaunchRequest) -> None:
+    def reconfigure(self, request: LaunchRequest) -> list[str]:
         body = {"driver": self.default, "request": request_to_wire(request)}
-        self._call("PUT", f"/v1/vms/{request.session}/{request.vm}", json=body)
+        answer = self._call("PUT", f"/v1/vms/{request.session}/{request.vm}", json=body).json()
+        return [str(line) for line in answer.get("kernel", [])]
+
+    def reconfigure_many(
+        self, requests: Sequence[LaunchRequest]
+    ) -> dict[tuple[str, str], list[str] | VnicError]:
+        body = [{"driver": self.default, "request": request_to_wire(r)} for r in requests]
+        out: dict[tuple[str, str], list[str] | VnicError] = {}
+        for item in self._call("POST", "/v1/reconfigure", json=body).json():
+            key = (item["session"], item["vm"])
+            error = item.get("error")
+            out[key] = error_from_body(error) if error else [str(x) for x in item["kernel"]]
+        return out
 
     def destroy(self, session: str, vm: str) -> None:
         self._call("DELETE", f"/v1/vms/{session}/{vm}")

@@ -18,8 +18,10 @@ through an agent exactly as through a driver.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,9 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.drivers.base import Capabilities, Driver, LaunchRequest
-from vnic.errors import Conflict, InvalidInput, NotFound, VnicError
+from vnic.errors import (
+    Conflict,
+    DataplaneError,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+    VnicError,
+)
 
 if TYPE_CHECKING:
+    from vnic.agent.feedback import FeedbackEndpoints
     from vnic.agent.monitor import Monitor
 
 VmKey = tuple[str, str]
@@ -220,6 +230,37 @@ class Agent:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._monitor: Monitor | None = None
+        self.feedback: FeedbackEndpoints | None = None
+
+    # The feedback endpoint.
+
+    def serve_feedback(self) -> FeedbackEndpoints:
+        """Serve the feedback endpoint in every session with netns VMs here, from now on
+        (``vnic serve`` does, with its manager attached to answer)."""
+        from vnic.agent.feedback import FeedbackEndpoints
+
+        if self.feedback is None:
+            self.feedback = FeedbackEndpoints(self.vm_at)
+            for vm in self.mine():
+                self._open_feedback(vm)
+        return self.feedback
+
+    def vm_at(self, session: str, address: str) -> str | None:
+        """The desired VM of ``session`` with this IPv4 or IPv6 address, if any."""
+        for vm in self.state.all():
+            r = vm.request
+            if r.session == session and address in (str(r.ipv4.ip), str(r.ipv6.ip)):
+                return r.vm
+        return None
+
+    def _open_feedback(self, vm: DesiredVm) -> None:
+        if self.feedback is None or vm.driver != "netns":
+            return
+        try:
+            self.feedback.ensure(vm.request.session, vm.request.network_id)
+        except (OSError, VnicError) as exc:
+            # The VM runs without it; the endpoint is a convenience, not its network.
+            log.warning("no feedback endpoint in session %s: %s", vm.request.session, exc)
 
     # Monitoring.
 
@@ -289,25 +330,89 @@ class Agent:
             except BaseException:
                 self.state.remove([key])
                 raise
+            self._open_feedback(DesiredVm(kind, request))
 
-    def reconfigure(self, request: LaunchRequest) -> None:
-        """Make a running VM match ``request`` (the driver's own live change where it has one)."""
-        key = (request.session, request.vm)
-        with self._session_lock(request.session):
-            current = self.state.get(key)
-            if current is None:
-                raise NotFound(f"VM on this host in session {request.session!r}", request.vm)
-            if current.request == request:
-                return
-            driver = self.driver(current.driver)
-            self.state.put(DesiredVm(current.driver, request))
-            live = getattr(driver, "reconfigure", None)
+    def reconfigure(self, request: LaunchRequest) -> list[str]:
+        """Make a running VM match ``request`` with a live change of what differs; return
+        one line per kernel object changed (empty when nothing did)."""
+        outcome = self.reconfigure_many([request])[(request.session, request.vm)]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def reconfigure_many(
+        self, requests: Sequence[LaunchRequest]
+    ) -> dict[VmKey, list[str] | VnicError]:
+        """:meth:`reconfigure` of many VMs; a driver that can batches them (one pass per
+        session namespace). A VM's failure is its outcome, not the others'."""
+        out: dict[VmKey, list[str] | VnicError] = {}
+        by_driver: dict[str, list[tuple[LaunchRequest, LaunchRequest]]] = {}
+        sessions = sorted({r.session for r in requests})
+        with contextlib.ExitStack() as locks:
+            for session in sessions:  # in one order, so two batches never deadlock
+                locks.enter_context(self._session_lock(session))
+            for request in requests:
+                key = (request.session, request.vm)
+                current = self.state.get(key)
+                if current is None:
+                    out[key] = NotFound(
+                        f"VM on this host in session {request.session!r}", request.vm
+                    )
+                elif current.request == request:
+                    out[key] = []
+                else:
+                    by_driver.setdefault(current.driver, []).append((current.request, request))
+            for kind, pairs in by_driver.items():
+                if kind not in self.drivers:
+                    why = Unavailable(f"the {kind} driver is not loaded in this agent")
+                    out.update({(r.session, r.vm): why for _, r in pairs})
+                    continue
+                out.update(self._reconfigure_with(kind, pairs))
+        return out
+
+    def _reconfigure_with(
+        self, kind: str, pairs: Sequence[tuple[LaunchRequest, LaunchRequest]]
+    ) -> dict[VmKey, list[str] | VnicError]:
+        driver = self.driver(kind)
+        # Desired first: a kill mid-change leaves the new profile to reconcile to.
+        for _, request in pairs:
+            self.state.put(DesiredVm(kind, request))
+        batch = getattr(driver, "reconfigure_many", None)
+        results: dict[VmKey, Any] = {}
+        try:
+            if batch is not None:
+                results = dict(batch(pairs))
+        except VnicError:
+            results = {}  # the batch stopped part-way: one by one says which VM failed
+        if not results:
+            for previous, request in pairs:
+                results[(request.session, request.vm)] = self._one(driver, previous, request)
+        out: dict[VmKey, list[str] | VnicError] = {}
+        for previous, request in pairs:
+            key = (request.session, request.vm)
+            result = results.get(key, [])
+            if isinstance(result, BaseException):
+                self.state.put(DesiredVm(kind, previous))  # it still runs what it ran
+                result = result if isinstance(result, VnicError) else DataplaneError(str(result))
+            out[key] = result
+        return out
+
+    @staticmethod
+    def _one(
+        driver: Driver, previous: LaunchRequest, request: LaunchRequest
+    ) -> list[str] | VnicError:
+        live = getattr(driver, "reconfigure", None)
+        try:
             if live is not None:
-                live(request)
-            else:
-                # No live change in this driver yet: rebuild the vNIC.
-                driver.destroy(request.session, request.vm)
-                driver.launch(request)
+                return [str(line) for line in live(previous, request) or []]
+            # No live change in this driver: rebuild the vNIC (interrupts traffic).
+            driver.destroy(request.session, request.vm)
+            driver.launch(request)
+            return [
+                f"rebuilt {request.session}/{request.vm} (the {driver.kind} driver has no live change)"
+            ]
+        except VnicError as exc:
+            return exc
 
     def destroy(self, session: str, vm: str) -> None:
         """Forget the VM first, then remove it: a kill in between leaves an orphan to reap."""
@@ -319,6 +424,8 @@ class Agent:
             self.driver(kind).destroy(session, vm)
 
     def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
+        if self.feedback is not None:
+            self.feedback.close(session)
         with self._session_lock(session):
             mine = [vm for vm in self.state.all() if vm.request.session == session]
             self.state.remove([vm.key for vm in mine])
@@ -395,6 +502,7 @@ class Agent:
         before = self.drift()
         for key, wanted in sorted(desired.items()):
             self._repair(wanted, before.get(_label(key), []), report)
+            self._open_feedback(wanted)
         report.drift = self.drift() if report.reapplied or report.failed else before
         self.last_report = report
         return report
@@ -411,6 +519,9 @@ class Agent:
                 report.failed[_label(vm.key)] = str(exc)
                 return
         report.reapplied[_label(vm.key)] = list(differences)
+
+
+log = logging.getLogger(__name__)
 
 
 def local_agent(kind: str = "netns", state_dir: Path | None = None) -> Agent:

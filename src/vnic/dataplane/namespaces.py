@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -423,3 +424,50 @@ def set_route_congctl(
         raise DataplaneError(
             f"congctl {algorithm} on {network} refused in {vm_ns}: {proc.stderr.strip()}"
         )
+
+
+# ----------------------------------------------------------------------------- session services
+
+
+def session_listener(
+    ns_name: str, addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface], port: int
+) -> list[socket.socket]:
+    """Listening TCP sockets on ``addresses`` (put on the session bridge if missing), inside
+    the session namespace: a service VMs of the session reach, and nothing else can.
+
+    The addresses go on the bridge, which the session namespace owns (they go
+    with it); IPv6 without duplicate address detection, so it listens at once.
+    """
+    listeners: list[socket.socket] = []
+    with opened(ns_name) as ns:
+        index = link_index(ns, BRIDGE)
+        have = {a.get_attr("IFA_ADDRESS") for a in ns.get_addr(index=index)}
+        for address in addresses:
+            if str(address.ip) not in have:
+                family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+                ns.addr(
+                    "add",
+                    index=index,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                    family=family,
+                    flags=IFA_F_NODAD,
+                )
+    try:
+        with inside(ns_name):
+            for address in addresses:
+                family = socket.AF_INET if address.version == 4 else socket.AF_INET6
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((str(address.ip), port))
+                sock.listen(64)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
+
+
+#: Interface address flag: skip duplicate address detection (IPv6).
+IFA_F_NODAD = 0x02

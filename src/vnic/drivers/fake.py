@@ -40,9 +40,16 @@ class FakeDriver:
             self.vms[key] = request
             self.launches += 1
 
-    def reconfigure(self, request: LaunchRequest) -> None:
+    def reconfigure(self, previous: LaunchRequest, request: LaunchRequest) -> list[str]:
+        """Take ``request`` in place of ``previous``; return the field paths that changed."""
+        check_supported(self.capabilities(), request.values)
+        if request.vm in self.fail_on:
+            raise DataplaneError(f"fake driver: change of {request.vm!r} fails on purpose")
         with self._lock:
             self.vms[(request.session, request.vm)] = request
+        changed = set(previous.values) ^ set(request.values)
+        changed |= {p for p in previous.values if request.values.get(p, p) != previous.values[p]}
+        return [f"{p} changed" for p in FIELDS if p in changed]
 
     def destroy(self, session: str, vm: str) -> None:
         with self._lock:

@@ -12,22 +12,23 @@ process (``vnic serve``) or over HTTP (``vnic serve --agent URL``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Annotated, Any, cast
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vnic
 from vnic.errors import FieldError, InvalidInput, VnicError, show_value
 from vnic.manager import schemas as sc
 from vnic.manager import views
+from vnic.manager.api_live import add_live_routes
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
+from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
-from vnic.manager.service import VmRequest
+from vnic.manager.service import VmChange, VmRequest
 from vnic.model.profile import document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
 
@@ -61,23 +62,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "The host agent did not answer"),
     )
 }
-
-
-# ----------------------------------------------------------------------------- auth
-
-_bearer = HTTPBearer(auto_error=False, description="An API token: vnic token create")
-
-
-async def _caller(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    # async: a sync dependency costs a trip through the thread pool on every call;
-    # authentication is a cache hit but every few seconds (one short query then).
-    manager: Manager = request.app.state.manager
-    return manager.tokens.authenticate(creds.credentials if creds else None)
-
-
-Caller = Annotated[Principal, Depends(_caller)]
 
 
 # ----------------------------------------------------------------------------- app
@@ -145,8 +129,12 @@ def create_app(manager: Manager) -> FastAPI:
         """Merge ``patch`` into the current document (omitted = unchanged, null = remove);
         a change makes a new revision."""
         require_admin(who, "changing a profile")
-        svc.update_profile(name, patch)
-        return views.profile_json(svc.get_profile(name))
+        with manager.gate.shared():
+            result = svc.update_profile(name, patch, manager.agent)
+            changes = svc.reapply(
+                manager.agent, source="user", reason=f"profile {name} r{result.revision}"
+            )
+        return {**views.profile_json(svc.get_profile(name)), "changes": _json(changes)}
 
     @app.delete("/v1/profiles/{name}", status_code=204, tags=["profiles"])
     def delete_profile(who: Caller, name: str) -> Response:
@@ -174,7 +162,12 @@ def create_app(manager: Manager) -> FastAPI:
                 errors += [e.under(f"[{i}]") for e in exc.errors]
         if errors:
             raise InvalidInput(errors)
-        return [views.apply_json(r) for r in svc.apply_profiles(specs)]
+        with manager.gate.shared():
+            results, changes = svc.apply_profiles_live(specs, manager.agent)
+        return [
+            {**views.apply_json(r), "changes": _json(c for c in changes if r.name in c.revisions)}
+            for r in results
+        ]
 
     @app.get("/v1/export/profiles", response_model=list[sc.Document], tags=["profiles"])
     def export_profiles(
@@ -215,7 +208,12 @@ def create_app(manager: Manager) -> FastAPI:
             changes["rules"] = _rules(changes["rules"] or [])
         if changes.get("overrides_allowed", True) is None:
             raise InvalidInput.one("overrides_allowed", None, "true or false")
-        return views.session_json(svc.update_session(name, changes))
+        with manager.gate.shared():
+            info = svc.update_session(name, changes, manager.agent)
+            applied = svc.reapply(
+                manager.agent, session=name, source="user", reason="session policy"
+            )
+        return {**views.session_json(info), "changes": _json(applied)}
 
     @app.delete("/v1/sessions/{name}", status_code=204, tags=["sessions"])
     def delete_session(who: Caller, name: str, force: Annotated[bool, Query()] = False) -> Response:
@@ -280,9 +278,9 @@ def create_app(manager: Manager) -> FastAPI:
         a running VM is reconfigured on its host."""
         vm_writer(who, session, "overriding a VM")
         changes: dict[str, Any] = {k: getattr(body, k) for k in body.model_fields_set}
-        svc.update_vm(session, vm, changes)
         with manager.gate.shared():
-            return views.explain_json(svc.reconfigure_vm(session, vm, manager.agent))
+            result, applied = svc.update_vm_live(session, vm, changes, manager.agent)
+        return {**views.explain_json(result), "changes": _json(applied)}
 
     @app.delete("/v1/sessions/{session}/vms/{vm}", status_code=204, tags=["vms"])
     def delete_vm(who: Caller, session: str, vm: str) -> Response:
@@ -362,6 +360,8 @@ def create_app(manager: Manager) -> FastAPI:
         manager.tokens.revoke(name)
         return Response(status_code=204)
 
+    add_live_routes(app, manager, vm_writer)
+
     # ------------------------------------------------------------------ metrics
 
     @app.get(
@@ -377,6 +377,10 @@ def create_app(manager: Manager) -> FastAPI:
         )
 
     return app
+
+
+def _json(changes: Iterable[VmChange]) -> list[dict[str, Any]]:
+    return [views.change_json(c) for c in changes]
 
 
 def _rules(docs: Sequence[Any]) -> list[AssignmentRule]:

@@ -19,6 +19,7 @@ import httpx
 
 from vnic.agent.client import call
 from vnic.errors import FieldError, InvalidInput, VnicError
+from vnic.manager import views
 from vnic.manager.auth import TokenInfo
 from vnic.manager.service import (
     ApplyResult,
@@ -27,6 +28,7 @@ from vnic.manager.service import (
     ProfileInfo,
     RevisionInfo,
     SessionInfo,
+    VmChange,
     VmInfo,
     VmRequest,
 )
@@ -97,8 +99,26 @@ class ManagerClient:
     # profiles
 
     def apply_profiles(self, specs: Sequence[ProfileSpec]) -> list[ApplyResult]:
+        return self.apply_profiles_live(specs)[0]
+
+    def apply_profiles_live(
+        self, specs: Sequence[ProfileSpec], driver: object = None
+    ) -> tuple[list[ApplyResult], list[VmChange]]:
+        """Import; the manager applies new revisions live (``driver``: unused, it has agents)."""
         docs = [s.to_document() for s in specs]
-        return [ApplyResult(**r) for r in self._call("POST", "/v1/import/profiles", json=docs)]
+        answer = self._call("POST", "/v1/import/profiles", json=docs)
+        results = [ApplyResult(r["name"], r["action"], r["revision"]) for r in answer]
+        seen: dict[tuple[str, str], VmChange] = {}
+        for r in answer:
+            for c in r.get("changes", []):
+                seen[(c["session"], c["vm"])] = views.change_from_json(c)
+        return results, list(seen.values())
+
+    def update_vm_live(
+        self, session: str, name: str, changes: Mapping[str, Any], driver: object = None
+    ) -> tuple[Explanation, list[VmChange]]:
+        answer = self._call("PATCH", f"/v1/sessions/{session}/vms/{name}", json=changes)
+        return explanation(answer), [views.change_from_json(c) for c in answer.get("changes", [])]
 
     def list_profiles(self) -> list[ProfileInfo]:
         return [profile_info(p) for p in self._call("GET", "/v1/profiles")]
@@ -232,3 +252,50 @@ class ManagerClient:
 
     def revoke_token(self, name: str) -> None:
         self._call("DELETE", f"/v1/tokens/{name}")
+
+
+class RemoteLive:
+    """:class:`vnic.manager.api_live.LiveOps` over HTTP: the same methods, the same JSON."""
+
+    def __init__(self, client: ManagerClient) -> None:
+        self._call = client._call
+
+    def adjust(self, session: str, vm: str, source: str, body: Any) -> dict[str, Any]:
+        doc = body.model_dump(by_alias=True, exclude_none=True)
+        path = f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"
+        return dict(self._call("PUT", path, json=doc))
+
+    def clear(self, session: str, vm: str, source: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"))
+
+    def adjustments(self, session: str, vm: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/sessions/{session}/vms/{vm}/adjustments"))
+
+    def audit(
+        self, session: str | None = None, vm: str | None = None, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        params.update({k: v for k, v in (("session", session), ("vm", vm)) if v is not None})
+        return list(self._call("GET", "/v1/audit", params=params))
+
+    def controller(self, session: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/sessions/{session}/controller"))
+
+    def set_controller(self, session: str, doc: Any) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/v1/sessions/{session}/controller", json=doc))
+
+    def controller_state(self, session: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/sessions/{session}/controller/state"))
+
+    def start_scenario(self, session: str, doc: Any) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sessions/{session}/scenarios", json=doc))
+
+    def scenarios(self, session: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/sessions/{session}/scenarios"))
+
+    def scenario(self, session: str, name: str, action: str) -> dict[str, Any]:
+        if action == "show":
+            found = [s for s in self.scenarios(session) if s["name"] == name]
+            if found:
+                return dict(found[0])
+        return dict(self._call("POST", f"/v1/sessions/{session}/scenarios/{name}/{action}"))

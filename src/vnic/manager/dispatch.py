@@ -4,22 +4,29 @@ reconcile from racing launches."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vnic.agent.core import DesiredVm, ReconcileReport
 from vnic.drivers.base import Driver
 from vnic.manager.auth import Tokens
-from vnic.manager.service import Service
+from vnic.manager.runtime import Runtime
+from vnic.manager.service import Service, VmChange
+
+if TYPE_CHECKING:
+    from vnic.controller.runner import LiveControl
 
 
 class AgentLike(Driver, Protocol):
     """What the manager needs of an agent (in-process :class:`~vnic.agent.core.Agent`
     or :class:`~vnic.agent.client.AgentClient`): the driver interface plus these."""
 
-    def reconfigure(self, request: Any) -> None: ...
+    def reconfigure(self, request: Any) -> list[str]: ...
+
+    def reconfigure_many(self, requests: Sequence[Any]) -> dict[tuple[str, str], Any]: ...
 
     def all_capabilities(self) -> Sequence[Any]: ...
 
@@ -75,6 +82,23 @@ class Manager:
     agent: AgentLike
     agent_name: str = "local"
     gate: Gate = field(default_factory=Gate)
+
+    @functools.cached_property
+    def runtime(self) -> Runtime:
+        """Runtime adjustments, the audit log and controller settings."""
+        return Runtime(self.service)
+
+    @functools.cached_property
+    def live(self) -> LiveControl:
+        """The controller: rules, feedback and scenarios (started by ``vnic serve``)."""
+        from vnic.controller.runner import LiveControl
+
+        return LiveControl(self)
+
+    def reapply(self, **scope: Any) -> list[VmChange]:
+        """:meth:`Service.reapply` through this manager's agent (``scope``: its keywords)."""
+        with self.gate.shared():
+            return self.service.reapply(self.agent, **scope)
 
     def reconcile(self) -> ReconcileReport:
         """Send the agent the VMs the database says run; it rebuilds, reaps and reports."""

@@ -44,6 +44,26 @@ class ErrorBody(BaseModel):
 # ----------------------------------------------------------------------------- profiles
 
 
+class FieldChangePublic(BaseModel):
+    old: Any = None
+    new: Any = None
+    source: str = Field(default="", description="The layer the new value came from")
+
+
+class VmChangePublic(BaseModel):
+    session: str
+    vm: str
+    fields: dict[str, FieldChangePublic] = Field(description="Changed fields, old and new")
+    kernel: list[str] = Field(description="One line per kernel object changed in place")
+    error: str | None = Field(default=None, description="Why the change did not reach the VM")
+
+
+def _changes() -> Any:
+    return Field(
+        default_factory=list, description="Running VMs this request changed, live (write requests)"
+    )
+
+
 class ProfilePublic(BaseModel):
     name: str
     revision: int
@@ -53,6 +73,7 @@ class ProfilePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     used_by: list[str]
+    changes: list[VmChangePublic] = _changes()
 
 
 class RevisionPublic(BaseModel):
@@ -65,6 +86,7 @@ class ApplyResultPublic(BaseModel):
     name: str
     action: Literal["created", "updated", "unchanged"]
     revision: int
+    changes: list[VmChangePublic] = _changes()
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -98,6 +120,7 @@ class SessionPublic(BaseModel):
     owner: str | None
     vms: list[str]
     created_at: datetime
+    changes: list[VmChangePublic] = _changes()
 
 
 # ----------------------------------------------------------------------------- VMs
@@ -155,6 +178,7 @@ class EffectivePublic(BaseModel):
 class ExplanationPublic(BaseModel):
     vm: VmPublic
     effective: EffectivePublic
+    changes: list[VmChangePublic] = _changes()
 
 
 # ----------------------------------------------------------------------------- other

@@ -21,9 +21,10 @@ from sqlalchemy.orm import Session
 
 from vnic.dataplane.names import vm_addresses
 from vnic.documents import merge_patch
-from vnic.drivers.base import Driver, LaunchRequest
+from vnic.drivers.base import Capabilities, Driver, LaunchRequest, check_supported
 from vnic.errors import (
     Conflict,
+    DataplaneError,
     Exhausted,
     FieldError,
     InUse,
@@ -34,6 +35,7 @@ from vnic.errors import (
 )
 from vnic.model.profile import (
     DEFAULT_MAC_RANGE,
+    FIELDS,
     OFF,
     ProfileSpec,
     document_to_values,
@@ -59,7 +61,9 @@ from vnic.model.session import (
 from vnic.model.units import MacAddress, MacRange
 from vnic.store.db import Database
 from vnic.store.models import (
+    AdjustmentRow,
     AssignmentRuleRow,
+    AuditRow,
     MacAllocationRow,
     ProfileRevisionRow,
     ProfileRow,
@@ -130,6 +134,25 @@ class Explanation:
 
 
 @dataclass(frozen=True)
+class VmChange:
+    """What a live change did to one running VM.
+
+    ``fields`` maps each changed field path to ``(old, new)`` in document form
+    (None = unset); ``sources`` names the layer each new value came from;
+    ``kernel`` has one line per kernel object the driver changed; ``error`` is
+    set when the driver refused or failed (the VM then runs what it ran before).
+    """
+
+    session: str
+    vm: str
+    fields: Mapping[str, tuple[Any, Any]]
+    sources: Mapping[str, str] = field(default_factory=dict)
+    kernel: Sequence[str] = ()
+    error: str | None = None
+    revisions: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class VmRequest:
     """A request to add a VM: facts for the rules plus an optional override."""
 
@@ -159,7 +182,11 @@ class Service:
     # ------------------------------------------------------------------ profiles
 
     def apply_profiles(
-        self, specs: Sequence[ProfileSpec], *, create_only: bool = False
+        self,
+        specs: Sequence[ProfileSpec],
+        *,
+        create_only: bool = False,
+        driver: Driver | None = None,
     ) -> list[ApplyResult]:
         """Create or update profiles; a profile whose document is unchanged keeps its revision.
         With ``create_only``, a name that exists already is a conflict.
@@ -199,7 +226,7 @@ class Service:
             errors = self._check_mac_ranges(s, specs, where)
             if errors:
                 raise InvalidInput(errors)
-            self._recheck_vms(s, changed)
+            self._recheck_vms(s, changed, driver)
         return results
 
     def _write_profile(self, s: Session, spec: ProfileSpec, create_only: bool) -> ApplyResult:
@@ -275,13 +302,15 @@ class Service:
                 )
         return errors
 
-    def _recheck_vms(self, s: Session, changed: Iterable[str]) -> None:
+    def _recheck_vms(self, s: Session, changed: Iterable[str], driver: Driver | None) -> None:
         """Re-resolve every VM that uses a changed profile; refuse if one breaks."""
-        self._recheck(s, [vm for name in changed for vm in self._vms_using(s, name)])
+        self._recheck(s, [vm for name in changed for vm in self._vms_using(s, name)], driver)
 
-    def _recheck(self, s: Session, vms: Iterable[VmRow]) -> None:
-        """Re-resolve ``vms``; refuse if one gets an invalid profile or loses its MAC's range."""
+    def _recheck(self, s: Session, vms: Iterable[VmRow], driver: Driver | None = None) -> None:
+        """Re-resolve ``vms``; refuse if one gets an invalid profile or loses its MAC's range,
+        or (with ``driver``) if one runs on a driver that cannot honour its new profile."""
         errors: list[FieldError] = []
+        caps = _capabilities(driver) if driver is not None else {}
         for vm in vms:
             label = f"{vm.session.name}/{vm.name}"
             try:
@@ -291,6 +320,12 @@ class Service:
                     FieldError(e.path, f"{e.value} for VM {label}", e.expected) for e in exc.errors
                 )
                 continue
+            kind = (vm.applied or {}).get("driver")
+            if vm.state == "running" and kind in caps:
+                try:
+                    check_supported(caps[kind], eff.values)
+                except Unsupported as exc:
+                    errors.append(FieldError("profile", f"VM {label}", str(exc)))
             if vm.mac is not None and MacAddress(vm.mac.mac) not in eff.profile.mac_range:
                 errors.append(
                     FieldError(
@@ -324,7 +359,9 @@ class Service:
         ]
         return vms
 
-    def update_profile(self, name: str, patch: Mapping[str, Any]) -> ApplyResult:
+    def update_profile(
+        self, name: str, patch: Mapping[str, Any], driver: Driver | None = None
+    ) -> ApplyResult:
         """Merge ``patch`` into the profile's current document (RFC 7386: omitted keys stay,
         ``null`` removes) and store the result as a new revision, with the same checks
         as :meth:`apply_profiles`."""
@@ -334,7 +371,7 @@ class Service:
             current = dict(self._current_document(s, self._profile_row(s, name)))
         merged = merge_patch(current, dict(patch))
         merged["name"] = name
-        return self.apply_profiles([parse_profile_document(merged)])[0]
+        return self.apply_profiles([parse_profile_document(merged)], driver=driver)[0]
 
     def list_profiles(self) -> list[ProfileInfo]:
         """Every profile with its current document and users, in five queries (not 4 per profile)."""
@@ -550,7 +587,9 @@ class Service:
             rows.append(AssignmentRuleRow(position=i, profile_id=profile_row.id, match=match))
         return rows
 
-    def update_session(self, name: str, changes: Mapping[str, Any]) -> SessionInfo:
+    def update_session(
+        self, name: str, changes: Mapping[str, Any], driver: Driver | None = None
+    ) -> SessionInfo:
         """Change a session's policy or owner; keys absent from ``changes`` stay as they are.
 
         ``changes`` may hold ``default_profile`` (a name, or None for none),
@@ -575,7 +614,7 @@ class Service:
                 row.owner = parse_name(owner, "owner") if owner is not None else None
             s.flush()
             s.expire(row, ["rules", "default_profile"])
-            self._recheck(s, row.vms)
+            self._recheck(s, row.vms, driver)
             return self._session_info(row)
 
     def _free_network_id(self, s: Session) -> int:
@@ -693,7 +732,13 @@ class Service:
                 ) from None
             return Explanation(self._vm_info(vm), eff)
 
-    def update_vm(self, session: str, name: str, changes: Mapping[str, Any]) -> Explanation:
+    def update_vm(
+        self,
+        session: str,
+        name: str,
+        changes: Mapping[str, Any],
+        driver: Driver | None = None,
+    ) -> Explanation:
         """Change a VM's facts or override; keys absent from ``changes`` stay as they are.
 
         Keys: ``role``, ``labels``, ``needs`` (replaced), ``profile`` (override
@@ -726,7 +771,7 @@ class Service:
             if "patch" in changes:
                 vm.override_patch = self._merged_override(vm.override_patch, changes["patch"])
             s.flush()
-            self._recheck(s, [vm])
+            self._recheck(s, [vm], driver)
             return Explanation(self._vm_info(vm), self._resolve(s, vm))
 
     @staticmethod
@@ -810,26 +855,111 @@ class Service:
             revisions=dict(eff.revisions),
         )
 
+    def reapply(
+        self,
+        driver: Driver,
+        *,
+        session: str | None = None,
+        vm: str | None = None,
+        source: str | None = None,
+        reason: str = "",
+        strict: bool = False,
+    ) -> list[VmChange]:
+        """Re-resolve running VMs and send each one whose effective profile changed to
+        ``driver`` as a live change; record what now runs and audit every change.
+
+        The scope is every running VM, or those of ``session`` (and ``vm``).
+        Only VMs whose effective values or profile revisions differ from what
+        they run are touched, and the driver changes only what differs (see
+        :meth:`vnic.drivers.netns.NetnsDriver.reconfigure`). A VM whose change
+        fails keeps what it ran and carries the error in its :class:`VmChange`
+        (or, with ``strict``, the error is raised after the others are done).
+        With ``source``, each change is written to the audit log under it and
+        ``reason`` (runtime adjustments audit themselves, so they pass none).
+        """
+        with self.db.reading() as s:
+            query = select(VmRow).where(VmRow.state == "running")
+            if session is not None:
+                query = query.where(VmRow.session_id == self._session_row(s, session).id)
+            if vm is not None:
+                query = query.where(VmRow.name == vm)
+            pending: list[tuple[Effective, LaunchRequest, dict[str, tuple[Any, Any]]]] = []
+            for row in s.scalars(query):
+                eff = self._resolve(s, row)
+                applied = row.applied or {}
+                fields = field_changes(applied.get("values") or {}, values_to_document(eff.values))
+                if not fields and dict(applied.get("revisions") or {}) == dict(eff.revisions):
+                    continue
+                pending.append((eff, self._launch_request(row, eff), fields))
+        if not pending:
+            return []
+        requests = [request for _, request, _ in pending]
+        many = getattr(driver, "reconfigure_many", None)
+        if many is not None:
+            outcomes = many(requests)
+        else:
+            outcomes = {}
+            for request in requests:
+                key = (request.session, request.vm)
+                try:
+                    outcomes[key] = _lines(driver.reconfigure(request))  # type: ignore[attr-defined]
+                except VnicError as exc:
+                    outcomes[key] = exc
+        changes: list[VmChange] = []
+        now = self.clock()
+        with self.db.transaction() as s:
+            for eff, request, fields in pending:
+                outcome = outcomes.get((request.session, request.vm))
+                error = str(outcome) if isinstance(outcome, BaseException) else None
+                kernel = [] if error or outcome is None else list(outcome)
+                sources = {path: str(eff.sources.get(path, "")) for path in fields}
+                change = VmChange(
+                    request.session, request.vm, fields, sources, kernel, error, eff.revisions
+                )
+                changes.append(change)
+                if error:
+                    continue
+                current = self._vm_row(s, request.session, request.vm)
+                current.applied = {
+                    "driver": (current.applied or {}).get("driver", driver.kind),
+                    "revisions": dict(eff.revisions),
+                    "values": values_to_document(eff.values),
+                }
+                if fields and source is not None:
+                    s.add(audit_row(now, request.session, request.vm, source, reason, fields))
+        failed = [c for c in changes if c.error]
+        if strict and failed:
+            raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
+        return changes
+
+    def apply_profiles_live(
+        self, specs: Sequence[ProfileSpec], driver: Driver
+    ) -> tuple[list[ApplyResult], list[VmChange]]:
+        """:meth:`apply_profiles`, then the new revisions live on every running VM they reach."""
+        results = self.apply_profiles(specs, driver=driver)
+        updated = [f"{r.name} r{r.revision}" for r in results if r.action == "updated"]
+        if not updated:
+            return results, []
+        reason = "profile " + ", ".join(updated)
+        return results, self.reapply(driver, source="user", reason=reason)
+
+    def update_vm_live(
+        self, session: str, name: str, changes: Mapping[str, Any], driver: Driver
+    ) -> tuple[Explanation, list[VmChange]]:
+        """:meth:`update_vm`, then the change live on the VM if it runs (errors raised)."""
+        self.update_vm(session, name, changes, driver)
+        applied = self.reapply(
+            driver, session=session, vm=name, source="user", reason="VM override", strict=True
+        )
+        return self.explain(session, name), applied
+
     def reconfigure_vm(self, session: str, name: str, driver: Driver) -> Explanation:
-        """Send a running VM its current effective profile; a defined VM only re-resolves."""
-        with self.db.transaction() as s:
-            vm = self._vm_row(s, session, name)
-            eff = self._resolve(s, vm)
-            if vm.state != "running":
-                return Explanation(self._vm_info(vm), eff)
-            request = self._launch_request(vm, eff)
-        reconfigure = getattr(driver, "reconfigure", None)
-        if reconfigure is None:
-            raise Unsupported(f"the {driver.kind} driver cannot reconfigure a running VM")
-        reconfigure(request)
-        with self.db.transaction() as s:
-            vm = self._vm_row(s, session, name)
-            vm.applied = {
-                "driver": driver.kind,
-                "revisions": dict(eff.revisions),
-                "values": values_to_document(eff.values),
-            }
-            return Explanation(self._vm_info(vm), eff)
+        """Send a running VM its current effective profile (a live change of what differs);
+        a defined VM only re-resolves."""
+        self.reapply(
+            driver, session=session, vm=name, source="user", reason="VM override", strict=True
+        )
+        return self.explain(session, name)
 
     def desired(self) -> list[tuple[str, LaunchRequest]]:
         """``(driver kind, launch request)`` of every VM the database says is running:
@@ -927,17 +1057,28 @@ class Service:
             raise NotFound(f"VM in session {session!r}", name, [v.name for v in srow.vms])
         return vm
 
-    def _resolve(self, s: Session, vm: VmRow) -> Effective:
+    def _resolve(self, s: Session, vm: VmRow, at: datetime | None = None) -> Effective:
+        """The VM's effective profile now (or ``at``: which adjustments count)."""
         session = vm.session
         policy = self._policy(session)
+        now = at or self.clock()
+        active = [a for a in vm.adjustments if _unexpired(a, now)]
         wanted = {
             *policy.profile_names(),
             *([vm.override_profile.name] if vm.override_profile else []),
+            *(a.profile for a in active if a.profile),
         }
         refs = self._refs(s, wanted)
         patch = parse_patch(vm.override_patch) if vm.override_patch else None
         adjustments = [
-            Adjustment(parse_patch(a.patch), a.reason, _aware(a.expires_at)) for a in vm.adjustments
+            Adjustment(
+                parse_patch(a.patch),
+                a.reason,
+                _aware(a.expires_at),
+                refs.get(a.profile) if a.profile else None,  # a deleted profile: values only
+                a.source,
+            )
+            for a in active
         ]
         return resolve(
             vm=VmFacts(vm.name, vm.role, dict(vm.labels), tuple(vm.needs)),
@@ -946,7 +1087,7 @@ class Service:
             vm_profile=vm.override_profile.name if vm.override_profile else None,
             vm_patch=patch,
             adjustments=adjustments,
-            now=self.clock(),
+            now=now,
         )
 
     @staticmethod
@@ -1000,6 +1141,62 @@ def _timed_launch(service: Service, driver: Driver, session: str, name: str) -> 
     return LaunchOutcome(name, time.perf_counter() - start)
 
 
+def _capabilities(driver: Driver) -> dict[str, Capabilities]:
+    """What each driver kind behind ``driver`` (an agent has several) honours."""
+    every = getattr(driver, "all_capabilities", None)
+    found = every() if every is not None else [driver.capabilities()]
+    return {c.kind: c for c in found}
+
+
+def flat_document(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """A canonical profile document's fields by path (``egress.rate`` -> ``"10Mbit"``)."""
+    out: dict[str, Any] = {}
+    for path in FIELDS:
+        head, _, tail = path.partition(".")
+        section = doc.get(head)
+        if tail:
+            if isinstance(section, Mapping) and tail in section:
+                out[path] = section[tail]
+        elif section is not None:
+            out[path] = section
+    return out
+
+
+def field_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``path -> (old, new)`` for every field whose document value differs (None = unset)."""
+    a, b = flat_document(old), flat_document(new)
+    return {p: (a.get(p), b.get(p)) for p in FIELDS if a.get(p) != b.get(p)}
+
+
+def audit_row(
+    at: datetime,
+    session: str,
+    vm: str | None,
+    source: str,
+    reason: str,
+    fields: Mapping[str, tuple[Any, Any]],
+) -> AuditRow:
+    return AuditRow(
+        at=at,
+        session=session,
+        vm=vm,
+        source=source,
+        reason=reason,
+        old={p: old for p, (old, _) in fields.items()},
+        new={p: new for p, (_, new) in fields.items()},
+    )
+
+
+def _lines(result: Any) -> list[str]:
+    """A driver's description of what it changed (older drivers return None)."""
+    return [str(line) for line in result] if result else []
+
+
+def _unexpired(row: AdjustmentRow, now: datetime) -> bool:
+    until = _aware(row.expires_at)
+    return until is None or now < until
+
+
 def _aware(moment: datetime | None) -> datetime | None:
     """SQLite hands back naive datetimes; every stored time is UTC."""
     if moment is not None and moment.tzinfo is None:
@@ -1015,6 +1212,7 @@ __all__ = [
     "RevisionInfo",
     "Service",
     "SessionInfo",
+    "VmChange",
     "VmInfo",
     "VmRequest",
 ]

@@ -16,6 +16,7 @@ from vnic.manager.service import (
     ProfileInfo,
     RevisionInfo,
     SessionInfo,
+    VmChange,
     VmInfo,
 )
 
@@ -77,6 +78,32 @@ def vm_json(v: VmInfo) -> dict[str, Any]:
 
 def explain_json(e: Explanation) -> dict[str, Any]:
     return {"vm": vm_json(e.vm), "effective": e.effective.to_dict()}
+
+
+def change_json(c: VmChange) -> dict[str, Any]:
+    return {
+        "session": c.session,
+        "vm": c.vm,
+        "fields": {
+            path: {"old": old, "new": new, "source": c.sources.get(path, "")}
+            for path, (old, new) in c.fields.items()
+        },
+        "kernel": list(c.kernel),
+        "error": c.error,
+    }
+
+
+def change_from_json(d: dict[str, Any]) -> VmChange:
+    """The inverse of :func:`change_json` (the remote client reads changes back)."""
+    fields = d.get("fields") or {}
+    return VmChange(
+        session=d["session"],
+        vm=d["vm"],
+        fields={p: (f.get("old"), f.get("new")) for p, f in fields.items()},
+        sources={p: str(f.get("source", "")) for p, f in fields.items()},
+        kernel=list(d.get("kernel") or []),
+        error=d.get("error"),
+    )
 
 
 def token_json(t: TokenInfo) -> dict[str, Any]:

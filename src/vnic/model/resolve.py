@@ -73,11 +73,18 @@ class ProfileRef:
 
 @dataclass(frozen=True)
 class Adjustment:
-    """A runtime change of some fields, until ``expires_at`` (None = until removed)."""
+    """A runtime change of some fields, until ``expires_at`` (None = until removed).
+
+    ``profile``: a profile whose values the layer takes first (a switch of
+    profile), with ``values`` on top. ``source`` says who made it ("user",
+    "rule:NAME", "feedback", "scenario:NAME").
+    """
 
     values: Mapping[str, Any]
     reason: str
     expires_at: datetime | None = None
+    profile: ProfileRef | None = None
+    source: str = "user"
 
     def active(self, now: datetime | None) -> bool:
         return self.expires_at is None or now is None or now < self.expires_at
@@ -224,5 +231,11 @@ def resolve(
     for adj in adjustments:
         if adj.active(now):
             until = f", until {adj.expires_at.isoformat()}" if adj.expires_at else ""
-            layers.append(Layer(RUNTIME, f"{adj.reason}{until}", adj.values))
+            values = dict(adj.values)
+            switch = ""
+            if adj.profile is not None:
+                values = {**adj.profile.values, **values}
+                revisions[adj.profile.name] = adj.profile.revision
+                switch = f" -> {adj.profile}"
+            layers.append(Layer(RUNTIME, f"{adj.source}: {adj.reason}{switch}{until}", values))
     return complete(layers, revisions)

@@ -91,6 +91,9 @@ class SessionRow(Base):
     overrides_allowed: Mapped[bool] = mapped_column(Boolean, default=True)
     # Name of the API token (role "owner") that may run this session's VMs.
     owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The dynamic-adjustment part of the policy: {"rules": [...], "feedback": {...}}
+    # as canonical documents (see vnic.controller).
+    controller: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     default_profile: Mapped[ProfileRow | None] = relationship()
@@ -174,12 +177,22 @@ class MacAllocationRow(Base):
 
 
 class AdjustmentRow(Base):
-    """A runtime adjustment of a VM's profile (a resolution layer with an expiry)."""
+    """A runtime adjustment of a VM's profile (a resolution layer with an expiry).
+
+    One per VM and ``source`` ("user", "rule:NAME", "feedback", "scenario:NAME"):
+    a source's newer decision replaces its older one instead of piling up.
+    ``profile`` names a profile whose values the layer holds under ``patch``.
+    """
 
     __tablename__ = "runtime_adjustments"
+    __table_args__ = (
+        UniqueConstraint("vm_id", "source", name="uq_runtime_adjustments_vm_id_source"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    source: Mapped[str] = mapped_column(String(96), default="user", server_default="user")
+    profile: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patch: Mapped[dict[str, Any]] = mapped_column(JSON)
     reason: Mapped[str] = mapped_column(Text)
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -198,3 +211,22 @@ class TokenRow(Base):
     role: Mapped[str] = mapped_column(String(16))
     secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditRow(Base):
+    """One runtime change of a VM's effective profile: when, who or what, why, old and new.
+
+    Not tied to the VM's row by a foreign key: the log outlives the VMs it names.
+    ``old``/``new`` map each changed field path to its value as text (None = unset).
+    """
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    session: Mapped[str] = mapped_column(String(32), index=True)
+    vm: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    source: Mapped[str] = mapped_column(String(96))
+    reason: Mapped[str] = mapped_column(Text)
+    old: Mapped[dict[str, Any]] = mapped_column(JSON)
+    new: Mapped[dict[str, Any]] = mapped_column(JSON)

@@ -1,0 +1,213 @@
+"""Small readers shared by the controller's documents (rules, scenarios, feedback limits).
+
+Every reader raises :class:`~vnic.errors.InvalidInput` naming the field path it
+was given, the value and what was expected. Time spans here are not
+:class:`~vnic.model.units.Duration` (a kernel quantity capped at about 71
+minutes): a rule's cooldown or a scenario's timeline may run for hours, and
+``10m`` reads as ten minutes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final, ParamSpec, TypeVar
+
+from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.profile import parse_field, parse_patch, values_to_document
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+SPAN_EXPECTED: Final = "a time span such as 500ms, 30s, 10m or 2h"
+#: Longest span a controller document takes: one year.
+SPAN_MAX_NS: Final = 366 * 24 * 3600 * 10**9
+_SPAN_UNITS: Final = {
+    "ns": 1,
+    "us": 10**3,
+    "µs": 10**3,
+    "ms": 10**6,
+    "s": 10**9,
+    "m": 60 * 10**9,
+    "min": 60 * 10**9,
+    "h": 3600 * 10**9,
+}
+_SPAN_PRINT: Final = (("h", 3600 * 10**9), ("m", 60 * 10**9), ("s", 10**9), ("ms", 10**6))
+_SPAN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zµ]*)\s*$", re.IGNORECASE)
+
+
+def span_ns(raw: Any, path: str, *, positive: bool = False) -> int:
+    """Read a time span into integer nanoseconds. A bare number is allowed only for 0."""
+    expected = SPAN_EXPECTED + (", above 0" if positive else "")
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise InvalidInput.one(path, raw, expected)
+    m = _SPAN.match(str(raw))
+    if not m:
+        raise InvalidInput.one(path, raw, expected)
+    try:
+        amount = Decimal(m.group(1))
+    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
+        raise InvalidInput.one(path, raw, expected) from None
+    unit = m.group(2).lower()
+    if not unit:
+        if amount != 0:
+            raise InvalidInput.one(path, raw, f"{expected} (a unit is required)")
+        unit = "s"
+    if unit not in _SPAN_UNITS:
+        raise InvalidInput.one(path, raw, f"{expected} (unknown unit {unit!r})")
+    ns = int((amount * _SPAN_UNITS[unit]).to_integral_value())
+    if ns > SPAN_MAX_NS:
+        raise InvalidInput.one(path, raw, f"{expected}, at most 366 days")
+    if positive and ns == 0:
+        raise InvalidInput.one(path, raw, expected)
+    return ns
+
+
+def span(raw: Any, path: str, *, positive: bool = False) -> float:
+    """A time span in seconds (see :func:`span_ns`)."""
+    return span_ns(raw, path, positive=positive) / 1e9
+
+
+def dump_span(seconds: float) -> str:
+    """Canonical text of a span in seconds: the largest unit that is exact (``90s``, ``10m``)."""
+    ns = round(seconds * 1e9)
+    for name, factor in _SPAN_PRINT:
+        if ns % factor == 0:
+            return f"{ns // factor}{name}"
+    if ns % 1000 == 0:
+        return f"{ns // 1000}us"
+    return f"{ns}ns"
+
+
+def show_seconds(seconds: float) -> str:
+    """A span for a message: ``5.0 s``, ``0.25 s``."""
+    return f"{seconds:.1f} s" if seconds >= 1 else f"{seconds:.3g} s"
+
+
+def mapping(raw: Any, path: str, what: str) -> Mapping[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise InvalidInput.one(path, raw, what)
+    return raw
+
+
+def known_keys(doc: Mapping[str, Any], path: str, allowed: Sequence[str]) -> list[FieldError]:
+    """An error for every key of ``doc`` not in ``allowed``."""
+    return [
+        FieldError(join(path, str(k)), "unknown key", "one of " + ", ".join(allowed))
+        for k in doc
+        if k not in allowed
+    ]
+
+
+def join(path: str, key: str) -> str:
+    if not path:
+        return key
+    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
+
+
+def boolean(raw: Any, path: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    raise InvalidInput.one(path, raw, "true or false")
+
+
+def number(raw: Any, path: str, expected: str) -> float:
+    """A finite number (int, float, or decimal text)."""
+    if isinstance(raw, bool):
+        raise InvalidInput.one(path, raw, expected)
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str):
+        try:
+            value = float(Decimal(raw.strip()))
+        except InvalidOperation:
+            raise InvalidInput.one(path, raw, expected) from None
+    else:
+        raise InvalidInput.one(path, raw, expected)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InvalidInput.one(path, raw, expected)
+    return value
+
+
+def patch(raw: Any, path: str) -> dict[str, Any]:
+    """A profile patch given nested (``{egress: {rate: 5Mbit}}``) or with dotted paths
+    (``{egress.rate: 5Mbit}``), as typed values (``OFF`` for ``off``)."""
+    doc = mapping(raw, path, "a mapping of profile fields, e.g. {egress.rate: 50Mbit}")
+    if not doc:
+        raise InvalidInput.one(path, raw, "at least one profile field")
+    nested: dict[str, Any] = {}
+    errors: list[FieldError] = []
+    for key, value in doc.items():
+        head, dot, tail = str(key).partition(".")
+        if dot:
+            section = nested.setdefault(head, {})
+            if not isinstance(section, dict):
+                errors.append(FieldError(join(path, head), show_value(section), "a mapping"))
+                continue
+            if tail in section:
+                errors.append(FieldError(join(path, str(key)), "given twice", "each field once"))
+                continue
+            section[tail] = value
+        elif isinstance(value, Mapping) and isinstance(nested.get(key), dict):
+            for sub, sub_value in value.items():
+                if sub in nested[key]:
+                    errors.append(
+                        FieldError(join(path, f"{key}.{sub}"), "given twice", "each field once")
+                    )
+                nested[key][sub] = sub_value
+        else:
+            nested[str(key)] = dict(value) if isinstance(value, Mapping) else value
+    if errors:
+        raise InvalidInput(errors)
+    try:
+        return dict(parse_patch(nested))
+    except InvalidInput as exc:
+        raise exc.under(path) from None
+
+
+def dump_patch(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Canonical document of a patch: dotted paths, canonical values, in FIELDS order."""
+    out: dict[str, Any] = {}
+    for head, value in values_to_document(values).items():
+        if isinstance(value, dict):
+            for tail, sub in value.items():
+                out[f"{head}.{tail}"] = sub
+        else:
+            out[head] = value
+    return out
+
+
+def collect(errors: list[FieldError], read: Callable[[], T], default: T) -> T:
+    """Run ``read``; on :class:`InvalidInput` keep its errors and return ``default``."""
+    try:
+        return read()
+    except InvalidInput as exc:
+        errors.extend(exc.errors)
+        return default
+
+
+def attempt(
+    errors: list[FieldError], read: Callable[P, T], *args: P.args, **kwargs: P.kwargs
+) -> T | None:
+    """``read(*args)``; on :class:`InvalidInput` keep its errors and return None."""
+    try:
+        return read(*args, **kwargs)
+    except InvalidInput as exc:
+        errors.extend(exc.errors)
+        return None
+
+
+def field_value(field_path: str, raw: Any, path: str) -> Any:
+    """``raw`` read with the parser of profile field ``field_path``; errors name ``path``."""
+    try:
+        return parse_field(field_path, raw)
+    except InvalidInput as exc:
+        raise InvalidInput(
+            [
+                FieldError(path + e.path[len(field_path) :], e.value, e.expected)
+                if e.path.startswith(field_path)
+                else e.under(path)
+                for e in exc.errors
+            ]
+        ) from None

@@ -1,0 +1,593 @@
+"""Scenarios: a timeline of changes to a session's VMs, or a Mahimahi trace replayed as rates.
+
+A timeline::
+
+    name: degrade
+    vms: [a, b]          # default: every VM of the session (the caller's choice)
+    loop: false
+    duration: 120s       # optional: length of one run (the period when looping);
+                         # default: the time of the last step
+    steps:
+      - at: 0s
+        profile: lan     # switch the scenario's layer to this profile (resolved by the caller)
+      - at: 30s
+        set: {egress.loss: 5%}
+      - at: 60s
+        set: {egress.delay: 300ms, ingress.delay: 300ms}
+      - at: 90s
+        clear: true      # empty the scenario's layer
+
+A trace replay::
+
+    name: lte
+    trace: [1, 1, 2, 5, ...]   # or the trace text; or a file name, read by the caller's reader
+    field: egress.rate         # or fields: [egress.rate, ingress.rate]
+    window: 100ms              # rate resolution (default 100ms)
+    loop: true
+
+Steps accumulate into one *layer* (the scenario's runtime adjustment): ``set``
+adds fields, ``profile`` starts the layer afresh from that profile (the caller
+resolves the name), ``clear`` empties it. Each loop cycle starts afresh too,
+with its first step. A trace becomes one step per window whose rate differs
+from the previous one; a window without delivery opportunities gets the
+smallest rate, 1 bit/s.
+
+:class:`ScenarioRun` plays a scenario against an injected monotonic clock; it
+does nothing by itself: a scheduler asks :meth:`~ScenarioRun.due` for the
+steps whose time has come and sleeps :meth:`~ScenarioRun.next_due_in`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from vnic.controller._parse import (
+    attempt,
+    boolean,
+    collect,
+    dump_patch,
+    dump_span,
+    join,
+    known_keys,
+    mapping,
+    patch,
+    span,
+    span_ns,
+)
+from vnic.controller.trace import Trace, parse_trace, window_ms
+from vnic.errors import Conflict, FieldError, InvalidInput, show_value
+from vnic.model.profile import parse_name
+from vnic.model.units import Rate
+
+SCENARIO_KEYS: Final = (
+    "name",
+    "description",
+    "vms",
+    "loop",
+    "duration",
+    "steps",
+    "trace",
+    "field",
+    "fields",
+    "window",
+)
+STEP_KEYS: Final = ("at", "profile", "set", "clear")
+TRACE_FIELDS: Final = ("egress.rate", "ingress.rate")
+DEFAULT_WINDOW: Final = 0.1
+#: Most steps a scenario may have (a trace gives one per window that changes).
+MAX_STEPS: Final = 100_000
+
+IDLE: Final = "idle"
+RUNNING: Final = "running"
+PAUSED: Final = "paused"
+STOPPED: Final = "stopped"
+FINISHED: Final = "finished"
+STATES: Final = (IDLE, RUNNING, PAUSED, STOPPED, FINISHED)
+#: Slack when comparing the timeline position with a step's time (float clocks).
+EPSILON: Final = 1e-9
+
+
+@dataclass(frozen=True)
+class Step:
+    """One point of the timeline: at ``at`` seconds, ``clear`` the layer, or switch it
+    to ``profile`` and/or set ``values`` (typed, ``OFF`` removes) on it."""
+
+    at: float
+    profile: str | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+    clear: bool = False
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"at": dump_span(self.at)}
+        if self.clear:
+            doc["clear"] = True
+        if self.profile is not None:
+            doc["profile"] = self.profile
+        if self.values:
+            doc["set"] = dump_patch(self.values)
+        return doc
+
+
+@dataclass(frozen=True)
+class ScenarioLayer:
+    """What the scenario's adjustment should hold: a profile (name, or None) with
+    ``values`` on top. Empty = the scenario's adjustment removed."""
+
+    profile: str | None = None
+    values: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return self.profile is None and not self.values
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "set": dump_patch(self.values)}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A validated scenario. ``duration`` is the length of one run in seconds (the
+    period when ``loop``); ``trace``/``fields``/``window`` are set for a trace replay,
+    whose ``steps`` are computed from it."""
+
+    name: str
+    steps: tuple[Step, ...]
+    duration: float
+    vms: tuple[str, ...] = ()
+    loop: bool = False
+    description: str = ""
+    trace: Trace | None = None
+    fields: tuple[str, ...] = ()
+    window: float = DEFAULT_WINDOW
+
+    def to_document(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name}
+        if self.description:
+            doc["description"] = self.description
+        if self.vms:
+            doc["vms"] = list(self.vms)
+        doc["loop"] = self.loop
+        if self.trace is not None:
+            doc["trace"] = list(self.trace.timestamps_ms)
+            doc["fields"] = list(self.fields)
+            doc["window"] = dump_span(self.window)
+        else:
+            doc["duration"] = dump_span(self.duration)
+            doc["steps"] = [s.to_document() for s in self.steps]
+        return doc
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_scenario(
+    doc: Any, path: str = "", read_file: Callable[[str], str] | None = None
+) -> Scenario:
+    """Read a scenario document; every problem is collected and raised together.
+
+    A ``trace`` given as a file name is read with ``read_file`` (the caller
+    decides which files a request may name); without one, only inline traces
+    (a list, or text with one timestamp per line) are taken.
+    """
+    doc = mapping(doc, path, "a scenario: a mapping with name and steps (or trace)")
+    errors = known_keys(doc, path, SCENARIO_KEYS)
+
+    def at(key: str) -> str:
+        return join(path, key)
+
+    name = collect(errors, lambda: parse_name(doc.get("name"), at("name")), "")
+    description = doc.get("description") or ""
+    if not isinstance(description, str) or len(description) > 1000:
+        errors.append(
+            FieldError(at("description"), show_value(description), "text of 1000 characters")
+        )
+        description = ""
+    vms: list[str] = []
+    raw_vms = doc.get("vms")
+    if raw_vms is not None:
+        if not isinstance(raw_vms, list):
+            errors.append(FieldError(at("vms"), show_value(raw_vms), "a list of VM names"))
+        else:
+            for i, vm in enumerate(raw_vms):
+                got = attempt(errors, parse_name, vm, at(f"vms[{i}]"))
+                if got is not None and got in vms:
+                    errors.append(FieldError(at(f"vms[{i}]"), show_value(vm), "each VM once"))
+                elif got is not None:
+                    vms.append(got)
+    loop = collect(errors, lambda: boolean(doc.get("loop", False), at("loop")), False)
+    has_steps, has_trace = "steps" in doc, "trace" in doc
+    steps: tuple[Step, ...] = ()
+    trace: Trace | None = None
+    fields: tuple[str, ...] = ()
+    window = DEFAULT_WINDOW
+    duration = 0.0
+    explicit = doc.get("duration") is not None
+    if has_steps == has_trace:
+        errors.append(
+            FieldError(
+                path,
+                "both steps and trace" if has_steps else "neither steps nor trace",
+                "exactly one of steps (a timeline) or trace (a Mahimahi trace)",
+            )
+        )
+    elif has_steps:
+        steps = collect(errors, lambda: _parse_steps(doc["steps"], at("steps")), ())
+        if steps:
+            duration = steps[-1].at
+        if explicit:
+            given = collect(errors, lambda: span(doc["duration"], at("duration")), duration)
+            if steps and given < steps[-1].at:
+                errors.append(
+                    FieldError(
+                        at("duration"),
+                        show_value(doc["duration"]),
+                        f"at least the time of the last step ({dump_span(steps[-1].at)})",
+                    )
+                )
+            duration = given
+        if loop and duration <= 0 and steps:
+            errors.append(
+                FieldError(
+                    at("duration"),
+                    show_value(doc.get("duration", "none")),
+                    "a duration above 0 for a loop (the period it repeats with)",
+                )
+            )
+        for key in ("field", "fields", "window"):
+            if key in doc:
+                errors.append(FieldError(at(key), "given", f"{key} only with a trace"))
+    else:
+        if explicit:
+            errors.append(
+                FieldError(at("duration"), "given", "no duration with a trace (its period)")
+            )
+        fields = collect(errors, lambda: _parse_trace_fields(doc, path), ())
+        window = collect(errors, lambda: _parse_window(doc.get("window"), at("window")), window)
+        trace = collect(errors, lambda: _read_trace(doc["trace"], at("trace"), read_file), None)
+        if trace is not None and fields:
+            steps = _trace_steps(trace, fields, window)
+            duration = trace.period
+            if len(steps) > MAX_STEPS:
+                errors.append(
+                    FieldError(
+                        at("window"),
+                        show_value(doc.get("window", "100ms")),
+                        f"a window giving at most {MAX_STEPS} steps ({len(steps)} now)",
+                    )
+                )
+    if errors:
+        raise InvalidInput(errors)
+    return Scenario(
+        name=name,
+        steps=steps,
+        duration=duration,
+        vms=tuple(vms),
+        loop=loop,
+        description=description,
+        trace=trace,
+        fields=fields,
+        window=window,
+    )
+
+
+def _parse_steps(raw: Any, path: str) -> tuple[Step, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise InvalidInput.one(path, raw, "a non-empty list of steps {at, profile|set|clear}")
+    if len(raw) > MAX_STEPS:
+        raise InvalidInput.one(path, f"{len(raw)} steps", f"at most {MAX_STEPS} steps")
+    errors: list[FieldError] = []
+    steps: list[Step] = []
+    previous: tuple[int, float] | None = None
+    for i, doc in enumerate(raw):
+        here = f"{path}[{i}]"
+        step = attempt(errors, _parse_step, doc, here)
+        if step is None:
+            continue
+        if previous is not None and step.at <= previous[1]:
+            errors.append(
+                FieldError(
+                    f"{here}.at",
+                    show_value(doc.get("at")),
+                    f"a time after step {previous[0]}'s {dump_span(previous[1])} "
+                    "(times strictly increase)",
+                )
+            )
+        previous = (i, step.at)
+        steps.append(step)
+    if errors:
+        raise InvalidInput(errors)
+    return tuple(steps)
+
+
+def _parse_step(raw: Any, path: str) -> Step:
+    doc = mapping(raw, path, "a step: a mapping with at and one of profile, set, clear")
+    errors = known_keys(doc, path, STEP_KEYS)
+    when = 0.0
+    if "at" not in doc:
+        errors.append(FieldError(join(path, "at"), "nothing", "a time such as 30s"))
+    else:
+        when = collect(errors, lambda: span_ns(doc["at"], join(path, "at")) / 1e9, 0.0)
+    profile = None
+    if doc.get("profile") is not None:
+        profile = collect(errors, lambda: parse_name(doc["profile"], join(path, "profile")), None)
+    values: dict[str, Any] = {}
+    if doc.get("set") is not None:
+        values = collect(errors, lambda: patch(doc["set"], join(path, "set")), {})
+    clear = False
+    if "clear" in doc:
+        if doc["clear"] is not True:
+            errors.append(
+                FieldError(join(path, "clear"), show_value(doc["clear"]), "true (or leave it out)")
+            )
+        elif "profile" in doc or "set" in doc:
+            errors.append(
+                FieldError(join(path, "clear"), "with profile or set", "clear alone in its step")
+            )
+        else:
+            clear = True
+    if not errors and not clear and profile is None and not values:
+        errors.append(FieldError(path, "no change", "one of profile, set, clear"))
+    if errors:
+        raise InvalidInput(errors)
+    return Step(at=when, profile=profile, values=values, clear=clear)
+
+
+def _parse_trace_fields(doc: Mapping[str, Any], path: str) -> tuple[str, ...]:
+    expected = "one of " + ", ".join(TRACE_FIELDS)
+    if ("field" in doc) == ("fields" in doc):
+        raise InvalidInput.one(
+            path, "both field and fields" if "field" in doc else "no field", "field or fields"
+        )
+    if "field" in doc:
+        if doc["field"] not in TRACE_FIELDS:
+            raise InvalidInput.one(join(path, "field"), doc["field"], expected)
+        return (doc["field"],)
+    raw = doc["fields"]
+    if not isinstance(raw, list) or not raw:
+        raise InvalidInput.one(join(path, "fields"), raw, "a list of " + expected)
+    errors = [
+        FieldError(join(path, f"fields[{i}]"), show_value(f), expected + ", each once")
+        for i, f in enumerate(raw)
+        if f not in TRACE_FIELDS or raw.index(f) != i
+    ]
+    if errors:
+        raise InvalidInput(errors)
+    return tuple(raw)
+
+
+def _parse_window(raw: Any, path: str) -> float:
+    if raw is None:
+        return DEFAULT_WINDOW
+    ns = span_ns(raw, path, positive=True)
+    if ns % 10**6:
+        raise InvalidInput.one(path, raw, "a whole number of milliseconds such as 100ms")
+    return ns / 1e9
+
+
+def _read_trace(raw: Any, path: str, read_file: Callable[[str], str] | None) -> Trace:
+    if isinstance(raw, list):
+        return parse_trace(raw, path)
+    if not isinstance(raw, str) or not raw.strip():
+        raise InvalidInput.one(path, raw, "a trace: a list of timestamps, trace text or a file")
+    text = raw.strip()
+    if "\n" in text or is_digit_line(text):
+        return parse_trace(raw, path)
+    if read_file is None:
+        raise InvalidInput.one(
+            path,
+            raw,
+            "the trace itself (a list of millisecond timestamps, or its text): "
+            "this caller reads no files",
+        )
+    try:
+        content = read_file(text)
+    except (OSError, ValueError, LookupError) as exc:
+        raise InvalidInput.one(path, raw, f"a readable trace file ({exc})") from None
+    return parse_trace(content, f"{path} {text}")
+
+
+def is_digit_line(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _trace_steps(trace: Trace, fields: tuple[str, ...], window: float) -> tuple[Step, ...]:
+    steps: list[Step] = []
+    previous: int | None = None
+    step_ms = window_ms(window)
+    for i, rate in enumerate(trace.rates(window)):
+        rate = max(Rate.MIN, rate)
+        if rate == previous:
+            continue
+        previous = rate
+        steps.append(Step(at=i * step_ms / 1000, values={f: Rate(rate) for f in fields}))
+    return tuple(steps)
+
+
+# --------------------------------------------------------------------------- playing
+
+
+@dataclass(frozen=True)
+class DueStep:
+    """A step whose time has come: ``index`` in the timeline, loop ``cycle`` (0 first),
+    ``due_at`` seconds into the run, and how ``late`` it is handed out (seconds)."""
+
+    index: int
+    cycle: int
+    step: Step
+    due_at: float
+    late: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "cycle": self.cycle,
+            "due_at": self.due_at,
+            "late": self.late,
+            **self.step.to_document(),
+        }
+
+
+class ScenarioRun:
+    """One run of a scenario against ``clock`` (monotonic seconds).
+
+    ``state``: idle → running ⇄ paused → stopped, or finished once a run
+    without loop has handed out its last step and reached its duration.
+    :meth:`position` is seconds into the timeline (frozen while paused, and
+    after stop or finish); across loop cycles it keeps counting.
+    """
+
+    def __init__(self, scenario: Scenario, clock: Callable[[], float]) -> None:
+        self.scenario = scenario
+        self.clock = clock
+        self._state = IDLE
+        self._started: float | None = None
+        self._paused_total = 0.0
+        self._frozen: float | None = None  # position while not running
+        self._next = 0  # index of the next step to hand out, counted across cycles
+        self._layer = ScenarioLayer()
+        self._cycle = -1  # cycle of the last handed-out step
+
+    # ------------------------------------------------------------------ control
+
+    @property
+    def state(self) -> str:
+        self._check_finished()
+        return self._state
+
+    def start(self) -> None:
+        if self._state != IDLE:
+            raise Conflict(f"scenario {self.scenario.name!r} is {self._state}; it starts once")
+        self._started = self.clock()
+        self._state = RUNNING
+
+    def pause(self) -> None:
+        state = self.state
+        if state == PAUSED:
+            return
+        if state != RUNNING:
+            raise Conflict(f"scenario {self.scenario.name!r} is {state}; only a running one pauses")
+        self._frozen = self._raw_position()
+        self._state = PAUSED
+
+    def resume(self) -> None:
+        state = self.state
+        if state == RUNNING:
+            return
+        if state != PAUSED:
+            raise Conflict(f"scenario {self.scenario.name!r} is {state}; only a paused one resumes")
+        assert self._frozen is not None and self._started is not None
+        self._paused_total = self.clock() - self._started - self._frozen
+        self._frozen = None
+        self._state = RUNNING
+
+    def stop(self) -> None:
+        """Stop for good (no-op when already stopped or finished)."""
+        state = self.state
+        if state in (STOPPED, FINISHED):
+            return
+        self._frozen = self.position()
+        self._state = STOPPED
+
+    # ------------------------------------------------------------------ time
+
+    def position(self) -> float:
+        """Seconds into the timeline (counting across loop cycles)."""
+        self._check_finished()
+        return self._raw_position()
+
+    def _raw_position(self) -> float:
+        if self._frozen is not None:
+            return self._frozen
+        if self._started is None:
+            return 0.0
+        return self.clock() - self._started - self._paused_total
+
+    def _due_at(self, n: int) -> float | None:
+        """Seconds into the run at which the ``n``-th hand-out (across cycles) is due."""
+        steps = self.scenario.steps
+        if not steps:
+            return None
+        cycle, index = divmod(n, len(steps))
+        if cycle and not self.scenario.loop:
+            return None
+        return cycle * self.scenario.duration + steps[index].at
+
+    def _check_finished(self) -> None:
+        if self._state != RUNNING or self.scenario.loop:
+            return
+        if self._next < len(self.scenario.steps):
+            return
+        if self._raw_position() + EPSILON >= self.scenario.duration:
+            self._frozen = self.scenario.duration
+            self._state = FINISHED
+
+    def due(self) -> list[DueStep]:
+        """The steps whose time has come since the last call, in order, each exactly once.
+
+        Nothing is skipped: after a stall every step passed is handed out, each
+        with its lateness. Empty unless running.
+        """
+        if self._state != RUNNING:
+            return []
+        now = self._raw_position()
+        out: list[DueStep] = []
+        steps = self.scenario.steps
+        while True:
+            when = self._due_at(self._next)
+            if when is None or when > now + EPSILON:
+                break
+            cycle, index = divmod(self._next, len(steps))
+            step = steps[index]
+            self._fold(cycle, step)
+            out.append(DueStep(index, cycle, step, when, max(0.0, now - when)))
+            self._next += 1
+        self._check_finished()
+        return out
+
+    def next_due_in(self) -> float | None:
+        """Seconds (of timeline time) until the next step, or until the end of a run
+        without loop whose steps are all handed out; 0 when one is due now; None once
+        stopped or finished (and before start). While paused the clock does not bring
+        it closer: the value is what it will be right after resume."""
+        state = self.state
+        if state in (IDLE, STOPPED, FINISHED):
+            return None
+        now = self._raw_position()
+        when = self._due_at(self._next)
+        if when is None:
+            when = self.scenario.duration
+        return max(0.0, when - now)
+
+    # ------------------------------------------------------------------ the layer
+
+    def _fold(self, cycle: int, step: Step) -> None:
+        if cycle != self._cycle:
+            self._layer = ScenarioLayer()  # each cycle starts afresh
+            self._cycle = cycle
+        if step.clear:
+            self._layer = ScenarioLayer()
+        elif step.profile is not None:
+            self._layer = ScenarioLayer(step.profile, dict(step.values))
+        else:
+            self._layer = ScenarioLayer(self._layer.profile, {**self._layer.values, **step.values})
+
+    def layer(self) -> ScenarioLayer:
+        """What the scenario's adjustment should hold after the steps handed out so far."""
+        return self._layer
+
+    @property
+    def handed_out(self) -> int:
+        """Steps handed out by :meth:`due` so far, across cycles."""
+        return self._next
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.scenario.name,
+            "state": self.state,
+            "position_s": round(self.position(), 6),
+            "next_due_in_s": self.next_due_in(),
+            "steps_handed_out": self._next,
+            "layer": self._layer.to_dict(),
+        }

@@ -1,0 +1,290 @@
+"""Runtime adjustments and their audit log: the top layer of resolution, with an expiry.
+
+An adjustment belongs to one VM and one *source* (``user``, ``rule:NAME``,
+``feedback``, ``scenario:NAME``); a source's newer adjustment replaces its
+older one. Every change of a VM's effective profile made here is written to
+the audit log with the fields' old and new values, in the same transaction.
+Applying the change to a running VM is the caller's next step
+(:meth:`vnic.manager.service.Service.reapply`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select
+
+from vnic.drivers.base import Driver
+from vnic.errors import InvalidInput
+from vnic.model.profile import parse_name, parse_patch, values_to_document
+from vnic.store.models import AdjustmentRow, AuditRow, SessionRow, VmRow
+
+from .service import Service, _aware, audit_row, field_changes
+
+#: Resolution just before a moment.
+_TICK = timedelta(microseconds=1)
+#: Longest text kept as an adjustment's or audit entry's reason.
+REASON_MAX = 500
+
+
+@dataclass(frozen=True)
+class AdjustmentInfo:
+    session: str
+    vm: str
+    source: str
+    reason: str
+    profile: str | None
+    values: Mapping[str, Any]
+    expires_at: datetime | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    id: int
+    at: datetime
+    session: str
+    vm: str | None
+    source: str
+    reason: str
+    old: Mapping[str, Any]
+    new: Mapping[str, Any]
+
+
+class Runtime:
+    """Adjustments and audit over a :class:`Service`'s database and clock."""
+
+    def __init__(self, service: Service) -> None:
+        self.service = service
+
+    def adjust(
+        self,
+        session: str,
+        vm: str,
+        *,
+        source: str,
+        reason: str,
+        values: Mapping[str, Any] | None = None,
+        profile: str | None = None,
+        expires_at: datetime | None = None,
+        audit: bool = True,
+        driver: Driver | None = None,
+    ) -> dict[str, tuple[Any, Any]]:
+        """Set ``source``'s adjustment of the VM (typed ``values`` on top of ``profile``'s);
+        return the fields whose effective value changed, ``path -> (old, new)``.
+
+        Refused, with nothing changed, when the VM would get an invalid effective
+        profile, the profile does not exist, or (with ``driver``) the VM runs on a
+        driver that cannot honour the result. ``audit=False`` is for a trace
+        replay's many small steps (its start and end are audited).
+        """
+        if not values and not profile:
+            raise InvalidInput.one("set", values, "at least one field, or a profile")
+        svc = self.service
+        with svc.db.transaction() as s:
+            row = svc._vm_row(s, session, vm)
+            before = values_to_document(svc._resolve(s, row).values)
+            if profile is not None:
+                svc._existing_profile(s, profile, "profile")
+            current = s.scalar(
+                select(AdjustmentRow).where(
+                    AdjustmentRow.vm_id == row.id, AdjustmentRow.source == source
+                )
+            )
+            if current is None:
+                current = AdjustmentRow(vm_id=row.id, source=source, created_at=svc.clock())
+                row.adjustments.append(current)
+            current.patch = values_to_document(dict(values or {}))
+            current.profile = profile
+            current.reason = reason[:REASON_MAX]
+            current.expires_at = expires_at
+            s.flush()
+            s.expire(row, ["adjustments"])
+            svc._recheck(s, [row], driver)
+            after = values_to_document(svc._resolve(s, row).values)
+            changed = field_changes(before, after)
+            if changed and audit:
+                s.add(audit_row(svc.clock(), session, vm, source, reason[:REASON_MAX], changed))
+            return changed
+
+    def clear(self, session: str, vm: str, source: str, reason: str = "") -> dict[str, Any]:
+        """Remove ``source``'s adjustment of the VM (nothing when it has none); return the
+        fields whose effective value changed."""
+        svc = self.service
+        with svc.db.transaction() as s:
+            row = svc._vm_row(s, session, vm)
+            current = [a for a in row.adjustments if a.source == source]
+            if not current:
+                return {}
+            before = values_to_document(svc._resolve(s, row).values)
+            for a in current:
+                s.delete(a)
+            s.flush()
+            s.expire(row, ["adjustments"])
+            after = values_to_document(svc._resolve(s, row).values)
+            changed = field_changes(before, after)
+            if changed:
+                why = reason or f"{source}'s adjustment removed"
+                s.add(audit_row(svc.clock(), session, vm, source, why, changed))
+            return changed
+
+    def expire(self) -> list[tuple[str, str]]:
+        """Delete adjustments whose time is up, auditing what that changed; return the
+        VMs affected (their running vNICs need :meth:`Service.reapply`)."""
+        svc = self.service
+        now = svc.clock()
+        affected: list[tuple[str, str]] = []
+        with svc.db.transaction() as s:
+            due = s.scalars(
+                select(AdjustmentRow).where(
+                    AdjustmentRow.expires_at.is_not(None), AdjustmentRow.expires_at <= now
+                )
+            ).all()
+            for vm_id in sorted({a.vm_id for a in due}):
+                row = s.get(VmRow, vm_id)
+                assert row is not None
+                mine = [a for a in due if a.vm_id == vm_id]
+                # What the VM had with them (resolution ignores expired layers by time,
+                # so resolve as of just before the earliest expiry).
+                earliest = min(_aware(a.expires_at) or now for a in mine)
+                before = values_to_document(svc._resolve(s, row, at=earliest - _TICK).values)
+                for a in mine:
+                    s.delete(a)
+                s.flush()
+                s.expire(row, ["adjustments"])
+                after = values_to_document(svc._resolve(s, row).values)
+                changed = field_changes(before, after)
+                session = row.session.name
+                if changed:
+                    sources = ", ".join(sorted(a.source for a in mine))
+                    s.add(audit_row(now, session, row.name, sources, "expired", changed))
+                affected.append((session, row.name))
+        return affected
+
+    def adjustments(self, session: str, vm: str | None = None) -> list[AdjustmentInfo]:
+        svc = self.service
+        with svc.db.reading() as s:
+            srow = svc._session_row(s, session)
+            rows = [svc._vm_row(s, session, vm)] if vm else list(srow.vms)
+            return [
+                AdjustmentInfo(
+                    session=session,
+                    vm=row.name,
+                    source=a.source,
+                    reason=a.reason,
+                    profile=a.profile,
+                    values=dict(a.patch),
+                    expires_at=_aware(a.expires_at),
+                    created_at=_aware(a.created_at) or a.created_at,
+                )
+                for row in rows
+                for a in row.adjustments
+            ]
+
+    def audit(
+        self, session: str | None = None, vm: str | None = None, limit: int = 200
+    ) -> list[AuditEntry]:
+        """The newest ``limit`` audit entries (of ``session``, and ``vm``), newest first."""
+        if not 1 <= limit <= 10000:
+            raise InvalidInput.one("limit", limit, "a number of entries from 1 to 10000")
+        with self.service.db.reading() as s:
+            query = select(AuditRow).order_by(AuditRow.id.desc()).limit(limit)
+            if session is not None:
+                query = query.where(AuditRow.session == session)
+            if vm is not None:
+                query = query.where(AuditRow.vm == vm)
+            return [
+                AuditEntry(
+                    r.id,
+                    _aware(r.at) or r.at,
+                    r.session,
+                    r.vm,
+                    r.source,
+                    r.reason,
+                    dict(r.old),
+                    dict(r.new),
+                )
+                for r in s.scalars(query)
+            ]
+
+    # ------------------------------------------------------------------ controller settings
+
+    def controller(self, session: str) -> dict[str, Any]:
+        """The session's controller document: ``{"rules": [...], "feedback": {...}}``."""
+        with self.service.db.reading() as s:
+            return dict(self.service._session_row(s, session).controller or {})
+
+    def controllers(self) -> dict[str, dict[str, Any]]:
+        """Every session's controller document, for sessions that have one."""
+        with self.service.db.reading() as s:
+            rows = s.scalars(select(SessionRow).where(SessionRow.controller.is_not(None)))
+            return {r.name: dict(r.controller or {}) for r in rows}
+
+    def set_controller(self, session: str, doc: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace the session's rules and feedback limits (validated; canonical form stored)."""
+        canonical = canonical_controller(doc)
+        with self.service.db.transaction() as s:
+            row = self.service._session_row(s, session)
+            row.controller = canonical or None
+        return canonical
+
+    def forget(self, session: str) -> None:
+        """Drop the audit log of a session (``session delete`` keeps it unless asked)."""
+        with self.service.db.transaction() as s:
+            s.execute(delete(AuditRow).where(AuditRow.session == session))
+
+
+def canonical_controller(doc: Any) -> dict[str, Any]:
+    """Validate a controller document and return its canonical form."""
+    from vnic.controller.feedback import parse_feedback_policy
+    from vnic.controller.rules import parse_rules
+
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise InvalidInput.one("controller", doc, "a mapping with rules and/or feedback")
+    unknown = sorted(set(doc) - {"rules", "feedback"})
+    if unknown:
+        raise InvalidInput.one(f"controller.{unknown[0]}", doc[unknown[0]], "rules or feedback")
+    out: dict[str, Any] = {}
+    if doc.get("rules"):
+        out["rules"] = [r.to_document() for r in parse_rules(doc["rules"], "rules")]
+    if doc.get("feedback") is not None:
+        out["feedback"] = parse_feedback_policy(doc["feedback"], "feedback").to_document()
+    return out
+
+
+def parse_source(value: Any, path: str = "source") -> str:
+    """A source name: ``user``, or a kind and a name (``rule:boost``)."""
+    text = str(value)
+    kind, _, name = text.partition(":")
+    if kind not in ("user", "rule", "feedback", "scenario") or (
+        name and not parse_name(name, path)
+    ):
+        raise InvalidInput.one(path, value, "user, feedback, rule:NAME or scenario:NAME")
+    return text
+
+
+def typed_patch(doc: Mapping[str, Any] | None, path: str = "set") -> dict[str, Any]:
+    """A patch given as a nested document or with dotted paths (``{"egress.rate": "5Mbit"}``),
+    as typed values; errors name ``path`` and the field."""
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise InvalidInput.one(path, doc, "a mapping of profile fields")
+    nested: dict[str, Any] = {}
+    for key, value in doc.items():
+        head, dot, tail = str(key).partition(".")
+        if dot:
+            section = nested.setdefault(head, {})
+            if isinstance(section, dict):
+                section[tail] = value
+        else:
+            nested[key] = value
+    try:
+        return dict(parse_patch(nested))
+    except InvalidInput as exc:
+        raise exc.under(path) from None
