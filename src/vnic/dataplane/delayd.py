@@ -8,8 +8,13 @@ when the VM is destroyed (by its pid file, after checking the process is
 ours), when its session namespace is removed (every process in it is
 stopped), or by itself when one of its interfaces disappears.
 
-Pid, counters and log live in ``<run dir>/<session>/<vm>.{pid,stats,log}``
-(run dir ``/run/vnic/delayd`` unless ``VNIC_RUN_DIR`` is set).
+Pid, counters, log, arguments and control file live in
+``<run dir>/<session>/<vm>.{pid,stats,log,argv,ctl}`` (run dir
+``/run/vnic/delayd`` unless ``VNIC_RUN_DIR`` is set).
+
+:func:`update` changes a running engine's parameters in place: it writes the
+control file, sends SIGHUP, and waits until the engine acknowledges the new
+generation in its stats file; held packets, counters and random state stay.
 """
 
 from __future__ import annotations
@@ -53,7 +58,13 @@ COUNTERS = (
 )
 _MAGIC = 0x766E696364656C31
 _HEADER = struct.Struct("=4Q")
+_COUNTERS = struct.Struct(f"={len(COUNTERS)}Q")
+#: Where the control generations (applied, rejected) sit in the stats file: after
+#: the counters of both directions (engine version 2 and later).
+_GENERATIONS = struct.Struct("=2Q")
+_GENERATIONS_AT = _HEADER.size + 2 * _COUNTERS.size
 _READY_TIMEOUT = 10.0
+_UPDATE_TIMEOUT = 2.0
 
 
 def binary() -> Path:
@@ -66,12 +77,13 @@ def run_dir(session: str) -> Path:
 
 
 #: The files an engine has in its session's run dir, ``<vm>.<kind>``.
-RUN_FILE_KINDS = ("pid", "stats", "log", "argv")
+RUN_FILE_KINDS = ("pid", "stats", "log", "argv", "ctl")
 #: What the engine's executable is called (``vnic-delayd-<build hash>``, see :mod:`vnic.engine`).
 ENGINE_NAME = "vnic-delayd"
 
 
-def _paths(session: str, vm: str) -> tuple[Path, Path, Path, Path]:
+def _paths(session: str, vm: str) -> tuple[Path, Path, Path, Path, Path]:
+    """The VM's pid, stats, log, argv and control files."""
     base = run_dir(session)
     return tuple(base / f"{vm}.{kind}" for kind in RUN_FILE_KINDS)  # type: ignore[return-value]
 
@@ -102,21 +114,25 @@ def passthrough(direction: str) -> Impairment:
     return Impairment(direction=direction, limit=64 << 20)
 
 
-def argv(engine: DelayEngine, tag: str, stats: Path, exe: Path) -> list[str]:
-    return [str(exe), *_arguments(engine, tag, stats)]
+def argv(
+    engine: DelayEngine, tag: str, stats: Path, exe: Path, control: Path | None = None
+) -> list[str]:
+    return [str(exe), *_arguments(engine, tag, stats, control)]
 
 
-def _arguments(engine: DelayEngine, tag: str, stats: Path) -> list[str]:
+def direction_specs(engine: DelayEngine) -> tuple[str, str]:
+    """The engine's egress and ingress arguments (a direction without impairment is relayed)."""
     egress = engine.egress or passthrough("egress")
     ingress = engine.ingress or passthrough("ingress")
-    return [
-        "--tag",
-        tag,
-        "--stats",
-        str(stats),
+    return (
         direction_spec(egress, engine.port, engine.relay),
         direction_spec(ingress, engine.relay, engine.port),
-    ]
+    )
+
+
+def _arguments(engine: DelayEngine, tag: str, stats: Path, control: Path | None) -> list[str]:
+    out = ["--tag", tag, "--stats", str(stats), *direction_specs(engine)]
+    return [*out, "--control", str(control)] if control is not None else out
 
 
 def expected_arguments(session: str, vm: str, engine: DelayEngine) -> list[str]:
@@ -125,7 +141,8 @@ def expected_arguments(session: str, vm: str, engine: DelayEngine) -> list[str]:
     Without the executable: its path names the build, which is not part of what
     the plan asks for (and finding it could mean compiling it).
     """
-    return _arguments(engine, names.owner_tag(session, vm), _paths(session, vm)[1])
+    paths = _paths(session, vm)
+    return _arguments(engine, names.owner_tag(session, vm), paths[1], paths[4])
 
 
 def running_arguments(session: str, vm: str) -> list[str] | None:
@@ -147,15 +164,14 @@ def running_arguments(session: str, vm: str) -> list[str] | None:
 
 def start(session_ns: str, session: str, vm: str, engine: DelayEngine) -> int:
     """Start the engine for ``vm`` in ``session_ns``; return its pid once it is relaying."""
-    stats = _paths(session, vm)[1]
-    return _spawn(
-        session_ns, session, vm, argv(engine, names.owner_tag(session, vm), stats, binary())
-    )
+    paths = _paths(session, vm)
+    tag = names.owner_tag(session, vm)
+    return _spawn(session_ns, session, vm, argv(engine, tag, paths[1], binary(), paths[4]))
 
 
 def restart(session_ns: str, session: str, vm: str) -> int:
     """Stop the VM's engine and start a fresh one with the same arguments (same seed)."""
-    _, _, _, argv_file = _paths(session, vm)
+    argv_file = _paths(session, vm)[3]
     try:
         args = json.loads(argv_file.read_text())
     except FileNotFoundError:
@@ -164,8 +180,93 @@ def restart(session_ns: str, session: str, vm: str) -> int:
     return _spawn(session_ns, session, vm, args)
 
 
+def update(session: str, vm: str, engine: DelayEngine, timeout: float = _UPDATE_TIMEOUT) -> int:
+    """Give the VM's running engine ``engine``'s parameters in place; return its pid.
+
+    Writes the control file (whole, by rename), sends SIGHUP to the engine
+    (after checking the pid is this VM's engine, as :func:`stop` does, and that
+    it was started with a control file: SIGHUP would end one that was not), and
+    waits up to ``timeout`` s for it to acknowledge. Then records the new
+    arguments, so :func:`running_arguments` (and drift) see them. Raises
+    :class:`DataplaneError` when no engine of the VM runs, it has no control
+    file, it rejects the parameters, or it does not answer in time.
+    """
+    pid = _owned_pid(session, vm)
+    who = f"{session}/{vm}"
+    if pid is None:
+        raise DataplaneError(f"no delay engine runs for {who}")
+    _, stats, log, argv_file, control = _paths(session, vm)
+    cmdline = _cmdline(pid)
+    if b"--control" not in cmdline:
+        raise DataplaneError(f"the delay engine of {who} (pid {pid}) has no control file")
+    try:
+        recorded_args = [str(a) for a in json.loads(argv_file.read_text())]
+    except (FileNotFoundError, ValueError):
+        recorded_args = [os.fsdecode(cmdline[0])]
+    generation = (_generations(stats) or (0, 0))[0] + 1
+    egress, ingress = direction_specs(engine)
+    tmp = control.with_name(f"{control.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"generation={generation}\n{egress}\n{ingress}\n")
+    os.replace(tmp, control)
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + timeout
+    while True:
+        applied, rejected = _generations(stats) or (0, 0)
+        if applied >= generation:
+            break
+        if rejected == generation or not nsops.alive(pid):
+            why = _last_line(log) or ("it exited" if not nsops.alive(pid) else "no reason")
+            raise DataplaneError(f"the delay engine of {who} refused the change: {why}")
+        if time.monotonic() > deadline:
+            raise DataplaneError(
+                f"the delay engine of {who} did not take the change within {timeout:g} s"
+            )
+        time.sleep(0.0005)
+    args = argv(engine, names.owner_tag(session, vm), stats, Path(recorded_args[0]), control)
+    tmp = argv_file.with_name(f"{argv_file.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(args))
+    os.replace(tmp, argv_file)
+    return pid
+
+
+def controllable(session: str, vm: str) -> bool:
+    """Whether the VM's engine runs and takes live changes (it was started with a control file)."""
+    pid = _owned_pid(session, vm)
+    return pid is not None and b"--control" in _cmdline(pid)
+
+
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _generations(stats: Path) -> tuple[int, int] | None:
+    """(applied, rejected) control generations from the engine's stats file; None when the
+    file is missing or older than control files."""
+    try:
+        with open(stats, "rb") as f:
+            f.seek(_GENERATIONS_AT)
+            data = f.read(_GENERATIONS.size)
+    except FileNotFoundError:
+        return None
+    if len(data) < _GENERATIONS.size:
+        return None
+    applied, rejected = _GENERATIONS.unpack(data)
+    return int(applied), int(rejected)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except FileNotFoundError:
+        return ""
+    return lines[-1] if lines else ""
+
+
 def _spawn(session_ns: str, session: str, vm: str, args: list[str]) -> int:
-    pid_file, _, log, argv_file = _paths(session, vm)
+    pid_file, _, log, argv_file, _ = _paths(session, vm)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
     argv_file.write_text(json.dumps(args))
     with open(log, "w") as log_fh:

@@ -341,6 +341,47 @@ def plug_vm(
     return links
 
 
+def replug_host_side(session_ns: str, session: str, vm: str, *, relay: bool) -> VmLinks:
+    """Rebuild the VM's links in the session namespace for ``relay`` (the delay engine runs)
+    or not, keeping the port and with it ``eth0`` inside the VM (its addresses and sockets).
+
+    The port's qdiscs go (the caller applies the new plan), the IFB or relay pair of
+    the old layout is deleted, and the new one made as :func:`plug_vm` makes it.
+    """
+    links = VmLinks.of(vm)
+    tag = owner_tag(session, vm)
+    with opened(session_ns) as ns:
+        port = link_index(ns, links.port)
+        for kind, handle in (("htb", 0x10000), ("netem", 0x10000), ("ingress", 0xFFFF0000)):
+            with contextlib.suppress(NetlinkError):  # none there: nothing to remove
+                ns.tc("del", kind, port, handle)
+        for name in (links.ifb, links.relay):
+            index = find_link(ns, name)
+            if index is not None:
+                ns.link("del", index=index)
+        bridge = link_index(ns, BRIDGE)
+        if relay:
+            ns.link("set", index=port, master=0)
+            ns.link("add", ifname=links.relay, kind="veth", peer={"ifname": links.relay_port})
+            for name in (links.port, links.relay):
+                _detach_from_stack(session_ns, name)
+                ns.link("set", index=link_index(ns, name), ifalias=tag, state="up")
+            ns.link(
+                "set",
+                index=link_index(ns, links.relay_port),
+                master=bridge,
+                ifalias=tag,
+                state="up",
+            )
+        else:
+            sysctl(session_ns, f"net.ipv6.conf.{links.port}.disable_ipv6", "0")
+            sysctl(session_ns, f"net.ipv4.conf.{links.port}.arp_ignore", "0")
+            ns.link("add", ifname=links.ifb, kind="ifb")
+            ns.link("set", index=link_index(ns, links.ifb), ifalias=tag, state="up")
+            ns.link("set", index=port, master=bridge, ifalias=tag, state="up")
+    return links
+
+
 def _detach_from_stack(session_ns: str, device: str) -> None:
     """Keep the session's own stack off a device only the engine should use.
 
@@ -391,10 +432,10 @@ def unplug_vm(session_ns: str, session: str, vm: str) -> None:
 
 
 def set_route_congctl(
-    vm_ns: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network, algorithm: str
+    vm_ns: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network, algorithm: str | None
 ) -> None:
     """Per-route congestion control for ``network`` on ``eth0`` (reaches algorithms the
-    namespace sysctl may not select, such as cubic)."""
+    namespace sysctl may not select, such as cubic); None takes the per-route choice away."""
     family = "-6" if network.version == 6 else "-4"
     # "replace" matches the kernel's own prefix route only with the same metric:
     # IPv6 gives it 256 (IPv4 0); without it a second, losing route is added.
@@ -413,8 +454,7 @@ def set_route_congctl(
             "proto",
             "kernel",
             *metric,
-            "congctl",
-            algorithm,
+            *(["congctl", algorithm] if algorithm else []),
         ],
         capture_output=True,
         text=True,

@@ -21,8 +21,12 @@ TABLE = "vnic"
 DROP_REASONS = ("spoof-mac", "spoof-arp", "spoof-ipv4", "spoof-ipv6")
 
 
-def render(guard: PortGuard) -> str:
-    """The nft script that installs ``guard`` (idempotent for the table and base chain)."""
+def render(guard: PortGuard, *, jump: bool = True) -> str:
+    """The nft script that installs ``guard`` (idempotent for the table and base chain).
+
+    Without ``jump``, only the guard's own chain is (re)filled: how a running
+    guard's rules change, in one transaction, while the jump into it stays.
+    """
     ident = guard.identity
     c = guard.chain
     lines = [
@@ -41,10 +45,27 @@ def render(guard: PortGuard) -> str:
             f'add rule bridge {TABLE} {c} ether type ip ip dscp set {guard.dscp_mark} comment "dscp-mark"',
             f'add rule bridge {TABLE} {c} ether type ip6 ip6 dscp set {guard.dscp_mark} comment "dscp-mark"',
         ]
-    lines.append(
-        f'add rule bridge {TABLE} prerouting iifname "{guard.port}" jump {c} comment "{ident.tag}"'
-    )
+    if jump:
+        lines.append(
+            f'add rule bridge {TABLE} prerouting iifname "{guard.port}" jump {c} comment "{ident.tag}"'
+        )
     return "\n".join(lines) + "\n"
+
+
+def rewrite_guard(session_ns: str, guard: PortGuard) -> None:
+    """Refill a running guard's chain with ``guard``'s rules (one nft transaction: frames see
+    the old rules or the new ones, never none); its jump is left as it is."""
+    proc = nsops.run_inside(
+        session_ns,
+        ["nft", "-f", "-"],
+        input=render(guard, jump=False),
+        capture_output=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(
+            f"nftables refused the port guard for {guard.port}: {proc.stderr.strip()}"
+        )
 
 
 class PendingGuard:

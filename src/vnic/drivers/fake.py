@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
-from vnic.errors import Conflict, DataplaneError
+from vnic.errors import Conflict, DataplaneError, VnicError
 from vnic.model.profile import FIELDS
 
 
@@ -50,6 +50,18 @@ class FakeDriver:
         changed = set(previous.values) ^ set(request.values)
         changed |= {p for p in previous.values if request.values.get(p, p) != previous.values[p]}
         return [f"{p} changed" for p in FIELDS if p in changed]
+
+    def reconfigure_many(
+        self, pairs: Sequence[tuple[LaunchRequest, LaunchRequest]]
+    ) -> dict[tuple[str, str], list[str] | VnicError]:
+        """:meth:`reconfigure` of each ``(previous, request)``; a VM's failure is its outcome."""
+        out: dict[tuple[str, str], list[str] | VnicError] = {}
+        for previous, request in pairs:
+            try:
+                out[(request.session, request.vm)] = self.reconfigure(previous, request)
+            except VnicError as exc:
+                out[(request.session, request.vm)] = exc
+        return out
 
     def destroy(self, session: str, vm: str) -> None:
         with self._lock:

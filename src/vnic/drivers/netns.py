@@ -11,6 +11,12 @@ host, by name or owner tag; :meth:`NetnsDriver.drift` reads one VM's state
 back and names each difference from what launch builds
 (:meth:`NetnsDriver.drift_many` for many VMs, reading each session once); and
 :meth:`NetnsDriver.destroy` removes whatever a killed launch left.
+
+Live change (:meth:`NetnsDriver.reconfigure`, :meth:`NetnsDriver.reconfigure_many`):
+both plans compiled, their difference (:mod:`vnic.plan.diff`) applied in place
+in the session namespace, the delay engine's parameters swapped without a
+restart, TCP settings set in the VM. A structural change rebuilds the host side
+only; the VM's namespace, ``eth0`` and processes stay.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe, netem_available
 from vnic.dataplane.tc import (
     ClassState,
+    LiveTc,
     apply_netem,
     apply_plan,
     compare_classes,
@@ -46,8 +53,9 @@ from vnic.dataplane.tc import (
     verify,
 )
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
-from vnic.errors import Conflict, DataplaneError, InvalidInput
+from vnic.errors import Conflict, DataplaneError, InvalidInput, VnicError
 from vnic.model.profile import Profile
+from vnic.plan import diff
 from vnic.plan.compile import ENGINES, compile_plan, guard_chain, impaired
 from vnic.plan.model import Devices, Identity, Plan
 
@@ -255,8 +263,22 @@ class NetnsDriver:
     ) -> None:
         for s in plan.sysctls:
             nsops.sysctl(vm_ns, s.key, s.value)
-        algo = plan.congestion_control
+        if plan.congestion_control is not None:
+            self._congestion_control(vm_ns, plan.congestion_control, networks)
+
+    @staticmethod
+    def _congestion_control(
+        vm_ns: str,
+        algo: str | None,
+        networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network],
+    ) -> None:
+        """``algo`` for the VM's TCP; None: the host's default, and no per-route choice."""
         if algo is None:
+            with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+                host_default = f.read().strip()  # this thread is in the host's namespace
+            nsops.sysctl(vm_ns, "net.ipv4.tcp_congestion_control", host_default)
+            for net in networks:
+                nsops.set_route_congctl(vm_ns, net, None)
             return
         allowed = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_allowed_congestion_control").split()
         available = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_available_congestion_control").split()
@@ -271,6 +293,192 @@ class NetnsDriver:
         # the session's routes either way.
         for net in networks:
             nsops.set_route_congctl(vm_ns, net, algo)
+
+    def reconfigure(self, previous: LaunchRequest, request: LaunchRequest) -> list[str]:
+        """Change the running VM from ``previous`` to ``request`` in place; return one line per
+        kernel change (empty when nothing differs).
+
+        Checked before anything is touched: the fields are supported here, the VM
+        runs, and its name, MAC and addresses are the same. Then only what differs
+        changes (see :mod:`vnic.plan.diff`): HTB classes and FIFO limits in place,
+        filters by priority, netem by ``tc qdisc change``, the delay engine without a
+        restart, the guard's rules, TCP settings inside the VM. A structural change
+        (the delay engine comes or goes, a direction becomes shaped or unshaped)
+        rebuilds the host side only: the VM's namespace, ``eth0``, its processes and
+        their connections stay, with a brief pause in traffic. On failure the previous
+        state is restored as far as possible and :class:`DataplaneError` raised.
+        """
+        outcome = self.reconfigure_many([(previous, request)])[(request.session, request.vm)]
+        if isinstance(outcome, VnicError):
+            raise outcome
+        return outcome
+
+    def reconfigure_many(
+        self, pairs: Sequence[tuple[LaunchRequest, LaunchRequest]]
+    ) -> dict[tuple[str, str], list[str] | VnicError]:
+        """:meth:`reconfigure` of each ``(previous, request)`` pair, by ``(session, vm)``.
+
+        A VM's failure is its outcome (the error, its previous state restored), not
+        the others'. Each session namespace is entered once: one raw netlink socket
+        carries the class and FIFO changes of all its VMs in one batch, each request
+        acknowledged on its own.
+        """
+        caps = self.capabilities()
+        by_session: dict[str, list[tuple[LaunchRequest, LaunchRequest]]] = {}
+        out: dict[tuple[str, str], list[str] | VnicError] = {}
+        for previous, request in pairs:
+            by_session.setdefault(request.session, []).append((previous, request))
+        for session, batch in by_session.items():
+            changes = []
+            for previous, request in batch:
+                try:
+                    changes.append(self._live_change(caps, previous, request))
+                except VnicError as exc:
+                    out[(request.session, request.vm)] = exc
+            out.update(self._apply_live(session, changes))
+        return out
+
+    def _live_change(
+        self, caps: Capabilities, previous: LaunchRequest, request: LaunchRequest
+    ) -> _LiveChange:
+        """Both plans and their difference, after every check that needs no change."""
+        check_supported(caps, request.values)
+        who = f"{request.session}/{request.vm}"
+        if (previous.session, previous.vm) != (request.session, request.vm):
+            raise InvalidInput.one(
+                "vm", f"{previous.session}/{previous.vm}", f"the same VM as {who}"
+            )
+        for name in ("mac", "ipv4", "ipv6"):
+            before, after = getattr(previous, name), getattr(request, name)
+            if before != after:
+                raise InvalidInput.one(
+                    name, str(after), f"{before}, what {who} runs with (a live change keeps it)"
+                )
+        vm_ns = names.vm_netns(request.session, request.vm)
+        if not _is_namespace(vm_ns):
+            raise Conflict(f"VM {who} is not running (no namespace {vm_ns})")
+        old, new = self.plan_for(previous), self.plan_for(request)
+        return _LiveChange(previous, request, old, new, diff.diff_plans(old, new))
+
+    def _apply_live(
+        self, session: str, changes: Sequence[_LiveChange]
+    ) -> dict[tuple[str, str], list[str] | VnicError]:
+        """Apply the changes of one session's VMs: traffic control of all of them first (one
+        batch), then per VM the engine, guard, offloads and TCP settings."""
+        out: dict[tuple[str, str], list[str] | VnicError] = {}
+        session_ns = names.session_netns(session)
+        failed: dict[tuple[str, str], str] = {}
+        todo = [c for c in changes if c.ops]
+        out.update({c.key: [] for c in changes if not c.ops})
+        if not todo:
+            return out
+        with LiveTc(session_ns) as live:
+            for c in todo:
+                if c.structural:
+                    continue
+                for op in c.ops:
+                    if isinstance(op, diff.TC_OPS):
+                        try:
+                            live.apply(op, c.key)
+                        except DataplaneError as exc:
+                            failed[c.key] = str(exc)
+                            break
+            for key, messages in live.flush().items():
+                if isinstance(key, tuple):  # labels are (session, vm)
+                    failed.setdefault(key, "; ".join(messages))
+            for c in todo:
+                if c.key in failed:
+                    continue
+                try:
+                    if c.structural:
+                        self._rebuild_host_side(session_ns, c.request, c.old, c.new)
+                    for op in c.ops:
+                        if not isinstance(op, (*diff.TC_OPS, diff.RebuildHostSide)):
+                            self._apply_other(session_ns, c, op)
+                except (VnicError, OSError, NetlinkError, subprocess.SubprocessError) as exc:
+                    failed[c.key] = str(exc)
+            for c in todo:
+                if c.key in failed:
+                    self._restore(session_ns, live, c)
+                    who = f"{c.request.session}/{c.request.vm}"
+                    out[c.key] = DataplaneError(
+                        f"live change of {who} failed, its previous state restored: "
+                        + failed[c.key]
+                    )
+                else:
+                    out[c.key] = [diff.describe(op) for op in c.ops]
+        return out
+
+    def _apply_other(self, session_ns: str, c: _LiveChange, op: diff.Op) -> None:
+        """One operation that is not traffic control (engine, guard, offloads, TCP)."""
+        vm_ns = names.vm_netns(c.request.session, c.request.vm)
+        if isinstance(op, diff.ChangeEngine):
+            session, vm = c.request.session, c.request.vm
+            if delayd.controllable(session, vm):
+                delayd.update(session, vm, op.new)
+            else:  # started before live changes existed: a restart is the only way
+                delayd.stop(session, vm)
+                delayd.start(session_ns, session, vm, op.new)
+        elif isinstance(op, diff.ChangeGuard):
+            nft.rewrite_guard(session_ns, op.new)
+        elif isinstance(op, diff.SetOffloads):
+            if op.direction == "egress":
+                nsops.set_offloads(vm_ns, names.VM_IFNAME, on=op.on)
+            elif c.new.engine is not None:
+                nsops.set_offloads(session_ns, c.new.devices.relay_port, on=op.on)
+        elif isinstance(op, diff.SetSysctl):
+            nsops.sysctl(vm_ns, op.key, op.new)
+        elif isinstance(op, diff.SetCongestionControl):
+            self._congestion_control(
+                vm_ns, op.new, (c.request.ipv4.network, c.request.ipv6.network)
+            )
+
+    def _rebuild_host_side(
+        self, session_ns: str, request: LaunchRequest, old: Plan, new: Plan
+    ) -> None:
+        """Host side of ``new`` in place of ``old``'s, keeping the port (and so ``eth0``)."""
+        session, vm = request.session, request.vm
+        links = names.VmLinks.of(vm)
+        delayd.stop(session, vm)
+        for port in (links.port, links.relay_port):
+            nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
+        nsops.replug_host_side(session_ns, session, vm, relay=new.engine is not None)
+        guard = nft.start_guard(session_ns, new.guard) if new.guard else None
+        try:
+            vm_ns = names.vm_netns(session, vm)
+            was_off = any(i.per_packet and i.direction == "egress" for i in old.impairments)
+            if was_off and not any(
+                i.per_packet and i.direction == "egress" for i in new.impairments
+            ):
+                nsops.set_offloads(vm_ns, names.VM_IFNAME, on=True)
+            self._offloads(session_ns, vm_ns, new)
+            with nsops.opened(session_ns) as ns:
+                apply_plan(ns, new)
+                verify(ns, new)
+            apply_netem(session_ns, new)
+            if new.engine is not None:
+                delayd.start(session_ns, session, vm, new.engine)
+        finally:
+            if guard is not None:
+                guard.wait()
+
+    def _restore(self, session_ns: str, live: LiveTc, c: _LiveChange) -> None:
+        """Put the VM back to its previous plan as far as possible (best effort, no raise)."""
+        errors = (VnicError, OSError, NetlinkError, subprocess.SubprocessError)
+        if c.structural:
+            with contextlib.suppress(*errors):
+                self._rebuild_host_side(session_ns, c.previous, c.new, c.old)
+            return
+        back = _LiveChange(c.request, c.previous, c.new, c.old, diff.diff_plans(c.new, c.old))
+        label = ("restore", c.key)
+        for op in back.ops:
+            with contextlib.suppress(*errors):
+                if isinstance(op, diff.TC_OPS):
+                    live.apply(op, label)
+                    live.flush()
+                elif not isinstance(op, diff.RebuildHostSide):
+                    self._apply_other(session_ns, back, op)
+        live.failures.pop(label, None)
 
     def destroy(self, session: str, vm: str) -> None:
         """Remove everything of the VM, whatever state a killed launch (or destroy) left.
@@ -429,6 +637,25 @@ class NetnsDriver:
         if not nsops.exists(vm_ns):
             raise Conflict(f"VM {session}/{vm} is not running")
         return nsops.run(vm_ns, argv, **kwargs)
+
+
+@dataclass(frozen=True)
+class _LiveChange:
+    """One VM's live change: the requests, their plans and the operations between them."""
+
+    previous: LaunchRequest
+    request: LaunchRequest
+    old: Plan
+    new: Plan
+    ops: list[diff.Op]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.request.session, self.request.vm)
+
+    @property
+    def structural(self) -> bool:
+        return any(isinstance(op, diff.RebuildHostSide) for op in self.ops)
 
 
 def default_seed(session: str, vm: str) -> int:

@@ -12,11 +12,19 @@
  * bridge only sees vy<id>, so nothing bypasses the engine.
  *
  * Usage:
- *   vnic-delayd --tag TAG --stats FILE DIRSPEC [DIRSPEC]
+ *   vnic-delayd --tag TAG --stats FILE DIRSPEC [DIRSPEC] [--control FILE]
  *   DIRSPEC = name=egress,from=IF,to=IF,delay=NS,jitter=NS,dist=uniform|normal|pareto|paretonormal,
  *             reorder=PPB,loss=PPB,burst=MILLI (mean loss burst length x1000; 0 = random),
  *             dup=PPB,corrupt=PPB,limit=BYTES,seed=N
  * Probabilities are parts per billion (PPB), times nanoseconds, sizes bytes.
+ *
+ * Live change: with --control FILE, SIGHUP makes the engine read FILE (a line
+ * "generation=N", then one DIRSPEC per direction, in the order and with the
+ * names and devices given at start) and swap the parameters into each
+ * direction between two packets: held frames stay queued, counters keep
+ * counting, and the random generators keep their state unless the seed
+ * changes. The engine then stores N in the stats file's generation (or, when
+ * it rejects the file, in rejected, with the reason on stderr).
  *
  * Counters live in FILE (mmap'd, see struct stats) so readers never block
  * the packet path. Prints "ready" on stdout once every socket is bound.
@@ -41,6 +49,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/eventfd.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -69,6 +78,8 @@ enum counter {
 struct stats_file {
     uint64_t magic, version, pid, ndirs;
     _Atomic uint64_t dir[2][C_COUNT];
+    /* The last control generation applied, and the last rejected. */
+    _Atomic uint64_t generation, rejected;
 };
 
 enum dist { D_UNIFORM, D_NORMAL, D_PARETO, D_PARETONORMAL };
@@ -97,6 +108,12 @@ struct direction {
     size_t qlen, qcap, qhead;
     int ordered;
     unsigned char (*bufs)[MAX_FRAME]; /* BATCH receive buffers */
+    /* Live change: parameters waiting to be swapped in by this direction's
+     * thread, the eventfd that wakes it, and the generation it applied last. */
+    struct direction *_Atomic pending;
+    int wake_fd;
+    uint64_t generation;
+    _Atomic uint64_t applied;
 };
 
 static volatile sig_atomic_t stop_flag;
@@ -440,11 +457,15 @@ static void socket_drops(struct direction *d) {
         add(d, C_SOCKET_DROPS, st.tp_drops);
 }
 
+static void apply_pending(struct direction *d);
+
 static void *run_direction(void *arg) {
     struct direction *d = arg;
-    struct pollfd pfd = {.fd = d->rx_fd, .events = POLLIN};
+    struct pollfd pfds[2] = {{.fd = d->rx_fd, .events = POLLIN}, {.fd = d->wake_fd, .events = POLLIN}};
+    struct pollfd *pfd = &pfds[0];
     uint64_t last_stats = now_ns();
     while (!stop_flag) {
+        apply_pending(d);
         release(d);
         struct packet *head = q_peek(d);
         struct timespec ts = {.tv_sec = 0, .tv_nsec = 200000000};
@@ -457,7 +478,12 @@ static void *run_direction(void *arg) {
             if (wait < 200000000ULL) { ts.tv_sec = 0; ts.tv_nsec = (long)wait; }
             else wake_at = 0;
         }
-        int r = ppoll(&pfd, 1, &ts, NULL);
+        int r = ppoll(pfds, 2, &ts, NULL);
+        if (r > 0 && (pfds[1].revents & POLLIN)) {
+            uint64_t count;
+            if (read(d->wake_fd, &count, sizeof count) < 0 && errno != EAGAIN) die(1, "eventfd read");
+            apply_pending(d);
+        }
         if (r < 0 && errno != EINTR) die(1, "ppoll");
         if (r == 0 && wake_at) {
             /* Timed out: learn how late the wake-up was (EWMA, 1/8 weight). */
@@ -466,13 +492,13 @@ static void *run_direction(void *arg) {
             if (late < 0) late = 0;
             d->wake_late_ns = (d->wake_late_ns * 7 + (uint64_t)late) / 8;
         }
-        if (r > 0 && (pfd.revents & (POLLERR | POLLHUP | POLLNVAL))) {
+        if (r > 0 && (pfd->revents & (POLLERR | POLLHUP | POLLNVAL))) {
             int err = 0;
             socklen_t l = sizeof err;
             getsockopt(d->rx_fd, SOL_SOCKET, SO_ERROR, &err, &l);
-            if (err == ENETDOWN || err == ENXIO || err == ENODEV || (pfd.revents & POLLNVAL)) exit(3);
+            if (err == ENETDOWN || err == ENXIO || err == ENODEV || (pfd->revents & POLLNVAL)) exit(3);
         }
-        if (r > 0 && (pfd.revents & POLLIN)) receive(d);
+        if (r > 0 && (pfd->revents & POLLIN)) receive(d);
         uint64_t now = now_ns();
         if (now - last_stats > 100000000ULL) { socket_drops(d); last_stats = now; }
     }
@@ -506,67 +532,179 @@ static int packet_socket(const char *ifname, int rx, int *ifindex) {
     return fd;
 }
 
-static uint64_t number(const char *key, const char *v) {
-    char *end;
-    errno = 0;
-    unsigned long long x = strtoull(v, &end, 10);
-    if (errno || *end || !*v) { fprintf(stderr, "vnic-delayd: %s=%s is not a number\n", key, v); exit(2); }
-    return x;
-}
-
-static void parse_dir(struct direction *d, char *spec) {
+/* Parse one DIRSPEC into d (zeroed first); on error return -1 with the reason in err. */
+static int parse_spec(struct direction *d, char *spec, char *err, size_t errlen) {
     memset(d, 0, sizeof *d);
     d->limit = 64ULL << 20;
     for (char *save, *kv = strtok_r(spec, ",", &save); kv; kv = strtok_r(NULL, ",", &save)) {
         char *eq = strchr(kv, '=');
-        if (!eq) { fprintf(stderr, "vnic-delayd: %s is not key=value\n", kv); exit(2); }
+        if (!eq) { snprintf(err, errlen, "%s is not key=value", kv); return -1; }
         *eq = 0;
         const char *k = kv, *v = eq + 1;
+        uint64_t *num = NULL;
         if (!strcmp(k, "name")) snprintf(d->name, sizeof d->name, "%s", v);
         else if (!strcmp(k, "from")) snprintf(d->from, sizeof d->from, "%s", v);
         else if (!strcmp(k, "to")) snprintf(d->to, sizeof d->to, "%s", v);
-        else if (!strcmp(k, "delay")) d->delay = number(k, v);
-        else if (!strcmp(k, "jitter")) d->jitter = number(k, v);
-        else if (!strcmp(k, "reorder")) d->reorder = number(k, v);
-        else if (!strcmp(k, "loss")) d->loss = number(k, v);
-        else if (!strcmp(k, "burst")) d->burst_milli = number(k, v);
-        else if (!strcmp(k, "dup")) d->dup = number(k, v);
-        else if (!strcmp(k, "corrupt")) d->corrupt = number(k, v);
-        else if (!strcmp(k, "limit")) d->limit = number(k, v);
-        else if (!strcmp(k, "seed")) d->seed = number(k, v);
+        else if (!strcmp(k, "delay")) num = &d->delay;
+        else if (!strcmp(k, "jitter")) num = &d->jitter;
+        else if (!strcmp(k, "reorder")) num = &d->reorder;
+        else if (!strcmp(k, "loss")) num = &d->loss;
+        else if (!strcmp(k, "burst")) num = &d->burst_milli;
+        else if (!strcmp(k, "dup")) num = &d->dup;
+        else if (!strcmp(k, "corrupt")) num = &d->corrupt;
+        else if (!strcmp(k, "limit")) num = &d->limit;
+        else if (!strcmp(k, "seed")) num = &d->seed;
         else if (!strcmp(k, "dist")) {
             if (!strcmp(v, "uniform")) d->dist = D_UNIFORM;
             else if (!strcmp(v, "normal")) d->dist = D_NORMAL;
             else if (!strcmp(v, "pareto")) d->dist = D_PARETO;
             else if (!strcmp(v, "paretonormal")) d->dist = D_PARETONORMAL;
-            else { fprintf(stderr, "vnic-delayd: unknown dist %s\n", v); exit(2); }
-        } else { fprintf(stderr, "vnic-delayd: unknown key %s\n", k); exit(2); }
+            else { snprintf(err, errlen, "unknown dist %s", v); return -1; }
+        } else { snprintf(err, errlen, "unknown key %s", k); return -1; }
+        if (num) {
+            char *end;
+            errno = 0;
+            unsigned long long x = strtoull(v, &end, 10);
+            if (errno || *end || !*v) { snprintf(err, errlen, "%s=%s is not a number", k, v); return -1; }
+            *num = x;
+        }
     }
-    if (!d->from[0] || !d->to[0]) { fprintf(stderr, "vnic-delayd: a direction needs from= and to=\n"); exit(2); }
+    if (!d->from[0] || !d->to[0]) { snprintf(err, errlen, "a direction needs from= and to="); return -1; }
     if (d->loss >= PPB || d->reorder > PPB || d->dup > PPB || d->corrupt > PPB) {
-        fprintf(stderr, "vnic-delayd: probabilities are 0..1e9 parts per billion\n"); exit(2);
+        snprintf(err, errlen, "probabilities are 0..1e9 parts per billion"); return -1;
     }
-    if (d->burst_milli && d->burst_milli < 1000) { fprintf(stderr, "vnic-delayd: burst is >= 1000\n"); exit(2); }
+    if (d->burst_milli && d->burst_milli < 1000) { snprintf(err, errlen, "burst is >= 1000"); return -1; }
     d->ordered = d->reorder == 0;
-    /* Independent streams, so the loss decisions for a packet sequence
-     * depend only on the seed, not on jitter or duplication settings. */
+    return 0;
+}
+
+/* Independent streams, so the loss decisions for a packet sequence
+ * depend only on the seed, not on jitter or duplication settings. */
+static void seed_rngs(struct direction *d) {
     rng_seed(&d->loss_rng, d->seed, 1);
     rng_seed(&d->jitter_rng, d->seed, 2);
     rng_seed(&d->misc_rng, d->seed, 3);
+    d->ge_bad = 0;
+}
+
+static void parse_dir(struct direction *d, char *spec) {
+    char err[256];
+    if (parse_spec(d, spec, err, sizeof err)) { fprintf(stderr, "vnic-delayd: %s\n", err); exit(2); }
+    seed_rngs(d);
+}
+
+/* ------------------------------------------------------------ live change */
+
+static int by_due(const void *a, const void *b) {
+    const struct packet *x = *(struct packet *const *)a, *y = *(struct packet *const *)b;
+    return before(x, y) ? -1 : before(y, x) ? 1 : 0;
+}
+
+/* Switch the held frames between FIFO (order kept) and heap (reordering):
+ * sorted by due time, the frames are both a valid FIFO and a valid heap. */
+static void q_reshape(struct direction *d, int ordered) {
+    if (d->qlen) {
+        struct packet **n = malloc(d->qcap * sizeof *n);
+        if (!n) die(1, "out of memory");
+        for (size_t i = 0; i < d->qlen; i++)
+            n[i] = d->ordered ? d->q[(d->qhead + i) % d->qcap] : d->q[i];
+        qsort(n, d->qlen, sizeof *n, by_due);
+        free(d->q);
+        d->q = n;
+        d->last_due = n[d->qlen - 1]->due > d->last_due ? n[d->qlen - 1]->due : d->last_due;
+    }
+    d->qhead = 0;
+    d->ordered = ordered;
+}
+
+/* In the direction's own thread, between packets: take the parameters the
+ * main thread left, keeping queue, counters and (same seed) random state. */
+static void apply_pending(struct direction *d) {
+    if (!atomic_load_explicit(&d->pending, memory_order_acquire)) return;
+    struct direction *n = atomic_exchange_explicit(&d->pending, NULL, memory_order_acq_rel);
+    if (!n) return;
+    int reseed = n->seed != d->seed;
+    d->delay = n->delay; d->jitter = n->jitter; d->dist = n->dist; d->reorder = n->reorder;
+    d->loss = n->loss; d->burst_milli = n->burst_milli; d->dup = n->dup; d->corrupt = n->corrupt;
+    d->limit = n->limit; d->seed = n->seed;
+    if (!d->loss || !d->burst_milli) d->ge_bad = 0;
+    if (reseed) seed_rngs(d);
+    if (n->ordered != d->ordered) q_reshape(d, n->ordered);
+    atomic_store_explicit(&d->applied, n->generation, memory_order_release);
+    free(n);
+}
+
+static void wake(struct direction *d) {
+    uint64_t one = 1;
+    if (write(d->wake_fd, &one, sizeof one) < 0 && errno != EAGAIN) die(1, "eventfd write");
+}
+
+/* In the main thread, on SIGHUP: read the control file, hand each direction
+ * its new parameters, and acknowledge once every direction has taken them. */
+static void reload(struct direction *dirs, int ndirs, const char *path, struct stats_file *st) {
+    char err[1024] = "", line[2048];
+    struct direction *next[2] = {NULL, NULL};
+    uint64_t gen = 0;
+    int n = 0;
+    FILE *f = fopen(path, "r");
+    if (!f) { snprintf(err, sizeof err, "cannot open %s: %s", path, strerror(errno)); goto reject; }
+    while (fgets(line, sizeof line, f)) {
+        line[strcspn(line, "\r\n")] = 0;
+        if (!line[0]) continue;
+        if (!strncmp(line, "generation=", 11)) { gen = strtoull(line + 11, NULL, 10); continue; }
+        if (n == ndirs) { snprintf(err, sizeof err, "more than %d directions", ndirs); break; }
+        next[n] = malloc(sizeof *next[n]);
+        if (!next[n]) die(1, "out of memory");
+        if (parse_spec(next[n++], line, err, sizeof err)) break;
+    }
+    fclose(f);
+    if (!err[0] && !gen) snprintf(err, sizeof err, "no generation= line");
+    if (!err[0] && n != ndirs) snprintf(err, sizeof err, "%d directions, expected %d", n, ndirs);
+    for (int i = 0; !err[0] && i < n; i++)
+        if (strcmp(next[i]->name, dirs[i].name) || strcmp(next[i]->from, dirs[i].from)
+            || strcmp(next[i]->to, dirs[i].to))
+            snprintf(err, sizeof err, "direction %d is %s %s->%s, expected %s %s->%s", i,
+                     next[i]->name, next[i]->from, next[i]->to, dirs[i].name, dirs[i].from, dirs[i].to);
+    if (err[0]) goto reject;
+    for (int i = 0; i < ndirs; i++) {
+        next[i]->generation = gen;
+        struct direction *old = atomic_exchange_explicit(&dirs[i].pending, next[i], memory_order_acq_rel);
+        free(old); /* an earlier change not taken yet is superseded */
+        next[i] = NULL;
+        wake(&dirs[i]);
+    }
+    for (int spins = 0; spins < 5000; spins++) {
+        int done = 1;
+        for (int i = 0; i < ndirs; i++)
+            done &= atomic_load_explicit(&dirs[i].applied, memory_order_acquire) == gen;
+        if (done) {
+            atomic_store_explicit(&st->generation, gen, memory_order_release);
+            return;
+        }
+        struct timespec ms = {.tv_sec = 0, .tv_nsec = 1000000};
+        nanosleep(&ms, NULL);
+    }
+    snprintf(err, sizeof err, "a direction did not take generation %llu in 5 s", (unsigned long long)gen);
+reject:
+    for (int i = 0; i < 2; i++) free(next[i]);
+    fprintf(stderr, "vnic-delayd %s: control file rejected: %s\n", tag, err);
+    fflush(stderr);
+    atomic_store_explicit(&st->rejected, gen ? gen : UINT64_MAX, memory_order_release);
 }
 
 int main(int argc, char **argv) {
-    const char *stats_path = NULL;
+    const char *stats_path = NULL, *control_path = NULL;
     struct direction dirs[2];
     int ndirs = 0;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--tag") && i + 1 < argc) tag = argv[++i];
         else if (!strcmp(argv[i], "--stats") && i + 1 < argc) stats_path = argv[++i];
+        else if (!strcmp(argv[i], "--control") && i + 1 < argc) control_path = argv[++i];
         else if (ndirs < 2 && strchr(argv[i], '=')) parse_dir(&dirs[ndirs++], argv[i]);
         else { fprintf(stderr, "vnic-delayd: unexpected argument %s\n", argv[i]); return 2; }
     }
     if (!stats_path || !ndirs) {
-        fprintf(stderr, "usage: vnic-delayd --tag TAG --stats FILE DIRSPEC [DIRSPEC]\n");
+        fprintf(stderr, "usage: vnic-delayd --tag TAG --stats FILE DIRSPEC [DIRSPEC] [--control FILE]\n");
         return 2;
     }
     /* Wake-ups as precise as the kernel allows: the default 50 us slack
@@ -578,24 +716,46 @@ int main(int argc, char **argv) {
     if (ftruncate(sfd, sizeof(struct stats_file)) < 0) die(1, "ftruncate stats");
     struct stats_file *st = mmap(NULL, sizeof *st, PROT_READ | PROT_WRITE, MAP_SHARED, sfd, 0);
     if (st == MAP_FAILED) die(1, "mmap stats");
-    st->version = 1; st->pid = (uint64_t)getpid(); st->ndirs = (uint64_t)ndirs;
+    st->version = 2; st->pid = (uint64_t)getpid(); st->ndirs = (uint64_t)ndirs;
     for (int i = 0; i < ndirs; i++) {
         dirs[i].c = st->dir[i];
         dirs[i].bufs = malloc(BATCH * sizeof *dirs[i].bufs);
         if (!dirs[i].bufs) die(1, "out of memory");
         dirs[i].rx_fd = packet_socket(dirs[i].from, 1, NULL);
         dirs[i].tx_fd = packet_socket(dirs[i].to, 0, &dirs[i].tx_ifindex);
+        dirs[i].wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (dirs[i].wake_fd < 0) die(1, "eventfd");
     }
     st->magic = STATS_MAGIC;
     struct sigaction sa = {.sa_handler = on_signal};
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
+    /* Signals go to the main thread only (the threads inherit the mask), which
+     * takes them with sigwait: a packet thread is never interrupted. */
+    sigset_t wanted;
+    sigemptyset(&wanted);
+    sigaddset(&wanted, SIGTERM);
+    sigaddset(&wanted, SIGINT);
+    sigaddset(&wanted, SIGHUP);
+    pthread_sigmask(SIG_BLOCK, &wanted, NULL);
     printf("ready\n");
     fflush(stdout);
     pthread_t th[2];
     for (int i = 0; i < ndirs; i++)
         if (pthread_create(&th[i], NULL, run_direction, &dirs[i])) die(1, "pthread_create");
+    for (;;) {
+        int sig = 0;
+        if (sigwait(&wanted, &sig)) continue;
+        if (sig == SIGHUP) {
+            if (control_path) reload(dirs, ndirs, control_path, st);
+            else fprintf(stderr, "vnic-delayd %s: SIGHUP ignored: no --control file\n", tag);
+            continue;
+        }
+        stop_flag = 1;
+        for (int i = 0; i < ndirs; i++) wake(&dirs[i]);
+        break;
+    }
     for (int i = 0; i < ndirs; i++) pthread_join(th[i], NULL);
     return 0;
 }
