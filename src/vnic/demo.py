@@ -3,30 +3,36 @@
 Loads the demo profiles, (re)creates the session ``demo`` with a default
 profile, an assignment rule (role=server) and a per-VM override, launches
 three shaped VMs plus a measuring peer as network namespaces, measures each
-VM's throughput both ways with iperf3, prints configured vs measured, and
-tears everything down, checking that nothing is left.
+VM's throughput both ways with iperf3, prints configured vs measured, changes
+a VM's rate while a TCP flow runs through it (live: the flow goes on, the
+rate follows), and tears everything down, checking that nothing is left.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from vnic.agent.core import Agent, local_agent
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.documents import parse_documents, read_documents
-from vnic.drivers.netns import NetnsDriver
 from vnic.errors import NotFound, VnicError
 from vnic.manager.service import Explanation, Service, VmRequest
-from vnic.measure import TCP_GOODPUT, iperf3, one_way
+from vnic.measure import TCP_GOODPUT, Throughput, iperf3, one_way
 from vnic.model.session import AssignmentRule
 from vnic.stats import quantile, stdev
 
 SESSION = "demo"
 SECONDS = 2.0
+#: The live change: a TCP flow this long, the rate doubled halfway through.
+LIVE_SECONDS = 6.0
+LIVE_PATCH = {"egress": {"rate": "40Mbit"}}
 #: irtt probes per VM for the latency table: every 10 ms for this long.
 PROBE_TIME = "3s"
 
@@ -37,7 +43,7 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
     results = service.apply_profiles(parse_documents(read_documents([str(profiles_dir)])))
     for r in results:
         out.print(f"profile {r.name}: {r.action} (revision {r.revision})", markup=False)
-    driver = NetnsDriver()
+    driver = local_agent("netns")
     with contextlib.suppress(NotFound):  # a previous run: take it down and start afresh
         service.session_down(SESSION, driver)
         service.delete_session(SESSION, force=True)
@@ -100,6 +106,8 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
         out.print(table)
         out.print()
         out.print(_delay_table(launched, meter_ip))
+        out.print()
+        _live_change(service, driver, meter_ip, out)
     finally:
         stopped = service.session_down(SESSION, driver)
         left = [n for n in nsops.listing() if names.of_session(n, SESSION)]
@@ -107,6 +115,37 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
             f"session {SESSION}: down, {len(stopped)} VMs stopped, {len(left)} namespaces left",
             markup=False,
         )
+
+
+def _live_change(service: Service, agent: Agent, meter_ip: str, out: Console) -> None:
+    """desk's egress rate doubled while an iperf3 flow runs through it: what changed in
+    the kernel, and the flow's rate each second."""
+    result: dict[str, Throughput] = {}
+    flow = threading.Thread(
+        target=lambda: result.update(
+            t=iperf3(SESSION, "desk", "meter", meter_ip, seconds=LIVE_SECONDS, omit=0, interval=1)
+        )
+    )
+    flow.start()
+    time.sleep(LIVE_SECONDS / 2)
+    _, changes = service.update_vm_live(SESSION, "desk", {"patch": LIVE_PATCH}, agent)
+    flow.join(timeout=LIVE_SECONDS + 30)
+    out.print(
+        f"live change at {LIVE_SECONDS / 2:g} s of a {LIVE_SECONDS:g} s TCP flow desk -> meter "
+        "(vnic vm set demo desk egress.rate=40Mbit):",
+        markup=False,
+    )
+    for change in changes:
+        for path, (old, new) in change.fields.items():
+            out.print(f"  {path}: {old} -> {new}", markup=False)
+        for line in change.kernel:
+            out.print(f"  kernel: {line}", markup=False)
+    got = result.get("t")
+    if got is None:
+        out.print("  the flow did not finish: see the error above", markup=False)
+        return
+    per_second = "  ".join(f"{bps / 1e6:.1f}" for bps in got.intervals)
+    out.print(f"  flow, Mbit/s each second: {per_second} (one connection, no reset)", markup=False)
 
 
 def _delay_table(launched: dict[str, Explanation], meter_ip: str) -> Table:

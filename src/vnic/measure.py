@@ -36,6 +36,8 @@ class Throughput:
     seconds: float
     lost_percent: float = 0.0
     out_of_order: int = 0
+    #: bit/s of each reporting interval (with ``interval``), the sender's view
+    intervals: tuple[float, ...] = ()
 
 
 def _wait_listening(ns: str, port: int, timeout: float = 5.0) -> None:
@@ -63,11 +65,13 @@ def iperf3(
     tos: int | None = None,
     port: int = 5201,
     omit: float = 0.5,
+    interval: float | None = None,
 ) -> Throughput:
     """Run iperf3 from ``client`` to ``server`` (``reverse``: server sends).
 
     ``udp_rate`` (iperf3 ``-b``, e.g. ``"30M"``) switches to UDP; ``tos`` sets
     the IP TOS byte; the first ``omit`` seconds (TCP slow start) are not counted.
+    ``interval`` (seconds) also reports the rate of each interval.
     """
     server_ns = names.vm_netns(session, server)
     client_ns = names.vm_netns(session, client)
@@ -99,6 +103,8 @@ def iperf3(
             argv += ["-l", str(length)]
         if tos is not None:
             argv += ["-S", str(tos)]
+        if interval is not None:
+            argv += ["-i", str(interval)]
         proc = nsops.run(client_ns, argv, capture_output=True, timeout=seconds + omit + 20)
         data = json.loads(proc.stdout)
         if "error" in data:
@@ -116,7 +122,14 @@ def iperf3(
                 int(sent.get("out_of_order", 0)),
             )
         r = end["sum_received"]
-        return Throughput(float(r["bits_per_second"]), int(r["bytes"]), float(r["seconds"]))
+        steps = tuple(
+            float(i["sum"]["bits_per_second"])
+            for i in data.get("intervals", [])
+            if not i["sum"].get("omitted")
+        )
+        return Throughput(
+            float(r["bits_per_second"]), int(r["bytes"]), float(r["seconds"]), intervals=steps
+        )
     finally:
         try:
             srv.wait(timeout=5)

@@ -27,6 +27,13 @@ def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
         assert len(ratios) == 6, out
         # The demo's rates (2-200 Mbit/s) are ones the shaper meets within a few percent.
         assert all(0.9 <= r <= 1.05 for r in ratios), ratios
+        # The live change: the flow goes on through it, its rate follows 20 -> 40 Mbit/s.
+        flow = re.search(r"flow, Mbit/s each second: ([0-9. ]+) \(one connection", out)
+        assert flow is not None, out
+        seconds = [float(x) for x in flow.group(1).split()]
+        assert len(seconds) == 6, seconds
+        assert 15 < seconds[1] < 21 and 34 < seconds[-1] < 41, seconds
+        assert "egress.rate: 20Mbit -> 40Mbit" in out
         assert "0 namespaces left" in out
         assert not leftovers("demo")
         if run == 0:

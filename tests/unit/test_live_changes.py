@@ -272,3 +272,13 @@ def test_change_the_driver_cannot_honour_is_refused_and_changes_nothing(tmp_path
         )
         assert r.status_code == 422
         assert api.manager.runtime.adjustments("lab") == []
+
+
+def test_session_down_forgets_every_vm_of_the_session(api: Api) -> None:
+    """Regression: the agent's desired state once kept all but the first VM of a session
+    torn down (a generator inside any() stopped at the first removal)."""
+    running(api, "a", "b")
+    api.call("admin", "POST", "/v1/sessions/lab/vms", json={"name": "c", "launch": True})
+    assert api.call("admin", "POST", "/v1/sessions/lab/down").status_code == 200
+    assert api.manager.agent.desired() == []  # type: ignore[attr-defined]
+    assert api.driver.running("lab") == []

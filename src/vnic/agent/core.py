@@ -190,7 +190,9 @@ class DesiredState:
 
     def remove(self, keys: Sequence[VmKey]) -> None:
         with self._locked() as vms:
-            if any(vms.pop(k, None) is not None for k in list(keys)):
+            # Every key popped (a generator inside any() would stop at the first).
+            removed = [k for k in keys if vms.pop(k, None) is not None]
+            if removed:
                 self._save(vms)
 
     def replace(self, wanted: Sequence[DesiredVm]) -> None:
