@@ -188,6 +188,13 @@ class DesiredState:
             vms[vm.key] = vm
             self._save(vms)
 
+    def put_many(self, wanted: Sequence[DesiredVm]) -> None:
+        """Record every VM of ``wanted`` (replacing its entry) with one write."""
+        with self._locked() as vms:
+            for vm in wanted:
+                vms[vm.key] = vm
+            self._save(vms)
+
     def remove(self, keys: Sequence[VmKey]) -> None:
         with self._locked() as vms:
             # Every key popped (a generator inside any() would stop at the first).
@@ -377,8 +384,7 @@ class Agent:
     ) -> dict[VmKey, list[str] | VnicError]:
         driver = self.driver(kind)
         # Desired first: a kill mid-change leaves the new profile to reconcile to.
-        for _, request in pairs:
-            self.state.put(DesiredVm(kind, request))
+        self.state.put_many([DesiredVm(kind, request) for _, request in pairs])
         batch = getattr(driver, "reconfigure_many", None)
         results: dict[VmKey, Any] = {}
         try:

@@ -413,7 +413,7 @@ _RATESPEC = "BBHhHI"
 _HTB_OPT = struct.Struct("=" + _RATESPEC + _RATESPEC + "5I")
 _U32_MAX = 2**32 - 1
 #: Bytes of requests sent in one datagram.
-_SEND_CHUNK = 32 * 1024
+_SEND_CHUNK = 16 * 1024
 
 
 def _nla(kind: int, payload: bytes) -> bytes:
@@ -487,10 +487,14 @@ class NetlinkBatch:
         self._queue.append((msg_type, flags | NLM_F_REQUEST | NLM_F_ACK, body, label, what))
 
     def send(self, timeout: float = 5.0) -> dict[object, list[str]]:
+        """Send the queue in chunks, reading each chunk's acknowledgements before the next:
+        a socket's receive buffer holds a few hundred acknowledgements, not thousands."""
         if not self._queue:
             return {}
+        failures: dict[object, list[str]] = {}
         waiting: dict[int, tuple[object, str]] = {}
         chunk = bytearray()
+        self._sock.settimeout(timeout)
         for msg_type, flags, body, label, what in self._queue:
             self._seq += 1
             waiting[self._seq] = (label, what)
@@ -498,11 +502,17 @@ class NetlinkBatch:
             if len(chunk) >= _SEND_CHUNK:
                 self._sock.sendto(bytes(chunk), (0, 0))
                 chunk.clear()
+                self._acknowledged(waiting, failures)
         if chunk:
             self._sock.sendto(bytes(chunk), (0, 0))
+            self._acknowledged(waiting, failures)
         self._queue.clear()
-        failures: dict[object, list[str]] = {}
-        self._sock.settimeout(timeout)
+        return failures
+
+    def _acknowledged(
+        self, waiting: dict[int, tuple[object, str]], failures: dict[object, list[str]]
+    ) -> None:
+        """Read acknowledgements until none is awaited; errors go to ``failures``."""
         try:
             while waiting:
                 data = self._sock.recv(1 << 20)
@@ -520,14 +530,30 @@ class NetlinkBatch:
         except TimeoutError:
             for label, what in waiting.values():
                 failures.setdefault(label, []).append(f"{what}: no answer from the kernel")
-        return failures
+            waiting.clear()
 
 
 def raw_socket() -> socket.socket:
     """A raw rtnetlink socket in this thread's namespace (open it inside the session's)."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    # Acknowledgements without a copy of each request; and room for a chunk's worth of
+    # them: the receive buffer counts each one's whole socket buffer (about 1 KB), so
+    # the default 208 KB overflows at a couple of hundred (ENOBUFS).
+    sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
     sock.bind((0, 0))
     return sock
+
+
+#: ``setsockopt`` level and option of netlink sockets (linux/netlink.h).
+SOL_NETLINK = 270
+NETLINK_CAP_ACK = 10
+#: ``SO_RCVBUFFORCE`` (asm-generic/socket.h): a receive buffer above rmem_max, as root.
+SO_RCVBUFFORCE = 33
+_RCVBUF = 8 << 20
 
 
 class LiveTc:

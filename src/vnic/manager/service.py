@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from vnic.dataplane.names import vm_addresses
 from vnic.documents import merge_patch
@@ -311,10 +311,11 @@ class Service:
         or (with ``driver``) if one runs on a driver that cannot honour its new profile."""
         errors: list[FieldError] = []
         caps = _capabilities(driver) if driver is not None else {}
+        cache: dict[Any, Any] = {}
         for vm in vms:
             label = f"{vm.session.name}/{vm.name}"
             try:
-                eff = self._resolve(s, vm)
+                eff = self._resolve(s, vm, cache=cache)
             except InvalidInput as exc:
                 errors.extend(
                     FieldError(e.path, f"{e.value} for VM {label}", e.expected) for e in exc.errors
@@ -349,12 +350,11 @@ class Service:
                 select(AssignmentRuleRow).where(AssignmentRuleRow.profile_id == row.id)
             )
         }
-        vms = (
-            list(s.scalars(select(VmRow).where(VmRow.session_id.in_(sessions)))) if sessions else []
-        )
+        loaded = select(VmRow).options(*_VM_RESOLVE_LOADS)
+        vms = list(s.scalars(loaded.where(VmRow.session_id.in_(sessions)))) if sessions else []
         vms += [
             v
-            for v in s.scalars(select(VmRow).where(VmRow.override_profile_id == row.id))
+            for v in s.scalars(loaded.where(VmRow.override_profile_id == row.id))
             if v.session_id not in sessions
         ]
         return vms
@@ -878,19 +878,22 @@ class Service:
         ``reason`` (runtime adjustments audit themselves, so they pass none).
         """
         with self.db.reading() as s:
-            query = select(VmRow).where(VmRow.state == "running")
+            query = select(VmRow).where(VmRow.state == "running").options(*_VM_RESOLVE_LOADS)
             if session is not None:
                 query = query.where(VmRow.session_id == self._session_row(s, session).id)
             if vm is not None:
                 query = query.where(VmRow.name == vm)
             pending: list[tuple[Effective, LaunchRequest, dict[str, tuple[Any, Any]]]] = []
+            ids: dict[tuple[str, str], int] = {}
+            cache: dict[Any, Any] = {}
             for row in s.scalars(query):
-                eff = self._resolve(s, row)
+                eff = self._resolve(s, row, cache=cache)
                 applied = row.applied or {}
                 fields = field_changes(applied.get("values") or {}, values_to_document(eff.values))
                 if not fields and dict(applied.get("revisions") or {}) == dict(eff.revisions):
                     continue
                 pending.append((eff, self._launch_request(row, eff), fields))
+                ids[(row.session.name, row.name)] = row.id
         if not pending:
             return []
         requests = [request for _, request, _ in pending]
@@ -908,6 +911,7 @@ class Service:
         changes: list[VmChange] = []
         now = self.clock()
         with self.db.transaction() as s:
+            rows = {r.id: r for r in s.scalars(select(VmRow).where(VmRow.id.in_(ids.values())))}
             for eff, request, fields in pending:
                 outcome = outcomes.get((request.session, request.vm))
                 error = str(outcome) if isinstance(outcome, BaseException) else None
@@ -919,7 +923,9 @@ class Service:
                 changes.append(change)
                 if error:
                     continue
-                current = self._vm_row(s, request.session, request.vm)
+                current = rows.get(ids[(request.session, request.vm)])
+                if current is None:
+                    continue  # removed while the change ran
                 current.applied = {
                     "driver": (current.applied or {}).get("driver", driver.kind),
                     "revisions": dict(eff.revisions),
@@ -947,11 +953,13 @@ class Service:
         self, session: str, name: str, changes: Mapping[str, Any], driver: Driver
     ) -> tuple[Explanation, list[VmChange]]:
         """:meth:`update_vm`, then the change live on the VM if it runs (errors raised)."""
-        self.update_vm(session, name, changes, driver)
+        # update_vm's explanation is the one after the change: reapply sends what it
+        # resolved and changes no record but what runs.
+        result = self.update_vm(session, name, changes, driver)
         applied = self.reapply(
             driver, session=session, vm=name, source="user", reason="VM override", strict=True
         )
-        return self.explain(session, name), applied
+        return result, applied
 
     def reconfigure_vm(self, session: str, name: str, driver: Driver) -> Explanation:
         """Send a running VM its current effective profile (a live change of what differs);
@@ -1057,10 +1065,23 @@ class Service:
             raise NotFound(f"VM in session {session!r}", name, [v.name for v in srow.vms])
         return vm
 
-    def _resolve(self, s: Session, vm: VmRow, at: datetime | None = None) -> Effective:
-        """The VM's effective profile now (or ``at``: which adjustments count)."""
+    def _resolve(
+        self,
+        s: Session,
+        vm: VmRow,
+        at: datetime | None = None,
+        cache: dict[Any, Any] | None = None,
+    ) -> Effective:
+        """The VM's effective profile now (or ``at``: which adjustments count).
+
+        ``cache``: shared by the calls of one transaction that resolve many VMs, so
+        each session's policy and each set of profiles is loaded once.
+        """
         session = vm.session
-        policy = self._policy(session)
+        cache = {} if cache is None else cache
+        policy = cache.get(("policy", session.id))
+        if policy is None:
+            policy = cache[("policy", session.id)] = self._policy(session)
         now = at or self.clock()
         active = [a for a in vm.adjustments if _unexpired(a, now)]
         wanted = {
@@ -1068,7 +1089,10 @@ class Service:
             *([vm.override_profile.name] if vm.override_profile else []),
             *(a.profile for a in active if a.profile),
         }
-        refs = self._refs(s, wanted)
+        key = ("refs", frozenset(wanted))
+        refs = cache.get(key)
+        if refs is None:
+            refs = cache[key] = self._refs(s, wanted)
         patch = parse_patch(vm.override_patch) if vm.override_patch else None
         adjustments = [
             Adjustment(
@@ -1139,6 +1163,14 @@ def _timed_launch(service: Service, driver: Driver, session: str, name: str) -> 
     except VnicError as exc:
         return LaunchOutcome(name, time.perf_counter() - start, str(exc))
     return LaunchOutcome(name, time.perf_counter() - start)
+
+
+#: What resolving many VMs reads of each, loaded in one query per relation, not per VM.
+_VM_RESOLVE_LOADS = (
+    selectinload(VmRow.adjustments),
+    selectinload(VmRow.mac),
+    selectinload(VmRow.override_profile),
+)
 
 
 def _capabilities(driver: Driver) -> dict[str, Capabilities]:
