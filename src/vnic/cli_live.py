@@ -80,6 +80,13 @@ def vm_adjust(
     clear: Annotated[
         bool, typer.Option("--clear", help="Remove the adjustment instead of setting it.")
     ] = False,
+    source: Annotated[
+        str,
+        typer.Option(
+            "--source",
+            help="Whose adjustment: user, or (with --clear) rule:N, scenario:N, feedback.",
+        ),
+    ] = "user",
     as_json: cli.JsonFlag = False,
 ) -> None:
     """Adjust a VM at runtime: the top resolution layer, with an expiry, audited and live."""
@@ -87,7 +94,7 @@ def vm_adjust(
     def body() -> None:
         ops = live()
         if clear:
-            result = ops.clear(session, name, "user")
+            result = ops.clear(session, name, source)
         else:
             values = parse_assignments(assignments) if assignments else {}
             request = AdjustmentSet.model_validate(
@@ -98,7 +105,7 @@ def vm_adjust(
                     "reason": reason,
                 }
             )
-            result = ops.adjust(session, name, "user", request)
+            result = ops.adjust(session, name, source, request)
         if as_json:
             cli.emit_json(result)
             return

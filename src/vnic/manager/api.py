@@ -124,7 +124,7 @@ def create_app(manager: Manager) -> FastAPI:
     ) -> dict[str, Any]:
         return views.profile_json(svc.get_profile(name, revision))
 
-    @app.patch("/v1/profiles/{name}", response_model=sc.ProfilePublic, tags=["profiles"])
+    @app.patch("/v1/profiles/{name}", response_model=sc.ProfileChanged, tags=["profiles"])
     def patch_profile(who: Caller, name: str, patch: sc.Document) -> dict[str, Any]:
         """Merge ``patch`` into the current document (omitted = unchanged, null = remove);
         a change makes a new revision."""
@@ -199,7 +199,7 @@ def create_app(manager: Manager) -> FastAPI:
     def get_session(who: Caller, name: str) -> dict[str, Any]:
         return views.session_json(svc.get_session(name))
 
-    @app.patch("/v1/sessions/{name}", response_model=sc.SessionPublic, tags=["sessions"])
+    @app.patch("/v1/sessions/{name}", response_model=sc.SessionChanged, tags=["sessions"])
     def patch_session(who: Caller, name: str, body: sc.SessionUpdate) -> dict[str, Any]:
         """Change the policy or owner; omitted keys stay, null removes a default profile or owner."""
         require_admin(who, "changing a session")
@@ -272,7 +272,9 @@ def create_app(manager: Manager) -> FastAPI:
     def get_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
         return views.vm_json(svc.get_vm(session, vm))
 
-    @app.patch("/v1/sessions/{session}/vms/{vm}", response_model=sc.ExplanationPublic, tags=["vms"])
+    @app.patch(
+        "/v1/sessions/{session}/vms/{vm}", response_model=sc.ExplanationChanged, tags=["vms"]
+    )
     def patch_vm(who: Caller, session: str, vm: str, body: sc.VmUpdate) -> dict[str, Any]:
         """Change facts or override (omitted = unchanged; ``patch`` merges, null removes);
         a running VM is reconfigured on its host."""

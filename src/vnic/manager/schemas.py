@@ -73,6 +73,9 @@ class ProfilePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     used_by: list[str]
+
+
+class ProfileChanged(ProfilePublic):
     changes: list[VmChangePublic] = _changes()
 
 
@@ -120,6 +123,9 @@ class SessionPublic(BaseModel):
     owner: str | None
     vms: list[str]
     created_at: datetime
+
+
+class SessionChanged(SessionPublic):
     changes: list[VmChangePublic] = _changes()
 
 
@@ -178,6 +184,9 @@ class EffectivePublic(BaseModel):
 class ExplanationPublic(BaseModel):
     vm: VmPublic
     effective: EffectivePublic
+
+
+class ExplanationChanged(ExplanationPublic):
     changes: list[VmChangePublic] = _changes()
 
 
