@@ -1001,11 +1001,12 @@ def bench_change(
 ) -> None:
     """Live changes (root): API call to kernel for one vNIC and for a profile on 100 VMs, a
     rate change under a TCP flow, trace replay per 100 ms against the trace."""
-    from vnic import bench_change as bench
+    from vnic.bench_change import run as run_change
+    from vnic.bench_change import table as change_table
 
     def body() -> None:
-        result = bench.run(quick=quick)
-        out.print(bench.table(result))
+        result = run_change(quick=quick)
+        out.print(change_table(result))
         if json_out:
             json_out.write_text(json.dumps({"benchmark": "change", **result}, indent=2) + "\n")
 
