@@ -504,6 +504,9 @@ class Agent:
                         driver.destroy(session, vm)
                         report.removed.append(f"{session}/{vm}")
                     if not any(k[0] == session and d.driver == kind for k, d in desired.items()):
+                        if self.feedback is not None:
+                            # Its sockets would keep the removed namespace alive.
+                            self.feedback.close(session)
                         driver.teardown_session(session)
                         self.state.forget_session(session)
                         report.removed.append(f"session {session}")
