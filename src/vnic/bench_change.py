@@ -66,7 +66,7 @@ from vnic.dataplane.tc import read_classes_at
 from vnic.drivers.netns import NetnsDriver
 from vnic.errors import VnicError
 from vnic.manager.auth import Tokens
-from vnic.measure import _wait_listening
+from vnic.measure import iperf3_server
 from vnic.stats import quantile
 from vnic.store.db import Database
 
@@ -430,27 +430,6 @@ def profile_fleet(api: _Api, session: str, vms: int, repeats: int = 10) -> dict[
 # ----------------------------------------------------------------------------- traffic
 
 
-@contextmanager
-def _iperf_server(session: str, vm: str, port: int) -> Iterator[subprocess.Popen[str]]:
-    ns = names.vm_netns(session, vm)
-    srv = nsops.popen(
-        ns,
-        ["iperf3", "-s", "-1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        _wait_listening(ns, port)
-        yield srv
-    finally:
-        if srv.poll() is None:
-            try:
-                srv.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                srv.kill()
-                srv.wait()
-
-
 def _iperf_client(session: str, vm: str, argv: Sequence[str]) -> subprocess.Popen[str]:
     return nsops.popen(
         names.vm_netns(session, vm),
@@ -503,7 +482,7 @@ def tcp_flow(api: _Api, session: str, b_ip: str, seconds: float = 8.0) -> dict[s
     up_at, down_at = seconds * 3 / 8, seconds * 6 / 8
     calls: list[tuple[float, float, float]] = []  # (called, answered, new rate bit/s)
     with (
-        _iperf_server(session, "b", 5201),
+        iperf3_server(session, "b", 5201),
         _Sampler(session, ifb) as sampler,
     ):
         client = _iperf_client(
@@ -633,7 +612,7 @@ def trace_replay(api: _Api, session: str, b_ip: str, seconds: float = 5.0) -> di
     lead = 0.8  # the flow fills the queue before the first window
     doc = {"name": "replay", "vms": ["a"], "trace": text, "field": "egress.rate", "window": "100ms"}
     with (
-        _iperf_server(session, "b", 5202),
+        iperf3_server(session, "b", 5202),
         _Sampler(session, ifb) as sampler,
     ):
         client = _iperf_client(

@@ -6,11 +6,13 @@ time, and traffic only ever goes to addresses of VMs vnic launched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,16 +84,8 @@ def iperf3(
     ``congestion`` (default cubic, whatever the host's default; None: the sockets'
     default, which is the VM's ``tcp.congestion_control``).
     """
-    server_ns = names.vm_netns(session, server)
     client_ns = names.vm_netns(session, client)
-    srv = nsops.popen(
-        server_ns,
-        ["iperf3", "-s", "-1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        _wait_listening(server_ns, port)
+    with iperf3_server(session, server, port):
         argv = [
             "iperf3",
             "-c",
@@ -141,6 +135,22 @@ def iperf3(
         return Throughput(
             float(r["bits_per_second"]), int(r["bytes"]), float(r["seconds"]), intervals=steps
         )
+
+
+@contextlib.contextmanager
+def iperf3_server(session: str, vm: str, port: int) -> Iterator[None]:
+    """A one-shot iperf3 server in the VM, listening when the block starts; waited for
+    (killed after 5 s) when it ends."""
+    ns = names.vm_netns(session, vm)
+    srv = nsops.popen(
+        ns,
+        ["iperf3", "-s", "-1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(ns, port)
+        yield
     finally:
         try:
             srv.wait(timeout=5)
