@@ -124,7 +124,7 @@ def test_runtime_adjustment_is_a_layer_with_an_expiry(api: Api, clock: Clock) ->
         "admin",
         "PUT",
         "/v1/sessions/lab/vms/a/adjustments/user",
-        json={"set": {"egress.rate": "8Mbit"}, "for": "60s", "reason": "demo"},
+        json={"set": {"egress.rate": "8Mbit"}, "for": "1m", "reason": "demo"},
     )
     assert r.status_code == 200, r.text
     assert r.json()["fields"]["egress.rate"] == {"old": "20Mbit", "new": "8Mbit"}
@@ -190,6 +190,13 @@ def test_refused_adjustment_changes_nothing(api: Api) -> None:
         "PUT",
         "/v1/sessions/lab/vms/a/adjustments/user",
         json={"set": {"egress.rate": "5Mbit"}, "for": "soon"},
+    )
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "for"
+    r = api.call(
+        "admin",
+        "PUT",
+        "/v1/sessions/lab/vms/a/adjustments/user",
+        json={"set": {"egress.rate": "5Mbit"}, "for": "0s"},
     )
     assert r.status_code == 422 and r.json()["fields"][0]["field"] == "for"
     r = api.call(

@@ -15,13 +15,13 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from vnic.controller._parse import span
 from vnic.errors import InvalidInput
 from vnic.manager import views
 from vnic.manager.auth import require_admin
 from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
 from vnic.manager.runtime import AdjustmentInfo, AuditEntry, parse_source, typed_patch
-from vnic.model.units import Duration, UnitError
 
 
 class AdjustmentSet(BaseModel):
@@ -64,16 +64,11 @@ def audit_json(e: AuditEntry) -> dict[str, Any]:
 
 
 def expiry(text: str | None, now: datetime, path: str = "for") -> datetime | None:
-    """``now`` plus a duration given as text (``"60s"``); None for none."""
+    """``now`` plus a time span given as text (``"60s"``, ``"10m"``); None for none. Read as
+    the controller reads its spans (rule ``for``, ``expires``), up to a year."""
     if text is None:
         return None
-    try:
-        seconds = Duration.parse(text).value / 1e9
-    except UnitError as exc:
-        raise InvalidInput.one(path, text, f"a duration such as 60s or 10m ({exc})") from None
-    if seconds <= 0:
-        raise InvalidInput.one(path, text, "a duration above zero")
-    return now + timedelta(seconds=seconds)
+    return now + timedelta(seconds=span(text, path, positive=True))
 
 
 class LiveOps:
