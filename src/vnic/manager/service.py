@@ -747,7 +747,7 @@ class Service:
         override; None as the whole value removes the override patch). The
         session must allow overrides to set one. The VM keeps its MAC, which
         must stay inside the new effective range. A running VM is not touched
-        here: the caller reconfigures it (:meth:`reconfigure_vm`).
+        here: :meth:`update_vm_live` also changes it live.
         """
         with self.db.transaction() as s:
             vm = self._vm_row(s, session, name)
@@ -867,6 +867,9 @@ class Service:
     ) -> list[VmChange]:
         """Re-resolve running VMs and send each one whose effective profile changed to
         ``driver`` as a live change; record what now runs and audit every change.
+        ``driver`` is an agent (:meth:`vnic.agent.core.Agent.reconfigure_many`, or the
+        HTTP client of one): it knows what each VM runs, which a driver's own
+        live change starts from.
 
         The scope is every running VM, or those of ``session`` (and ``vm``).
         Only VMs whose effective values or profile revisions differ from what
@@ -898,16 +901,10 @@ class Service:
             return []
         requests = [request for _, request, _ in pending]
         many = getattr(driver, "reconfigure_many", None)
-        if many is not None:
-            outcomes = many(requests)
-        else:
-            outcomes = {}
-            for request in requests:
-                key = (request.session, request.vm)
-                try:
-                    outcomes[key] = _lines(driver.reconfigure(request))  # type: ignore[attr-defined]
-                except VnicError as exc:
-                    outcomes[key] = exc
+        if many is None:
+            # A driver's own live change needs the request each VM runs, which its agent keeps.
+            raise Unsupported(f"live changes go through an agent, not the {driver.kind} driver")
+        outcomes = many(requests)
         changes: list[VmChange] = []
         now = self.clock()
         with self.db.transaction() as s:
@@ -960,14 +957,6 @@ class Service:
             driver, session=session, vm=name, source="user", reason="VM override", strict=True
         )
         return result, applied
-
-    def reconfigure_vm(self, session: str, name: str, driver: Driver) -> Explanation:
-        """Send a running VM its current effective profile (a live change of what differs);
-        a defined VM only re-resolves."""
-        self.reapply(
-            driver, session=session, vm=name, source="user", reason="VM override", strict=True
-        )
-        return self.explain(session, name)
 
     def desired(self) -> list[tuple[str, LaunchRequest]]:
         """``(driver kind, launch request)`` of every VM the database says is running:
@@ -1217,11 +1206,6 @@ def audit_row(
         old={p: old for p, (old, _) in fields.items()},
         new={p: new for p, (_, new) in fields.items()},
     )
-
-
-def _lines(result: Any) -> list[str]:
-    """A driver's description of what it changed (older drivers return None)."""
-    return [str(line) for line in result] if result else []
 
 
 def _unexpired(row: AdjustmentRow, now: datetime) -> bool:
