@@ -169,12 +169,9 @@ class LiveControl:
             self._previous[key] = (now, sample)
         current: dict[Key, Any] = {}
         profiles: dict[Key, set[str]] = {}
-        service = self.manager.service
-        for vm in service.list_vms(session):
-            if vm.state == "running":
-                effective = service.explain(session, vm.name).effective
-                current[(session, vm.name)] = dict(effective.values)
-                profiles[(session, vm.name)] = set(effective.revisions)
+        for vm, effective in self.manager.service.running_effective(session).items():
+            current[(session, vm)] = dict(effective.values)
+            profiles[(session, vm)] = set(effective.revisions)
         return samples, current, profiles
 
     def _carry_out(self, d: Decision) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -881,16 +881,9 @@ class Service:
         ``reason`` (runtime adjustments audit themselves, so they pass none).
         """
         with self.db.reading() as s:
-            query = select(VmRow).where(VmRow.state == "running").options(*_VM_RESOLVE_LOADS)
-            if session is not None:
-                query = query.where(VmRow.session_id == self._session_row(s, session).id)
-            if vm is not None:
-                query = query.where(VmRow.name == vm)
             pending: list[tuple[Effective, LaunchRequest, dict[str, tuple[Any, Any]]]] = []
             ids: dict[tuple[str, str], int] = {}
-            cache: dict[Any, Any] = {}
-            for row in s.scalars(query):
-                eff = self._resolve(s, row, cache=cache)
+            for row, eff in self._running(s, session, vm):
                 applied = row.applied or {}
                 fields = field_changes(applied.get("values") or {}, values_to_document(eff.values))
                 if not fields and dict(applied.get("revisions") or {}) == dict(eff.revisions):
@@ -934,6 +927,26 @@ class Service:
         if strict and failed:
             raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
         return changes
+
+    def running_effective(self, session: str) -> dict[str, Effective]:
+        """The effective profile of each running VM of ``session``, by name, in one
+        transaction (what the controller compares its samples with)."""
+        with self.db.reading() as s:
+            return {row.name: eff for row, eff in self._running(s, session)}
+
+    def _running(
+        self, s: Session, session: str | None = None, vm: str | None = None
+    ) -> Iterator[tuple[VmRow, Effective]]:
+        """Running VMs (of ``session``, and ``vm``) with their effective profiles, resolved
+        with each policy and profile set loaded once."""
+        query = select(VmRow).where(VmRow.state == "running").options(*_VM_RESOLVE_LOADS)
+        if session is not None:
+            query = query.where(VmRow.session_id == self._session_row(s, session).id)
+        if vm is not None:
+            query = query.where(VmRow.name == vm)
+        cache: dict[Any, Any] = {}
+        for row in s.scalars(query):
+            yield row, self._resolve(s, row, cache=cache)
 
     def apply_profiles_live(
         self, specs: Sequence[ProfileSpec], driver: Driver
