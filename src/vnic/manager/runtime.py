@@ -10,12 +10,14 @@ Applying the change to a running VM is the caller's next step
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
 
 from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput
@@ -86,26 +88,20 @@ class Runtime:
         svc = self.service
         with svc.db.transaction() as s:
             row = svc._vm_row(s, session, vm)
-            before = values_to_document(svc._resolve(s, row).values)
             if profile is not None:
                 svc._existing_profile(s, profile, "profile")
-            current = s.scalar(
-                select(AdjustmentRow).where(
-                    AdjustmentRow.vm_id == row.id, AdjustmentRow.source == source
-                )
-            )
-            if current is None:
-                current = AdjustmentRow(vm_id=row.id, source=source, created_at=svc.clock())
-                row.adjustments.append(current)
-            current.patch = values_to_document(dict(values or {}))
-            current.profile = profile
-            current.reason = reason[:REASON_MAX]
-            current.expires_at = expires_at
-            s.flush()
-            s.expire(row, ["adjustments"])
-            svc._recheck(s, [row], driver)
-            after = values_to_document(svc._resolve(s, row).values)
-            changed = field_changes(before, after)
+
+            def put() -> None:
+                current = next((a for a in row.adjustments if a.source == source), None)
+                if current is None:
+                    current = AdjustmentRow(vm_id=row.id, source=source, created_at=svc.clock())
+                    row.adjustments.append(current)
+                current.patch = values_to_document(dict(values or {}))
+                current.profile = profile
+                current.reason = reason[:REASON_MAX]
+                current.expires_at = expires_at
+
+            changed = self._changed(s, row, put, check=lambda: svc._recheck(s, [row], driver))
             if changed and audit:
                 s.add(audit_row(svc.clock(), session, vm, source, reason[:REASON_MAX], changed))
             return changed
@@ -119,13 +115,7 @@ class Runtime:
             current = [a for a in row.adjustments if a.source == source]
             if not current:
                 return {}
-            before = values_to_document(svc._resolve(s, row).values)
-            for a in current:
-                s.delete(a)
-            s.flush()
-            s.expire(row, ["adjustments"])
-            after = values_to_document(svc._resolve(s, row).values)
-            changed = field_changes(before, after)
+            changed = self._changed(s, row, lambda: _delete(s, current))
             if changed:
                 why = reason or f"{source}'s adjustment removed"
                 s.add(audit_row(svc.clock(), session, vm, source, why, changed))
@@ -150,19 +140,36 @@ class Runtime:
                 # What the VM had with them (resolution ignores expired layers by time,
                 # so resolve as of just before the earliest expiry).
                 earliest = min(_aware(a.expires_at) or now for a in mine)
-                before = values_to_document(svc._resolve(s, row, at=earliest - _TICK).values)
-                for a in mine:
-                    s.delete(a)
-                s.flush()
-                s.expire(row, ["adjustments"])
-                after = values_to_document(svc._resolve(s, row).values)
-                changed = field_changes(before, after)
+                changed = self._changed(
+                    s, row, functools.partial(_delete, s, mine), before_at=earliest - _TICK
+                )
                 session = row.session.name
                 if changed:
                     sources = ", ".join(sorted(a.source for a in mine))
                     s.add(audit_row(now, session, row.name, sources, "expired", changed))
                 affected.append((session, row.name))
         return affected
+
+    def _changed(
+        self,
+        s: Session,
+        row: VmRow,
+        change: Callable[[], object],
+        *,
+        check: Callable[[], None] | None = None,
+        before_at: datetime | None = None,
+    ) -> dict[str, tuple[Any, Any]]:
+        """Make ``change`` to the VM's adjustments; return the fields whose effective value
+        it changed (effective as of ``before_at`` before it). ``check`` runs on the
+        changed state first and may refuse it."""
+        svc = self.service
+        before = values_to_document(svc._resolve(s, row, at=before_at).values)
+        change()
+        s.flush()
+        s.expire(row, ["adjustments"])
+        if check is not None:
+            check()
+        return field_changes(before, values_to_document(svc._resolve(s, row).values))
 
     def adjustments(self, session: str, vm: str | None = None) -> list[AdjustmentInfo]:
         svc = self.service
@@ -235,6 +242,11 @@ class Runtime:
         """Drop the audit log of a session (``session delete`` keeps it unless asked)."""
         with self.service.db.transaction() as s:
             s.execute(delete(AuditRow).where(AuditRow.session == session))
+
+
+def _delete(s: Session, rows: Sequence[AdjustmentRow]) -> None:
+    for row in rows:
+        s.delete(row)
 
 
 def canonical_controller(doc: Any) -> dict[str, Any]:
