@@ -574,7 +574,7 @@ def vm_launch(
                 "a new VM name: role, labels, needs and overrides are set when a VM is added",
             )
         try:
-            result = svc.launch_vm(session, name, drv)
+            result = svc.launch_vm(session, name, drv, driver)
         except BaseException:
             if name not in known:
                 svc.remove_vm(session, name)  # a failed launch of a new VM defines nothing
@@ -595,16 +595,23 @@ def vm_exec(
     session: str,
     name: str,
     command: Annotated[list[str], typer.Argument(help="Command to run inside the VM (after --).")],
-    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+    driver: Annotated[
+        str | None,
+        typer.Option("--driver", help="Driver kind (default: the one the VM was launched with)."),
+    ] = None,
 ) -> None:
-    """Run a command inside a running VM; exits with the command's status."""
-    from vnic.drivers.registry import get_driver
+    """Run a command inside a running VM; exits with the command's status.
+
+    In a netns VM the command runs in its namespace, with this terminal. In a QEMU
+    guest it runs through the guest agent, and its output arrives when it ends."""
+    from vnic.agent.core import local_agent
 
     code = 0
 
     def body() -> None:
         nonlocal code
-        drv = get_driver(driver)
+        agent = local_agent()
+        drv = agent.driver(driver or agent.kind_of(session, name))
         code = drv.exec(session, name, command).returncode  # type: ignore[attr-defined]
 
     run(body)

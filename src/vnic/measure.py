@@ -1,7 +1,10 @@
 """Traffic measurements between VMs with real tools (iperf3, ping).
 
-Used by the netns tests, the benchmarks and the demo. Every run is bounded in
+Used by the tests, the benchmarks and the demo. Every run is bounded in
 time, and traffic only ever goes to addresses of VMs vnic launched.
+:func:`iperf3`, :func:`iperf3_server` and :func:`ping` run in netns VMs and QEMU
+guests alike (through :mod:`vnic.vmexec`); the rest runs Python in the VM and
+so needs a netns VM (a guest has no Python).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from vnic import vmexec
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 
@@ -84,7 +88,6 @@ def iperf3(
     ``congestion`` (default cubic, whatever the host's default; None: the sockets'
     default, which is the VM's ``tcp.congestion_control``).
     """
-    client_ns = names.vm_netns(session, client)
     with iperf3_server(session, server, port):
         argv = [
             "iperf3",
@@ -110,7 +113,7 @@ def iperf3(
             argv += ["-i", str(interval)]
         if congestion and not udp_rate:
             argv += ["-C", congestion]
-        proc = nsops.run(client_ns, argv, capture_output=True, timeout=seconds + omit + 20)
+        proc = vmexec.run(session, client, argv, timeout=seconds + omit + 20)
         data = json.loads(proc.stdout)
         if "error" in data:
             raise RuntimeError(f"iperf3: {data['error']}")
@@ -141,15 +144,9 @@ def iperf3(
 def iperf3_server(session: str, vm: str, port: int) -> Iterator[None]:
     """A one-shot iperf3 server in the VM, listening when the block starts; waited for
     (killed after 5 s) when it ends."""
-    ns = names.vm_netns(session, vm)
-    srv = nsops.popen(
-        ns,
-        ["iperf3", "-s", "-1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    srv = vmexec.start(session, vm, ["iperf3", "-s", "-1", "-p", str(port)])
     try:
-        _wait_listening(ns, port)
+        vmexec.wait_listening(session, vm, port)
         yield
     finally:
         try:
@@ -172,11 +169,10 @@ def ping(
     timeout: float = 1.0,
 ) -> list[float]:
     """Round-trip times in ms of the replies received (empty: unreachable)."""
-    ns = names.vm_netns(session, client)
-    proc = nsops.run(
-        ns,
+    proc = vmexec.run(
+        session,
+        client,
         ["ping", "-n", "-c", str(count), "-i", str(interval), "-W", str(timeout), address],
-        capture_output=True,
         timeout=count * (interval + timeout) + 10,
     )
     return [float(m) for m in _RTT.findall(proc.stdout)]

@@ -442,6 +442,11 @@ class Agent:
                 driver.teardown_session(session, sorted(names))
             self.state.forget_session(session)
 
+    def kind_of(self, session: str, vm: str) -> str:
+        """The driver the VM was launched with (the default for a VM this host does not know)."""
+        current = self.state.get((session, vm))
+        return current.driver if current is not None else self.default
+
     def running(self, session: str) -> list[str]:
         found: set[str] = set()
         for driver in self.drivers.values():
@@ -503,7 +508,9 @@ class Agent:
                     for vm in orphans:
                         driver.destroy(session, vm)
                         report.removed.append(f"{session}/{vm}")
-                    if not any(k[0] == session and d.driver == kind for k, d in desired.items()):
+                    # The session's network is shared by the VMs of every driver (netns
+                    # VMs and QEMU guests on one bridge): it goes when none is desired.
+                    if not any(vm.request.session == session for vm in self.state.all()):
                         if self.feedback is not None:
                             # Its sockets would keep the removed namespace alive.
                             self.feedback.close(session)
@@ -536,13 +543,17 @@ log = logging.getLogger(__name__)
 
 
 def local_agent(kind: str = "netns", state_dir: Path | None = None) -> Agent:
-    """The agent of this host, in this process, with the ``kind`` driver loaded.
+    """The agent of this host, in this process, launching with the ``kind`` driver by default.
 
-    Embedded commands (``vnic vm launch`` without ``--server``) and ``vnic serve``
-    share its desired state under ``$VNIC_HOME/agent``.
+    The host's real drivers (:data:`HOST_DRIVERS`) are all loaded, so a VM is
+    destroyed, changed and counted by the driver that launched it whatever
+    ``kind`` a command names; ``fake`` loads alone. Embedded commands
+    (``vnic vm launch`` without ``--server``) and ``vnic serve`` share its desired
+    state under ``$VNIC_HOME/agent``.
     """
-    from vnic.drivers.registry import get_driver
+    from vnic.drivers.registry import HOST_DRIVERS, get_driver
     from vnic.settings import Settings
 
     directory = state_dir or Settings.from_env().home / "agent"
-    return Agent(directory, {kind: get_driver(kind)}, default=kind)
+    kinds = [kind] if kind not in HOST_DRIVERS else list(HOST_DRIVERS)
+    return Agent(directory, {k: get_driver(k) for k in kinds}, default=kind)

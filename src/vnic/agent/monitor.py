@@ -16,7 +16,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.latency import LatencyProbe, Target
-from vnic.agent.metrics import Collector, VnicSample, render
+from vnic.agent.metrics import Collector, CountingDriver, VnicSample, render
+from vnic.drivers.registry import HOST_DRIVERS
 
 if TYPE_CHECKING:
     from vnic.agent.core import Agent
@@ -49,8 +50,8 @@ class Monitor:
 
     def _collector(self, kind: str) -> Collector | None:
         driver = self.agent.drivers.get(kind)
-        if driver is None or kind != "netns":
-            return None  # only the netns driver has kernel counters to read
+        if driver is None or not isinstance(driver, CountingDriver):
+            return None  # a driver without kernel counters (fake) has nothing to read
         if kind not in self._collectors:
             self._collectors[kind] = Collector(driver)
         return self._collectors[kind]
@@ -92,14 +93,14 @@ class Monitor:
         return [
             Target(vm.request.session, vm.request.vm, vm.request.ipv4)
             for vm in self.agent.mine()
-            if vm.driver == "netns"
+            if vm.driver in HOST_DRIVERS
         ]
 
     def start(self) -> None:
         """Probe latency and check drift in the background until :meth:`stop`."""
         if self._thread is not None:
             return
-        if "netns" in self.agent.drivers:
+        if any(kind in self.agent.drivers for kind in HOST_DRIVERS):
             self.probe.start(self._targets, self.latency_interval, on_error=_log("latency"))
 
         def loop() -> None:

@@ -306,27 +306,12 @@ def plug_vm(
     between the VM and the bridge.
     """
     links = VmLinks.of(vm)
-    tag = owner_tag(session, vm)
     with opened(session_ns) as ns:
-        taken = [n for n in links.all() if find_link(ns, n) is not None]
-        if taken:
-            raise DataplaneError(f"links {', '.join(taken)} already exist in {session_ns}")
+        _check_free(ns, session_ns, links)
         ns.link(
             "add", ifname=links.port, kind="veth", peer={"ifname": VM_IFNAME, "net_ns_fd": vm_ns}
         )
-        port = link_index(ns, links.port)
-        bridge = link_index(ns, BRIDGE)
-        if relay:
-            ns.link("add", ifname=links.relay, kind="veth", peer={"ifname": links.relay_port})
-            for name in (links.port, links.relay):
-                _detach_from_stack(session_ns, name)
-                ns.link("set", index=link_index(ns, name), ifalias=tag, state="up")
-            on_bridge = link_index(ns, links.relay_port)
-        else:
-            on_bridge = port
-            ns.link("add", ifname=links.ifb, kind="ifb")
-            ns.link("set", index=link_index(ns, links.ifb), ifalias=tag, state="up")
-        ns.link("set", index=on_bridge, master=bridge, ifalias=tag, state="up")
+        _attach_port(ns, session_ns, owner_tag(session, vm), links, relay)
     with opened(vm_ns) as vns:
         eth = link_index(vns, VM_IFNAME)
         vns.link("set", index=eth, address=mac, state="up")
@@ -339,6 +324,56 @@ def plug_vm(
                 flags=IFA_F_NODAD,
             )
     return links
+
+
+def plug_tap(session_ns: str, session: str, vm: str, *, relay: bool = False) -> VmLinks:
+    """Make a QEMU guest's tap device as the VM's port (with its IFB, or the relay pair with
+    ``relay``), tagged, on the session bridge as :func:`plug_vm` does for a veth.
+
+    The tap is persistent (it outlives the file descriptor of whoever opens it)
+    and named like a netns VM's port, so shaping, counters, guards and cleanup
+    find a guest's vNIC exactly as they find a namespace VM's.
+    """
+    links = VmLinks.of(vm)
+    with opened(session_ns) as ns:
+        _check_free(ns, session_ns, links)
+    # pyroute2 makes tuntap devices through /dev/net/tun in the calling thread's
+    # namespace: enter the session's, so the tap is made there.
+    proc = run_inside(
+        session_ns,
+        ["ip", "tuntap", "add", "dev", links.port, "mode", "tap", "vnet_hdr"],
+        capture_output=True,
+        timeout=10,
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot make tap {links.port} in {session_ns}: {proc.stderr.strip()}")
+    with opened(session_ns) as ns:
+        _attach_port(ns, session_ns, owner_tag(session, vm), links, relay)
+    return links
+
+
+def _check_free(ns: Any, session_ns: str, links: VmLinks) -> None:
+    taken = [n for n in links.all() if find_link(ns, n) is not None]
+    if taken:
+        raise DataplaneError(f"links {', '.join(taken)} already exist in {session_ns}")
+
+
+def _attach_port(ns: Any, session_ns: str, tag: str, links: VmLinks, relay: bool) -> None:
+    """Tag the VM's port and put it on the bridge with an IFB, or (``relay``) keep it off
+    the bridge and put a relay veth pair there instead."""
+    port = link_index(ns, links.port)
+    bridge = link_index(ns, BRIDGE)
+    if relay:
+        ns.link("add", ifname=links.relay, kind="veth", peer={"ifname": links.relay_port})
+        for name in (links.port, links.relay):
+            _detach_from_stack(session_ns, name)
+            ns.link("set", index=link_index(ns, name), ifalias=tag, state="up")
+        on_bridge = link_index(ns, links.relay_port)
+    else:
+        on_bridge = port
+        ns.link("add", ifname=links.ifb, kind="ifb")
+        ns.link("set", index=link_index(ns, links.ifb), ifalias=tag, state="up")
+    ns.link("set", index=on_bridge, master=bridge, ifalias=tag, state="up")
 
 
 def replug_host_side(session_ns: str, session: str, vm: str, *, relay: bool) -> VmLinks:

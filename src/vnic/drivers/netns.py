@@ -38,7 +38,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vnic.dataplane import delayd, names, nft
+from vnic.dataplane import delayd, names, nft, qemu
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe, netem_available
 from vnic.dataplane.tc import (
@@ -205,34 +205,26 @@ class NetnsDriver:
     def launch(self, request: LaunchRequest) -> None:
         check_supported(self.capabilities(), request.values)
         session_ns = names.session_netns(request.session)
-        vm_ns = names.vm_netns(request.session, request.vm)
-        if nsops.exists(vm_ns):
+        if self._vm_exists(request.session, request.vm):
             raise Conflict(
-                f"VM {request.session}/{request.vm} is already running (namespace {vm_ns})"
+                f"VM {request.session}/{request.vm} is already running "
+                f"({self._vm_thing(request.session, request.vm)})"
             )
         plan = self.plan_for(request)
         nsops.ensure_session(session_ns, request.session)
-        nsops.create(vm_ns)
         try:
-            nsops.plug_vm(
-                session_ns,
-                vm_ns,
-                request.session,
-                request.vm,
-                str(request.mac),
-                [request.ipv4, request.ipv6],
-                relay=plan.engine is not None,
-            )
+            self._plug(request, plan)
             guard = nft.start_guard(session_ns, plan.guard) if plan.guard else None
             try:
-                self._tcp(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
-                self._offloads(session_ns, vm_ns, plan)
+                self._vm_settings(request, plan)
+                self._offloads(session_ns, plan)
                 with nsops.opened(session_ns) as ns:
                     apply_plan(ns, plan)
                     verify(ns, plan)
                 apply_netem(session_ns, plan)
                 if plan.engine is not None:
                     delayd.start(session_ns, request.session, request.vm, plan.engine)
+                self._started(request, plan)
             finally:
                 if guard is not None:
                     guard.wait()  # reaped even when the work above failed
@@ -240,20 +232,83 @@ class NetnsDriver:
             self.destroy(request.session, request.vm)
             raise
 
-    def _offloads(self, session_ns: str, vm_ns: str, plan: Plan) -> None:
-        """Segmentation offload off where per-packet decisions are made (see Impairment.per_packet).
+    # The VM side. Here a VM is a network namespace; the qemu driver overrides these
+    # to make it a guest on a tap, and shares everything on the host side.
 
-        VM egress is segmented by the VM's own interface. VM ingress: with the
-        engine, by the bridge's transmit to the relay; netem sits on the port
-        itself, where frames from other VMs still arrive as super-packets.
-        """
-        for imp in plan.impairments:
-            if not imp.per_packet:
-                continue
-            if imp.direction == "egress":
-                nsops.set_offloads(vm_ns, names.VM_IFNAME, on=False)
-            elif plan.engine is not None:
-                nsops.set_offloads(session_ns, plan.devices.relay_port, on=False)
+    def _vm_present(self, session: str, vm: str) -> bool:
+        """Whether the VM runs (here: its namespace is mounted)."""
+        return _is_namespace(names.vm_netns(session, vm))
+
+    def _vm_exists(self, session: str, vm: str) -> bool:
+        """Whether anything of the VM itself exists, running or half-made by a killed launch."""
+        return nsops.exists(names.vm_netns(session, vm))
+
+    def _vm_thing(self, session: str, vm: str) -> str:
+        """What the VM is, in messages."""
+        return f"namespace {names.vm_netns(session, vm)}"
+
+    def _plug(self, request: LaunchRequest, plan: Plan) -> None:
+        """Make the VM and its link into the session (here: namespace, veth, IFB or relay)."""
+        vm_ns = names.vm_netns(request.session, request.vm)
+        nsops.create(vm_ns)
+        nsops.plug_vm(
+            names.session_netns(request.session),
+            vm_ns,
+            request.session,
+            request.vm,
+            str(request.mac),
+            [request.ipv4, request.ipv6],
+            relay=plan.engine is not None,
+        )
+
+    def _vm_settings(self, request: LaunchRequest, plan: Plan) -> None:
+        """The plan's TCP settings and egress offloads inside the VM, at launch."""
+        vm_ns = names.vm_netns(request.session, request.vm)
+        self._tcp(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
+        if _egress_per_packet(plan):
+            self._set_vm_offloads(request, on=False)
+
+    def _started(self, request: LaunchRequest, plan: Plan) -> None:
+        """Called once the host side is in place (here: nothing left to do)."""
+
+    def _set_vm_offloads(self, request: LaunchRequest, *, on: bool) -> None:
+        """TSO/GSO of the VM's own interface (VM egress is segmented there)."""
+        nsops.set_offloads(names.vm_netns(request.session, request.vm), names.VM_IFNAME, on=on)
+
+    def _set_sysctl(self, request: LaunchRequest, key: str, value: str) -> None:
+        nsops.sysctl(names.vm_netns(request.session, request.vm), key, value)
+
+    def _set_congestion_control(self, request: LaunchRequest, algo: str | None) -> None:
+        self._congestion_control(
+            names.vm_netns(request.session, request.vm),
+            algo,
+            (request.ipv4.network, request.ipv6.network),
+        )
+
+    def _remove_vm(self, session: str, vm: str) -> None:
+        """Stop the VM itself (here: its namespace goes, and with it eth0 and the port)."""
+        nsops.remove(names.vm_netns(session, vm))
+
+    def _vm_drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
+        """How the VM itself differs from the request (empty: not at all)."""
+        return _vm_side_drift(names.vm_netns(request.session, request.vm), request, plan)
+
+    def _vms(self, only: str | None = None) -> dict[str, set[str]]:
+        """The VMs of this driver with anything on the host, by session (see :meth:`inventory`)."""
+        found = _find(only)
+        guests = qemu.guests()
+        return {s: vms - guests.get(s, set()) for s, vms in found.items()}
+
+    def _offloads(self, session_ns: str, plan: Plan) -> None:
+        """Host-side segmentation offload off where per-packet decisions are made (see
+        Impairment.per_packet): VM ingress through the engine is segmented by the bridge's
+        transmit to the relay. (VM egress is segmented by the VM's own interface, see
+        :meth:`_vm_settings`; netem sits on the port itself, where frames from other VMs
+        still arrive as super-packets.)"""
+        if plan.engine is None:
+            return
+        if any(i.per_packet and i.direction == "ingress" for i in plan.impairments):
+            nsops.set_offloads(session_ns, plan.devices.relay_port, on=False)
 
     def _tcp(
         self,
@@ -354,9 +409,8 @@ class NetnsDriver:
                 raise InvalidInput.one(
                     name, str(after), f"{before}, what {who} runs with (a live change keeps it)"
                 )
-        vm_ns = names.vm_netns(request.session, request.vm)
-        if not _is_namespace(vm_ns):
-            raise Conflict(f"VM {who} is not running (no namespace {vm_ns})")
+        if not self._vm_present(request.session, request.vm):
+            raise Conflict(f"VM {who} is not running")
         old, new = self.plan_for(previous), self.plan_for(request)
         return _LiveChange(previous, request, old, new, diff.diff_plans(old, new))
 
@@ -411,7 +465,6 @@ class NetnsDriver:
 
     def _apply_other(self, session_ns: str, c: _LiveChange, op: diff.Op) -> None:
         """One operation that is not traffic control (engine, guard, offloads, TCP)."""
-        vm_ns = names.vm_netns(c.request.session, c.request.vm)
         if isinstance(op, diff.ChangeEngine):
             session, vm = c.request.session, c.request.vm
             if delayd.controllable(session, vm):
@@ -423,15 +476,13 @@ class NetnsDriver:
             nft.rewrite_guard(session_ns, op.new)
         elif isinstance(op, diff.SetOffloads):
             if op.direction == "egress":
-                nsops.set_offloads(vm_ns, names.VM_IFNAME, on=op.on)
+                self._set_vm_offloads(c.request, on=op.on)
             elif c.new.engine is not None:
                 nsops.set_offloads(session_ns, c.new.devices.relay_port, on=op.on)
         elif isinstance(op, diff.SetSysctl):
-            nsops.sysctl(vm_ns, op.key, op.new)
+            self._set_sysctl(c.request, op.key, op.new)
         elif isinstance(op, diff.SetCongestionControl):
-            self._congestion_control(
-                vm_ns, op.new, (c.request.ipv4.network, c.request.ipv6.network)
-            )
+            self._set_congestion_control(c.request, op.new)
 
     def _rebuild_host_side(
         self, session_ns: str, request: LaunchRequest, old: Plan, new: Plan
@@ -445,13 +496,9 @@ class NetnsDriver:
         nsops.replug_host_side(session_ns, session, vm, relay=new.engine is not None)
         guard = nft.start_guard(session_ns, new.guard) if new.guard else None
         try:
-            vm_ns = names.vm_netns(session, vm)
-            was_off = any(i.per_packet and i.direction == "egress" for i in old.impairments)
-            if was_off and not any(
-                i.per_packet and i.direction == "egress" for i in new.impairments
-            ):
-                nsops.set_offloads(vm_ns, names.VM_IFNAME, on=True)
-            self._offloads(session_ns, vm_ns, new)
+            if _egress_per_packet(old) != _egress_per_packet(new):
+                self._set_vm_offloads(request, on=not _egress_per_packet(new))
+            self._offloads(session_ns, new)
             with nsops.opened(session_ns) as ns:
                 apply_plan(ns, new)
                 verify(ns, new)
@@ -494,7 +541,7 @@ class NetnsDriver:
         session_ns = names.session_netns(session)
         delayd.stop(session, vm)
         _stop_untracked_engines(session, vm)
-        nsops.remove(names.vm_netns(session, vm))
+        self._remove_vm(session, vm)
         if not _is_namespace(session_ns):
             return
         links = names.VmLinks.of(vm)
@@ -512,7 +559,7 @@ class NetnsDriver:
         Costs one link dump and one nft listing per session namespace and one
         scan of /proc, whatever the number of VMs.
         """
-        return _find(None)
+        return self._vms()
 
     def drift(self, request: LaunchRequest) -> list[str]:
         """How the kernel differs from what :meth:`launch` builds for ``request``, read back.
@@ -547,13 +594,12 @@ class NetnsDriver:
 
     def _drift(self, request: LaunchRequest, view: _SessionView) -> list[str]:
         session, vm = request.session, request.vm
-        vm_ns = names.vm_netns(session, vm)
-        missing = [f"VM {session}/{vm}: namespace {vm_ns} expected, found missing"]
-        if not _is_namespace(vm_ns):
+        missing = [f"VM {session}/{vm}: {self._vm_thing(session, vm)} expected, found missing"]
+        if not self._vm_present(session, vm):
             return missing
         try:
             plan = self.plan_for(request)
-            problems = _vm_side_drift(vm_ns, request, plan)
+            problems = self._vm_drift(request, plan)
             session_ns = names.session_netns(session)
             if not _is_namespace(session_ns):
                 return [
@@ -562,7 +608,7 @@ class NetnsDriver:
                 ]
             return problems + _host_side_drift(view, vm, plan)
         except (OSError, NetlinkError, DataplaneError):
-            if _is_namespace(vm_ns):
+            if self._vm_present(session, vm):
                 raise
             return missing  # destroyed while we looked
 
@@ -621,10 +667,10 @@ class NetnsDriver:
     def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
         """Destroy every VM of the session that has anything on this host (and ``vms``),
         then remove the session namespace."""
-        found = _find(session).get(session, set())
+        found = self._vms(session).get(session, set())
         for vm in sorted({*vms, *found}):
             self.destroy(session, vm)
-        nsops.remove(names.session_netns(session))
+        _remove_session_if_unused(session)
 
     def running(self, session: str) -> list[str]:
         found = (names.parse_vm_netns(n, session) for n in nsops.listing())
@@ -656,6 +702,18 @@ class _LiveChange:
     @property
     def structural(self) -> bool:
         return any(isinstance(op, diff.RebuildHostSide) for op in self.ops)
+
+
+def _egress_per_packet(plan: Plan) -> bool:
+    """Whether a per-packet impairment acts on the VM's egress (its offloads must be off)."""
+    return any(i.per_packet and i.direction == "egress" for i in plan.impairments)
+
+
+def _remove_session_if_unused(session: str) -> None:
+    """Remove the session namespace, unless VMs of another driver (QEMU guests) still use it."""
+    if qemu.guests().get(session):
+        return
+    nsops.remove(names.session_netns(session))
 
 
 def default_seed(session: str, vm: str) -> int:

@@ -14,14 +14,23 @@ def _netns() -> Driver:
     return NetnsDriver()
 
 
+def _qemu() -> Driver:
+    from vnic.drivers.qemu import QemuDriver
+
+    return QemuDriver()
+
+
 def _fake() -> Driver:
     from vnic.drivers.fake import FakeDriver
 
     return FakeDriver()
 
 
-FACTORIES: dict[str, Callable[[], Driver]] = {"netns": _netns, "fake": _fake}
+FACTORIES: dict[str, Callable[[], Driver]] = {"netns": _netns, "qemu": _qemu, "fake": _fake}
 DEFAULT = "netns"
+#: The drivers of real VMs on this host: an agent loads them all, since one session
+#: may hold VMs of each (they share the session's bridge).
+HOST_DRIVERS = ("netns", "qemu")
 
 
 def get_driver(kind: str = DEFAULT) -> Driver:

@@ -262,7 +262,7 @@ def create_app(manager: Manager) -> FastAPI:
         if body.launch:
             try:
                 with manager.gate.shared():
-                    result = svc.launch_vm(session, result.vm.name, manager.agent)
+                    result = svc.launch_vm(session, result.vm.name, manager.agent, body.driver)
             except BaseException:
                 svc.remove_vm(session, result.vm.name)
                 raise
@@ -299,10 +299,14 @@ def create_app(manager: Manager) -> FastAPI:
         response_model=sc.ExplanationPublic,
         tags=["vms"],
     )
-    def launch_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
+    def launch_vm(
+        who: Caller, session: str, vm: str, body: sc.VmLaunch | None = None
+    ) -> dict[str, Any]:
+        """Launch a defined VM, with the agent's default driver or the one named."""
         vm_writer(who, session, "launching a VM")
+        kind = body.driver if body is not None else None
         with manager.gate.shared():
-            return views.explain_json(svc.launch_vm(session, vm, manager.agent))
+            return views.explain_json(svc.launch_vm(session, vm, manager.agent, kind))
 
     @app.post("/v1/sessions/{session}/vms/{vm}/destroy", response_model=sc.VmPublic, tags=["vms"])
     def destroy_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:

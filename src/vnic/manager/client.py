@@ -201,8 +201,13 @@ class ManagerClient:
     def update_vm(self, session: str, name: str, changes: Mapping[str, Any]) -> Explanation:
         return explanation(self._call("PATCH", f"/v1/sessions/{session}/vms/{name}", json=changes))
 
-    def launch_vm(self, session: str, name: str, driver: object = None) -> Explanation:
-        return explanation(self._call("POST", f"/v1/sessions/{session}/vms/{name}/launch"))
+    def launch_vm(
+        self, session: str, name: str, driver: object = None, kind: str | None = None
+    ) -> Explanation:
+        body = {"driver": kind} if kind else None
+        return explanation(
+            self._call("POST", f"/v1/sessions/{session}/vms/{name}/launch", json=body)
+        )
 
     def launch_many(
         self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
@@ -214,7 +219,7 @@ class ManagerClient:
         def one(name: str) -> LaunchOutcome:
             start = time.perf_counter()
             try:
-                self.launch_vm(session, name)
+                self.launch_vm(session, name, kind=driver_kind)
             except VnicError as exc:
                 return LaunchOutcome(name, time.perf_counter() - start, str(exc))
             return LaunchOutcome(name, time.perf_counter() - start)

@@ -140,6 +140,15 @@ class VmCreate(_Strict):
     profile: str | None = Field(default=None, description="Override profile")
     patch: Document | None = Field(default=None, description="Override fields, a profile document")
     launch: bool = Field(default=False, description="Launch the VM right away")
+    driver: str | None = Field(
+        default=None, description="Driver to launch with (netns, qemu); default: the agent's"
+    )
+
+
+class VmLaunch(_Strict):
+    driver: str | None = Field(
+        default=None, description="Driver to launch with (netns, qemu); default: the agent's"
+    )
 
 
 class VmUpdate(_Strict):

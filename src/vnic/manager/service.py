@@ -816,11 +816,15 @@ class Service:
 
     # ------------------------------------------------------------------ launch
 
-    def launch_vm(self, session: str, name: str, driver: Driver) -> Explanation:
+    def launch_vm(
+        self, session: str, name: str, driver: Driver, kind: str | None = None
+    ) -> Explanation:
         """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
 
-        The driver refuses unsupported fields before touching anything and
-        removes what it made if the launch fails; the VM then stays defined.
+        ``kind`` picks one of an agent's drivers (``netns``, ``qemu``); None: the
+        agent's default, or ``driver`` itself. The driver refuses unsupported
+        fields before touching anything and removes what it made if the launch
+        fails; the VM then stays defined.
         """
         with self.db.transaction() as s:
             vm = self._vm_row(s, session, name)
@@ -828,12 +832,19 @@ class Service:
                 raise Conflict(f"VM {session}/{name} is already running")
             eff = self._resolve(s, vm)
             request = self._launch_request(vm, eff)
-        driver.launch(request)
+        if kind is None or kind == driver.kind:
+            driver.launch(request)
+            used = driver.kind
+        elif hasattr(driver, "drivers") or hasattr(driver, "default"):  # an agent
+            driver.launch(request, kind)  # type: ignore[call-arg]
+            used = kind
+        else:
+            raise InvalidInput.one("driver", kind, f"{driver.kind} (the only driver here)")
         with self.db.transaction() as s:
             vm = self._vm_row(s, session, name)
             vm.state = "running"
             vm.applied = {
-                "driver": driver.kind,
+                "driver": used,
                 "revisions": dict(eff.revisions),
                 "values": values_to_document(eff.values),
             }
