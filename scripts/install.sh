@@ -6,11 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Kernel tools, traffic tools, the PostgreSQL server the tests run against,
-# and what Python needs to build a virtual environment.
+# QEMU for the qemu driver's guests, and what Python needs to build a virtual
+# environment.
 APT_PACKAGES=(
   iproute2 nftables iptables iputils-ping iperf3 irtt procps ethtool libc6-dev
   python3 python3-venv python3-dev gcc
   postgresql prometheus
+  qemu-system-x86
 )
 
 missing=()
@@ -42,3 +44,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
   echo "$want" > "$stamp"
 fi
+
+# The qemu driver's boot image (kernel + initramfs, a few seconds the first
+# time, cached under /var/cache/vnic/vm after that; see docs/qemu.md).
+bash scripts/vm/build-image.sh >/dev/null

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.drivers.base import Capabilities, Driver, LaunchRequest
+from vnic.drivers.registry import HOST_DRIVERS
 from vnic.errors import (
     Conflict,
     DataplaneError,
@@ -244,7 +245,7 @@ class Agent:
     # The feedback endpoint.
 
     def serve_feedback(self) -> FeedbackEndpoints:
-        """Serve the feedback endpoint in every session with netns VMs here, from now on
+        """Serve the feedback endpoint in every session with VMs here, from now on
         (``vnic serve`` does, with its manager attached to answer)."""
         from vnic.agent.feedback import FeedbackEndpoints
 
@@ -263,7 +264,7 @@ class Agent:
         return None
 
     def _open_feedback(self, vm: DesiredVm) -> None:
-        if self.feedback is None or vm.driver != "netns":
+        if self.feedback is None or vm.driver not in HOST_DRIVERS:  # on the session's bridge
             return
         try:
             self.feedback.ensure(vm.request.session, vm.request.network_id)
@@ -551,7 +552,7 @@ def local_agent(kind: str = "netns", state_dir: Path | None = None) -> Agent:
     (``vnic vm launch`` without ``--server``) and ``vnic serve`` share its desired
     state under ``$VNIC_HOME/agent``.
     """
-    from vnic.drivers.registry import HOST_DRIVERS, get_driver
+    from vnic.drivers.registry import get_driver
     from vnic.settings import Settings
 
     directory = state_dir or Settings.from_env().home / "agent"

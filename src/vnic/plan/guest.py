@@ -23,8 +23,10 @@ DEFAULT_MEMORY_MIB = 128
 DEFAULT_CPUS = 1
 #: Name of the virtio-serial port the guest agent listens on (its init finds it by this name).
 AGENT_PORT = "org.qemu.guest_agent.0"
-#: The QEMU id of the guest's NIC (QMP's ``set_link`` and ``query-rx-filter`` name it).
-NIC_ID = "net0"
+#: The QEMU ids of the guest's NIC (QMP's ``set_link`` and ``query-rx-filter`` name it)
+#: and of the tap back end it is connected to.
+NIC_ID = "nic0"
+NETDEV_ID = "net0"
 #: The line the guest's init prints on its console once eth0 is up.
 READY_MARK = "vnic-guest: ready"
 
@@ -84,14 +86,15 @@ class GuestSpec:
 def kernel_command_line(spec: GuestSpec) -> str:
     """The guest kernel's command line: a quiet console on ttyS0 and the init's settings.
 
-    Sysctl values with spaces or commas cannot be passed (none of the TCP settings
-    has one); they raise ValueError rather than reach the guest half-parsed.
+    Sysctl keys and values with whitespace, commas or ``=`` cannot be passed (none
+    of the TCP settings has one); they raise ValueError rather than reach the guest
+    half-parsed.
     """
     words = ["console=ttyS0", "quiet", "loglevel=3", "panic=-1"]
     words += [f"vnic.ipv4={spec.ipv4}", f"vnic.ipv6={spec.ipv6}"]
     if spec.sysctls:
         for key, value in spec.sysctls:
-            if any(c in f"{key}{value}" for c in " ,="):
+            if any(c.isspace() or c in ",=" for c in f"{key}{value}"):
                 raise ValueError(f"sysctl {key}={value!r} cannot be passed on a command line")
         words.append("vnic.sysctl=" + ",".join(f"{k}={v}" for k, v in spec.sysctls))
     if not spec.offload:
@@ -136,9 +139,9 @@ def qemu_argv(
         "-serial",
         f"file:{run.console}",
         "-netdev",
-        f"tap,id={NIC_ID},ifname={spec.tap},script=no,downscript=no",
+        f"tap,id={NETDEV_ID},ifname={spec.tap},script=no,downscript=no",
         "-device",
-        f"virtio-net-pci,netdev={NIC_ID},mac={spec.mac}",
+        f"virtio-net-pci,id={NIC_ID},netdev={NETDEV_ID},mac={spec.mac}",
         "-device",
         "virtio-serial-pci",
         "-chardev",
