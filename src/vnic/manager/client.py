@@ -70,7 +70,7 @@ def session_info(d: Mapping[str, Any]) -> SessionInfo:
 
 
 def vm_info(d: Mapping[str, Any]) -> VmInfo:
-    return VmInfo(**{k: d[k] for k in VmInfo.__dataclass_fields__})
+    return VmInfo(**{k: d[k] for k in VmInfo.__dataclass_fields__ if k in d})
 
 
 def explanation(d: Mapping[str, Any]) -> Explanation:

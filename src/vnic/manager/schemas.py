@@ -173,6 +173,9 @@ class VmPublic(BaseModel):
     ipv4: str | None
     ipv6: str | None
     state: str
+    driver: str | None = Field(
+        default=None, description="Driver the running VM was launched with (netns, qemu)"
+    )
 
 
 class SourcePublic(BaseModel):

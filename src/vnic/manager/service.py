@@ -125,6 +125,8 @@ class VmInfo:
     state: str
     ipv4: str | None = None
     ipv6: str | None = None
+    #: The driver a running VM was launched with (netns, qemu); None while defined.
+    driver: str | None = None
 
 
 @dataclass(frozen=True)
@@ -1142,6 +1144,7 @@ class Service:
             state=vm.state,
             ipv4=str(addresses[0].ip) if addresses else None,
             ipv6=str(addresses[1].ip) if addresses else None,
+            driver=(vm.applied or {}).get("driver") if vm.state == "running" else None,
         )
 
 

@@ -73,6 +73,7 @@ def vm_json(v: VmInfo) -> dict[str, Any]:
         "ipv4": v.ipv4,
         "ipv6": v.ipv6,
         "state": v.state,
+        "driver": v.driver,
     }
 
 
