@@ -2,8 +2,11 @@
 
 Loads the demo profiles, (re)creates the session ``demo`` with a default
 profile, an assignment rule (role=server) and a per-VM override, launches
-three shaped VMs plus a measuring peer as network namespaces, measures each
-VM's throughput both ways with iperf3, prints configured vs measured, changes
+three shaped VMs plus a measuring peer as network namespaces and one QEMU
+guest (a real kernel and virtio NIC on the same bridge, same default profile),
+measures each VM's throughput both ways with iperf3, its delay and loss with
+irtt (the namespaces: one-way needs the host's clock at both ends), prints
+configured vs measured, changes
 a VM's rate while a TCP flow runs through it (live: the flow goes on, the
 rate follows), and tears everything down, checking that nothing is left.
 """
@@ -19,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vnic.agent.core import Agent, local_agent
-from vnic.dataplane import names
+from vnic.dataplane import names, qemu
 from vnic.dataplane import namespaces as nsops
 from vnic.documents import parse_documents, read_documents
 from vnic.errors import NotFound, VnicError
@@ -29,6 +32,8 @@ from vnic.model.session import AssignmentRule
 from vnic.stats import quantile, stdev
 
 SESSION = "demo"
+#: The demo's QEMU guest (its profile comes from the session default, like desk's).
+GUEST = "lab"
 SECONDS = 2.0
 #: The live change: a TCP flow this long, the rate doubled halfway through.
 LIVE_SECONDS = 6.0
@@ -64,14 +69,25 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
         VmRequest(SESSION, "web", role="server"),
         VmRequest(SESSION, "phone", role="desktop", profile="mobile"),
         VmRequest(SESSION, "meter", role="meter"),
+        VmRequest(SESSION, GUEST, role="desktop"),
     ]
     try:
         launched: dict[str, Explanation] = {}
         for req in requests:
             service.add_vm(req)
-            launched[req.name] = service.launch_vm(SESSION, req.name, driver)
+            kind = "qemu" if req.name == GUEST else "netns"
+            started = time.monotonic()
+            launched[req.name] = service.launch_vm(SESSION, req.name, driver, kind)
             v = launched[req.name].vm
-            out.print(f"launched {SESSION}/{v.name}: MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False)
+            what = (
+                f"QEMU guest ({qemu.accelerator().name}), network ready in "
+                f"{time.monotonic() - started:.1f} s: "
+                if kind == "qemu"
+                else ""
+            )
+            out.print(
+                f"launched {SESSION}/{v.name}: {what}MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False
+            )
         out.print()
         print_explanation(launched["phone"])
         meter_ip = launched["meter"].vm.ipv4
@@ -87,7 +103,7 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
             title=f"iperf3, {SECONDS:g} s per direction, TCP; the profile rate counts Ethernet frames",
             title_justify="left",
         )
-        for name in ("desk", "web", "phone"):
+        for name in ("desk", "web", "phone", GUEST):
             eff = launched[name].effective
             for direction, reverse in (("egress", False), ("ingress", True)):
                 rate = eff.profile.direction(direction).rate
@@ -95,7 +111,7 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
                 got = iperf3(SESSION, name, "meter", meter_ip, seconds=SECONDS, reverse=reverse)
                 ratio = got.bits_per_second / TCP_GOODPUT / rate.value
                 table.add_row(
-                    name,
+                    f"{name} (qemu)" if name == GUEST else name,
                     str(eff.sources[f"{direction}.rate"]),
                     direction,
                     str(rate),
@@ -111,8 +127,10 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
     finally:
         stopped = service.session_down(SESSION, driver)
         left = [n for n in nsops.listing() if names.of_session(n, SESSION)]
+        guests = qemu.owned_processes(names.owner_tag(SESSION, ""))
         out.print(
-            f"session {SESSION}: down, {len(stopped)} VMs stopped, {len(left)} namespaces left",
+            f"session {SESSION}: down, {len(stopped)} VMs stopped, {len(left)} namespaces "
+            f"and {len(guests)} QEMU processes left",
             markup=False,
         )
 

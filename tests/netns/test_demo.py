@@ -24,7 +24,9 @@ def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
         assert "rule (#1 role=server -> server r1)" in out
         assert "vm-profile (mobile r1)" in out
         ratios = [float(m) for m in re.findall(r"│ (\d\.\d{3}) +│\n", out)]
-        assert len(ratios) == 6, out
+        assert len(ratios) == 8, out  # 3 netns VMs and the QEMU guest, both ways
+        assert re.search(r"launched demo/lab: QEMU guest \((tcg|kvm)\), network ready", out), out
+        assert "│ lab (qemu)" in out
         # The demo's rates (2-200 Mbit/s) are ones the shaper meets within a few percent.
         assert all(0.9 <= r <= 1.05 for r in ratios), ratios
         # The live change: the flow goes on through it, its rate follows 20 -> 40 Mbit/s.
@@ -34,7 +36,7 @@ def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
         assert len(seconds) == 6, seconds
         assert 15 < seconds[1] < 21 and 34 < seconds[-1] < 41, seconds
         assert "egress.rate: 20Mbit -> 40Mbit" in out
-        assert "0 namespaces left" in out
+        assert "0 namespaces and 0 QEMU processes left" in out
         assert not leftovers("demo")
         if run == 0:
             assert "profile office: created" in out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import random
@@ -66,6 +67,46 @@ class Image:
             return {}
         pairs = (line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
         return {k: v for k, v in pairs}
+
+
+def image_cache() -> Path:
+    """Where ``build-image.sh`` keeps its builds: ``VNIC_VM_CACHE``, else /var/cache/vnic/vm."""
+    return Path(os.environ.get("VNIC_VM_CACHE") or "/var/cache/vnic/vm")
+
+
+def image_key(script: Path | None = None) -> str | None:
+    """The cache key the build script (``script``, default :data:`BUILD_SCRIPT`) builds
+    under, computed as the script does: the first 16 hex digits of the SHA-256 of the
+    script followed by the host tools it copies in (its ``GUEST_TOOLS``). None if the
+    script, its tool list or one of the tools is missing (it would then fail, not build)."""
+    try:
+        text = (script or BUILD_SCRIPT).read_bytes()
+        found = re.search(rb"^GUEST_TOOLS=\(([^)]*)\)", text, re.MULTILINE)
+        if found is None:
+            return None
+        digest = hashlib.sha256(text)
+        for tool in found.group(1).split():
+            digest.update(Path(tool.decode()).read_bytes())
+    except OSError:
+        return None
+    return digest.hexdigest()[:16]
+
+
+def cached_image() -> Image | None:
+    """The guest boot image if it exists already, without building anything:
+    ``VNIC_VM_IMAGE`` if set, else the finished build (its ``complete`` file written) of
+    the current build script in :func:`image_cache`. None when a launch would build it."""
+    given = os.environ.get("VNIC_VM_IMAGE")
+    if given:
+        found = Image(Path(given))
+    else:
+        key = image_key()
+        if key is None:
+            return None
+        found = Image(image_cache() / key)
+        if not (found.directory / "complete").is_file():
+            return None
+    return found if found.kernel.is_file() and found.initrd.is_file() else None
 
 
 @cache
@@ -120,6 +161,27 @@ def accelerator() -> Accelerator:
     run stock kernels), so KVM is chosen only when the CPU shows vmx/svm and a
     trial boot of the guest image reaches its ready line.
     """
+    decided = _accelerator_without_trial()
+    if decided is not None:
+        return decided
+    ok, detail = _trial_boot("kvm")
+    if ok:
+        return Accelerator("kvm", "hardware virtualisation (a trial boot succeeded)")
+    return Accelerator("tcg", f"a KVM trial boot failed ({detail}): software emulation (TCG)")
+
+
+def known_accelerator() -> Accelerator | None:
+    """:func:`accelerator` if telling it builds nothing (``vnic doctor``): None only when
+    a KVM trial boot would decide and the guest image is not built yet."""
+    decided = _accelerator_without_trial()
+    if decided is not None or cached_image() is None:
+        return decided
+    return accelerator()
+
+
+def _accelerator_without_trial() -> Accelerator | None:
+    """The accelerator where no trial boot is needed to tell (forced, no /dev/kvm, or no
+    vmx/svm), else None."""
     forced = os.environ.get("VNIC_QEMU_ACCEL", "").strip()
     if forced:
         if forced not in ("kvm", "tcg"):
@@ -134,10 +196,7 @@ def accelerator() -> Accelerator:
                 "/dev/kvm exists but the CPU shows no vmx/svm (a paravirtual KVM that cannot "
                 "run stock kernels): software emulation (TCG)",
             )
-    ok, detail = _trial_boot("kvm")
-    if ok:
-        return Accelerator("kvm", "hardware virtualisation (a trial boot succeeded)")
-    return Accelerator("tcg", f"a KVM trial boot failed ({detail}): software emulation (TCG)")
+    return None
 
 
 def _trial_boot(accel: str, timeout: float = 20.0) -> tuple[bool, str]:
@@ -336,6 +395,14 @@ def _connected(path: Path, timeout: float) -> Iterator[Any]:
         sock.close()
 
 
+def _send(f: Any, data: bytes) -> None:
+    """Write all of ``data``: one write to a socket may take only part of it (a large
+    ``input-data`` does not fit the socket's buffer)."""
+    view = memoryview(data)
+    while view:
+        view = view[f.write(view) :]
+
+
 def _read_json(f: Any) -> dict[str, Any]:
     line = f.readline()
     if not line:
@@ -347,12 +414,12 @@ def qmp(run: RunFiles, command: str, timeout: float = CALL_TIMEOUT, **arguments:
     """One QMP command's ``return`` (events in between are skipped); DataplaneError on error."""
     with _connected(run.qmp, timeout) as f:
         _read_json(f)  # greeting
-        f.write(b'{"execute": "qmp_capabilities"}\n')
+        _send(f, b'{"execute": "qmp_capabilities"}\n')
         _answer(f, "qmp_capabilities")
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = arguments
-        f.write(json.dumps(message).encode() + b"\n")
+        _send(f, json.dumps(message).encode() + b"\n")
         return _answer(f, command)
 
 
@@ -377,7 +444,7 @@ def agent_call(
     sync = random.randrange(1, 2**31)
     with _connected(run.agent, timeout) as f:
         request = {"execute": "guest-sync-delimited", "arguments": {"id": sync}}
-        f.write(b"\xff" + json.dumps(request).encode() + b"\n")
+        _send(f, b"\xff" + json.dumps(request).encode() + b"\n")
         while True:
             byte = f.read(1)
             if not byte:
@@ -390,7 +457,7 @@ def agent_call(
         message: dict[str, Any] = {"execute": command}
         if arguments:
             message["arguments"] = dict(arguments)
-        f.write(json.dumps(message).encode() + b"\n")
+        _send(f, json.dumps(message).encode() + b"\n")
         return _answer(f, command)
 
 
