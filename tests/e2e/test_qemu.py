@@ -139,6 +139,13 @@ def test_guests_and_a_netns_vm_share_a_session(home: Path, session_name: str) ->
         )
         latency = re.search(rf'vnic_latency_seconds{{session="{s}",vm="g1"}} ([0-9.e-]+)', text)
         assert latency and 0 < float(latency.group(1)) < 0.5, "g1's measured latency"
+        # The guest kernel's own count of what eth0 sent agrees with the host's (which
+        # counts segmentation-offloaded frames with a header each: a few percent more).
+        nic = driver.status(s, "g1")["nic"]
+        assert nic["mac"] == g1["mac"] and f"{g1['ipv4']}/24" in nic["addresses"]
+        ratio = int(sent.group(1)) / nic["tx_bytes"]
+        print(f"host-counted / guest-counted egress bytes: {ratio:.4f}")
+        assert 0.95 < ratio < 1.08, ratio
     finally:
         try:
             for name in (s, other):

@@ -212,11 +212,24 @@ class QemuDriver(NetnsDriver):
         qemu.qmp(self._running_guest(session, vm), "set_link", name=NIC_ID, up=up)
 
     def status(self, session: str, vm: str) -> dict[str, Any]:
-        """QMP's view of the guest: run state, and the NIC's MAC as the guest programmed it."""
+        """The guest as QMP and the guest agent see it: run state, accelerator, the MAC its NIC
+        filters on, and eth0's addresses and counters as the guest kernel counts them
+        (``nic``: bytes and packets each way, errors, drops; None if the agent does not answer)."""
         run = self._running_guest(session, vm)
-        state = qemu.qmp(run, "query-status")
+        state = dict(qemu.qmp(run, "query-status"))
+        state["accelerator"] = qemu.accelerator().name
         with contextlib.suppress(DataplaneError):
             filters = qemu.qmp(run, "query-rx-filter", name=NIC_ID)
             state["mac"] = filters[0].get("main-mac") if filters else None
-        state["accelerator"] = qemu.accelerator().name
-        return dict(state)
+        state["nic"] = None
+        with contextlib.suppress(DataplaneError):
+            for nic in qemu.agent_call(run, "guest-network-get-interfaces"):
+                if nic.get("name") == names.VM_IFNAME:
+                    state["nic"] = {
+                        "mac": nic.get("hardware-address"),
+                        "addresses": [
+                            f"{a['ip-address']}/{a['prefix']}" for a in nic.get("ip-addresses", [])
+                        ],
+                        **{k.replace("-", "_"): v for k, v in nic.get("statistics", {}).items()},
+                    }
+        return state
