@@ -613,15 +613,14 @@ class NetnsDriver:
             return missing  # destroyed while we looked
 
     def engines_in_use(self) -> list[dict[str, object]]:
-        """Every running VM on this host, what carries its delay and loss and why, with counters."""
+        """Every running VM on this host (netns VMs and QEMU guests), what carries its delay and
+        loss and why, with counters."""
         host = choose_engine(self.probe)
         netem_by_session: dict[str, set[str]] = {}  # one qdisc dump per session, not per VM
         report: list[dict[str, object]] = []
-        for ns_name in nsops.listing():
-            parts = ns_name.split(".")
-            if len(parts) != 3 or parts[0] != names.PREFIX:
-                continue
-            session, vm = parts[1], parts[2]
+        vms = [(s, vm, "netns") for s, vm in _vm_namespaces()]
+        vms += [(s, vm, "qemu") for s, guests in qemu.guests().items() for vm in guests]
+        for session, vm, kind in sorted(vms):
             stats = delayd.read_stats(session, vm)
             links = names.VmLinks.of(vm)
             detail: dict[str, object]
@@ -644,7 +643,9 @@ class NetnsDriver:
                 engine, detail = "netem", {"why": host.reason}
             else:
                 engine, detail = "none", {"why": "its profile has no delay or loss"}
-            report.append({"session": session, "vm": vm, "engine": engine, **detail})
+            report.append(
+                {"session": session, "vm": vm, "driver": kind, "engine": engine, **detail}
+            )
         return report
 
     @staticmethod
@@ -702,6 +703,16 @@ class _LiveChange:
     @property
     def structural(self) -> bool:
         return any(isinstance(op, diff.RebuildHostSide) for op in self.ops)
+
+
+def _vm_namespaces() -> list[tuple[str, str]]:
+    """(session, vm) of every VM namespace on the host."""
+    out = []
+    for ns_name in nsops.listing():
+        parts = ns_name.split(".")
+        if len(parts) == 3 and parts[0] == names.PREFIX:
+            out.append((parts[1], parts[2]))
+    return out
 
 
 def _egress_per_packet(plan: Plan) -> bool:
