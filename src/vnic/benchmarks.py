@@ -1,8 +1,9 @@
 """Benchmarks: shaping fidelity measured with iperf3, and control-plane speed.
 
-Each benchmark makes its own throwaway database and session, writes JSON, and
-prints a short table. Run them with ``vnic bench fidelity`` and
-``vnic bench launch`` (root). Traffic goes only between the benchmark's VMs.
+Each benchmark makes its own throwaway database, agent state and session,
+writes JSON, and prints a short table. Run them with ``vnic bench fidelity``
+and ``vnic bench launch`` (root); ``--driver qemu`` measures QEMU guests
+instead (:mod:`vnic.bench_qemu`). Traffic goes only between the benchmark's VMs.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vnic.agent.core import Agent, local_agent
 from vnic.dataplane import names
 from vnic.dataplane.tc import read_class_counters
 from vnic.drivers.netns import NetnsDriver
+from vnic.errors import InvalidInput
 from vnic.manager.service import Service, VmRequest
 from vnic.measure import (
     TCP_GOODPUT,
@@ -35,42 +38,60 @@ from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
 
 PEER_RATE = "10Gbit"
+#: The drivers a benchmark can measure.
+DRIVERS = ("netns", "qemu")
 
 
 @dataclass
 class Bench:
-    """A throwaway database, the netns driver and one session."""
+    """A throwaway database, an agent of this host's drivers (netns and qemu) with its own
+    state directory, and one session."""
 
     service: Service
-    driver: NetnsDriver
+    agent: Agent
     session: str
+
+    @property
+    def driver(self) -> NetnsDriver:
+        """The netns driver (for :meth:`NetnsDriver.exec` in netns VMs)."""
+        netns = self.agent.driver("netns")
+        assert isinstance(netns, NetnsDriver)
+        return netns
 
     def profile(self, **doc: Any) -> str:
         spec = parse_profile_document(doc)
         self.service.apply_profiles([spec])
         return spec.name
 
-    def launch(self, vm: str, profile: str | None = None) -> str:
+    def launch(self, vm: str, profile: str | None = None, kind: str = "netns") -> str:
+        """Define and launch ``vm`` with the ``kind`` driver; its IPv4 address."""
         self.service.add_vm(VmRequest(self.session, vm, profile=profile))
-        info = self.service.launch_vm(self.session, vm, self.driver).vm
+        info = self.service.launch_vm(self.session, vm, self.agent, kind).vm
         assert info.ipv4
         return info.ipv4
+
+    def destroy(self, vm: str) -> None:
+        """Stop ``vm`` (whichever driver runs it) and remove its network."""
+        self.service.destroy_vm(self.session, vm, self.agent)
 
 
 @contextlib.contextmanager
 def bench_session(default_doc: dict[str, Any]) -> Iterator[Bench]:
+    """A :class:`Bench` whose session is torn down when the block ends, failed or not."""
     with tempfile.TemporaryDirectory(prefix="vnic-bench-") as tmp:
         db = Database(f"sqlite:///{Path(tmp) / 'bench.db'}")
         service = Service(db)
         service.apply_profiles([parse_profile_document(default_doc)])
         session = f"b{uuid.uuid4().hex[:8]}"
         service.create_session(session, default_profile=default_doc["name"])
-        driver = NetnsDriver()
+        agent = local_agent("netns", state_dir=Path(tmp) / "agent")
         try:
-            yield Bench(service, driver, session)
+            yield Bench(service, agent, session)
         finally:
-            service.session_down(session, driver)
-            db.dispose()
+            try:
+                service.session_down(session, agent)
+            finally:
+                db.dispose()
 
 
 def _row(
@@ -216,33 +237,38 @@ def launch(count: int = 100, workers: int = 2) -> dict[str, Any]:
     launch time, total, and time to read every vNIC's counters."""
     doc = {"name": "shaped", "egress": {"rate": "10Mbit"}, "ingress": {"rate": "20Mbit"}}
     with bench_session(doc) as b:
-        for i in range(count):
-            b.service.add_vm(VmRequest(b.session, f"v{i}"))
-        start = time.perf_counter()
-        outcomes = b.service.launch_many(
-            b.session, [f"v{i}" for i in range(count)], workers=workers
-        )
-        total = time.perf_counter() - start
-        failed = [o for o in outcomes if o.error]
-        if failed:
-            raise RuntimeError(f"{len(failed)} launches failed, first: {failed[0].error}")
-        times = sorted(o.seconds for o in outcomes)
-        reads = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            counters = read_class_counters(names.session_netns(b.session))
-            reads.append(time.perf_counter() - t0)
-        devices = {dev for dev, _minor in counters}
-        result = {
-            "benchmark": "launch",
-            "vms": count,
-            "workers": workers,
-            "launch_p50_s": round(statistics.median(times), 4),
-            "launch_p99_s": round(times[min(len(times) - 1, int(0.99 * len(times)))], 4),
-            "total_s": round(total, 3),
-            "counters_read_s": round(min(reads), 4),
-            "vnic_devices_read": len(devices),
-        }
+        try:
+            for i in range(count):
+                b.service.add_vm(VmRequest(b.session, f"v{i}"))
+            start = time.perf_counter()
+            outcomes = b.service.launch_many(
+                b.session, [f"v{i}" for i in range(count)], workers=workers
+            )
+            total = time.perf_counter() - start
+            failed = [o for o in outcomes if o.error]
+            if failed:
+                raise RuntimeError(f"{len(failed)} launches failed, first: {failed[0].error}")
+            times = sorted(o.seconds for o in outcomes)
+            reads = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                counters = read_class_counters(names.session_netns(b.session))
+                reads.append(time.perf_counter() - t0)
+            devices = {dev for dev, _minor in counters}
+            result = {
+                "benchmark": "launch",
+                "vms": count,
+                "workers": workers,
+                "launch_p50_s": round(statistics.median(times), 4),
+                "launch_p99_s": round(times[min(len(times) - 1, int(0.99 * len(times)))], 4),
+                "total_s": round(total, 3),
+                "counters_read_s": round(min(reads), 4),
+                "vnic_devices_read": len(devices),
+            }
+        finally:
+            # launch_many's workers record the VMs in this host's agent state (not the
+            # bench's): forget them there too, or a later `vnic serve` would rebuild them.
+            local_agent("netns").teardown_session(b.session)
     return result
 
 
@@ -260,16 +286,34 @@ def run(
     part: str = "all",
     quick: bool = False,
     cells: tuple[str, ...] | None = None,
+    driver: str = "netns",
 ) -> dict[str, Any]:
     """Run a benchmark, write its JSON to ``out`` and print it.
 
     ``fidelity`` has two parts: ``rates`` (shaping) and ``impairments`` (delay,
-    jitter, loss; see :mod:`vnic.bench_impairments`).
+    jitter, loss; see :mod:`vnic.bench_impairments`). ``driver`` is the kind of
+    VM measured: ``netns``, or ``qemu`` (:mod:`vnic.bench_qemu`: a QEMU guest
+    against a netns peer; its impairment cells are ``delay`` and ``loss``).
     """
-    if which == "fidelity":
+    if driver not in DRIVERS:
+        raise InvalidInput.one("driver", driver, "one of " + ", ".join(DRIVERS))
+    if driver == "qemu":
+        from vnic import bench_qemu
+
+        if which != "fidelity":
+            result = bench_qemu.launch()
+        else:
+            result = {"benchmark": "fidelity", "driver": "qemu"}
+            if part in ("all", "rates"):
+                result["rates"] = bench_qemu.fidelity(seconds=1.5 if quick else 3.0)
+            if part in ("all", "impairments"):
+                result["impairments"] = bench_qemu.impairments(
+                    quick=quick, cells_wanted=cells or bench_qemu.CELLS
+                )
+    elif which == "fidelity":
         from vnic.bench_impairments import CELLS, impairments
 
-        result: dict[str, Any] = {"benchmark": "fidelity"}
+        result = {"benchmark": "fidelity"}
         if part in ("all", "rates"):
             result["rates"] = fidelity(seconds=1.5 if quick else 3.0)
         if part in ("all", "impairments"):

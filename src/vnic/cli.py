@@ -476,7 +476,7 @@ def _vm_table(vms: Sequence[VmInfo]) -> None:
             ",".join(f"{k}={val}" for k, val in v.labels.items()),
             v.mac or "-",
             override or "-",
-            v.state,
+            f"{v.state} ({v.driver})" if v.driver else v.state,
         )
     out.print(table)
 
@@ -774,26 +774,106 @@ def print_explanation(e: Explanation, *, all_fields: bool = False) -> None:
 # ----------------------------------------------------------------------------- doctor
 
 
+def _qemu_report() -> dict[str, Any]:
+    """What the qemu driver needs here, found without building or booting anything new:
+    the accelerator and why, QEMU's binary and version, and the guest boot image."""
+    import os
+    import shutil
+    import subprocess
+
+    from vnic.dataplane import qemu
+    from vnic.errors import DataplaneError
+
+    accelerator: dict[str, str | None]
+    try:
+        accel = qemu.known_accelerator()
+    except DataplaneError as exc:
+        accelerator = {"name": None, "why": str(exc)}
+    else:
+        accelerator = (
+            {"name": accel.name, "why": accel.reason}
+            if accel is not None
+            else {
+                "name": None,
+                "why": "/dev/kvm exists and the CPU shows vmx/svm: a KVM trial boot of the "
+                "guest image decides, on the first launch (the image is not built yet)",
+            }
+        )
+    binary = shutil.which("qemu-system-x86_64")
+    version = None
+    if binary is not None:
+        try:
+            proc = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            proc = None
+        if proc is not None and proc.returncode == 0 and proc.stdout.strip():
+            version = proc.stdout.strip().splitlines()[0]
+    image = qemu.cached_image()
+    return {
+        "accelerator": accelerator,
+        "binary": {"path": binary, "version": version},
+        "image": {
+            "directory": str(image.directory) if image is not None else None,
+            "info": image.info() if image is not None else {},
+            "given": os.environ.get("VNIC_VM_IMAGE") or None,
+            "cache": str(qemu.image_cache()),
+        },
+    }
+
+
+def _qemu_table(report: dict[str, Any]) -> Table:
+    table = Table("qemu driver needs", "here", "detail")
+    accel = report["accelerator"]
+    table.add_row("accelerator", accel["name"] or "undecided", accel["why"])
+    binary = report["binary"]
+    if binary["path"] is None:
+        table.add_row("qemu-system-x86_64", "missing", "run scripts/install.sh")
+    else:
+        table.add_row("qemu-system-x86_64", binary["path"], binary["version"] or "-")
+    image = report["image"]
+    if image["directory"] is not None:
+        info = image["info"]
+        built = f"kernel {info.get('kernel', '?')}, built {info.get('built', '?')}"
+        table.add_row("guest image", "built", f"{image['directory']}\n{built}")
+    elif image["given"] is not None:
+        table.add_row(
+            "guest image", "missing", f"VNIC_VM_IMAGE={image['given']} has no vmlinuz or initrd.img"
+        )
+    else:
+        table.add_row(
+            "guest image",
+            "not built",
+            f"none for this build script in {image['cache']}: the first qemu launch "
+            "builds it (seconds), or run scripts/install.sh",
+        )
+    return table
+
+
 @app.command("doctor")
 def doctor(as_json: JsonFlag = False) -> None:
     """Probe what this kernel can do (by trying, in a throwaway namespace) and which
-    profile fields each driver can therefore honour. Needs root."""
+    profile fields each driver can therefore honour; and what the qemu driver's guests
+    run with (accelerator, QEMU, boot image). Needs root."""
 
     def body() -> None:
         from vnic.dataplane.probe import run_probe, tools_missing
         from vnic.drivers.netns import NetnsDriver, capabilities_from_probe, choose_engine
+        from vnic.drivers.qemu import QemuDriver
 
         probe = run_probe()
         caps = capabilities_from_probe(probe)
+        guest_caps = QemuDriver(probe).capabilities()
         choice = choose_engine(probe)
         in_use = NetnsDriver(probe).engines_in_use()
+        guests = _qemu_report()
         if as_json:
             emit_json(
                 {
                     "kernel": probe.to_dict(),
                     "tools_missing": tools_missing(),
-                    "drivers": [caps.to_dict()],
+                    "drivers": [caps.to_dict(), guest_caps.to_dict()],
                     "delay_engine": {"engine": choice.engine, "why": choice.reason},
+                    "qemu": guests,
                     "vnics": in_use,
                 }
             )
@@ -812,13 +892,16 @@ def doctor(as_json: JsonFlag = False) -> None:
         table.add_row("tcp congestion control", cc, "-")
         out.print(table)
         fields = Table("driver", "honours", "cannot honour here (needs)", title_justify="left")
-        fields.add_row(
-            caps.kind,
-            "\n".join(sorted(caps.fields)),
-            "\n".join(f"{k}: {v}" for k, v in sorted(caps.missing.items())),
-        )
+        for driver_caps in (caps, guest_caps):
+            fields.add_row(
+                driver_caps.kind,
+                "\n".join(sorted(driver_caps.fields)),
+                "\n".join(f"{k}: {v}" for k, v in sorted(driver_caps.missing.items())),
+                end_section=True,
+            )
         out.print(fields)
         out.print(f"delay and loss engine: {choice.engine} ({choice.reason})", markup=False)
+        out.print(_qemu_table(guests))
         if in_use:
             vnics = Table("session", "vm", "engine", "detail")
             for row in in_use:
@@ -851,24 +934,53 @@ app.add_typer(bench_app, name="bench")
 
 
 def _rates_table(result: dict[str, Any]) -> Table:
+    rows = result["rows"]
+    judged = any("pass" in r for r in rows)
+    title = "shaping fidelity (iperf3)"
+    if result.get("driver") == "qemu":
+        title += f" of a QEMU guest ({result['accelerator']}) against a netns peer"
     table = Table(
-        "case",
-        "configured",
-        "measured (frames)",
-        "ratio",
-        "lost / reordered",
-        title="shaping fidelity (iperf3)",
+        "case", "configured", "measured (frames)", "ratio", "lost / reordered", title=title
     )
-    for r in result["rows"]:
+    if judged:
+        table.add_column(f"±{result['tolerance'] * 100:g} %")
+    for r in rows:
         extra = f"{r['lost_percent']}% / {r['out_of_order']}" if "lost_percent" in r else ""
-        table.add_row(
-            r["case"],
-            f"{r['configured_bps'] / 1e6:g} Mbit/s",
-            f"{r['measured_bps'] / 1e6:.3f} Mbit/s",
-            f"{r['ratio']:.3f}",
-            extra,
-        )
+        measured = "—" if r["measured_bps"] is None else f"{r['measured_bps'] / 1e6:.3f} Mbit/s"
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        cells = [r["case"], f"{r['configured_bps'] / 1e6:g} Mbit/s", measured, ratio, extra]
+        if judged:
+            verdict = "met" if r.get("pass") else "MISSED"
+            if "error" in r:
+                verdict += f": {r['error'][:60]}"
+            elif "limited_by" in r:
+                verdict += f": {r['limited_by']}"
+            cells.append(verdict)
+        table.add_row(*cells)
     return table
+
+
+def _bench_notes(result: dict[str, Any]) -> None:
+    """The notes of a benchmark result: its ceiling and what it skipped, and why."""
+    ceiling = result.get("ceiling")
+    if ceiling:
+        moved = [
+            f"{key.removesuffix('_bps').replace('_', ' ')} {value / 1e6:.0f} Mbit/s"
+            for key, value in ceiling.items()
+            if key.endswith("_bps") and value is not None
+        ]
+        out.print(f"unshaped guest (its ceiling): {', '.join(moved)}", markup=False)
+    reasons: dict[str, list[str]] = {}
+    for s in result.get("skipped", []):
+        reasons.setdefault(s["reason"], []).append(s["case"])
+    for reason, cases in reasons.items():
+        out.print(f"skipped {', '.join(cases)}: {reason}", markup=False)
+
+
+def _loss_with_interval(row: dict[str, Any]) -> str:
+    """A measured loss rate with its 95 % interval, in percent."""
+    lo, hi = row["interval_95_percent"]
+    return f"{row['measured_percent']:.3f} % [{lo:.3f}, {hi:.3f}]"
 
 
 def _impairments_table(result: dict[str, Any]) -> Table:
@@ -878,13 +990,25 @@ def _impairments_table(result: dict[str, Any]) -> Table:
         "measured",
         "detail",
         "target",
-        title=f"delay, jitter and loss (engine: {result['engine']})",
+        title=f"delay, jitter and loss (engine: {result['engine']})"
+        + (" through a QEMU guest" if result.get("driver") == "qemu" else ""),
     )
     for r in result["rows"]:
         kind = r["kind"]
         configured = measured = detail = ""
-        if kind == "baseline":
+        if kind == "baseline" and "median_rtt_us" in r:
+            measured = f"{r['median_rtt_us']} µs RTT"
+            detail = f"p99 {r['p99_rtt_us']} µs, n {r['samples']}"
+        elif kind == "baseline":
             measured = f"{r['median_one_way_us']} µs one way"
+        elif kind == "rtt_delay":
+            configured = f"{r['configured_ms']} ms"
+            measured = f"{r['measured_ms']:.3f} ms RTT added"
+            detail = f"error {r['median_error_us']} µs, p99-p50 {r['p99_minus_median_us']} µs, n {r['samples']}"
+        elif kind == "udp_loss":
+            configured = f"{r['configured_percent']:g} %"
+            measured = _loss_with_interval(r)
+            detail = f"{r['lost']} of {r['packets']}, expected {r['expected_count_95']}"
         elif kind == "delay":
             configured, measured = f"{r['configured_ms']} ms", f"{r['measured_ms']:.3f} ms"
             detail = f"error {r['median_error_us']} µs, p99-p50 {r['p99_minus_median_us']} µs, reordered {r['reordered']}"
@@ -893,9 +1017,8 @@ def _impairments_table(result: dict[str, Any]) -> Table:
             measured = f"σ {r['measured_sigma_ms']:.3f} ms ({r['ratio']:.3f})"
             detail = f"n {r['samples']}, skew {r['skewness']}, reordered {r['reordered']}"
         elif kind == "loss":
-            lo, hi = r["interval_95_percent"]
             configured = f"{r['configured_percent']:g} %, bursts {r['configured_burst']:g}"
-            measured = f"{r['measured_percent']:.3f} % [{lo:.3f}, {hi:.3f}]"
+            measured = _loss_with_interval(r)
             detail = f"mean burst {r['mean_burst']}, n {r['packets']}"
             if "engine_lost_percent" in r:
                 detail += (
@@ -929,21 +1052,70 @@ def _impairments_table(result: dict[str, Any]) -> Table:
     return table
 
 
+def _qemu_launch_table(result: dict[str, Any]) -> Table:
+    table = Table(
+        "measure",
+        "p50 s",
+        "p99 s",
+        "each (s)",
+        "target",
+        title=f"launch of QEMU guests ({result['accelerator']})",
+    )
+    seq = result["sequential"]
+    for name, key in (
+        ("launch", "launch"),
+        ("launch + first ping", "ready"),
+        ("destroy", "destroy"),
+    ):
+        target = ""
+        if key == "launch":
+            target = f"≤ {seq['target_s']:g} s: " + ("met" if seq["pass"] else "MISSED")
+        table.add_row(
+            f"{name}, one at a time",
+            str(seq[key]["p50_s"]),
+            str(seq[key]["p99_s"]),
+            " ".join(f"{t:.2f}" for t in seq[f"{key}_s"]),
+            target,
+        )
+    for name, key in (
+        ("one session", "concurrent_one_session"),
+        ("separate sessions", "concurrent_separate_sessions"),
+    ):
+        c = result[key]
+        table.add_row(
+            f"{c['guests']} at once, {name} (wall {c['wall_s']:.2f} s)",
+            str(c["p50_s"]),
+            str(c["p99_s"]),
+            " ".join(f"{t:.2f}" for t in c["per_guest_s"].values()),
+            f"no error, {c['answering_ping']}/{c['guests']} answer ping: "
+            + ("met" if not c["errors"] and c["answering_ping"] == c["guests"] else "MISSED"),
+        )
+    return table
+
+
 def _bench(
     which: str,
     out_path: Path | None,
     part: str = "all",
     quick: bool = False,
     cells: str | None = None,
+    driver: str = "netns",
 ) -> None:
+    from vnic.benchmarks import DRIVERS
     from vnic.benchmarks import run as run_bench
 
     def printer(result: dict[str, Any]) -> None:
         if which == "fidelity":
-            if "rates" in result:
-                out.print(_rates_table(result["rates"]))
-            if "impairments" in result:
-                out.print(_impairments_table(result["impairments"]))
+            for key, render in (("rates", _rates_table), ("impairments", _impairments_table)):
+                if key in result:
+                    out.print(render(result[key]))
+                    _bench_notes(result[key])
+            return
+        if result.get("driver") == "qemu":
+            out.print(_qemu_launch_table(result))
+            for key in ("concurrent_one_session", "concurrent_separate_sessions"):
+                for error in result[key]["errors"]:
+                    out.print(f"error: {error}", markup=False)
             return
         table = Table("metric", "value", title=f"launch of {result['vms']} shaped VMs")
         for k, v in result.items():
@@ -952,19 +1124,27 @@ def _bench(
         out.print(table)
 
     def body() -> None:
-        from vnic.bench_impairments import CELLS
+        if driver not in DRIVERS:
+            raise InvalidInput.one("--driver", driver, "one of " + ", ".join(DRIVERS))
+        from vnic import bench_impairments, bench_qemu
 
+        valid: tuple[str, ...] = bench_qemu.CELLS if driver == "qemu" else bench_impairments.CELLS
         if part not in ("all", "rates", "impairments"):
             raise InvalidInput.one("--part", part, "one of all, rates, impairments")
-        chosen = tuple(c.strip() for c in cells.split(",")) if cells else CELLS
-        unknown = [c for c in chosen if c not in CELLS]
+        chosen = tuple(c.strip() for c in cells.split(",")) if cells else valid
+        unknown = [c for c in chosen if c not in valid]
         if unknown:
             raise InvalidInput.one(
-                "--cells", cells, "a comma-separated list of " + ", ".join(CELLS)
+                "--cells", cells, f"a comma-separated list of {', '.join(valid)} (driver {driver})"
             )
-        run_bench(which, out_path, printer, part=part, quick=quick, cells=chosen)
+        run_bench(which, out_path, printer, part=part, quick=quick, cells=chosen, driver=driver)
 
     run(body)
+
+
+_DRIVER_OPTION = typer.Option(
+    "--driver", help="The VMs measured: netns, or qemu (QEMU guests against a netns peer)."
+)
 
 
 @bench_app.command("fidelity")
@@ -983,10 +1163,12 @@ def bench_fidelity(
         str | None,
         typer.Option("--cells", help="Impairment cells to run (comma-separated); default all."),
     ] = None,
+    driver: Annotated[str, _DRIVER_OPTION] = "netns",
 ) -> None:
     """Configured vs measured: rates (1, 10, 100, 1000 Mbit/s each way, TCP and UDP), QoS shares,
-    asymmetry; delay, jitter, loss, order, seeds and the delay engine's ceiling."""
-    _bench("fidelity", json_out, part, quick, cells)
+    asymmetry; delay, jitter, loss, order, seeds and the delay engine's ceiling. With
+    --driver qemu: the same rates through a QEMU guest, and its delay (RTT) and loss cells."""
+    _bench("fidelity", json_out, part, quick, cells, driver)
 
 
 @bench_app.command("launch")
@@ -994,9 +1176,11 @@ def bench_launch(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Write the results as JSON here.")
     ] = None,
+    driver: Annotated[str, _DRIVER_OPTION] = "netns",
 ) -> None:
-    """Launch 100 shaped VMs: per-VM launch time p50/p99, total, time to read all counters."""
-    _bench("launch", json_out)
+    """Launch 100 shaped VMs: per-VM launch time p50/p99, total, time to read all counters.
+    With --driver qemu: 5 guests one at a time (p50/p99), then 4 at once."""
+    _bench("launch", json_out, driver=driver)
 
 
 @bench_app.command("change")

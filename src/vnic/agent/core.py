@@ -333,14 +333,25 @@ class Agent:
         kind = kind or self.default
         driver = self.driver(kind)
         key = (request.session, request.vm)
+        # A driver that boots something (QEMU) waits for it outside the session's
+        # lock, so guests of one session boot side by side.
+        begin = getattr(driver, "launch_begin", None)
         with self._session_lock(request.session):
             self.state.put(DesiredVm(kind, request), new=True)
             try:
-                driver.launch(request)
+                (begin or driver.launch)(request)
             except BaseException:
                 self.state.remove([key])
                 raise
-            self._open_feedback(DesiredVm(kind, request))
+        if begin is not None:
+            try:
+                driver.launch_finish(request)  # type: ignore[attr-defined]
+            except BaseException:
+                with self._session_lock(request.session):
+                    self.state.remove([key])
+                    driver.destroy(request.session, request.vm)
+                raise
+        self._open_feedback(DesiredVm(kind, request))
 
     def reconfigure(self, request: LaunchRequest) -> list[str]:
         """Make a running VM match ``request`` with a live change of what differs; return

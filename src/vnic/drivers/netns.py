@@ -203,6 +203,18 @@ class NetnsDriver:
         )
 
     def launch(self, request: LaunchRequest) -> None:
+        self.launch_begin(request)
+        try:
+            self.launch_finish(request)
+        except BaseException:
+            self.destroy(request.session, request.vm)
+            raise
+
+    def launch_begin(self, request: LaunchRequest) -> None:
+        """Everything of a launch that touches the session's shared objects (bridge, nft
+        table): the agent runs this under the session's lock, and :meth:`launch_finish`
+        (the wait for a guest to boot) outside it, so launches in one session overlap.
+        On failure nothing is left and the error is raised."""
         check_supported(self.capabilities(), request.values)
         session_ns = names.session_netns(request.session)
         if self._vm_exists(request.session, request.vm):
@@ -224,7 +236,6 @@ class NetnsDriver:
                 apply_netem(session_ns, plan)
                 if plan.engine is not None:
                     delayd.start(session_ns, request.session, request.vm, plan.engine)
-                self._started(request, plan)
             finally:
                 if guard is not None:
                     guard.wait()  # reaped even when the work above failed
@@ -268,8 +279,14 @@ class NetnsDriver:
         if _egress_per_packet(plan):
             self._set_vm_offloads(request, on=False)
 
-    def _started(self, request: LaunchRequest, plan: Plan) -> None:
-        """Called once the host side is in place (here: nothing left to do)."""
+    def launch_finish(self, request: LaunchRequest) -> None:
+        """The end of a launch after :meth:`launch_begin`: wait until the VM's network is
+        ready (a namespace's is when it is made). On failure it raises and the caller
+        destroys the VM (under the session's lock, as it began it)."""
+        self._wait_ready(request)
+
+    def _wait_ready(self, request: LaunchRequest) -> None:
+        """Wait until the VM's network is up (here: nothing to wait for)."""
 
     def _set_vm_offloads(self, request: LaunchRequest, *, on: bool) -> None:
         """TSO/GSO of the VM's own interface (VM egress is segmented there)."""

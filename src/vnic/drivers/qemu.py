@@ -98,7 +98,7 @@ class QemuDriver(NetnsDriver):
     def _vm_settings(self, request: LaunchRequest, plan: Plan) -> None:
         """Nothing at this point: the guest applies its settings from its command line."""
 
-    def _started(self, request: LaunchRequest, plan: Plan) -> None:
+    def _wait_ready(self, request: LaunchRequest) -> None:
         """Wait for the guest's NIC (the boot overlapped the host-side work)."""
         qemu.wait_ready(
             qemu.run_files(request.session, request.vm),
