@@ -545,7 +545,9 @@ def vm_launch(
     sets: Annotated[
         list[str] | None, typer.Option("--set", help="Override FIELD=VALUE (new VMs). Repeatable.")
     ] = None,
-    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+    driver: Annotated[
+        str, typer.Option("--driver", help="netns (a namespace) or qemu (a QEMU guest).")
+    ] = "netns",
     as_json: JsonFlag = False,
 ) -> None:
     """Launch a VM: define it first if new, resolve its profile, configure its vNIC, start it."""
@@ -616,6 +618,32 @@ def vm_exec(
 
     run(body)
     raise typer.Exit(code)
+
+
+@vm_app.command("link")
+def vm_link(
+    session: str,
+    name: str,
+    state: Annotated[str, typer.Argument(help="up or down")],
+) -> None:
+    """Set a QEMU guest's NIC link up or down (QMP set_link: the guest sees its carrier go)."""
+    from vnic.agent.core import local_agent
+    from vnic.drivers.qemu import QemuDriver
+
+    def body() -> None:
+        if state not in ("up", "down"):
+            raise InvalidInput.one("state", state, "up or down")
+        agent = local_agent()
+        kind = agent.kind_of(session, name)
+        driver = agent.driver(kind)
+        if not isinstance(driver, QemuDriver):
+            raise InvalidInput.one(
+                "vm", f"{session}/{name}", f"a QEMU guest (it runs on the {kind} driver)"
+            )
+        driver.set_link(session, name, state == "up")
+        out.print(f"vm {session}/{name}: link {state}", markup=False)
+
+    run(body)
 
 
 @vm_app.command("destroy")

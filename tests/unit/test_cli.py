@@ -165,3 +165,13 @@ def test_a_profile_seed_must_be_a_non_negative_integer(vnic: Vnic) -> None:
     assert proc.returncode == 2 and "seed: got -3" in proc.stderr
     vnic("profile", "apply", "-f", "-", stdin="name: s\nseed: 7\negress: {loss: 1%}\n")
     assert vnic.json("profile", "show", "s")["document"]["seed"] == 7
+
+
+def test_vm_link_names_a_bad_state_and_a_vm_that_is_no_guest(vnic: Vnic) -> None:
+    bad = vnic("vm", "link", "lab", "g", "sideways", ok=False)
+    assert bad.returncode == 2
+    assert "state: got 'sideways'; expected up or down" in bad.stderr
+    # Unknown to this host's agent: the default driver (netns) runs it, which has no QMP.
+    none = vnic("vm", "link", "lab", "g", "down", ok=False)
+    assert none.returncode == 2
+    assert "vm: got 'lab/g'; expected a QEMU guest (it runs on the netns driver)" in none.stderr
