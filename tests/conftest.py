@@ -20,6 +20,21 @@ from vnic.manager.service import Service
 from vnic.store.db import Database
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_vnic_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Tests never touch this host's own vnic state (``/var/lib/vnic``: the agent's desired
+    VMs, which a later ``vnic serve`` would relaunch): without a VNIC_HOME of their own,
+    they get one for the run. Tests that run the CLI set theirs as before."""
+    if os.environ.get("VNIC_HOME"):
+        yield
+        return
+    os.environ["VNIC_HOME"] = str(tmp_path_factory.mktemp("vnic-home"))
+    try:
+        yield
+    finally:
+        del os.environ["VNIC_HOME"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
