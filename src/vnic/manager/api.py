@@ -367,6 +367,9 @@ def create_app(manager: Manager) -> FastAPI:
         return Response(status_code=204)
 
     add_live_routes(app, manager, vm_writer)
+    from vnic.web import add_web_routes  # the UI: pages over this same API
+
+    add_web_routes(app, manager)
 
     # ------------------------------------------------------------------ metrics
 

@@ -1,4 +1,4 @@
-"""The API's caller dependency: who is calling, from the bearer token."""
+"""The API's caller dependency: who is calling, from the bearer token (or the UI's cookie)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from vnic.manager.auth import Principal
 if TYPE_CHECKING:
     from vnic.manager.dispatch import Manager
 
+#: The cookie the web UI's login sets (see :mod:`vnic.web`).
+TOKEN_COOKIE = "vnic_token"
+
 _bearer = HTTPBearer(auto_error=False, description="An API token: vnic token create")
 
 
@@ -21,7 +24,10 @@ async def _caller(
     # async: a sync dependency costs a trip through the thread pool on every call;
     # authentication is a cache hit but every few seconds (one short query then).
     manager: Manager = request.app.state.manager
-    return manager.tokens.authenticate(creds.credentials if creds else None)
+    # The web UI's login keeps the token in an HttpOnly, SameSite=Strict cookie (its
+    # pages cannot send headers on EventSource or navigation); a header wins.
+    secret = creds.credentials if creds else request.cookies.get(TOKEN_COOKIE)
+    return manager.tokens.authenticate(secret)
 
 
 Caller = Annotated[Principal, Depends(_caller)]
