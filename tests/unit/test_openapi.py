@@ -29,7 +29,13 @@ def test_every_operation_answers_as_documented(tmp_path: Path) -> None:
     api.call("admin", "POST", "/v1/sessions", json={"name": "lab1", "owner": "alice"})
     api.call("admin", "POST", "/v1/sessions/lab1/vms", json={"name": "web"})
     schema = schemathesis.openapi.from_asgi("/openapi.json", api.client.app)
-    operations = [result.ok() for result in schema.get_all_operations()]
+    # The live stream never ends by itself (server-sent events): the browser tests
+    # read it; here it would hold the generated calls forever.
+    operations = [
+        op
+        for op in (result.ok() for result in schema.get_all_operations())
+        if not op.path.endswith("/live")
+    ]
     assert len(operations) > 20
 
     @settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
@@ -50,7 +56,8 @@ def test_every_route_is_in_the_openapi_document(tmp_path: Path) -> None:
         documented = api.client.get("/openapi.json").json()["paths"]
         for route in api.client.app.routes:  # type: ignore[attr-defined]
             path = getattr(route, "path", "")
-            if path.startswith(("/openapi", "/docs", "/redoc")):
+            if path.startswith(("/openapi", "/docs", "/redoc", "/ui/static")) or path == "/":
+                # the API's own documents, and the web UI's page and assets (not API)
                 continue
             assert path in documented, path
             for method in getattr(route, "methods", set()) - {"HEAD"}:

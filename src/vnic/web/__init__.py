@@ -99,7 +99,7 @@ def add_web_routes(app: FastAPI, manager: Manager) -> None:
         )
         return response
 
-    @app.post("/ui/logout", tags=["ui"])
+    @app.post("/ui/logout", status_code=204, tags=["ui"])
     def logout() -> Response:
         response = Response(status_code=204)
         response.delete_cookie(TOKEN_COOKIE, path="/")
@@ -115,7 +115,12 @@ def add_web_routes(app: FastAPI, manager: Manager) -> None:
         """Every profile field with its unit, what it expects, its meaning and default."""
         return field_catalogue()
 
-    @app.get("/v1/sessions/{session}/live", tags=["sessions"])
+    @app.get(
+        "/v1/sessions/{session}/live",
+        tags=["sessions"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
     async def live(
         who: Caller, session: str, interval: float = LIVE_INTERVAL, events: int = 0
     ) -> StreamingResponse:
