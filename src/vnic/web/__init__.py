@@ -70,7 +70,11 @@ def field_catalogue() -> list[dict[str, str]]:
 
 def add_web_routes(app: FastAPI, manager: Manager) -> None:
     """Mount the UI and its few endpoints on the manager's app."""
+    from vnic.web import profiles_api, sessions_api
+
     app.mount("/ui/static", StaticFiles(directory=STATIC), name="ui-static")
+    profiles_api.add_routes(app, manager)
+    sessions_api.add_routes(app, manager)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
