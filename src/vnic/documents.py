@@ -75,6 +75,15 @@ def read_documents(sources: Sequence[str]) -> list[Document]:
     return docs
 
 
+def documents_from_text(text: str, origin: str) -> list[Document]:
+    """The profile documents in YAML (or JSON) ``text``, as :func:`read_documents` reads a
+    file (the web UI's import sends the text it was given)."""
+    docs = _parse_text(text, origin, json_first=False)
+    if not docs:
+        raise InvalidInput.one("file", origin, "at least one profile document")
+    return docs
+
+
 def _parse_text(text: str, origin: str, *, json_first: bool) -> list[Document]:
     try:
         bodies = (

@@ -3,7 +3,9 @@ logged in; logging out forgets the cookie."""
 
 from __future__ import annotations
 
-from tests.e2e.web import Web, browser, wait_rendered, web  # noqa: F401
+from tests.e2e.web import Web, wait_rendered
+from tests.e2e.web import browser as browser
+from tests.e2e.web import web as web
 
 
 def test_login_refuses_a_wrong_token_and_remembers_a_right_one(web: Web) -> None:
