@@ -1073,6 +1073,23 @@ class Service:
             vm = self._vm_row(s, session, name)
             return Explanation(self._vm_info(vm), self._resolve(s, vm))
 
+    def explain_all(self, session: str) -> list[Explanation]:
+        """:meth:`explain` for every VM of ``session``, in one transaction (each policy and
+        profile set loaded once): the web UI's session table."""
+        with self.db.reading() as s:
+            srow = self._session_row(s, session)
+            query = (
+                select(VmRow)
+                .where(VmRow.session_id == srow.id)
+                .options(*_VM_RESOLVE_LOADS)
+                .order_by(VmRow.name)
+            )
+            cache: dict[Any, Any] = {}
+            return [
+                Explanation(self._vm_info(vm), self._resolve(s, vm, cache=cache))
+                for vm in s.scalars(query)
+            ]
+
     def _vm_row(self, s: Session, session: str, name: str) -> VmRow:
         srow = self._session_row(s, session)
         vm = s.scalar(select(VmRow).where(VmRow.session_id == srow.id, VmRow.name == name))
