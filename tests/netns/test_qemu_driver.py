@@ -73,9 +73,13 @@ def rtt_ms(lab: GuestLab, client: str, address: str) -> float:
     return statistics.median(times)
 
 
-def guest_sysctl(lab: GuestLab, vm: str, key: str) -> str:
-    proc = vmexec.run(lab.session, vm, ["sysctl", "-n", key], timeout=30)
-    return proc.stdout.strip()
+def guest_tcp(lab: GuestLab, vm: str) -> tuple[str, str, str]:
+    """The guest kernel's congestion control, SACK switch, and eth0's TCP segmentation offload."""
+    keys = ["net.ipv4.tcp_congestion_control", "net.ipv4.tcp_sack"]
+    sysctls = vmexec.run(lab.session, vm, ["sysctl", "-n", *keys], timeout=30).stdout.split()
+    offload = vmexec.run(lab.session, vm, ["ethtool", "-k", "eth0"], timeout=30).stdout
+    state = offload.split("tcp-segmentation-offload:", 1)[1].split()[0]
+    return sysctls[0], sysctls[1], state
 
 
 def test_delay_and_tcp_settings_in_a_guest_change_live(glab: GuestLab) -> None:
@@ -93,12 +97,7 @@ def test_delay_and_tcp_settings_in_a_guest_change_live(glab: GuestLab) -> None:
     # trip from the peer grows by about 20 ms; the guest's kernel took the TCP settings
     # from its command line.
     assert 19 < rtt_ms(glab, "peer", g_ip) < 30
-    assert guest_sysctl(glab, "g", "net.ipv4.tcp_congestion_control") == "reno"
-    assert guest_sysctl(glab, "g", "net.ipv4.tcp_sack") == "0"
-    assert (
-        "tcp-segmentation-offload: on"
-        in vmexec.run(glab.session, "g", ["ethtool", "-k", "eth0"], timeout=30).stdout
-    )
+    assert guest_tcp(glab, "g") == ("reno", "0", "on")
 
     # Live: more delay, BBR, SACK back, and egress loss (per packet: offload off in the guest).
     changes = glab.service.update_vm_live(
@@ -114,12 +113,7 @@ def test_delay_and_tcp_settings_in_a_guest_change_live(glab: GuestLab) -> None:
     )[1]
     assert changes and not changes[0].error, changes
     assert 48 < rtt_ms(glab, "peer", g_ip) < 65
-    assert guest_sysctl(glab, "g", "net.ipv4.tcp_congestion_control") == "bbr"
-    assert guest_sysctl(glab, "g", "net.ipv4.tcp_sack") == "1"
-    assert (
-        "tcp-segmentation-offload: off"
-        in vmexec.run(glab.session, "g", ["ethtool", "-k", "eth0"], timeout=30).stdout
-    )
+    assert guest_tcp(glab, "g") == ("bbr", "1", "off")
     # The guest still reaches its peer the other way round, through the same engine.
     assert measure.ping(glab.session, "g", peer, count=2) != []
 
