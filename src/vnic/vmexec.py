@@ -33,7 +33,7 @@ class Started(Protocol):
 
 def is_guest(session: str, vm: str) -> bool:
     """Whether the VM is a QEMU guest (else a network namespace)."""
-    return qemu.run_files(session, vm).directory.is_dir()
+    return qemu.is_guest(session, vm)
 
 
 def run(

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import Client, Server, admin_token
+from tests.netns.conftest import guest_leftovers
 from vnic import measure, vmexec
-from vnic.dataplane import names, qemu
+from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.qemu import QemuDriver
 from vnic.measure import TCP_GOODPUT
@@ -31,15 +32,6 @@ def frame_rate(t: measure.Throughput) -> float:
 
 def within(measured: float, configured: float) -> bool:
     return abs(measured - configured) / configured < TOLERANCE
-
-
-def guest_leftovers(session: str) -> list[str]:
-    """Anything of the session's guests still on the host: QEMU processes, run dirs, taps."""
-    found = [f"qemu pid {p}" for p in qemu.owned_processes(names.owner_tag(session, ""))]
-    run = qemu.run_root() / session
-    if run.exists():
-        found.append(f"run dir {run}")
-    return found
 
 
 def launch(admin: Client, session: str, vm: str, driver: str, **extra: Any) -> dict[str, Any]:

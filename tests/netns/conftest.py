@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from vnic.dataplane import names
+from vnic.dataplane import names, qemu
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Explanation, Service, VmRequest
@@ -112,6 +112,16 @@ def doctor_json() -> dict[str, Any]:
 def leftovers(session: str) -> list[str]:
     """Namespaces of ``session`` that still exist."""
     return [n for n in nsops.listing() if names.of_session(n, session)]
+
+
+def guest_leftovers(session: str) -> list[str]:
+    """What of ``session``'s QEMU guests is still on the host: processes carrying one of
+    its owner tags, and its run directory."""
+    found = [f"qemu pid {p}" for p in qemu.owned_processes(names.owner_tag(session, ""))]
+    run = qemu.run_root() / session
+    if run.exists():
+        found.append(f"run dir {run}")
+    return found
 
 
 @pytest.fixture

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.netns.conftest import leftovers
+from tests.netns.conftest import guest_leftovers, leftovers
 from vnic import bench_qemu
-from vnic.dataplane import names, qemu
 
 pytestmark = pytest.mark.root
 
@@ -37,6 +36,5 @@ def test_a_guest_is_shaped_both_ways_and_leaves_nothing() -> None:
     assert "Python" in result["skipped"][0]["reason"]
 
     session = result["session"]
-    assert qemu.owned_processes(names.owner_tag(session) + "/") == {}
-    assert not (qemu.run_root() / session).exists()
+    assert guest_leftovers(session) == []
     assert leftovers(session) == []

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import leftovers
+from tests.netns.conftest import guest_leftovers, leftovers
 from tests.netns.test_reconcile_dataplane import tagged_links, wait_until
 from vnic import measure, vmexec
 from vnic.agent.core import Agent, local_agent
@@ -50,10 +50,11 @@ class GuestLab:
         return ip
 
     def guest_leftovers(self) -> list[str]:
-        found = [f"pid {p}" for p in qemu.owned_processes(names.owner_tag(self.session, ""))]
-        if (qemu.run_root() / self.session).exists():
-            found.append("run dir")
-        return found + leftovers(self.session) + list(tagged_links(self.session))
+        return (
+            guest_leftovers(self.session)
+            + leftovers(self.session)
+            + list(tagged_links(self.session))
+        )
 
 
 @pytest.fixture

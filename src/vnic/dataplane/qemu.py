@@ -253,6 +253,11 @@ def run_files(session: str, vm: str) -> RunFiles:
     return RunFiles(run_root() / session / vm)
 
 
+def is_guest(session: str, vm: str) -> bool:
+    """Whether the VM is a QEMU guest here: its run directory exists (made first, removed last)."""
+    return run_files(session, vm).directory.is_dir()
+
+
 def guests() -> dict[str, set[str]]:
     """Every session with guest run directories on this host, and those guests' VM names."""
     out: dict[str, set[str]] = {}

@@ -32,7 +32,7 @@ import re
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,19 +226,9 @@ class NetnsDriver:
         nsops.ensure_session(session_ns, request.session)
         try:
             self._plug(request, plan)
-            guard = nft.start_guard(session_ns, plan.guard) if plan.guard else None
-            try:
-                self._vm_settings(request, plan)
-                self._offloads(session_ns, plan)
-                with nsops.opened(session_ns) as ns:
-                    apply_plan(ns, plan)
-                    verify(ns, plan)
-                apply_netem(session_ns, plan)
-                if plan.engine is not None:
-                    delayd.start(session_ns, request.session, request.vm, plan.engine)
-            finally:
-                if guard is not None:
-                    guard.wait()  # reaped even when the work above failed
+            self._apply_host_side(
+                session_ns, request, plan, lambda: self._vm_settings(request, plan)
+            )
         except BaseException:
             self.destroy(request.session, request.vm)
             raise
@@ -511,17 +501,34 @@ class NetnsDriver:
         for port in (links.port, links.relay_port):
             nft.remove_guard(session_ns, guard_chain(port), names.owner_tag(session, vm))
         nsops.replug_host_side(session_ns, session, vm, relay=new.engine is not None)
-        guard = nft.start_guard(session_ns, new.guard) if new.guard else None
-        try:
+
+        def vm_offloads() -> None:
             if _egress_per_packet(old) != _egress_per_packet(new):
                 self._set_vm_offloads(request, on=not _egress_per_packet(new))
-            self._offloads(session_ns, new)
+
+        self._apply_host_side(session_ns, request, new, vm_offloads)
+
+    def _apply_host_side(
+        self,
+        session_ns: str,
+        request: LaunchRequest,
+        plan: Plan,
+        vm_step: Callable[[], None],
+    ) -> None:
+        """Apply ``plan`` to the VM's links (made already): the guard (started in the
+        background, reaped even on failure), ``vm_step`` (the VM's own settings), host-side
+        offloads, traffic control read back, netem, and the delay engine. Launch and a
+        structural live change both build the host side this way."""
+        guard = nft.start_guard(session_ns, plan.guard) if plan.guard else None
+        try:
+            vm_step()
+            self._offloads(session_ns, plan)
             with nsops.opened(session_ns) as ns:
-                apply_plan(ns, new)
-                verify(ns, new)
-            apply_netem(session_ns, new)
-            if new.engine is not None:
-                delayd.start(session_ns, session, vm, new.engine)
+                apply_plan(ns, plan)
+                verify(ns, plan)
+            apply_netem(session_ns, plan)
+            if plan.engine is not None:
+                delayd.start(session_ns, request.session, request.vm, plan.engine)
         finally:
             if guard is not None:
                 guard.wait()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,7 +62,7 @@ class QemuDriver(NetnsDriver):
         return qemu.guest_pid(session, vm, names.owner_tag(session, vm)) is not None
 
     def _vm_exists(self, session: str, vm: str) -> bool:
-        return qemu.run_files(session, vm).directory.exists()
+        return qemu.is_guest(session, vm)
 
     def _vm_thing(self, session: str, vm: str) -> str:
         return f"QEMU guest {qemu.run_files(session, vm).directory}"
@@ -128,10 +129,9 @@ class QemuDriver(NetnsDriver):
         )
 
     def _remove_vm(self, session: str, vm: str) -> None:
-        """Stop QEMU (its tap is persistent: it goes with the other links)."""
-        owner = names.owner_tag(session, vm)
-        if qemu.guest_pid(session, vm, owner) is not None or qemu.owned_processes(owner):
-            qemu.stop(session, vm, owner)
+        """Stop QEMU (its tap is persistent: it goes with the other links). :func:`qemu.stop`
+        finds the process by pid file and by tag, and does nothing when there is none."""
+        qemu.stop(session, vm, names.owner_tag(session, vm))
 
     def destroy(self, session: str, vm: str) -> None:
         """Stop the guest and remove its tap, IFB or relay, guard and engine. Idempotent.
@@ -190,8 +190,6 @@ class QemuDriver(NetnsDriver):
             run, argv, timeout=float(kwargs.get("timeout") or 600), stdin=kwargs.get("input")
         )
         if not kwargs.get("capture_output"):
-            import sys
-
             sys.stdout.write(proc.stdout)
             sys.stdout.flush()
             sys.stderr.write(proc.stderr)
