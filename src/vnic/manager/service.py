@@ -948,11 +948,18 @@ class Service:
             return {row.name: eff for row, eff in self._running(s, session)}
 
     def _running(
-        self, s: Session, session: str | None = None, vm: str | None = None
+        self,
+        s: Session,
+        session: str | None = None,
+        vm: str | None = None,
+        *,
+        running_only: bool = True,
     ) -> Iterator[tuple[VmRow, Effective]]:
-        """Running VMs (of ``session``, and ``vm``) with their effective profiles, resolved
-        with each policy and profile set loaded once."""
-        query = select(VmRow).where(VmRow.state == "running").options(*_VM_RESOLVE_LOADS)
+        """Running VMs (every VM without ``running_only``; of ``session``, and ``vm``) with
+        their effective profiles, resolved with each policy and profile set loaded once."""
+        query = select(VmRow).options(*_VM_RESOLVE_LOADS)
+        if running_only:
+            query = query.where(VmRow.state == "running")
         if session is not None:
             query = query.where(VmRow.session_id == self._session_row(s, session).id)
         if vm is not None:
@@ -1077,18 +1084,11 @@ class Service:
         """:meth:`explain` for every VM of ``session``, in one transaction (each policy and
         profile set loaded once): the web UI's session table."""
         with self.db.reading() as s:
-            srow = self._session_row(s, session)
-            query = (
-                select(VmRow)
-                .where(VmRow.session_id == srow.id)
-                .options(*_VM_RESOLVE_LOADS)
-                .order_by(VmRow.name)
-            )
-            cache: dict[Any, Any] = {}
-            return [
-                Explanation(self._vm_info(vm), self._resolve(s, vm, cache=cache))
-                for vm in s.scalars(query)
+            found = [
+                Explanation(self._vm_info(vm), eff)
+                for vm, eff in self._running(s, session, running_only=False)
             ]
+        return sorted(found, key=lambda e: e.vm.name)
 
     def _vm_row(self, s: Session, session: str, name: str) -> VmRow:
         srow = self._session_row(s, session)
