@@ -29,7 +29,7 @@ from vnic.manager.auth import Principal, require_admin, require_vm_writer
 from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
 from vnic.manager.service import VmChange, VmRequest
-from vnic.model.profile import document_to_values, parse_profile_document
+from vnic.model.profile import ProfileSpec, document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
 
 # ----------------------------------------------------------------------------- errors
@@ -162,12 +162,7 @@ def create_app(manager: Manager) -> FastAPI:
                 errors += [e.under(f"[{i}]") for e in exc.errors]
         if errors:
             raise InvalidInput(errors)
-        with manager.gate.shared():
-            results, changes = svc.apply_profiles_live(specs, manager.agent)
-        return [
-            {**views.apply_json(r), "changes": _json(c for c in changes if r.name in c.revisions)}
-            for r in results
-        ]
+        return import_specs(manager, specs)
 
     @app.get("/v1/export/profiles", response_model=list[sc.Document], tags=["profiles"])
     def export_profiles(
@@ -386,6 +381,17 @@ def create_app(manager: Manager) -> FastAPI:
         )
 
     return app
+
+
+def import_specs(manager: Manager, specs: Sequence[ProfileSpec]) -> list[dict[str, Any]]:
+    """Apply parsed profiles live (all or nothing) and answer, per profile, its result and
+    the changes it made on running VMs (the JSON and the YAML import routes)."""
+    with manager.gate.shared():
+        results, changes = manager.service.apply_profiles_live(specs, manager.agent)
+    return [
+        {**views.apply_json(r), "changes": _json(c for c in changes if r.name in c.revisions)}
+        for r in results
+    ]
 
 
 def _json(changes: Iterable[VmChange]) -> list[dict[str, Any]]:

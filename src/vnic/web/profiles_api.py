@@ -19,7 +19,7 @@ from fastapi import FastAPI, Query, Request, Response
 from vnic.documents import documents_from_text, dump_yaml, parse_documents
 from vnic.errors import InvalidInput
 from vnic.manager import schemas as sc
-from vnic.manager import views
+from vnic.manager.api import import_specs
 from vnic.manager.auth import require_admin
 from vnic.manager.deps import Caller
 
@@ -78,13 +78,4 @@ def add_routes(app: FastAPI, manager: Manager) -> None:
 
 
 def _apply(manager: Manager, text: str) -> list[dict[str, Any]]:
-    specs = parse_documents(documents_from_text(text, "upload"))
-    with manager.gate.shared():
-        results, changes = manager.service.apply_profiles_live(specs, manager.agent)
-    return [
-        {
-            **views.apply_json(r),
-            "changes": [views.change_json(c) for c in changes if r.name in c.revisions],
-        }
-        for r in results
-    ]
+    return import_specs(manager, parse_documents(documents_from_text(text, "upload")))
