@@ -33,7 +33,7 @@ from vnic.dataplane import names, qemu
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe
 from vnic.drivers.base import Capabilities, LaunchRequest
-from vnic.drivers.netns import NetnsDriver, _egress_per_packet, _find
+from vnic.drivers.netns import NetnsDriver, _egress_per_packet
 from vnic.errors import Conflict, DataplaneError
 from vnic.plan.guest import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, NIC_ID, GuestSpec
 from vnic.plan.model import Plan
@@ -155,19 +155,15 @@ class QemuDriver(NetnsDriver):
         return []
 
     def _vms(self, only: str | None = None) -> dict[str, set[str]]:
-        """Guests with a run directory or a QEMU process carrying their tag, and (for their
-        links and guards) what the netns inventory finds of them."""
+        """Guests with a run directory or a QEMU process carrying their tag. (A guest's
+        links and guards need no search of their own: its run directory is made before
+        them and removed after them.)"""
         guests = qemu.guests()
         for owner in qemu.owned_processes(names.PREFIX + ":").values():
             session, _, vm = owner.removeprefix(names.PREFIX + ":").partition("/")
             if vm:
                 guests.setdefault(session, set()).add(vm)
-        out = {s: set(v) for s, v in guests.items() if only in (None, s)}
-        for session, vms in _find(only).items():
-            mine = vms & guests.get(session, set())
-            if mine:
-                out.setdefault(session, set()).update(mine)
-        return out
+        return {s: vms for s, vms in guests.items() if only in (None, s)}
 
     def running(self, session: str) -> list[str]:
         return sorted(
