@@ -294,6 +294,8 @@ def test_many_vms_rate_change_at_once(lab: Lab) -> None:
     for lines in result.values():
         assert isinstance(lines, list) and lines, lines
         assert all(line.startswith("egress: ") for line in lines), lines
-    assert took < 0.1
+    # How fast is the benchmark's business (vnic bench change: a profile PATCH reaching
+    # 100 kernels, p99 target 100 ms), not a test's: on a loaded 2-core CI machine this
+    # one batch once took 151 ms where it usually takes about 20.
     drift = lab.driver.drift_many([new for _, new in pairs])
     assert drift == {(s, vm): [] for vm in vms}
