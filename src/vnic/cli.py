@@ -1283,6 +1283,40 @@ def bench_api(
     run(body)
 
 
+@bench_app.command("ui")
+def bench_ui(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    vms: Annotated[int, typer.Option("--vms", min=1, max=2000, help="VMs in the session.")] = 200,
+    runs: Annotated[int, typer.Option("--runs", min=1, max=50, help="Renders of each page.")] = 5,
+) -> None:
+    """The web UI in Chromium: a session page of 200 VMs against one of a single VM."""
+    from vnic.bench_ui import run as run_ui
+
+    def body() -> None:
+        r = run_ui(vms=vms, runs=runs)
+        table = Table("page", "median ms", "renders ms", "target")
+        table.add_row(
+            f"session of {r['vms']} VMs",
+            str(r["median_ms"]),
+            " ".join(map(str, r["render_ms"])),
+            f"< {r['target_ms']} ms: {'met' if r['pass'] else 'missed'}",
+        )
+        table.add_row(
+            "session of 1 VM",
+            str(r["one_vm_median_ms"]),
+            " ".join(map(str, r["one_vm_render_ms"])),
+            "",
+        )
+        out.print(table)
+        out.print(f"ratio {r['vms']} VMs / 1 VM: {r['ratio_to_one_vm']}", markup=False)
+        if json_out:
+            json_out.write_text(json.dumps({"benchmark": "ui", **r}, indent=2) + "\n")
+
+    run(body)
+
+
 # ----------------------------------------------------------------------------- db, demo
 
 

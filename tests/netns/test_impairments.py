@@ -156,9 +156,26 @@ def test_duplicate_and_corrupt(lab: Lab) -> None:
 
 
 def test_tcp_through_100ms_fills_the_rate(lab: Lab) -> None:
-    s, b_ip = _pair(lab, egress={"rate": "20Mbit", "delay": "100ms"})
-    got = measure.iperf3(s, "a", "b", b_ip, seconds=8, omit=3)
-    assert got.bits_per_second > (1 - 0.07 * SLACK) * 20e6 * measure.TCP_GOODPUT
+    """Once the flow has converged, TCP through 100 ms carries the whole rate.
+
+    How long slow start takes depends on the machine (an emulated one ramps for
+    seconds), so the flow runs long enough for a slow one and the test judges its best
+    three consecutive seconds as the receiver counts them (b runs the iperf3 client in
+    reverse: a sends), not a fixed window after the start."""
+    lab.profile(name="imp", egress={"rate": "20Mbit", "delay": "100ms"})
+    lab.profile(name="plain")
+    s = lab.session(default="plain")
+    a = lab.launch(s, "a", profile="imp")
+    lab.launch(s, "b")
+    assert a.vm.ipv4
+    got = measure.iperf3(
+        s, "b", "a", a.vm.ipv4, reverse=True, seconds=8 * SLACK, omit=0, interval=1
+    )
+    windows = [stats.mean(list(got.intervals[i : i + 3])) for i in range(len(got.intervals) - 2)]
+    goodput = 20e6 * measure.TCP_GOODPUT
+    assert windows and max(windows) > (1 - 0.07 * SLACK) * goodput, got.intervals
+    # and the shaper holds it to the rate (a second may carry a burst the bucket saved)
+    assert stats.quantile(got.intervals, 0.5) < 1.03 * goodput, got.intervals
 
 
 needs_delayd = pytest.mark.skipif(

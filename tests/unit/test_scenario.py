@@ -394,3 +394,21 @@ def test_probability_values_in_steps_are_typed() -> None:
     s = parse_scenario(DEGRADE)
     loss = s.steps[1].values["egress.loss"]
     assert loss.mean == Probability.parse("5%")
+
+
+def test_a_scenario_changes_a_vm_at_most_every_20ms() -> None:
+    """An owner's 1 ms trace on three VMs kept 85 % of a core busy: windows, step gaps
+    and loop periods have a floor, refused by name."""
+    with pytest.raises(InvalidInput) as exc:
+        parse_scenario({"name": "t", "trace": [5], "field": "egress.rate", "window": "1ms"})
+    assert "at least 20ms" in _paths(exc)["window"]
+    assert parse_scenario(
+        {"name": "t", "trace": [5], "field": "egress.rate", "window": "20ms"}
+    ).window == pytest.approx(0.02)
+    steps = [{"at": "0s", "set": {"egress.rate": "1Mbit"}}, {"at": "5ms", "clear": True}]
+    with pytest.raises(InvalidInput) as exc:
+        parse_scenario({"name": "t", "steps": steps})
+    assert "20ms" in _paths(exc)["steps[1].at"]
+    with pytest.raises(InvalidInput) as exc:
+        parse_scenario({"name": "t", "loop": True, "duration": "1ms", "steps": steps[:1]})
+    assert "at least 20ms" in _paths(exc)["duration"]
