@@ -9,13 +9,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
 
 from tests.netns import frames
 from tests.netns.conftest import Lab
+from tests.netns.test_qemu_driver import GuestLab
+from vnic import vmexec
 from vnic.dataplane import names, nft
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.base import LaunchRequest
-from vnic.manager.service import Explanation
+from vnic.drivers.qemu import QemuDriver
+from vnic.manager.service import Explanation, VmRequest
 from vnic.measure import ping
 from vnic.plan.model import eui64_link_local
 
@@ -173,12 +179,15 @@ def _counters(lab: Lab, session: str, vm: str) -> dict[str, int]:
     return {k: v for k, v in lab.driver.drop_counters(session, vm).items() if v}
 
 
-def _snmp6(lab: Lab, session: str, vm: str, key: str) -> int:
-    for line in lab.exec(session, vm, "cat", "/proc/net/snmp6").splitlines():
+def _snmp6(session: str, vm: str, key: str) -> int:
+    """A counter of the VM's (or guest's) /proc/net/snmp6."""
+    proc = vmexec.run(session, vm, ["cat", "/proc/net/snmp6"], timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    for line in proc.stdout.splitlines():
         name, _, value = line.partition(" ")
         if name == key:
             return int(value)
-    raise AssertionError(f"{key} not in /proc/net/snmp6")
+    raise AssertionError(f"{key} not in /proc/net/snmp6 of {session}/{vm}")
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -188,13 +197,14 @@ def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def _link_local_usable(lab: Lab, session: str, vm: str) -> bool:
-    """Whether the VM's link-local address finished duplicate address detection (until
+def _link_local_usable(session: str, vm: str) -> bool:
+    """Whether the netns VM's link-local address finished duplicate address detection (until
     then the kernel drops what is sent to it)."""
-    addrs = json.loads(lab.exec(session, vm, "ip", "-j", "-6", "addr", "show", "dev", "eth0"))
+    proc = vmexec.run(session, vm, ["ip", "-j", "-6", "addr", "show", "dev", "eth0"], timeout=30)
+    assert proc.returncode == 0, proc.stderr
     return any(
         i.get("scope") == "link" and not i.get("tentative")
-        for a in addrs
+        for a in json.loads(proc.stdout)
         for i in a.get("addr_info", [])
     )
 
@@ -313,11 +323,11 @@ def test_another_vms_link_local_is_not_a_source(lab: Lab) -> None:
         to_c("::", frames.udp6(marker), frames.UDP),
     ]
     end = to_c(a_ll, frames.echo6(marker + b"-end"))
-    _wait_until(lambda: _link_local_usable(lab, s, "c"))
-    echos = _snmp6(lab, s, "c", "Icmp6InEchos")
+    _wait_until(lambda: _link_local_usable(s, "c"))
+    echos = _snmp6(s, "c", "Icmp6InEchos")
     seen = _send_and_wait(lab, s, "a", attack, end, marker, "c")
     assert seen["c"] == [end]
-    assert _snmp6(lab, s, "c", "Icmp6InEchos") == echos + 1  # a's own echo only
+    assert _snmp6(s, "c", "Icmp6InEchos") == echos + 1  # a's own echo only
     assert _counters(lab, s, "a") == {"spoof-ipv6": 4}
 
     with _guard_lifted(lab, s, "a"):
@@ -357,6 +367,41 @@ def test_vlan_tagged_frames_are_dropped_and_counted(lab: Lab) -> None:
         assert len(seen["b"]) == 4 and seen["b"][-1] == end
 
 
+def test_guard_behind_the_delay_engine_drops_the_same(lab: Lab) -> None:
+    """With a delay, the guard sits on the relay's bridge end, after the engine: a rogue
+    RA, an NA for b and a tagged spoofed IPv4 frame from a still go no further."""
+    lab.profile(name="slow", egress={"rate": "100Mbit", "delay": "1ms"})
+    lab.profile(name="p", egress={"rate": "100Mbit"})
+    s = lab.session(default="p")
+    a_mac, _, _, a_ll = _vm(lab.launch(s, "a", profile="slow"))
+    assert lab.driver.plan_for(_request(lab, s, "a")).engine is not None
+    b_mac, b_ip4, b_ip6, _ = _vm(lab.launch(s, "b"))
+    _, c_ip4, _, _ = _vm(lab.launch(s, "c"))
+    assert ping(s, "c", b_ip6, count=2)
+    marker = _marker()
+
+    def from_a(body: bytes) -> bytes:
+        packet = frames.ipv6(a_ll, frames.ALL_NODES, frames.ICMP6, body)
+        return frames.ether(frames.ALL_NODES_MAC, a_mac, frames.ETH_IP6, packet)
+
+    spoofed = frames.ipv4_echo(c_ip4, b_ip4, marker)
+    attack = [
+        from_a(frames.router_advert("fd99:6e00:8::/64", a_mac)),
+        from_a(frames.neighbour_advert(b_ip6, a_mac)),
+        frames.ether(b_mac, a_mac, frames.ETH_IP, spoofed, (frames.ETH_8021Q,)),
+    ]
+    end = _end_frame(a_mac, a_ll, marker)
+    seen = _send_and_wait(lab, s, "a", attack, end, marker, "b", "c")
+    assert seen["b"] == [end]
+    assert _neighbour(lab, s, "c", b_ip6) == b_mac
+    routes = json.loads(lab.exec(s, "b", "ip", "-j", "-6", "route", "show", "default"))
+    assert routes == []
+    counters = _counters(lab, s, "a")
+    # The engine's raw socket takes a tag off as the port's kernel hands it over: the
+    # tagged frame reaches the guard untagged, and its IPv4 source check drops it.
+    assert counters == {"spoof-router": 1, "spoof-nd": 1, "spoof-ipv4": 1}, counters
+
+
 def test_legitimate_ipv6_and_neighbour_discovery_pass(lab: Lab) -> None:
     lab.profile(name="p", egress={"rate": "100Mbit"})
     s = lab.session(default="p")
@@ -364,8 +409,8 @@ def test_legitimate_ipv6_and_neighbour_discovery_pass(lab: Lab) -> None:
     # Every VM's start-up IPv6: DAD of its link-local (from ::), listener reports, and a
     # router solicitation once the link-local is usable.
     for name in vms:
-        _wait_until(lambda n=name: _snmp6(lab, s, n, "Icmp6OutRouterSolicits") >= 1)
-        assert _snmp6(lab, s, name, "Icmp6OutNeighborSolicits") >= 1
+        _wait_until(lambda n=name: _snmp6(s, n, "Icmp6OutRouterSolicits") >= 1)
+        assert _snmp6(s, name, "Icmp6OutNeighborSolicits") >= 1
     b_mac, _, b_ip6, b_ll = vms["b"]
     assert ping(s, "a", b_ip6, count=2)
     assert ping(s, "a", f"{b_ll}%eth0", count=2)
@@ -378,3 +423,36 @@ def test_legitimate_ipv6_and_neighbour_discovery_pass(lab: Lab) -> None:
     for name in vms:
         assert _counters(lab, s, name) == {}, name
         assert lab.driver.drift(_request(lab, s, name)) == []
+
+
+@pytest.fixture
+def glab(tmp_path: Path) -> Iterator[GuestLab]:
+    """tests/netns/test_qemu_driver.py's guest lab: one session, an agent with both drivers."""
+    lab = GuestLab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.service.session_down(lab.session, lab.agent)
+        lab.db.dispose()
+        assert lab.guest_leftovers() == []
+
+
+def test_guest_ipv6_passes_the_guard_on_its_tap(glab: GuestLab) -> None:
+    """A QEMU guest's own IPv6 (its EUI-64 link-local included) and start-up neighbour
+    discovery pass the guard on its tap: the same rules as a namespace VM's."""
+    vms = {}
+    for vm, kind in (("g", "qemu"), ("n", "netns")):
+        glab.service.add_vm(VmRequest(glab.session, vm))
+        vms[vm] = _vm(glab.service.launch_vm(glab.session, vm, glab.agent, kind))
+    s = glab.session
+    _, _, g_ip6, g_ll = vms["g"]
+    shown = vmexec.run(s, "g", ["ip", "-6", "addr", "show", "dev", "eth0"], timeout=30)
+    assert f"inet6 {g_ll}/64" in shown.stdout, shown.stdout
+    _wait_until(lambda: _link_local_usable(s, "n"))
+    assert ping(s, "n", g_ip6, count=2)
+    assert ping(s, "n", f"{g_ll}%eth0", count=2)
+    assert ping(s, "g", vms["n"][2], count=2)
+    _wait_until(lambda: _snmp6(s, "g", "Icmp6OutRouterSolicits") >= 1, timeout=30)
+    driver = QemuDriver()
+    assert set(driver.drop_counters(s, "g").values()) == {0}
+    assert glab.agent.drift() == {}
