@@ -44,14 +44,26 @@ def _checksum(data: bytes) -> int:
     return ~total & 0xFFFF
 
 
-def ipv6(src: str, dst: str, next_header: int, payload: bytes, hop_limit: int = 255) -> bytes:
+def ipv6(
+    src: str,
+    dst: str,
+    next_header: int,
+    payload: bytes,
+    hop_limit: int = 255,
+    *,
+    hop_by_hop: bool = False,
+) -> bytes:
     """An IPv6 packet; an ICMPv6 or UDP payload gets its checksum filled in (bytes 2-3 or
-    6-7 of ``payload`` must be zero)."""
+    6-7 of ``payload`` must be zero). With ``hop_by_hop``, an empty Hop-by-Hop options
+    header (PadN) comes before the payload."""
     s, d = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
     pseudo = s + d + struct.pack("!I3xB", len(payload), next_header)
     at = {ICMP6: 2, UDP: 6}.get(next_header)
     if at is not None:
         payload = payload[:at] + struct.pack("!H", _checksum(pseudo + payload)) + payload[at + 2 :]
+    if hop_by_hop:
+        payload = struct.pack("!BBBB4x", next_header, 0, 1, 4) + payload
+        next_header = 0
     head = struct.pack("!IHBB", 6 << 28, len(payload), next_header, hop_limit)
     return head + s + d + payload
 

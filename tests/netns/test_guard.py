@@ -268,8 +268,10 @@ def test_rogue_router_advert_and_redirect_are_dropped(lab: Lab) -> None:
             assert nsops.read_sysctl(vm_ns, f"net.ipv6.conf.eth0.{key}") == want, (vm, key)
     prefix = "fd99:6e00:7::/64"
 
-    def from_a(dst: str, dst_mac: str, body: bytes, tags: tuple[int, ...] = ()) -> bytes:
-        packet = frames.ipv6(a_ll, dst, frames.ICMP6, body)
+    def from_a(
+        dst: str, dst_mac: str, body: bytes, tags: tuple[int, ...] = (), hbh: bool = False
+    ) -> bytes:
+        packet = frames.ipv6(a_ll, dst, frames.ICMP6, body, hop_by_hop=hbh)
         return frames.ether(dst_mac, a_mac, frames.ETH_IP6, packet, tags)
 
     advert = from_a(frames.ALL_NODES, frames.ALL_NODES_MAC, frames.router_advert(prefix, a_mac))
@@ -280,6 +282,10 @@ def test_rogue_router_advert_and_redirect_are_dropped(lab: Lab) -> None:
             frames.ALL_NODES_MAC,
             frames.router_advert(prefix, a_mac),
             (frames.ETH_8021Q,),
+        ),
+        # behind a Hop-by-Hop options header
+        from_a(
+            frames.ALL_NODES, frames.ALL_NODES_MAC, frames.router_advert(prefix, a_mac), hbh=True
         ),
         from_a(c_ll, c_mac, frames.redirect(a_ll, b_ip6)),
     ]
@@ -296,7 +302,7 @@ def test_rogue_router_advert_and_redirect_are_dropped(lab: Lab) -> None:
 
     _send_and_wait(lab, s, "a", attack, end, marker, "b", "c")
     assert not taken("b") and not taken("c")
-    assert _counters(lab, s, "a") == {"spoof-router": 2, "spoof-vlan": 1}
+    assert _counters(lab, s, "a") == {"spoof-router": 3, "spoof-vlan": 1}
 
     # Unguarded, the advertisement gives both an address and a default route via a.
     with _guard_lifted(lab, s, "a"):
