@@ -7,8 +7,10 @@ owner tag as its comment so it is found and removed by ownership.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,133 @@ from vnic.model.units import Dscp, UnitError
 from vnic.plan.model import PortGuard
 
 TABLE = "vnic"
-DROP_REASONS = ("spoof-mac", "spoof-arp", "spoof-ipv4", "spoof-ipv6")
+DROP_REASONS = (
+    "spoof-mac",
+    "spoof-vlan",
+    "spoof-arp",
+    "spoof-ipv4",
+    "spoof-ipv6",
+    "spoof-router",
+    "spoof-nd",
+)
+
+#: EtherTypes of 802.1Q (0x8100), 802.1ad (0x88a8) and the pre-standard QinQ tag (0x9100).
+#: The outer tag of a stacked (QinQ) frame is one of them, so one match drops both.
+VLAN_TYPES = "8021q, 8021ad, 0x9100"
+#: ICMPv6 types that may come from ``::`` (RFC 4862 section 5.4.2: duplicate address
+#: detection; RFC 3590 section 4: listener reports sent before a link-local exists).
+FROM_UNSPECIFIED = ("mld-listener-report", "mld2-listener-report", "nd-neighbor-solicit")
+#: ND option types: source (1) and target (2) link-layer address (RFC 4861 section 4.6.1).
+SLLAO, TLLAO = 1, 2
+
+
+@dataclass(frozen=True)
+class GuardRule:
+    """One drop rule of a port guard: why it drops (its comment and counter's cause), its
+    nft match, and how :func:`guard_in` reads that match back (for drift)."""
+
+    reason: str
+    match: str
+    readback: str
+
+
+def guard_rules(guard: PortGuard) -> tuple[GuardRule, ...]:
+    """The drop rules of ``guard``, in the order they are checked.
+
+    The IPv6 rules are an RA guard and ND guard in the manner of Neutron's port
+    security and libvirt's ``no-ip-spoofing``: sources only the VM's address, its
+    EUI-64 link-local or ``::`` (DAD and listener reports only); no router
+    advertisements or redirects; neighbour advertisements only for its own
+    addresses; the link-layer option of NS, NA and RS only its MAC. The options
+    are matched by offset (nft here has no ``icmpv6 taddr``), so ND messages are
+    held to the layout every sender uses: no extension headers and no option or
+    exactly one 8-byte option (``ip6 length`` is then the ICMPv6 length).
+    """
+    ident = guard.identity
+    own6 = (ident.link_local, ident.ipv6)
+    mac = int(ident.mac.replace(":", ""), 16)
+    targets = "{ " + ", ".join(f"0x{int(ipaddress.IPv6Address(a)):032x}" for a in own6) + " }"
+    targets_back = "!= " + _sorted(own6)
+
+    def lladdr(option: int) -> tuple[str, str]:
+        value = f"0x{(option << 56) | (1 << 48) | mac:016x}"  # type, length (1 = 8 bytes), MAC
+        return value, value
+
+    sll, sll_back = lladdr(SLLAO)
+    tll, tll_back = lladdr(TLLAO)
+    nd = "nd-neighbor-solicit, nd-neighbor-advert"
+    return (
+        GuardRule("spoof-mac", f"ether saddr != {ident.mac}", f"!= {ident.mac}"),
+        GuardRule(
+            "spoof-vlan",
+            f"ether type {{ {VLAN_TYPES} }}",
+            _sorted(["8021q", "8021ad", str(0x9100)]),
+        ),
+        GuardRule("spoof-arp", f"ether type arp arp saddr ether != {ident.mac}", f"!= {ident.mac}"),
+        GuardRule("spoof-arp", f"ether type arp arp saddr ip != {ident.ipv4}", f"!= {ident.ipv4}"),
+        GuardRule("spoof-ipv4", f"ether type ip ip saddr != {ident.ipv4}", f"!= {ident.ipv4}"),
+        GuardRule(
+            "spoof-ipv6",
+            f"ether type ip6 ip6 saddr != {{ ::, {ident.link_local}, {ident.ipv6} }}",
+            "!= " + _sorted(["::", *own6]),
+        ),
+        GuardRule("spoof-ipv6", "ip6 saddr :: meta l4proto != ipv6-icmp", ":: != ipv6-icmp"),
+        GuardRule(
+            "spoof-ipv6",
+            f"ip6 saddr :: icmpv6 type != {{ {', '.join(FROM_UNSPECIFIED)} }}",
+            ":: != " + _sorted(FROM_UNSPECIFIED),
+        ),
+        GuardRule(
+            "spoof-router",
+            "icmpv6 type { nd-router-advert, nd-redirect }",
+            _sorted(["nd-router-advert", "nd-redirect"]),
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"icmpv6 type {{ nd-router-solicit, {nd} }} ip6 nexthdr != ipv6-icmp",
+            _sorted(["nd-router-solicit", *nd.split(", ")]) + " != ipv6-icmp",
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"icmpv6 type {{ {nd} }} ip6 length != {{ 24, 32 }}",
+            _sorted(nd.split(", ")) + " != 24,32",
+        ),
+        GuardRule(
+            "spoof-nd",
+            "icmpv6 type nd-router-solicit ip6 length != { 8, 16 }",
+            "nd-router-solicit != 16,8",
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"icmpv6 type nd-neighbor-advert @th,64,128 != {targets}",
+            f"nd-neighbor-advert {targets_back}",
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"ip6 saddr :: icmpv6 type nd-neighbor-solicit @th,64,128 != {targets}",
+            f":: nd-neighbor-solicit {targets_back}",
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"icmpv6 type nd-neighbor-advert ip6 length 32 @th,192,64 != {tll}",
+            f"nd-neighbor-advert 32 != {tll_back}",
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"ip6 saddr != :: icmpv6 type nd-neighbor-solicit ip6 length 32 @th,192,64 != {sll}",
+            f"!= :: nd-neighbor-solicit 32 != {sll_back}",
+        ),
+        GuardRule(
+            "spoof-nd",
+            f"icmpv6 type nd-router-solicit ip6 length 16 @th,64,64 != {sll}",
+            f"nd-router-solicit 16 != {sll_back}",
+        ),
+    )
+
+
+def _sorted(values: Iterable[str]) -> str:
+    """A set as :func:`guard_in` reads it back: its members sorted, comma-separated."""
+    return ",".join(sorted(values))
 
 
 def render(guard: PortGuard, *, jump: bool = True) -> str:
@@ -34,11 +162,10 @@ def render(guard: PortGuard, *, jump: bool = True) -> str:
         f"add chain bridge {TABLE} prerouting {{ type filter hook prerouting priority -200; policy accept; }}",
         f"add chain bridge {TABLE} {c}",
         f"flush chain bridge {TABLE} {c}",
-        f'add rule bridge {TABLE} {c} ether saddr != {ident.mac} counter drop comment "spoof-mac"',
-        f'add rule bridge {TABLE} {c} ether type arp arp saddr ether != {ident.mac} counter drop comment "spoof-arp"',
-        f'add rule bridge {TABLE} {c} ether type arp arp saddr ip != {ident.ipv4} counter drop comment "spoof-arp"',
-        f'add rule bridge {TABLE} {c} ether type ip ip saddr != {ident.ipv4} counter drop comment "spoof-ipv4"',
-        f'add rule bridge {TABLE} {c} ether type ip6 ip6 saddr != {{ ::, fe80::/10, {ident.ipv6} }} counter drop comment "spoof-ipv6"',
+    ]
+    lines += [
+        f'add rule bridge {TABLE} {c} {r.match} counter drop comment "{r.reason}"'
+        for r in guard_rules(guard)
     ]
     if guard.dscp_mark is not None:
         lines += [
@@ -171,16 +298,9 @@ def guard_in(table: Table, chain: str, tag: str) -> GuardState:
 
 
 def expected_rules(guard: PortGuard) -> tuple[tuple[str, str], ...]:
-    """The (comment, value matched against) of each rule :func:`render` puts in the chain,
-    in the form :func:`read_guard` reads them back."""
-    ident = guard.identity
-    rules = [
-        ("spoof-mac", ident.mac),
-        ("spoof-arp", ident.mac),
-        ("spoof-arp", ident.ipv4),
-        ("spoof-ipv4", ident.ipv4),
-        ("spoof-ipv6", ",".join(sorted(["::", "fe80::/10", ident.ipv6]))),
-    ]
+    """The (comment, matches) of each rule :func:`render` puts in the chain, in the form
+    :func:`read_guard` reads them back."""
+    rules = [(r.reason, r.readback) for r in guard_rules(guard)]
     if guard.dscp_mark is not None:
         rules += [
             ("dscp-mark", f"ip dscp {guard.dscp_mark}"),
@@ -197,26 +317,39 @@ def _jump_target(rule: dict[str, Any]) -> str | None:
 
 
 def _match_value(rule: dict[str, Any]) -> str:
-    """What the rule's first match compares with, as text (a set as its sorted members);
-    for a DSCP mark, ``<protocol> dscp <number>`` (nft prints known code points by name)."""
+    """What the rule's matches compare with, as text: each match's value (a set as its
+    sorted members), after ``!=`` when it must differ, space-separated; for a DSCP mark,
+    ``<protocol> dscp <number>`` (nft prints known code points by name). nft hides the
+    matches a later one implies (``ether type ip`` before ``ip saddr``)."""
+    parts = []
     for expr in rule.get("expr", []):
         if isinstance(expr, dict) and "match" in expr:
-            return _element(expr["match"]["right"])
+            op = expr["match"].get("op", "==")
+            raw = expr["match"].get("left", {}).get("payload", {})
+            value = _element(expr["match"]["right"], int(raw.get("len", 0)) if "base" in raw else 0)
+            parts.append(value if op == "==" else f"{op} {value}")
         if isinstance(expr, dict) and "mangle" in expr:
             payload = expr["mangle"]["key"].get("payload", {})
             try:
-                value: object = Dscp.parse(expr["mangle"]["value"]).value
+                mark: object = Dscp.parse(expr["mangle"]["value"]).value
             except UnitError:
-                value = expr["mangle"]["value"]
-            return f"{payload.get('protocol')} {payload.get('field')} {value}"
-    return ""
+                mark = expr["mangle"]["value"]
+            parts.append(f"{payload.get('protocol')} {payload.get('field')} {mark}")
+    return " ".join(parts)
 
 
-def _element(value: object) -> str:
+def _element(value: object, raw_bits: int = 0) -> str:
+    """A match's value as text; a raw payload's (``raw_bits`` wide: ``@th,64,128``) in hex
+    with every digit, or as an IPv6 address when 128 bits wide."""
     if isinstance(value, dict) and "set" in value:
-        return ",".join(sorted(_element(e) for e in value["set"]))
+        return ",".join(sorted(_element(e, raw_bits) for e in value["set"]))
     if isinstance(value, dict) and "prefix" in value:
         return f"{value['prefix']['addr']}/{value['prefix']['len']}"
+    if raw_bits and isinstance(value, (int, str)):
+        number = value if isinstance(value, int) else int(value, 0)  # nft: hex past 64 bits
+        if raw_bits == 128:
+            return str(ipaddress.IPv6Address(number))
+        return f"0x{number:0{raw_bits // 4}x}"
     return str(value)
 
 

@@ -9,6 +9,7 @@ bytes, as the kernel takes them.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 #: Bytes an Ethernet header adds to an IP packet. HTB on a veth or tap counts
@@ -189,13 +190,30 @@ class Identity:
     ipv6: str
     tag: str
 
+    @property
+    def link_local(self) -> str:
+        """The VM's IPv6 link-local address (see :func:`eui64_link_local`)."""
+        return eui64_link_local(self.mac)
+
+
+def eui64_link_local(mac: str) -> str:
+    """``fe80::/64`` with the modified EUI-64 interface id of ``mac`` (RFC 4291 appendix A):
+    the link-local address a Linux interface (netns VM or QEMU guest, with the kernel's
+    default ``addr_gen_mode`` 0) gives itself when it comes up with that MAC."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    iid = bytes([octets[0] ^ 0x02]) + octets[1:3] + b"\xff\xfe" + octets[3:6]
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + iid))
+
 
 @dataclass(frozen=True)
 class PortGuard:
     """nftables rules (bridge family, prerouting) for frames entering from ``port``.
 
     Frames whose Ethernet source, ARP sender or IP source is not the VM's are
-    dropped and counted; then the IP DSCP is rewritten when ``dscp_mark`` is set.
+    dropped and counted, as are VLAN-tagged frames, IPv6 router advertisements
+    and redirects, and neighbour discovery claiming another address or MAC
+    (:func:`vnic.dataplane.nft.guard_rules`); then the IP DSCP is rewritten when
+    ``dscp_mark`` is set.
     """
 
     port: str
