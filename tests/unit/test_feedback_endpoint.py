@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -336,3 +337,18 @@ def test_an_ipv6_listener_knows_the_vm_by_its_address() -> None:
         assert (status, body["vm"]) == (200, "six")
     finally:
         eps.close_all()
+
+
+def test_the_docs_state_the_endpoint_bounds() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "dynamic.md").read_text()
+    text = " ".join(text.split())
+    for said in (
+        f"at most {fh.MAX_BODY // 1024} KiB",
+        f"at most {fh.MAX_HEAD // 1024} KiB and {fh.MAX_HEADERS} header lines",
+        f"at most {fh.MAX_DEPTH} deep with strings of at most {fh.MAX_STRING} characters",
+        f"complete within {fb.REQUEST_DEADLINE_S:g} s and never silent for {fb.IDLE_TIMEOUT_S:g} s",
+        f"{fh.SOURCE_BURST:g} at once, then {fh.SOURCE_RATE:g} a second",
+        f"at most {fb.MAX_PER_SOURCE} connections from one address and {fb.MAX_CONNECTIONS} in all",
+        f"a pool of {fb.WORKERS} workers",
+    ):
+        assert said in text, said
