@@ -352,3 +352,21 @@ def test_the_docs_state_the_endpoint_bounds() -> None:
         f"a pool of {fb.WORKERS} workers",
     ):
         assert said in text, said
+
+
+def test_a_head_split_anywhere_is_found_once_complete() -> None:
+    head = b"GET /v1/feedback HTTP/1.1\r\nHost: x\r\n\r\n"
+    for cut in range(1, len(head)):
+        assert fh.head_end(head[:cut]) == -1
+        assert fh.head_end(head, cut) == len(head), cut
+
+
+def test_a_request_sent_a_byte_at_a_time_is_answered(endpoint: Any) -> None:
+    _, decider, port = endpoint
+    raw = post(b'{"profile": "lan"}')
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(raw)):
+            s.sendall(raw[i : i + 1])
+        status, _, _ = parsed(read_all(s))
+    assert status == 200 and decider.calls[-1][3] == {"profile": "lan"}

@@ -250,7 +250,12 @@ class FeedbackEndpoints:
             for listener in listeners:
                 self._selector.register(listener.sock, selectors.EVENT_READ, listener)
 
-        self._call(register)
+        try:
+            self._call(register)
+        except BaseException:
+            for listener in listeners:
+                listener.sock.close()
+            raise
         self._listeners[session] = listeners
 
     def attach(self, decider: FeedbackDecider) -> None:
@@ -475,10 +480,11 @@ class FeedbackEndpoints:
             self._drop(conn)
             return
         conn.last = self.clock()
+        looked = len(conn.data)
         conn.data += chunk
         try:
             if conn.head is None:
-                end = head_end(conn.data)
+                end = head_end(conn.data, looked)
                 if end < 0:
                     return
                 conn.head = parse_head(conn.data[:end])

@@ -76,13 +76,15 @@ def _shown(raw: str, limit: int = 40) -> str:
     return show_value(raw if len(raw) <= limit else raw[:limit] + "...")
 
 
-def head_end(data: bytes | bytearray) -> int:
-    """Where the head in ``data`` ends (index after its blank line), -1: not yet.
+def head_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Where the head in ``data`` ends (index after its blank line), -1: not yet;
+    ``start``: how far an earlier call looked (so a head sent a byte at a time is
+    not searched again from the start each time).
 
     Raises :class:`BadRequest` (431) once ``data`` holds :data:`MAX_HEAD` bytes
     without a complete head.
     """
-    end = data.find(b"\r\n\r\n", 0, MAX_HEAD)
+    end = data.find(b"\r\n\r\n", max(0, start - 3), MAX_HEAD)
     if end >= 0:
         return end + 4
     if len(data) >= MAX_HEAD:
