@@ -287,6 +287,30 @@ def test_connections_are_capped_in_total(endpoint: Any, monkeypatch: pytest.Monk
             s.close()
 
 
+def test_connections_are_capped_per_session(endpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fb, "MAX_PER_SESSION", 3)
+    monkeypatch.setattr(fb, "IDLE_TIMEOUT_S", 30.0)
+    eps, _, port = endpoint
+    other = listener()
+    eps.serve("other", [other])
+    idle = [
+        socket.create_connection(
+            ("127.0.0.1", port), timeout=10, source_address=(f"127.0.2.{i}", 0)
+        )
+        for i in range(1, 4)
+    ]
+    try:
+        assert settled(eps, 3) == 3
+        assert parsed(exchange(port, b"GET /v1/feedback HTTP/1.0\r\n\r\n", "127.0.0.2"))[0] == 503
+        # The other session's endpoint is still served.
+        assert (
+            parsed(exchange(other.getsockname()[1], b"GET /v1/feedback HTTP/1.0\r\n\r\n"))[0] == 200
+        )
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_close_frees_the_port_and_the_connections(endpoint: Any) -> None:
     eps, _, port = endpoint
     idle = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -348,7 +372,8 @@ def test_the_docs_state_the_endpoint_bounds() -> None:
         f"at most {fh.MAX_DEPTH} deep with strings of at most {fh.MAX_STRING} characters",
         f"complete within {fb.REQUEST_DEADLINE_S:g} s and never silent for {fb.IDLE_TIMEOUT_S:g} s",
         f"{fh.SOURCE_BURST:g} at once, then {fh.SOURCE_RATE:g} a second",
-        f"at most {fb.MAX_PER_SOURCE} connections from one address and {fb.MAX_CONNECTIONS} in all",
+        f"at most {fb.MAX_PER_SOURCE} connections from one address, {fb.MAX_PER_SESSION} from "
+        f"one session and {fb.MAX_CONNECTIONS} in all",
         f"a pool of {fb.WORKERS} workers",
     ):
         assert said in text, said

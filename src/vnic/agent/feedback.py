@@ -19,8 +19,9 @@ A VM is untrusted, so the endpoint bounds what it may cost (constants below):
 - one thread reads every connection of every session without blocking
   (:mod:`selectors`), and a pool of :data:`WORKERS` threads answers complete
   requests: the thread count does not grow with connections;
-- at most :data:`MAX_CONNECTIONS` connections at once, :data:`MAX_PER_SOURCE`
-  from one address; one more is answered 503 and closed at once;
+- at most :data:`MAX_CONNECTIONS` connections at once, :data:`MAX_PER_SESSION`
+  from one session's VMs, :data:`MAX_PER_SOURCE` from one address; one more is
+  answered 503 and closed at once;
 - every connection is a request and counts against its address's budget
   (:class:`~vnic.agent.feedback_http.SourceBudget`), GET or POST, well formed
   or not; beyond it the answer is 429 with ``Retry-After``;
@@ -47,7 +48,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from vnic.agent.feedback_http import (
     MAX_BODY,
@@ -70,6 +71,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_K = TypeVar("_K")
 
 #: TCP port of the feedback endpoint, on the session's own addresses (plain HTTP's:
 #: nothing else listens there, and a VM needs no port to remember).
@@ -80,6 +82,8 @@ WORKERS: Final = 4
 MAX_CONNECTIONS: Final = 256
 #: Connections open at once from one address of one session.
 MAX_PER_SOURCE: Final = 8
+#: Connections open at once from the VMs of one session (the others keep the rest).
+MAX_PER_SESSION: Final = 64
 #: Seconds from a connection's accept to its complete request (head and body).
 REQUEST_DEADLINE_S: Final = 5.0
 #: Seconds a connection may send nothing while its request is incomplete.
@@ -204,6 +208,7 @@ class FeedbackEndpoints:
         self._listeners: dict[str, list[_Listener]] = {}
         self._conns: set[_Conn] = set()
         self._per_source: dict[tuple[str, str], int] = {}
+        self._per_session: dict[str, int] = {}
         self._lock = threading.Lock()
         self._selector: selectors.BaseSelector | None = None
         self._thread: threading.Thread | None = None
@@ -423,14 +428,17 @@ class FeedbackEndpoints:
             peer = str(address[0]).removeprefix("::ffff:")
             source = (listener.session, peer)
             wait = self.budget.take(source, now)
-            if len(self._conns) >= MAX_CONNECTIONS or self._per_source.get(source, 0) >= (
-                MAX_PER_SOURCE
+            if (
+                len(self._conns) >= MAX_CONNECTIONS
+                or self._per_session.get(listener.session, 0) >= MAX_PER_SESSION
+                or self._per_source.get(source, 0) >= MAX_PER_SOURCE
             ):
                 self._refuse_at_once(sock)
                 continue
             conn = _Conn(listener.session, sock, peer, now, now)
             self._conns.add(conn)
             self._per_source[source] = self._per_source.get(source, 0) + 1
+            self._per_session[listener.session] = self._per_session.get(listener.session, 0) + 1
             assert self._selector is not None
             self._selector.register(sock, selectors.EVENT_READ, conn)
             if wait > 0:
@@ -610,9 +618,15 @@ class FeedbackEndpoints:
         if conn not in self._conns:
             return
         self._conns.discard(conn)
-        left = self._per_source.get(conn.source, 1) - 1
-        if left > 0:
-            self._per_source[conn.source] = left
-        else:
-            self._per_source.pop(conn.source, None)
+        _less(self._per_source, conn.source)
+        _less(self._per_session, conn.session)
         self._forget(conn.sock, conn.watched)
+
+
+def _less(counts: dict[_K, int], key: _K) -> None:
+    """One less of ``key`` in ``counts`` (gone at zero: the table does not grow)."""
+    left = counts.get(key, 1) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
