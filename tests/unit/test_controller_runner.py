@@ -115,7 +115,7 @@ def test_feedback_granted_within_limits_refused_beyond(api: Api) -> None:
     live = LiveControl(api.manager, clock=Clock())
     status, answer = live.feedback("lab", "a", "POST", {"set": {"egress.rate": "20Mbit"}})
     assert status == 403 and "does not accept feedback" in answer["message"]
-    feedback_limits(api)
+    feedback_limits(api, per_minute=3)
     status, answer = live.feedback("lab", "a", "POST", {"set": {"egress.rate": "20Mbit"}})
     assert status == 200, answer
     assert answer["changed"]["egress.rate"] == {"old": "10Mbit", "new": "20Mbit"}
@@ -128,15 +128,39 @@ def test_feedback_granted_within_limits_refused_beyond(api: Api) -> None:
     assert rate(api, "b") == "10Mbit"
     status, answer = live.feedback("lab", "a", "POST", {"set": {"egress.rate": "fast"}})
     assert status == 422
-    # per_minute 2: the second grant passes, the third is refused (the policy is kept).
+    # per_minute 3: the grant, the malformed request and the second grant count; the
+    # fourth is refused (the policy is kept).
     assert live.feedback("lab", "a", "POST", {"set": {"egress.rate": "25Mbit"}})[0] == 200
     status, answer = live.feedback("lab", "a", "POST", {"set": {"egress.rate": "26Mbit"}})
-    assert status == 403, answer
+    assert status == 403 and answer["retry_after"] == 60.0, answer
     assert rate(api, "a") == "25Mbit"
     status, _ = live.feedback("lab", "a", "DELETE", {})
     assert status == 200 and rate(api, "a") == "10Mbit"
     sources = [e.source for e in api.manager.runtime.audit("lab")]
     assert sources == ["feedback"] * 3
+
+
+def test_malformed_feedback_counts_against_per_minute(api: Api) -> None:
+    lab(api)
+    clock = Clock()
+    live = LiveControl(api.manager, clock=clock)
+    live.malformed("lab", "a", "Content-Length: got '-1'")  # no limits yet: nothing counts
+    feedback_limits(api)  # per_minute 2
+    live.malformed("lab", "a", "Content-Length: got '-1'")  # what the endpoint could not read
+    status, answer = live.feedback("lab", "a", "POST", {"set": "fast"})  # what the policy could not
+    assert status == 422, answer
+    status, answer = live.feedback("lab", "a", "POST", {"set": {"egress.rate": "20Mbit"}})
+    assert status == 403 and "granted or malformed" in answer["message"], answer
+    assert answer["retry_after"] == 60.0
+    assert rate(api, "a") == "10Mbit"  # nothing was changed
+    # Refused unread once the limit is used up: a flood costs nothing more, nor counts.
+    status, answer = live.feedback("lab", "a", "POST", {"set": {"egress.rate": "x" * 400}})
+    assert status == 403 and "try again" in answer["message"]
+    assert live.feedback("lab", "b", "POST", {"set": {"egress.rate": "20Mbit"}})[0] == 200
+    clock.now += 60
+    assert live.feedback("lab", "a", "POST", {"set": {"egress.rate": "20Mbit"}})[0] == 200
+    events = [e["kind"] for e in live.state("lab")["events"] if e["vm"] == "a"]
+    assert events.count("malformed") == 1 and api.manager.runtime.audit("lab")
 
 
 def test_scenario_plays_in_order_and_stop_removes_its_layer(api: Api) -> None:

@@ -121,6 +121,19 @@ def test_refused_requests_do_not_use_the_allowance() -> None:
     assert isinstance(p.check("a", {"set": {"egress.rate": "9mbit"}}, 1.0), Grant)
 
 
+def test_malformed_requests_use_the_allowance_and_none_is_read_beyond_it() -> None:
+    p = policy(per_minute=2)
+    with pytest.raises(InvalidInput):
+        p.check("a", {"set": {"egress.rate": "fast"}}, 0.0)
+    assert p.malformed("a", 1.0) is None  # one the endpoint could not read
+    refused = p.check("a", {"set": {"egress.rate": "9mbit"}}, 2.0)
+    assert isinstance(refused, Refusal) and refused.retry_after == pytest.approx(58.0)
+    # Used up: even a malformed request is refused unread (no InvalidInput), uncounted.
+    assert isinstance(p.check("a", {"set": "junk"}, 3.0), Refusal)
+    assert isinstance(p.malformed("a", 4.0), Refusal)
+    assert isinstance(p.check("a", {"set": {"egress.rate": "9mbit"}}, 60.5), Grant)
+
+
 @pytest.mark.parametrize(
     ("request_doc", "path"),
     [

@@ -22,9 +22,12 @@ is an :class:`~vnic.errors.InvalidInput` instead.
 ``off`` asked for a field counts as no limit for a rate or peak (above any
 maximum) and as zero for anything else (below any minimum).
 
-Rate limiting counts *granted* requests per VM over the last 60 s of the
-injected clock; the policy object keeps that count, so a caller must keep one
-policy per session (not parse a fresh one per request).
+Rate limiting counts *granted* and *malformed* requests per VM over the last
+60 s of the injected clock (a refusal by the limits does not count); a VM that
+has used up ``per_minute`` is refused before its request is read, so a flood of
+malformed requests costs one parse each up to the limit. The policy object
+keeps that count, so a caller must keep one policy per session (not parse a
+fresh one per request).
 """
 
 from __future__ import annotations
@@ -146,11 +149,20 @@ class FeedbackPolicy:
         """Decide on ``vm``'s ``request`` at ``now`` (monotonic seconds).
 
         Raises :class:`InvalidInput` for a malformed request (paths ``set.…``,
-        ``profile``, ``duration``). A grant counts towards ``per_minute``.
+        ``profile``, ``duration``). A grant and a malformed request count towards
+        ``per_minute``; beyond it the request is refused unread.
         """
-        values, profile, asked = parse_request(request)
         if not self.enabled:
             return Refusal("feedback is disabled in this session")
+        with self._lock:
+            over = self._over(vm, now)
+        if over is not None:
+            return over
+        try:
+            values, profile, asked = parse_request(request)
+        except InvalidInput:
+            self.malformed(vm, now)
+            raise
         problems: list[str] = []
         refused: list[str] = []
         for path, value in values.items():
@@ -171,18 +183,36 @@ class FeedbackPolicy:
             clamped = asked is not None
             duration = self.max_duration
         with self._lock:
-            history = self._history.setdefault(vm, deque())
-            while history and history[0] <= now - WINDOW_S:
-                history.popleft()
-            if len(history) >= self.per_minute:
-                wait = history[0] + WINDOW_S - now
-                return Refusal(
-                    f"{vm} asked {len(history)} times in the last minute; this session allows "
-                    f"{self.per_minute} requests per VM per minute; try again in {wait:.1f} s",
-                    retry_after=wait,
-                )
-            history.append(now)
+            over = self._over(vm, now)
+            if over is not None:
+                return over
+            self._history[vm].append(now)
         return Grant(values=values, profile=profile, duration=duration, clamped=clamped)
+
+    def malformed(self, vm: str, now: float) -> Refusal | None:
+        """Count a malformed request of ``vm`` at ``now`` towards ``per_minute`` (the
+        feedback endpoint calls this for one it could not even read); a Refusal when
+        the VM had already used up the limit (then nothing is counted)."""
+        with self._lock:
+            over = self._over(vm, now)
+            if over is None:
+                self._history[vm].append(now)
+            return over
+
+    def _over(self, vm: str, now: float) -> Refusal | None:
+        """A Refusal when ``vm`` used up ``per_minute`` (call with the lock held)."""
+        history = self._history.setdefault(vm, deque())
+        while history and history[0] <= now - WINDOW_S:
+            history.popleft()
+        if len(history) < self.per_minute:
+            return None
+        wait = history[0] + WINDOW_S - now
+        return Refusal(
+            f"{vm} asked {len(history)} times in the last minute (granted or malformed); "
+            f"this session allows {self.per_minute} requests per VM per minute; try again "
+            f"in {wait:.1f} s",
+            retry_after=wait,
+        )
 
     def _field_problem(self, path: str, value: Any) -> str | None:
         if path not in self.fields:

@@ -273,7 +273,10 @@ class LiveControl:
             return 422, exc.to_dict()
         if not isinstance(decision, Grant):
             self._event(session, vm, "feedback", "refused", decision.reason)
-            return 403, {"error": "forbidden", "message": decision.reason}
+            answer: dict[str, Any] = {"error": "forbidden", "message": decision.reason}
+            if decision.retry_after is not None:
+                answer["retry_after"] = round(decision.retry_after, 3)
+            return 403, answer
         expires = (
             self.manager.service.clock() + timedelta(seconds=decision.duration)
             if decision.duration
@@ -301,6 +304,15 @@ class LiveControl:
             "expires_at": expires.isoformat() if expires else None,
             "changed": _fields(changed),
         }
+
+    def malformed(self, session: str, vm: str, reason: str) -> None:
+        """Count a request of ``vm`` the feedback endpoint could not read (bad HTTP,
+        not a JSON object, over a bound) against the session's ``per_minute``."""
+        policy = self._policy(session, self.manager.runtime.controller(session).get("feedback"))
+        if policy is None or not policy.enabled:
+            return
+        if policy.malformed(vm, self.clock()) is None:  # audited while within the limit
+            self._event(session, vm, "feedback", "malformed", reason[:200])
 
     def _policy(self, session: str, doc: Any) -> FeedbackPolicy | None:
         if not doc:
