@@ -40,9 +40,12 @@ def _ms(values: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def _server(work: Path, database: str, *args: str) -> Iterator[str]:
+def _server(
+    work: Path, database: str, *args: str, info: dict[str, int] | None = None
+) -> Iterator[str]:
     """``vnic serve`` on ``database`` as its own process (as deployed: the client's
-    work does not share its interpreter), on a free localhost port."""
+    work does not share its interpreter), on a free localhost port; ``info`` gets its
+    ``pid``."""
     import os
     import socket
     import subprocess
@@ -60,6 +63,8 @@ def _server(work: Path, database: str, *args: str) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
+    if info is not None:
+        info["pid"] = proc.pid
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -182,3 +187,160 @@ def run(*, launch: bool = True, quick: bool = False) -> dict[str, Any]:
         if launch:
             result["launch"] = launches(work, 20 if quick else 100)
     return result
+
+
+# ----------------------------------------------------------------------------- load
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def load(
+    work: Path,
+    *,
+    readers: int = 200,
+    writers: int = 20,
+    seconds: float = 30.0,
+    sessions: int = 2,
+    vms: int = 5,
+    serve_args: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """``readers`` + ``writers`` clients for ``seconds`` against ``vnic serve`` on
+    127.0.0.1 with ``sessions`` × ``vms`` running netns VMs (root).
+
+    Readers cycle through the VM list, one VM, its explanation and the profile
+    list; writers PATCH a VM's override (a live change of its tc classes), each on
+    its own VM in turn. Every client sends its next request when the last one is
+    answered, so the load is closed-loop: what the server refuses comes back at
+    once. Reported: p50/p99 per kind (of the 2xx answers, and of all), counts by
+    status (``error:<Type>`` for a request that got no answer), and the server's
+    RSS before and after.
+    """
+    import asyncio
+
+    (work / "load").mkdir()
+    db = Database(f"sqlite:///{work / 'load.db'}")
+    svc = Service(db)
+    svc.apply_profiles([parse_profile_document({"name": "lb", "egress": {"rate": "50Mbit"}})])
+    stamp = int(time.time()) % 100000
+    names = [f"ld{stamp}s{i}" for i in range(sessions)]
+    for name in names:
+        svc.create_session(name, default_profile="lb")
+        for i in range(vms):
+            svc.add_vm(VmRequest(name, f"vm{i}"))
+    _, admin = Tokens(db).create("bench-admin", "admin")
+    _, reader = Tokens(db).create("bench-reader", "reader")
+    targets = [(s, f"vm{i}") for s in names for i in range(vms)]
+    info: dict[str, int] = {}
+    samples: dict[str, list[tuple[int | str, float]]] = {"read": [], "write": []}
+    try:
+        with _server(work / "load", db.url, *serve_args, info=info) as url:
+            with httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=600
+            ) as setup:
+                for s, vm in targets:
+                    setup.post(f"/v1/sessions/{s}/vms/{vm}/launch").raise_for_status()
+                for _ in range(3):  # warm: routes, caches, connections
+                    setup.get("/v1/profiles").raise_for_status()
+            rss_before = _rss_kib(info["pid"])
+
+            async def client(c: httpx.AsyncClient, kind: str, n: int, end: float) -> None:
+                auth = {"Authorization": f"Bearer {reader if kind == 'read' else admin}"}
+                i = n  # this client's step: which VM, which read
+                while time.monotonic() < end:
+                    i += 1
+                    s, vm = targets[i % len(targets)]
+                    start = time.perf_counter()
+                    status: int | str
+                    try:
+                        if kind == "read":
+                            path = (
+                                f"/v1/sessions/{s}/vms",
+                                f"/v1/sessions/{s}/vms/{vm}",
+                                f"/v1/sessions/{s}/vms/{vm}/explain",
+                                "/v1/profiles",
+                            )[i % 4]
+                            r = await c.get(path, headers=auth)
+                        else:
+                            body = {"patch": {"egress": {"rate": f"{10 + (i % 7)}Mbit"}}}
+                            r = await c.patch(f"/v1/sessions/{s}/vms/{vm}", json=body, headers=auth)
+                        status = r.status_code
+                    except httpx.HTTPError as exc:
+                        status = f"error:{type(exc).__name__}"
+                    samples[kind].append((status, time.perf_counter() - start))
+                    if status == 429:  # as a client should: wait Retry-After
+                        retry = float(r.headers.get("retry-after", "1"))
+                        await asyncio.sleep(min(retry, max(0.0, end - time.monotonic())))
+
+            async def everyone() -> None:
+                # One client, a connection per caller: creating 220 clients (an SSL
+                # context each) would cost the client seconds of CPU it measures.
+                pool = httpx.Limits(
+                    max_connections=readers + writers, max_keepalive_connections=None
+                )
+                async with httpx.AsyncClient(base_url=url, timeout=60, limits=pool) as c:
+                    end = time.monotonic() + seconds
+                    await asyncio.gather(
+                        *(client(c, "read", n, end) for n in range(readers)),
+                        *(client(c, "write", n, end) for n in range(writers)),
+                    )
+
+            wall = time.perf_counter()
+            asyncio.run(everyone())
+            wall = time.perf_counter() - wall
+            rss_after = _rss_kib(info["pid"])
+            with httpx.Client(
+                base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=600
+            ) as setup:
+                for name in names:
+                    setup.post(f"/v1/sessions/{name}/down").raise_for_status()
+    finally:
+        for name in names:
+            get_driver("netns").teardown_session(name)  # whatever a failure left
+        db.dispose()
+
+    def kind_report(rows: list[tuple[int | str, float]]) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for status, _ in rows:
+            counts[str(status)] = counts.get(str(status), 0) + 1
+        ok = [t for status, t in rows if isinstance(status, int) and 200 <= status < 300]
+        answered = [t for status, t in rows if isinstance(status, int)]
+        refused = [t for status, t in rows if status == 429]
+        return {
+            "by_status": dict(sorted(counts.items())),
+            "ok": _ms(ok) if ok else None,
+            "all_answered": _ms(answered) if answered else None,
+            "refused_429": _ms(refused) if refused else None,
+            "per_second_ok": round(len(ok) / wall, 1),
+        }
+
+    reads, writes = kind_report(samples["read"]), kind_report(samples["write"])
+    bad = {
+        status: n
+        for rep in (reads, writes)
+        for status, n in rep["by_status"].items()
+        if status != "429" and not status.startswith("2")
+    }
+    return {
+        "readers": readers,
+        "writers": writers,
+        "seconds": seconds,
+        "vms": len(targets),
+        "serve_args": list(serve_args),
+        "wall_seconds": round(wall, 2),
+        "read": reads,
+        "write": writes,
+        "errors_other_than_429": bad,
+        "rss_kib": {"before": rss_before, "after": rss_after},
+        "targets": {"read_p99_ms": 1000, "errors_other_than_429": 0},
+    }
+
+
+def run_load(**kw: Any) -> dict[str, Any]:
+    """:func:`load` in a temporary directory of its own."""
+    with tempfile.TemporaryDirectory(prefix="vnic-bench-load-") as tmp:
+        return load(Path(tmp), **kw)

@@ -1309,6 +1309,56 @@ def bench_api(
     run(body)
 
 
+@bench_app.command("load")
+def bench_load(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    readers: Annotated[int, typer.Option("--readers", help="Reading clients.", min=1)] = 200,
+    writers: Annotated[int, typer.Option("--writers", help="Writing clients.", min=0)] = 20,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="How long they run.", min=1, max=600)
+    ] = 30.0,
+    serve_option: Annotated[
+        list[str] | None,
+        typer.Option("--serve-option", help="Passed to vnic serve, e.g. --max-reads=64."),
+    ] = None,
+) -> None:
+    """Readers and writers at once against vnic serve on 127.0.0.1 with 10 netns VMs (root):
+    p50/p99 per kind, answers by status (429 = refused by admission), server RSS."""
+    from vnic.bench_api import run_load
+
+    def body() -> None:
+        result = run_load(
+            readers=readers, writers=writers, seconds=seconds, serve_args=tuple(serve_option or ())
+        )
+        table = Table("kind", "p50 ms", "p99 ms", "max ms", "ok/s", "answers by status")
+        for kind in ("read", "write"):
+            rep = result[kind]
+            m = rep["ok"] or {"p50_ms": "-", "p99_ms": "-", "max_ms": "-"}
+            statuses = " ".join(f"{k}:{v}" for k, v in rep["by_status"].items())
+            table.add_row(
+                f"{kind} (2xx)",
+                str(m["p50_ms"]),
+                str(m["p99_ms"]),
+                str(m["max_ms"]),
+                str(rep["per_second_ok"]),
+                statuses,
+            )
+        out.print(table)
+        rss = result["rss_kib"]
+        out.print(
+            f"{readers} readers + {writers} writers, {seconds:g} s; errors other than 429: "
+            f"{sum(result['errors_other_than_429'].values())}; server RSS "
+            f"{rss['before']} -> {rss['after']} KiB",
+            markup=False,
+        )
+        if json_out:
+            json_out.write_text(json.dumps({"benchmark": "load", **result}, indent=2) + "\n")
+
+    run(body)
+
+
 # ----------------------------------------------------------------------------- db, demo
 
 
@@ -1384,6 +1434,9 @@ def serve(
     queue_wait: Annotated[
         float, typer.Option("--queue-wait", help="Seconds a request may wait for a slot.")
     ] = 0.5,
+    max_streams: Annotated[
+        int, typer.Option("--max-streams", help="Live event streams open at once; more: 429.")
+    ] = 32,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics, the
     controller (rules, feedback endpoint in each session, scenarios).
@@ -1394,7 +1447,13 @@ def serve(
     from vnic.serve import build_manager, run_manager
 
     def body() -> None:
-        limits = Limits(max_reads=max_reads, max_writes=max_writes, queue=queue, wait=queue_wait)
+        limits = Limits(
+            max_reads=max_reads,
+            max_writes=max_writes,
+            queue=queue,
+            wait=queue_wait,
+            max_streams=max_streams,
+        )
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         manager.live.interval = controller_interval

@@ -9,9 +9,10 @@ body. Reads never wait behind writes: each lane has its own slots, and the
 thread pool that runs the (synchronous) handlers has a thread for every slot
 of both, so writes cannot take the threads reads need.
 
-Health checks and the live event streams pass without a slot: a liveness probe
-must not be refused because the API is busy, and a stream is held open for as
-long as a page shows it (a slot would be gone for good).
+Health checks pass without a slot: a liveness probe must not be refused because
+the API is busy. A session's live event stream is held open for as long as a
+page shows it, so it takes a slot of a third lane, ``streams``, with no queue:
+past ``max_streams`` open at once, a new one is refused at once.
 
 :class:`LastResort` turns any exception nothing else answered into the JSON
 error body: 507 ``no_space`` for a full disk (naming the file or the database),
@@ -25,6 +26,7 @@ import asyncio
 import collections
 import logging
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +41,13 @@ log = logging.getLogger("vnic.manager")
 #: Methods that only read; every other method takes a write slot.
 READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
-#: Paths that never take a slot: liveness, and suffixes of long-lived event streams.
+#: Paths that never take a slot: liveness.
 EXEMPT_PATHS = frozenset({"/v1/health"})
-EXEMPT_SUFFIXES = ("/live",)
+#: A session's long-lived event stream: the streams lane (matched whole:
+#: ``/v1/profiles/live`` is a profile named live, an ordinary read).
+STREAM = re.compile(r"/v1/sessions/[^/]+/live")
 
-#: Threads kept besides the slots: for exempt streams and other thread-pool users.
+#: Threads kept besides the slots: for other thread-pool users.
 SPARE_THREADS = 16
 
 
@@ -57,7 +61,8 @@ class Limits:
     - ``queue``: requests of one lane that may wait for a slot (default 64); past it,
       refused at once;
     - ``wait``: seconds a request may wait for a slot before its 429 (default 0.5);
-    - ``retry_after``: seconds the 429 tells the client to wait (default 1).
+    - ``retry_after``: seconds the 429 tells the client to wait (default 1);
+    - ``max_streams``: live event streams open at once (default 32, no queue).
     """
 
     max_reads: int = 32
@@ -65,6 +70,7 @@ class Limits:
     queue: int = 64
     wait: float = 0.5
     retry_after: int = 1
+    max_streams: int = 32
 
     def __post_init__(self) -> None:
         # Named as the vnic serve options that set them.
@@ -73,6 +79,7 @@ class Limits:
             ("max_writes", "--max-writes", 1),
             ("queue", "--queue", 0),
             ("retry_after", "retry_after", 1),
+            ("max_streams", "--max-streams", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -142,6 +149,7 @@ class Admission:
         lim = self.limits
         self.reads = Lane("reads", lim.max_reads, lim.queue, lim.wait)
         self.writes = Lane("writes", lim.max_writes, lim.queue, lim.wait)
+        self.streams = Lane("streams", lim.max_streams, 0, 0)
         self._threads_sized = False
 
     def _size_thread_pool(self) -> None:
@@ -150,18 +158,22 @@ class Admission:
         import anyio.to_thread
 
         pool = anyio.to_thread.current_default_thread_limiter()
-        wanted = self.limits.max_reads + self.limits.max_writes + SPARE_THREADS
+        lim = self.limits
+        wanted = lim.max_reads + lim.max_writes + lim.max_streams + SPARE_THREADS
         pool.total_tokens = max(int(pool.total_tokens), wanted)
         self._threads_sized = True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path", "")
-        if scope["type"] != "http" or path in EXEMPT_PATHS or path.endswith(EXEMPT_SUFFIXES):
+        if scope["type"] != "http" or path in EXEMPT_PATHS:
             await self.app(scope, receive, send)
             return
         if not self._threads_sized:
             self._size_thread_pool()
-        lane = self.reads if scope["method"] in READ_METHODS else self.writes
+        if scope["method"] not in READ_METHODS:
+            lane = self.writes
+        else:
+            lane = self.streams if STREAM.fullmatch(path) else self.reads
         if not await lane.enter():
             await self._refuse(lane, scope, receive, send)
             return
@@ -189,7 +201,7 @@ class Admission:
                 "waiting": len(lane._waiting),
                 "refused": lane.refused,
             }
-            for lane in (self.reads, self.writes)
+            for lane in (self.reads, self.writes, self.streams)
         }
 
 
