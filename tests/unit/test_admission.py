@@ -224,3 +224,36 @@ def test_last_resort_after_the_response_started_only_logs(
     run(scenario)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and errors[0].exc_info is not None
+
+
+def test_live_streams_have_their_own_lane_and_a_profile_named_live_is_a_read() -> None:
+    async def scenario() -> None:
+        release = asyncio.Event()
+        started: list[str] = []
+
+        async def hold(request: Request) -> JSONResponse:
+            started.append(request.url.path)
+            await release.wait()
+            return JSONResponse({})
+
+        app = Starlette(
+            routes=[
+                Route("/v1/sessions/{s}/live", hold),
+                Route("/v1/profiles/{name}", hold),
+            ]
+        )
+        app.add_middleware(Admission, limits=Limits(max_reads=1, max_streams=1, queue=0))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            stream = asyncio.create_task(c.get("/v1/sessions/a/live"))
+            await until(lambda: len(started) == 1)
+            second = await c.get("/v1/sessions/b/live")  # the one stream slot is taken
+            assert second.status_code == 429 and "streams" in second.json()["message"]
+            read = asyncio.create_task(c.get("/v1/profiles/live"))  # a read: its own slot
+            await until(lambda: len(started) == 2)
+            again = await c.get("/v1/profiles/other")
+            assert again.status_code == 429 and "reads" in again.json()["message"]
+            release.set()
+            assert [(await t).status_code for t in (stream, read)] == [200, 200]
+
+    run(scenario)
