@@ -11,10 +11,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,76 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+#: A separate process that times GET /v1/health (no admission) every 0.2 s: how long the
+#: server takes to answer at all, apart from the load client's own scheduling.
+_PROBE = """
+import http.client, json, sys, time
+host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+out, end = [], time.monotonic() + seconds
+while time.monotonic() < end:
+    start = time.perf_counter()
+    try:
+        c = http.client.HTTPConnection(host, port, timeout=60)
+        c.request("GET", "/v1/health")
+        c.getresponse().read()
+        c.close()
+        out.append(time.perf_counter() - start)
+    except OSError:
+        out.append(-1.0)
+    time.sleep(0.2)
+print(json.dumps(out))
+"""
+
+
+class _Http1:
+    """A minimal keep-alive HTTP/1.1 client on asyncio streams, one connection each.
+
+    httpx's pool serializes its bookkeeping across connections: with 220 callers
+    at once the client, not the server, was the bottleneck it then measured.
+    """
+
+    def __init__(self, reader: Any, writer: Any, host: str, token: str) -> None:
+        self.reader, self.writer, self.host, self.token = reader, writer, host, token
+
+    @classmethod
+    async def open(cls, url: str, token: str) -> _Http1:
+        import asyncio
+        from urllib.parse import urlsplit
+
+        where = urlsplit(url)
+        reader, writer = await asyncio.open_connection(where.hostname, where.port)
+        return cls(reader, writer, f"{where.hostname}:{where.port}", token)
+
+    async def request(self, method: str, path: str, body: Any = None) -> tuple[int, dict[str, str]]:
+        """Send, read the whole answer; its status and headers (lower-case names)."""
+        payload = json.dumps(body).encode() if body is not None else b""
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Authorization: Bearer {self.token}\r\nContent-Length: {len(payload)}\r\n"
+            + ("Content-Type: application/json\r\n" if body is not None else "")
+            + "\r\n"
+        )
+        self.writer.write(head.encode() + payload)
+        await self.writer.drain()
+        raw = await self.reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        if length:
+            await self.reader.readexactly(length)
+        return status, headers
+
+    async def close(self) -> None:
+        self.writer.close()
+        with suppress(OSError):
+            await self.writer.wait_closed()
+
+
 def load(
     work: Path,
     *,
@@ -248,15 +319,19 @@ def load(
                     setup.get("/v1/profiles").raise_for_status()
             rss_before = _rss_kib(info["pid"])
 
-            async def client(c: httpx.AsyncClient, kind: str, n: int, end: float) -> None:
-                auth = {"Authorization": f"Bearer {reader if kind == 'read' else admin}"}
+            async def client(kind: str, n: int, end: float) -> None:
+                token = reader if kind == "read" else admin
+                conn: _Http1 | None = None
                 i = n  # this client's step: which VM, which read
                 while time.monotonic() < end:
                     i += 1
                     s, vm = targets[i % len(targets)]
                     start = time.perf_counter()
                     status: int | str
+                    retry = 1.0
                     try:
+                        if conn is None:
+                            conn = await _Http1.open(url, token)
                         if kind == "read":
                             path = (
                                 f"/v1/sessions/{s}/vms",
@@ -264,34 +339,48 @@ def load(
                                 f"/v1/sessions/{s}/vms/{vm}/explain",
                                 "/v1/profiles",
                             )[i % 4]
-                            r = await c.get(path, headers=auth)
+                            status, headers = await conn.request("GET", path)
                         else:
                             body = {"patch": {"egress": {"rate": f"{10 + (i % 7)}Mbit"}}}
-                            r = await c.patch(f"/v1/sessions/{s}/vms/{vm}", json=body, headers=auth)
-                        status = r.status_code
-                    except httpx.HTTPError as exc:
+                            status, headers = await conn.request(
+                                "PATCH", f"/v1/sessions/{s}/vms/{vm}", body
+                            )
+                        retry = float(headers.get("retry-after", "1"))
+                        if headers.get("connection") == "close":
+                            await conn.close()
+                            conn = None
+                    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
                         status = f"error:{type(exc).__name__}"
+                        if conn is not None:
+                            await conn.close()
+                        conn = None
                     samples[kind].append((status, time.perf_counter() - start))
                     if status == 429:  # as a client should: wait Retry-After
-                        retry = float(r.headers.get("retry-after", "1"))
                         await asyncio.sleep(min(retry, max(0.0, end - time.monotonic())))
+                if conn is not None:
+                    await conn.close()
 
             async def everyone() -> None:
-                # One client, a connection per caller: creating 220 clients (an SSL
-                # context each) would cost the client seconds of CPU it measures.
-                pool = httpx.Limits(
-                    max_connections=readers + writers, max_keepalive_connections=None
+                end = time.monotonic() + seconds
+                await asyncio.gather(
+                    *(client("read", n, end) for n in range(readers)),
+                    *(client("write", n, end) for n in range(writers)),
                 )
-                async with httpx.AsyncClient(base_url=url, timeout=60, limits=pool) as c:
-                    end = time.monotonic() + seconds
-                    await asyncio.gather(
-                        *(client(c, "read", n, end) for n in range(readers)),
-                        *(client(c, "write", n, end) for n in range(writers)),
-                    )
 
+            import subprocess
+            import sys
+            from urllib.parse import urlsplit
+
+            where = urlsplit(url)
+            probe = subprocess.Popen(
+                [sys.executable, "-c", _PROBE, str(where.hostname), str(where.port), str(seconds)],
+                stdout=subprocess.PIPE,
+            )
             wall = time.perf_counter()
             asyncio.run(everyone())
             wall = time.perf_counter() - wall
+            probe_out, _ = probe.communicate(timeout=seconds + 120)
+            health = [float(t) for t in json.loads(probe_out or b"[]")]
             rss_after = _rss_kib(info["pid"])
             with httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=600
@@ -336,6 +425,10 @@ def load(
         "write": writes,
         "errors_other_than_429": bad,
         "rss_kib": {"before": rss_before, "after": rss_after},
+        "health_probe": {
+            **(_ms([t for t in health if t >= 0]) if any(t >= 0 for t in health) else {}),
+            "failed": sum(1 for t in health if t < 0),
+        },
         "targets": {"read_p99_ms": 1000, "errors_other_than_429": 0},
     }
 

@@ -1346,7 +1346,12 @@ def bench_load(
                 statuses,
             )
         out.print(table)
-        rss = result["rss_kib"]
+        rss, probe = result["rss_kib"], result["health_probe"]
+        out.print(
+            f"health probe (own process, no admission): p50 {probe.get('p50_ms')} ms, "
+            f"p99 {probe.get('p99_ms')} ms, {probe['failed']} failed",
+            markup=False,
+        )
         out.print(
             f"{readers} readers + {writers} writers, {seconds:g} s; errors other than 429: "
             f"{sum(result['errors_other_than_429'].values())}; server RSS "
@@ -1424,16 +1429,16 @@ def serve(
     ] = 1.0,
     max_reads: Annotated[
         int, typer.Option("--max-reads", help="Reads (GET) in flight; more wait, then 429.")
-    ] = 32,
+    ] = 8,
     max_writes: Annotated[
         int, typer.Option("--max-writes", help="Writes in flight; more wait, then 429.")
-    ] = 8,
+    ] = 4,
     queue: Annotated[
         int, typer.Option("--queue", help="Requests of one kind that may wait for a slot.")
-    ] = 64,
+    ] = 16,
     queue_wait: Annotated[
         float, typer.Option("--queue-wait", help="Seconds a request may wait for a slot.")
-    ] = 0.5,
+    ] = 0.25,
     max_streams: Annotated[
         int, typer.Option("--max-streams", help="Live event streams open at once; more: 429.")
     ] = 32,
