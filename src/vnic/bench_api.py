@@ -419,6 +419,7 @@ def load(
         "writers": writers,
         "seconds": seconds,
         "vms": len(targets),
+        "sessions": names,
         "serve_args": list(serve_args),
         "wall_seconds": round(wall, 2),
         "read": reads,
