@@ -146,7 +146,10 @@ def launches(work: Path, count: int = 100) -> dict[str, Any]:
     errors: list[str] = []
     try:
         with (
-            _server(work / "launch", db.url) as url,
+            # It measures launches side by side: let them all in (admission has its bench).
+            _server(
+                work / "launch", db.url, "--max-writes", str(count), "--queue-wait", "60"
+            ) as url,
             httpx.Client(
                 base_url=url, headers={"Authorization": f"Bearer {secret}"}, timeout=600
             ) as client,
