@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -19,7 +19,7 @@ from rich.table import Table
 
 from vnic.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
 from vnic.drivers.base import Driver
-from vnic.errors import InvalidInput, VnicError
+from vnic.errors import InvalidInput, VnicError, storage_error
 from vnic.manager import views
 from vnic.manager.auth import Tokens
 from vnic.manager.client import ManagerClient
@@ -140,6 +140,32 @@ def run(action: Callable[[], None]) -> None:
     except VnicError as exc:
         err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
         raise typer.Exit(exc.exit_code) from None
+    except Exception as exc:
+        # A full disk (file or database) or another refusal of the system: what and
+        # where, not a traceback; exit 2 like every error the user can act on.
+        full = storage_error(exc, _database_name())
+        if full is None and not isinstance(exc, OSError):
+            raise  # a bug: its traceback is the report
+        text = str(full) if full is not None else _os_error(cast(OSError, exc))
+        err.print(f"[bold red]error:[/] {text}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+
+
+def _database_name() -> str:
+    try:
+        url = database_url()
+    except Exception:  # the settings themselves are broken: say less, not fail here
+        return "the database"
+    if url.startswith("sqlite:///"):
+        return url.removeprefix("sqlite:///")
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _os_error(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename is not None else ""
+    return f"{(exc.strerror or str(exc)).lower()}{where}"
 
 
 def _pairs(items: Sequence[str], option: str) -> dict[str, str]:
@@ -1317,6 +1343,61 @@ def bench_ui(
     run(body)
 
 
+@bench_app.command("load")
+def bench_load(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    readers: Annotated[int, typer.Option("--readers", help="Reading clients.", min=1)] = 200,
+    writers: Annotated[int, typer.Option("--writers", help="Writing clients.", min=0)] = 20,
+    seconds: Annotated[
+        float, typer.Option("--seconds", help="How long they run.", min=1, max=600)
+    ] = 30.0,
+    serve_option: Annotated[
+        list[str] | None,
+        typer.Option("--serve-option", help="Passed to vnic serve, e.g. --max-reads=64."),
+    ] = None,
+) -> None:
+    """Readers and writers at once against vnic serve on 127.0.0.1 with 10 netns VMs (root):
+    p50/p99 per kind, answers by status (429 = refused by admission), server RSS."""
+    from vnic.bench_api import run_load
+
+    def body() -> None:
+        result = run_load(
+            readers=readers, writers=writers, seconds=seconds, serve_args=tuple(serve_option or ())
+        )
+        table = Table("kind", "p50 ms", "p99 ms", "max ms", "ok/s", "answers by status")
+        for kind in ("read", "write"):
+            rep = result[kind]
+            m = rep["ok"] or {"p50_ms": "-", "p99_ms": "-", "max_ms": "-"}
+            statuses = " ".join(f"{k}:{v}" for k, v in rep["by_status"].items())
+            table.add_row(
+                f"{kind} (2xx)",
+                str(m["p50_ms"]),
+                str(m["p99_ms"]),
+                str(m["max_ms"]),
+                str(rep["per_second_ok"]),
+                statuses,
+            )
+        out.print(table)
+        rss, probe = result["rss_kib"], result["health_probe"]
+        out.print(
+            f"health probe (own process, no admission): p50 {probe.get('p50_ms')} ms, "
+            f"p99 {probe.get('p99_ms')} ms, {probe['failed']} failed",
+            markup=False,
+        )
+        out.print(
+            f"{readers} readers + {writers} writers, {seconds:g} s; errors other than 429: "
+            f"{sum(result['errors_other_than_429'].values())}; server RSS "
+            f"{rss['before']} -> {rss['after']} KiB",
+            markup=False,
+        )
+        if json_out:
+            json_out.write_text(json.dumps({"benchmark": "load", **result}, indent=2) + "\n")
+
+    run(body)
+
+
 # ----------------------------------------------------------------------------- db, demo
 
 
@@ -1380,17 +1461,42 @@ def serve(
             min=0.1,
         ),
     ] = 1.0,
+    max_reads: Annotated[
+        int, typer.Option("--max-reads", help="Reads (GET) in flight; more wait, then 429.")
+    ] = 8,
+    max_writes: Annotated[
+        int, typer.Option("--max-writes", help="Writes in flight; more wait, then 429.")
+    ] = 4,
+    queue: Annotated[
+        int, typer.Option("--queue", help="Requests of one kind that may wait for a slot.")
+    ] = 16,
+    queue_wait: Annotated[
+        float, typer.Option("--queue-wait", help="Seconds a request may wait for a slot.")
+    ] = 0.25,
+    max_streams: Annotated[
+        int, typer.Option("--max-streams", help="Live event streams open at once; more: 429.")
+    ] = 32,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics, the
     controller (rules, feedback endpoint in each session, scenarios).
-    Binds to localhost unless told otherwise; every call needs a token (vnic token create)."""
+    Binds to localhost unless told otherwise; every call needs a token (vnic token create).
+    Past --max-reads / --max-writes requests in flight (reads and writes apart), a request
+    waits up to --queue-wait seconds, then gets 429 with Retry-After."""
+    from vnic.manager.admission import Limits
     from vnic.serve import build_manager, run_manager
 
     def body() -> None:
+        limits = Limits(
+            max_reads=max_reads,
+            max_writes=max_writes,
+            queue=queue,
+            wait=queue_wait,
+            max_streams=max_streams,
+        )
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         manager.live.interval = controller_interval
-        run_manager(manager, host, port, (latency_interval, drift_interval))
+        run_manager(manager, host, port, (latency_interval, drift_interval), limits)
 
     run(body)
 

@@ -9,6 +9,9 @@ that was given and what was expected.
 
 from __future__ import annotations
 
+import errno
+import os
+import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -175,6 +178,54 @@ class DataplaneError(VnicError):
     kind = "dataplane"
 
 
+class Busy(Unavailable):
+    """Too many requests of this kind are in flight: refused at once, retry later (429)."""
+
+    http_status = 429
+    kind = "busy"
+
+
+class NoSpace(VnicError):
+    """A file or the database could not be written: its disk is full. Nothing changed (507)."""
+
+    http_status = 507
+    kind = "no_space"
+
+
+def storage_error(exc: BaseException, database: str = "the database") -> NoSpace | None:
+    """``exc`` as :class:`NoSpace` when a full disk (or quota) caused it, else None.
+
+    Looks through the causes (SQLAlchemy wraps sqlite3's error): an ``OSError``
+    names its file; SQLite's "database or disk is full" is named ``database``
+    (its file path, or URL), and so is its "disk I/O error" when that file's
+    filesystem has no free block left (SQLite cannot make its shared-memory
+    index there, and says only that).
+    """
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = seen.filename if seen.filename is not None else "a file"
+            return NoSpace(f"no space left on device for {where}; nothing was changed")
+        if isinstance(seen, sqlite3.OperationalError) and (
+            "disk is full" in str(seen) or ("disk I/O error" in str(seen) and _full(database))
+        ):
+            return NoSpace(f"no space left on device for {database}; nothing was changed")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _full(path: str) -> bool:
+    """Whether the filesystem holding ``path`` (an absolute file path) is full."""
+    if not os.path.isabs(path):
+        return False  # a URL, or no name: nothing to look at
+    folder = os.path.dirname(path)
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail == 0 or st.f_favail == 0
+
+
 #: Every error kind, by the ``error`` field of its API body (the client maps bodies back).
 KINDS: dict[str, type[VnicError]] = {
     cls.kind: cls
@@ -190,6 +241,8 @@ KINDS: dict[str, type[VnicError]] = {
         Unavailable,
         Unsupported,
         DataplaneError,
+        Busy,
+        NoSpace,
     )
 }
 

@@ -17,6 +17,7 @@ import logging
 from pathlib import Path
 
 from vnic.agent.core import Agent, ReconcileReport, local_agent
+from vnic.manager.admission import Limits
 from vnic.manager.auth import Tokens
 from vnic.manager.dispatch import AgentLike, Manager
 from vnic.manager.service import Service
@@ -60,7 +61,11 @@ def describe(report: ReconcileReport) -> list[str]:
 
 
 def run_manager(
-    manager: Manager, host: str, port: int, intervals: tuple[float, float] = (10.0, 60.0)
+    manager: Manager,
+    host: str,
+    port: int,
+    intervals: tuple[float, float] = (10.0, 60.0),
+    limits: Limits | None = None,
 ) -> None:
     import uvicorn
 
@@ -77,7 +82,7 @@ def run_manager(
     print(
         f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
     )
-    uvicorn.run(create_app(manager), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(manager, limits), host=host, port=port, log_level="warning")
 
 
 def run_agent(

@@ -151,19 +151,29 @@ class DesiredState:
         return entry
 
     def _save(self, vms: Mapping[VmKey, DesiredVm]) -> None:
-        self._sessions |= {k[0] for k in vms}
+        """Write ``vms`` whole (temp file, fsync, rename). On failure (a full disk) the
+        file, the temp file and what this object remembers stay as they were."""
+        sessions = self._sessions | {k[0] for k in vms}
         doc = {
             # Every session this host's agent built something in and has not torn
             # down: the only sessions whose leftovers it may reap (ownership).
-            "sessions": sorted(self._sessions),
+            "sessions": sorted(sessions),
             "vms": [self._wire_of(vm) for _, vm in sorted(vms.items())],
         }
         tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                # write() and fsync() name no file: say which one could not be written.
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
+            raise
+        self._sessions = sessions
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
             os.fsync(dir_fd)

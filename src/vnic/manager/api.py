@@ -24,6 +24,7 @@ import vnic
 from vnic.errors import FieldError, InvalidInput, VnicError, show_value
 from vnic.manager import schemas as sc
 from vnic.manager import views
+from vnic.manager.admission import Admission, LastResort, Limits
 from vnic.manager.api_live import add_live_routes
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
 from vnic.manager.deps import Caller
@@ -59,7 +60,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "A named object does not exist"),
         (409, "Conflicts with the current state (exists, in use, exhausted)"),
         (422, "Invalid input: every problem names field, value and expectation"),
+        (429, "Too many requests of this kind in flight; retry after Retry-After seconds"),
+        (500, "An unexpected error; the manager's log has it under the reference given"),
         (503, "The host agent did not answer"),
+        (507, "A disk is full (named in the message); nothing was changed"),
     )
 }
 
@@ -67,7 +71,9 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------- app
 
 
-def create_app(manager: Manager) -> FastAPI:
+def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
+    """The API on ``manager``; ``limits`` bound the requests in flight (defaults:
+    :class:`~vnic.manager.admission.Limits`)."""
     app = FastAPI(
         title="vnic manager",
         version=vnic.__version__,
@@ -76,6 +82,12 @@ def create_app(manager: Manager) -> FastAPI:
     )
     app.state.manager = manager
     svc = manager.service
+    # Outermost last: an unexpected error anywhere, admission included, leaves as JSON.
+    app.add_middleware(Admission, limits=limits or Limits())
+    url = manager.service.db.engine.url
+    db_name = url.database if url.get_backend_name() == "sqlite" else None
+    db_name = db_name or url.render_as_string(hide_password=True)
+    app.add_middleware(LastResort, database=db_name)
 
     @app.exception_handler(VnicError)
     async def _vnic_error(_: Request, exc: VnicError) -> JSONResponse:
