@@ -38,7 +38,9 @@ def _chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise InvalidInput("browser", "missing", "Debian's chromium (scripts/install.sh installs it)")
+    raise InvalidInput.one(
+        "browser", "missing", "Debian's chromium (scripts/install.sh installs it)"
+    )
 
 
 def _render_times(page: Any, url: str, session: str, runs: int) -> list[int]:
@@ -58,7 +60,7 @@ def run(*, vms: int = 200, runs: int = 5) -> dict[str, Any]:
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        raise InvalidInput(
+        raise InvalidInput.one(
             "playwright", "missing", "the development tools (scripts/install.sh)"
         ) from exc
     chromium = _chromium()
