@@ -4,7 +4,10 @@ Counters are cheap (a few dumps per session namespace) and are read at every
 scrape. The active latency probe (every ``latency_interval`` seconds, default
 10) and the drift check (a read-back of every vNIC, every ``drift_interval``
 seconds, default 60) cost more: background threads refresh them and scrapes
-report the last values.
+report the last values. With repair on (:mod:`vnic.agent.repair`, what
+``vnic serve`` and ``vnic agent`` do), the drift check runs every repair
+interval instead (default 2 s) and each drifted VM is rebuilt within the
+repair bounds; ``vnic_drift`` then shows what is left after the repairs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from vnic.drivers.registry import HOST_DRIVERS
 
 if TYPE_CHECKING:
     from vnic.agent.core import Agent
+    from vnic.agent.repair import RepairEvent
 
 log = logging.getLogger("vnic.agent")
 
@@ -74,14 +78,37 @@ class Monitor:
             return out
 
     def metrics_text(self) -> str:
-        return render(self.samples())
+        repairer = self.agent.repairer
+        extra = repairer.metrics_lines() if repairer is not None else []
+        return render(self.samples(), extra_lines=extra)
 
     def stats(self, session: str) -> list[dict[str, Any]]:
         return [dataclasses.asdict(s) for s in self.samples(session)]
 
     def refresh_drift(self) -> None:
         """Read every desired vNIC back and count its differences from the request."""
+        self._count(self.agent.drift())
+
+    def check(self) -> list[RepairEvent]:
+        """One round: read the drift, repair what the agent's repairer allows (if it has
+        one), count what is left; return the repairs made."""
         found = self.agent.drift()
+        events: list[RepairEvent] = []
+        repairer = self.agent.repairer
+        if repairer is not None and found:
+            events = repairer.run(found)
+            if events:
+                found = self.agent.drift()
+        self._count(found)
+        return events
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two rounds of :meth:`check`."""
+        repairer = self.agent.repairer
+        return repairer.interval if repairer is not None else self.drift_interval
+
+    def _count(self, found: dict[str, list[str]]) -> None:
         self.drift = {
             (vm.request.session, vm.request.vm): len(
                 found.get(f"{vm.request.session}/{vm.request.vm}", [])
@@ -107,10 +134,10 @@ class Monitor:
             report = _log("drift check")
             while not self._stop.is_set():
                 try:
-                    self.refresh_drift()
+                    self.check()
                 except Exception as exc:  # a failed round must not end monitoring
                     report(exc)
-                self._stop.wait(self.drift_interval)
+                self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=loop, name="vnic-drift", daemon=True)
         self._thread.start()
