@@ -218,3 +218,16 @@ def test_drift_gone_under_the_lock_is_not_rebuilt(tmp_path: Path) -> None:
     agent, r, _ = repairer(tmp_path, key)
     stale = {"s/v": ["eth0 missing"]}  # read while a launch was building it
     assert r.run(stale) == [] and agent.rebuilt == []
+
+
+def test_the_drift_loop_spends_at_most_a_tenth_of_its_time_reading() -> None:
+    from types import SimpleNamespace
+
+    from vnic.agent.monitor import DUTY, Monitor
+
+    agent = SimpleNamespace(repairer=SimpleNamespace(interval=2.0))
+    monitor = Monitor(agent)  # type: ignore[arg-type]
+    assert monitor.pause(0.05) == 2.0
+    assert monitor.pause(1.0) == pytest.approx(1.0 * (1 - DUTY) / DUTY)
+    agent.repairer = None
+    assert monitor.pause(1.0) == monitor.drift_interval

@@ -130,6 +130,7 @@ class _VmState:
     not_before: float = 0.0
     repaired: int = 0
     failed: int = 0
+    postponed: bool = False
 
 
 class Repairer:
@@ -195,12 +196,17 @@ class Repairer:
                 state = self._state(vm.key, now)
                 if not state.bucket.take(now) or not self._overall.take(now):
                     self.skipped["rate"] += 1
-                    log.warning(
-                        "repair of %s/%s postponed: over %d repairs a minute",
-                        *vm.key,
-                        self.per_vm,
-                    )
+                    if not state.postponed:  # once per wait, not every round
+                        log.warning(
+                            "repair of %s/%s postponed: over %d repairs a minute (per VM) "
+                            "or %d (the host)",
+                            *vm.key,
+                            self.per_vm,
+                            self._overall.capacity,
+                        )
+                    state.postponed = True
                     continue
+                state.postponed = False
                 events.append(self._repair(vm.key, differences, state))
         for event in events:
             for listener in self.listeners:
