@@ -1435,6 +1435,15 @@ LatencyInterval = Annotated[
 DriftInterval = Annotated[
     float, typer.Option("--drift-interval", help="Seconds between two drift checks.")
 ]
+RepairInterval = Annotated[
+    float,
+    typer.Option(
+        "--repair-interval",
+        help="Seconds between two drift checks that repair what drifted (0: only report it,"
+        " every --drift-interval).",
+        min=0.0,
+    ),
+]
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin, owner, reader).")
 app.add_typer(token_app, name="token")
 
@@ -1453,6 +1462,7 @@ def serve(
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
     latency_interval: LatencyInterval = 10.0,
     drift_interval: DriftInterval = 60.0,
+    repair_interval: RepairInterval = 2.0,
     controller_interval: Annotated[
         float,
         typer.Option(
@@ -1496,7 +1506,9 @@ def serve(
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         manager.live.interval = controller_interval
-        run_manager(manager, host, port, (latency_interval, drift_interval), limits)
+        run_manager(
+            manager, host, port, (latency_interval, drift_interval, repair_interval), limits
+        )
 
     run(body)
 
@@ -1518,6 +1530,7 @@ def agent_command(
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
     latency_interval: LatencyInterval = 10.0,
     drift_interval: DriftInterval = 60.0,
+    repair_interval: RepairInterval = 2.0,
 ) -> None:
     """Run this host's agent on its own: the manager reaches it with --agent URL.
     Reconciles the kernel with its desired state before it answers."""
@@ -1529,7 +1542,11 @@ def agent_command(
         home = Settings.from_env().home
         key = agent_key(key_file or home / "agent.key")
         run_agent(
-            local_agent(driver, state_dir), key, host, port, (latency_interval, drift_interval)
+            local_agent(driver, state_dir),
+            key,
+            host,
+            port,
+            (latency_interval, drift_interval, repair_interval),
         )
 
     run(body)

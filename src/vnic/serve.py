@@ -9,11 +9,19 @@ says are running (:meth:`~vnic.agent.core.Agent.sync`); the agent rebuilds
 those that drifted or vanished and removes vnic objects nobody desires.
 A standalone agent reconciles its own desired-state file when it starts,
 before it answers anyone.
+
+Both then repair drift on their own (:mod:`vnic.agent.repair`, every
+``repair`` seconds of ``intervals``, default 2; 0 turns it off): the manager
+writes each repair of its in-process agent to the audit log (source
+``agent``), and those of a remote agent, which lists them at
+``GET /v1/repairs``, by asking for them every repair interval.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from pathlib import Path
 
 from vnic.agent.core import Agent, ReconcileReport, local_agent
@@ -24,6 +32,10 @@ from vnic.manager.service import Service
 from vnic.store.db import Database
 
 log = logging.getLogger("vnic.serve")
+
+#: Seconds: latency probe, drift check (repair off), drift repair (0: off).
+Intervals = tuple[float, float, float]
+INTERVALS: Intervals = (10.0, 60.0, 2.0)
 
 #: Default ports: the manager's API and a standalone agent's.
 MANAGER_PORT = 8470
@@ -64,7 +76,7 @@ def run_manager(
     manager: Manager,
     host: str,
     port: int,
-    intervals: tuple[float, float] = (10.0, 60.0),
+    intervals: Intervals = INTERVALS,
     limits: Limits | None = None,
 ) -> None:
     import uvicorn
@@ -77,7 +89,12 @@ def run_manager(
     for line in describe(manager.reconcile()):
         print(f"vnic serve: {line}", flush=True)
     if isinstance(manager.agent, Agent):
+        if intervals[2]:
+            repairer = manager.agent.enable_repair(intervals[2])
+            repairer.listeners.append(manager.record_repair)
         manager.agent.start_monitor(*intervals)
+    if not isinstance(manager.agent, Agent) and intervals[2]:
+        _collect_repairs(manager, intervals[2])
     manager.live.start()
     print(
         f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
@@ -85,8 +102,22 @@ def run_manager(
     uvicorn.run(create_app(manager, limits), host=host, port=port, log_level="warning")
 
 
+def _collect_repairs(manager: Manager, interval: float) -> None:
+    """Audit a remote agent's drift repairs in the background, every ``interval`` s."""
+
+    def loop() -> None:
+        while True:
+            try:
+                manager.collect_repairs()
+            except Exception as exc:  # the agent may be down a while: try again
+                log.warning("collecting the agent's repairs failed: %s", exc)
+            time.sleep(interval)
+
+    threading.Thread(target=loop, name="vnic-repairs", daemon=True).start()
+
+
 def run_agent(
-    agent: Agent, key: str, host: str, port: int, intervals: tuple[float, float] = (10.0, 60.0)
+    agent: Agent, key: str, host: str, port: int, intervals: Intervals = INTERVALS
 ) -> None:
     import uvicorn
 

@@ -143,6 +143,16 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
     def reconcile(_: Auth) -> dict[str, Any]:
         return agent.reconcile().to_dict()
 
+    @app.get("/v1/repairs")
+    def repairs(_: Auth, after: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
+        """The agent's latest drift repairs numbered above ``after``, oldest first, and
+        the id of this agent's run (numbers start again when it changes); no events
+        with repair off."""
+        repairer = agent.repairer
+        if repairer is None:
+            return {"run": "", "events": []}
+        return {"run": repairer.run_id, "events": [e.to_dict() for e in repairer.recent(after)]}
+
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics(_: Auth) -> PlainTextResponse:
         return PlainTextResponse(agent.metrics_text(), media_type="text/plain; version=0.0.4")

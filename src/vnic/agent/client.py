@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 
 from vnic.agent.core import DesiredVm, ReconcileReport
+from vnic.agent.repair import RepairEvent
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.drivers.base import Capabilities, LaunchRequest
 from vnic.errors import Unavailable, VnicError, error_from_body
@@ -123,6 +124,11 @@ class AgentClient:
 
     def metrics_text(self) -> str:
         return self._call("GET", "/metrics").text
+
+    def repairs(self, after: int = 0) -> tuple[str, list[RepairEvent]]:
+        """The agent's run id and its drift repairs numbered above ``after``."""
+        doc = self._call("GET", "/v1/repairs", params={"after": after}).json()
+        return str(doc["run"]), [RepairEvent.from_dict(e) for e in doc["events"]]
 
     def close(self) -> None:
         self._http.close()

@@ -14,6 +14,11 @@ The agent never touches the database: the manager sends it requests and,
 on its own start, the whole desired set (:meth:`Agent.sync`). The agent
 implements the driver interface itself, so the service layer launches
 through an agent exactly as through a driver.
+
+Every mutation holds the host lock (:mod:`vnic.agent.hostlock`, the file
+``<state dir>/host.lock``): launches, live changes, destroys and teardowns
+shared, reconcile, sync and drift repair (:mod:`vnic.agent.repair`)
+exclusive, whichever process on the host makes them.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vnic.agent.hostlock import HostLock
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.drivers.base import Capabilities, Driver, LaunchRequest
 from vnic.drivers.registry import HOST_DRIVERS
@@ -45,6 +51,7 @@ from vnic.errors import (
 if TYPE_CHECKING:
     from vnic.agent.feedback import FeedbackEndpoints
     from vnic.agent.monitor import Monitor
+    from vnic.agent.repair import Repairer
 
 VmKey = tuple[str, str]
 
@@ -246,10 +253,13 @@ class Agent:
         self.drivers = dict(drivers)
         self.default = default
         self.state = DesiredState(state_dir)
+        #: One writer per host, across processes (see the module's docstring).
+        self.host = HostLock(state_dir / "host.lock")
         self.last_report = ReconcileReport()
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._monitor: Monitor | None = None
+        self.repairer: Repairer | None = None
         self.feedback: FeedbackEndpoints | None = None
 
     # The feedback endpoint.
@@ -293,14 +303,35 @@ class Agent:
         return self._monitor
 
     def start_monitor(
-        self, latency_interval: float | None = None, drift_interval: float | None = None
+        self,
+        latency_interval: float | None = None,
+        drift_interval: float | None = None,
+        repair_interval: float | None = None,
     ) -> None:
-        """Probe latency and check drift in the background (intervals in seconds)."""
+        """Probe latency and check drift in the background (intervals in seconds).
+
+        With ``repair_interval`` (seconds, > 0) drift is also repaired
+        (:mod:`vnic.agent.repair`), and checked that often; 0 or None: drift is
+        only reported, every ``drift_interval``.
+        """
         if latency_interval is not None:
             self.monitor.latency_interval = latency_interval
         if drift_interval is not None:
             self.monitor.drift_interval = drift_interval
+        if repair_interval:
+            self.enable_repair(repair_interval)
         self.monitor.start()
+
+    def enable_repair(self, interval: float | None = None) -> Repairer:
+        """Repair drift on its own from the next drift check on (``interval`` seconds
+        between checks; default :data:`vnic.agent.repair.INTERVAL`)."""
+        from vnic.agent.repair import INTERVAL, Repairer
+
+        if self.repairer is None:
+            self.repairer = Repairer(self, interval=interval or INTERVAL)
+        elif interval:
+            self.repairer.interval = interval
+        return self.repairer
 
     def metrics_text(self) -> str:
         """Prometheus exposition of every desired vNIC (docs/metrics.md)."""
@@ -346,22 +377,23 @@ class Agent:
         # A driver that boots something (QEMU) waits for it outside the session's
         # lock, so guests of one session boot side by side.
         begin = getattr(driver, "launch_begin", None)
-        with self._session_lock(request.session):
-            self.state.put(DesiredVm(kind, request), new=True)
-            try:
-                (begin or driver.launch)(request)
-            except BaseException:
-                self.state.remove([key])
-                raise
-        if begin is not None:
-            try:
-                driver.launch_finish(request)  # type: ignore[attr-defined]
-            except BaseException:
-                with self._session_lock(request.session):
+        with self.host.shared(), _as_dataplane_error(f"launching {_label(key)}"):
+            with self._session_lock(request.session):
+                self.state.put(DesiredVm(kind, request), new=True)
+                try:
+                    (begin or driver.launch)(request)
+                except BaseException:
                     self.state.remove([key])
-                    driver.destroy(request.session, request.vm)
-                raise
-        self._open_feedback(DesiredVm(kind, request))
+                    raise
+            if begin is not None:
+                try:
+                    driver.launch_finish(request)  # type: ignore[attr-defined]
+                except BaseException:
+                    with self._session_lock(request.session):
+                        self.state.remove([key])
+                        driver.destroy(request.session, request.vm)
+                    raise
+            self._open_feedback(DesiredVm(kind, request))
 
     def reconfigure(self, request: LaunchRequest) -> list[str]:
         """Make a running VM match ``request`` with a live change of what differs; return
@@ -380,6 +412,7 @@ class Agent:
         by_driver: dict[str, list[tuple[LaunchRequest, LaunchRequest]]] = {}
         sessions = sorted({r.session for r in requests})
         with contextlib.ExitStack() as locks:
+            locks.enter_context(self.host.shared())
             for session in sessions:  # in one order, so two batches never deadlock
                 locks.enter_context(self._session_lock(session))
             for request in requests:
@@ -447,16 +480,16 @@ class Agent:
     def destroy(self, session: str, vm: str) -> None:
         """Forget the VM first, then remove it: a kill in between leaves an orphan to reap."""
         key = (session, vm)
-        with self._session_lock(session):
+        with self.host.shared(), self._session_lock(session):
             current = self.state.get(key)
             kind = current.driver if current else self.default
             self.state.remove([key])
             self.driver(kind).destroy(session, vm)
 
     def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None:
-        if self.feedback is not None:
-            self.feedback.close(session)
-        with self._session_lock(session):
+        with self.host.shared(), self._session_lock(session):
+            if self.feedback is not None:
+                self.feedback.close(session)
             mine = [vm for vm in self.state.all() if vm.request.session == session]
             self.state.remove([vm.key for vm in mine])
             for kind, driver in sorted(self.drivers.items()):
@@ -485,12 +518,19 @@ class Agent:
         return [vm for vm in self.state.all() if vm.driver in self.drivers]
 
     def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport:
-        """Adopt ``vms`` as the whole desired state (the manager's view), then reconcile."""
-        self.state.replace(vms)
-        return self.reconcile()
+        """Adopt ``vms`` as the whole desired state (the manager's view), then reconcile.
 
-    def drift(self) -> dict[str, list[str]]:
-        """Differences between each desired VM and the kernel, read back; only VMs with some.
+        Under the host lock, exclusive: a manager that read ``vms`` from its
+        database under the same hold (:meth:`vnic.manager.dispatch.Manager.reconcile`)
+        sees no launch of another process between its read and this.
+        """
+        with self.host.exclusive():
+            self.state.replace(vms)
+            return self.reconcile()
+
+    def drift(self, only: Collection[VmKey] | None = None) -> dict[str, list[str]]:
+        """Differences between each desired VM (of ``only``, or all) and the kernel, read
+        back; only VMs with some, by ``session/vm``.
 
         Drivers that read many vNICs at once (``drift_many``: one dump per session
         namespace) are asked once for all of theirs.
@@ -498,6 +538,8 @@ class Agent:
         out: dict[str, list[str]] = {}
         by_kind: dict[str, list[LaunchRequest]] = {}
         for vm in self.mine():
+            if only is not None and vm.key not in only:
+                continue
             by_kind.setdefault(vm.driver, []).append(vm.request)
         for kind, requests in sorted(by_kind.items()):
             driver = self.driver(kind)
@@ -511,7 +553,15 @@ class Agent:
         return out
 
     def reconcile(self) -> ReconcileReport:
-        """Rebuild desired VMs that drifted, remove what nobody desires, report what is left."""
+        """Rebuild desired VMs that drifted, remove what nobody desires, report what is left.
+
+        Alone on the host (the host lock, exclusive). A removal or rebuild that
+        fails is in the report's ``failed``, by what it was about; the pass goes on.
+        """
+        with self.host.exclusive():
+            return self._reconcile()
+
+    def _reconcile(self) -> ReconcileReport:
         report = ReconcileReport()
         desired = {vm.key: vm for vm in self.mine()}
         owned = self.state.owned_sessions()
@@ -528,7 +578,12 @@ class Agent:
                         if (session, vm) not in desired or desired[(session, vm)].driver != kind
                     )
                     for vm in orphans:
-                        driver.destroy(session, vm)
+                        try:
+                            with _as_dataplane_error(f"removing {session}/{vm}"):
+                                driver.destroy(session, vm)
+                        except VnicError as exc:
+                            report.failed[f"{session}/{vm}"] = str(exc)
+                            continue
                         report.removed.append(f"{session}/{vm}")
                     # The session's network is shared by the VMs of every driver (netns
                     # VMs and QEMU guests on one bridge): it goes when none is desired.
@@ -536,7 +591,12 @@ class Agent:
                         if self.feedback is not None:
                             # Its sockets would keep the removed namespace alive.
                             self.feedback.close(session)
-                        driver.teardown_session(session)
+                        try:
+                            with _as_dataplane_error(f"removing session {session}"):
+                                driver.teardown_session(session)
+                        except VnicError as exc:
+                            report.failed[f"session {session}"] = str(exc)
+                            continue
                         self.state.forget_session(session)
                         report.removed.append(f"session {session}")
         before = self.drift()
@@ -550,18 +610,42 @@ class Agent:
     def _repair(self, vm: DesiredVm, differences: list[str], report: ReconcileReport) -> None:
         if not differences:
             return
-        driver = self.driver(vm.driver)
-        with self._session_lock(vm.request.session):
-            try:
-                driver.destroy(vm.request.session, vm.request.vm)
-                driver.launch(vm.request)
-            except VnicError as exc:
-                report.failed[_label(vm.key)] = str(exc)
-                return
+        try:
+            self.rebuild(vm)
+        except VnicError as exc:
+            report.failed[_label(vm.key)] = str(exc)
+            return
         report.reapplied[_label(vm.key)] = list(differences)
+
+    def rebuild(self, vm: DesiredVm) -> None:
+        """Remove the VM and build it again from its request (the repair of any drift).
+
+        Holds the host lock exclusive (the caller usually does already). Any
+        failure leaves as a :class:`~vnic.errors.VnicError`.
+        """
+        driver = self.driver(vm.driver)
+        with (
+            self.host.exclusive(),
+            self._session_lock(vm.request.session),
+            _as_dataplane_error(f"rebuilding {_label(vm.key)}"),
+        ):
+            driver.destroy(vm.request.session, vm.request.vm)
+            driver.launch(vm.request)
 
 
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _as_dataplane_error(what: str) -> Iterator[None]:
+    """Let a raw kernel or OS error (``NetlinkError``, ``OSError``) leave as a
+    :class:`~vnic.errors.DataplaneError` naming ``what`` failed; vnic errors pass."""
+    try:
+        yield
+    except VnicError:
+        raise
+    except Exception as exc:
+        raise DataplaneError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 
 def local_agent(kind: str = "netns", state_dir: Path | None = None) -> Agent:

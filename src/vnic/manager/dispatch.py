@@ -1,20 +1,32 @@
 """How the manager reaches its agent: the agent interface, and the gate that keeps a
-reconcile from racing launches."""
+reconcile from racing launches.
+
+With this host's agent in process the gate *is* the agent's host lock
+(:class:`~vnic.agent.hostlock.HostLock`, a file lock): an embedded command
+on the same state directory (``vnic vm launch`` without ``--server``) holds
+it shared from its database read to its database write
+(:meth:`Service.launch_vm`), and a reconcile holds it exclusive from its
+read of the database to the end of the agent's pass, so it never sees a
+launch of another process half-done. With a remote agent the gate covers
+this process's threads only (the agent locks its own host).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vnic.agent.core import DesiredVm, ReconcileReport
+from vnic.agent.client import AgentClient
+from vnic.agent.core import Agent, DesiredVm, ReconcileReport
+from vnic.agent.hostlock import HostLock
+from vnic.agent.repair import RepairEvent
 from vnic.drivers.base import Driver
 from vnic.manager.auth import Tokens
-from vnic.manager.runtime import Runtime
-from vnic.manager.service import Service, VmChange
+from vnic.manager.runtime import REASON_MAX, Runtime
+from vnic.manager.service import Service, VmChange, audit_row
 
 if TYPE_CHECKING:
     from vnic.controller.runner import LiveControl
@@ -37,42 +49,16 @@ class AgentLike(Driver, Protocol):
     def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport: ...
 
 
-class Gate:
-    """Many dispatches at once, or one reconcile alone (a readers-writer lock).
+class Gate(HostLock):
+    """Many dispatches at once, or one reconcile alone (a readers-writer lock) among
+    this process's threads.
 
     A reconcile sends the agent the database's running VMs; a launch between
     its agent call and its database write would look like an orphan to it.
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._active = 0
-        self._exclusive = False
-
-    @contextlib.contextmanager
-    def shared(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._active += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
-
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        with self._cond:
-            self._cond.wait_for(lambda: not self._exclusive)
-            self._exclusive = True
-            self._cond.wait_for(lambda: self._active == 0)
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+        super().__init__(None)
 
 
 @dataclass
@@ -81,7 +67,30 @@ class Manager:
     tokens: Tokens
     agent: AgentLike
     agent_name: str = "local"
-    gate: Gate = field(default_factory=Gate)
+    #: The agent's host lock when it is this host's, else this process's :class:`Gate`.
+    gate: HostLock = field(default_factory=Gate)
+
+    #: The remote agent's run and the last repair of it audited (:meth:`collect_repairs`).
+    _repairs_seen: tuple[str, int] = field(default=("", 0), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.agent, Agent):
+            self.gate = self.agent.host
+
+    def collect_repairs(self) -> int:
+        """Audit the drift repairs a remote agent made since the last call; return how
+        many (an in-process agent's are audited as they happen). A manager that
+        starts audits what the agent still keeps (:data:`vnic.agent.repair.KEPT`)."""
+        if not isinstance(self.agent, AgentClient):
+            return 0
+        run, seen = self._repairs_seen
+        now, events = self.agent.repairs(seen)
+        if now != run and seen:  # the agent restarted: its numbers started again
+            now, events = self.agent.repairs(0)
+        for event in events:
+            self.record_repair(event)
+        self._repairs_seen = (now, max([e.seq for e in events], default=seen if now == run else 0))
+        return len(events)
 
     @functools.cached_property
     def runtime(self) -> Runtime:
@@ -101,7 +110,23 @@ class Manager:
             return self.service.reapply(self.agent, **scope)
 
     def reconcile(self) -> ReconcileReport:
-        """Send the agent the VMs the database says run; it rebuilds, reaps and reports."""
+        """Send the agent the VMs the database says run; it rebuilds, reaps and reports.
+
+        The database is read under the gate, exclusive, and the agent's pass runs
+        under it: a launch (of this process or, with a local agent, of any on the
+        host) is either wholly before the read or wholly after the pass.
+        """
         with self.gate.exclusive():
             desired = [DesiredVm(kind, request) for kind, request in self.service.desired()]
             return self.agent.sync(desired)
+
+    def record_repair(self, event: RepairEvent) -> None:
+        """Write the agent's repair of a VM to the audit log (source ``agent``)."""
+        outcome = "repaired" if event.ok else f"repair failed: {event.error}"
+        reason = f"{outcome}; drift was: {'; '.join(event.differences)}"[:REASON_MAX]
+        with self.service.db.transaction() as s:
+            s.add(audit_row(self.service.clock(), event.session, event.vm, "agent", reason, {}))
+        log.info("audit: %s/%s %s", event.session, event.vm, outcome)
+
+
+log = logging.getLogger("vnic.manager")

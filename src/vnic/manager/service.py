@@ -8,6 +8,7 @@ dataclasses, never ORM rows.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
+from vnic.agent.hostlock import HostLock
 from vnic.dataplane.names import vm_addresses
 from vnic.documents import merge_patch
 from vnic.drivers.base import Capabilities, Driver, LaunchRequest, check_supported
@@ -826,31 +828,40 @@ class Service:
         ``kind`` picks one of an agent's drivers (``netns``, ``qemu``); None: the
         agent's default, or ``driver`` itself. The driver refuses unsupported
         fields before touching anything and removes what it made if the launch
-        fails; the VM then stays defined.
+        fails; the VM then stays defined (also when recording it fails: the VM
+        is removed again).
+
+        Through this host's agent, from the database read to the database write
+        under its host lock, shared (:func:`_holding`).
         """
-        with self.db.transaction() as s:
-            vm = self._vm_row(s, session, name)
-            if vm.state == "running":
-                raise Conflict(f"VM {session}/{name} is already running")
-            eff = self._resolve(s, vm)
-            request = self._launch_request(vm, eff)
-        if kind is None or kind == driver.kind:
-            driver.launch(request)
-            used = driver.kind
-        elif hasattr(driver, "drivers") or hasattr(driver, "default"):  # an agent
-            driver.launch(request, kind)  # type: ignore[call-arg]
-            used = kind
-        else:
-            raise InvalidInput.one("driver", kind, f"{driver.kind} (the only driver here)")
-        with self.db.transaction() as s:
-            vm = self._vm_row(s, session, name)
-            vm.state = "running"
-            vm.applied = {
-                "driver": used,
-                "revisions": dict(eff.revisions),
-                "values": values_to_document(eff.values),
-            }
-            return Explanation(self._vm_info(vm), eff)
+        with _holding(driver):
+            with self.db.transaction() as s:
+                vm = self._vm_row(s, session, name)
+                if vm.state == "running":
+                    raise Conflict(f"VM {session}/{name} is already running")
+                eff = self._resolve(s, vm)
+                request = self._launch_request(vm, eff)
+            if kind is None or kind == driver.kind:
+                driver.launch(request)
+                used = driver.kind
+            elif hasattr(driver, "drivers") or hasattr(driver, "default"):  # an agent
+                driver.launch(request, kind)  # type: ignore[call-arg]
+                used = kind
+            else:
+                raise InvalidInput.one("driver", kind, f"{driver.kind} (the only driver here)")
+            try:
+                with self.db.transaction() as s:
+                    vm = self._vm_row(s, session, name)
+                    vm.state = "running"
+                    vm.applied = {
+                        "driver": used,
+                        "revisions": dict(eff.revisions),
+                        "values": values_to_document(eff.values),
+                    }
+                    return Explanation(self._vm_info(vm), eff)
+            except BaseException:
+                driver.destroy(session, name)  # not recorded as running: must not run
+                raise
 
     def _launch_request(self, vm: VmRow, eff: Effective) -> LaunchRequest:
         if vm.mac is None or vm.host_index is None:  # pragma: no cover - set by add_vm
@@ -893,6 +904,18 @@ class Service:
         With ``source``, each change is written to the audit log under it and
         ``reason`` (runtime adjustments audit themselves, so they pass none).
         """
+        with _holding(driver):
+            return self._reapply(driver, session, vm, source, reason, strict)
+
+    def _reapply(
+        self,
+        driver: Driver,
+        session: str | None,
+        vm: str | None,
+        source: str | None,
+        reason: str,
+        strict: bool,
+    ) -> list[VmChange]:
         with self.db.reading() as s:
             pending: list[tuple[Effective, LaunchRequest, dict[str, tuple[Any, Any]]]] = []
             ids: dict[tuple[str, str], int] = {}
@@ -1041,25 +1064,27 @@ class Service:
 
     def destroy_vm(self, session: str, name: str, driver: Driver) -> None:
         """Stop the VM and remove its network; its definition (and MAC) stays."""
-        with self.db.transaction() as s:
-            self._vm_row(s, session, name)
-        driver.destroy(session, name)
-        with self.db.transaction() as s:
-            vm = self._vm_row(s, session, name)
-            vm.state = "defined"
-            vm.applied = None
+        with _holding(driver):
+            with self.db.transaction() as s:
+                self._vm_row(s, session, name)
+            driver.destroy(session, name)
+            with self.db.transaction() as s:
+                vm = self._vm_row(s, session, name)
+                vm.state = "defined"
+                vm.applied = None
 
     def session_down(self, session: str, driver: Driver) -> list[str]:
         """Stop every VM of the session and remove its network. Returns the VMs stopped."""
-        with self.db.transaction() as s:
-            names = [v.name for v in self._session_row(s, session).vms]
-        running = sorted(set(driver.running(session)) | set(names))
-        driver.teardown_session(session, names)
-        with self.db.transaction() as s:
-            for vm in self._session_row(s, session).vms:
-                vm.state = "defined"
-                vm.applied = None
-        return running
+        with _holding(driver):
+            with self.db.transaction() as s:
+                names = [v.name for v in self._session_row(s, session).vms]
+            running = sorted(set(driver.running(session)) | set(names))
+            driver.teardown_session(session, names)
+            with self.db.transaction() as s:
+                for vm in self._session_row(s, session).vms:
+                    vm.state = "defined"
+                    vm.applied = None
+            return running
 
     def remove_vm(self, session: str, name: str) -> None:
         with self.db.transaction() as s:
@@ -1204,6 +1229,18 @@ _VM_RESOLVE_LOADS = (
     selectinload(VmRow.mac),
     selectinload(VmRow.override_profile),
 )
+
+
+def _holding(driver: Driver) -> contextlib.AbstractContextManager[object]:
+    """``driver``'s host lock, shared, when it is this host's agent (nothing otherwise).
+
+    A use case that reads the database, has the agent act, and writes the
+    database holds it throughout: a reconcile (exclusive, in ``vnic serve`` or
+    any process on the host) then sees the database and the agent's desired
+    state both before or both after, never a launch half-recorded.
+    """
+    lock = getattr(driver, "host", None)
+    return lock.shared() if isinstance(lock, HostLock) else contextlib.nullcontext()
 
 
 def _capabilities(driver: Driver) -> dict[str, Capabilities]:
