@@ -1320,6 +1320,14 @@ LatencyInterval = Annotated[
 DriftInterval = Annotated[
     float, typer.Option("--drift-interval", help="Seconds between two drift checks.")
 ]
+AllowedHosts = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-host",
+        help="A Host name clients use besides loopback and --host (repeatable), "
+        "e.g. the name in front of a proxy; any other Host is refused (DNS rebinding).",
+    ),
+]
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin, owner, reader).")
 app.add_typer(token_app, name="token")
 
@@ -1346,6 +1354,7 @@ def serve(
             min=0.1,
         ),
     ] = 1.0,
+    allowed_host: AllowedHosts = None,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics, the
     controller (rules, feedback endpoint in each session, scenarios).
@@ -1356,7 +1365,7 @@ def serve(
         key = agent_key_file.read_text().strip() if agent_key_file else None
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         manager.live.interval = controller_interval
-        run_manager(manager, host, port, (latency_interval, drift_interval))
+        run_manager(manager, host, port, (latency_interval, drift_interval), allowed_host or [])
 
     run(body)
 
@@ -1378,6 +1387,7 @@ def agent_command(
     driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
     latency_interval: LatencyInterval = 10.0,
     drift_interval: DriftInterval = 60.0,
+    allowed_host: AllowedHosts = None,
 ) -> None:
     """Run this host's agent on its own: the manager reaches it with --agent URL.
     Reconciles the kernel with its desired state before it answers."""
@@ -1389,7 +1399,12 @@ def agent_command(
         home = Settings.from_env().home
         key = agent_key(key_file or home / "agent.key")
         run_agent(
-            local_agent(driver, state_dir), key, host, port, (latency_interval, drift_interval)
+            local_agent(driver, state_dir),
+            key,
+            host,
+            port,
+            (latency_interval, drift_interval),
+            allowed_host or [],
         )
 
     run(body)
