@@ -1324,6 +1324,7 @@ AllowedHosts = Annotated[
     list[str] | None,
     typer.Option(
         "--allowed-host",
+        metavar="NAME",
         help="A Host name clients use besides loopback and --host (repeatable), "
         "e.g. the name in front of a proxy; any other Host is refused (DNS rebinding).",
     ),

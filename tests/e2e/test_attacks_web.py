@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import http.server
 import select
+import signal
 import socket
 import stat
 import threading
@@ -342,3 +343,20 @@ def test_the_database_files_are_private(web: Web) -> None:
     for name in ("vnic.db", "vnic.db-wal", "vnic.db-shm"):
         mode = stat.S_IMODE((home / name).stat().st_mode)
         assert mode == 0o600, (name, oct(mode))
+
+
+def test_allowed_host_names_another_name_of_the_server(tmp_path: Path) -> None:
+    server = Server(tmp_path, "serve", "--allowed-host", "vnic.test", "--drift-interval", "60")
+    server.start()
+    try:
+        for host, status in (
+            ("vnic.test", 200),
+            (f"vnic.test:{server.port}", 200),
+            ("x.test", 421),
+        ):
+            r = httpx.get(server.url + "/v1/health", headers={"Host": host})
+            assert r.status_code == status, (host, r.text)
+        server.kill(signal.SIGTERM)
+        assert "WARNING" not in server.log.read_text()  # bound to loopback: nothing to warn of
+    finally:
+        server.kill()
