@@ -1444,6 +1444,15 @@ RepairInterval = Annotated[
         min=0.0,
     ),
 ]
+AllowedHosts = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--allowed-host",
+        metavar="NAME",
+        help="A Host name clients use besides loopback and --host (repeatable), "
+        "e.g. the name in front of a proxy; any other Host is refused (DNS rebinding).",
+    ),
+]
 token_app = typer.Typer(no_args_is_help=True, help="API tokens (admin, owner, reader).")
 app.add_typer(token_app, name="token")
 
@@ -1486,6 +1495,7 @@ def serve(
     max_streams: Annotated[
         int, typer.Option("--max-streams", help="Live event streams open at once; more: 429.")
     ] = 32,
+    allowed_host: AllowedHosts = None,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics, the
     controller (rules, feedback endpoint in each session, scenarios).
@@ -1507,7 +1517,12 @@ def serve(
         manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         manager.live.interval = controller_interval
         run_manager(
-            manager, host, port, (latency_interval, drift_interval, repair_interval), limits
+            manager,
+            host,
+            port,
+            (latency_interval, drift_interval, repair_interval),
+            limits,
+            allowed_host or [],
         )
 
     run(body)
@@ -1531,6 +1546,7 @@ def agent_command(
     latency_interval: LatencyInterval = 10.0,
     drift_interval: DriftInterval = 60.0,
     repair_interval: RepairInterval = 2.0,
+    allowed_host: AllowedHosts = None,
 ) -> None:
     """Run this host's agent on its own: the manager reaches it with --agent URL.
     Reconciles the kernel with its desired state before it answers."""
@@ -1547,6 +1563,7 @@ def agent_command(
             host,
             port,
             (latency_interval, drift_interval, repair_interval),
+            allowed_host or [],
         )
 
     run(body)

@@ -20,9 +20,12 @@ writes each repair of its in-process agent to the audit log (source
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vnic.agent.core import Agent, ReconcileReport, local_agent
 from vnic.manager.admission import Limits
@@ -30,6 +33,9 @@ from vnic.manager.auth import Tokens
 from vnic.manager.dispatch import AgentLike, Manager
 from vnic.manager.service import Service
 from vnic.store.db import Database
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("vnic.serve")
 
@@ -72,16 +78,33 @@ def describe(report: ReconcileReport) -> list[str]:
     return lines
 
 
+def guarded(app: FastAPI, program: str, host: str, allowed_hosts: Sequence[str]) -> FastAPI:
+    """``app`` answering the Host names of ``host`` and ``allowed_hosts``; a warning on
+    stderr when ``host`` reaches beyond this machine."""
+    from vnic.manager.http_guard import allow_hosts, bind_warning
+
+    allow_hosts(app, host, allowed_hosts)
+    warning = bind_warning(program, host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    return app
+
+
 def run_manager(
     manager: Manager,
     host: str,
     port: int,
     intervals: Intervals = INTERVALS,
     limits: Limits | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
+    """Serve ``manager`` on ``host:port``; ``allowed_hosts``: Host names accepted besides
+    the loopback ones and ``host`` (see :mod:`vnic.manager.http_guard`)."""
     import uvicorn
 
     from vnic.manager.api import create_app
+
+    app = guarded(create_app(manager, limits), "vnic serve", host, allowed_hosts)
 
     if isinstance(manager.agent, Agent):
         # Before the reconcile, which opens the endpoint in every session it keeps.
@@ -99,7 +122,7 @@ def run_manager(
     print(
         f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
     )
-    uvicorn.run(create_app(manager, limits), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 def _collect_repairs(manager: Manager, interval: float) -> None:
@@ -117,14 +140,21 @@ def _collect_repairs(manager: Manager, interval: float) -> None:
 
 
 def run_agent(
-    agent: Agent, key: str, host: str, port: int, intervals: Intervals = INTERVALS
+    agent: Agent,
+    key: str,
+    host: str,
+    port: int,
+    intervals: Intervals = INTERVALS,
+    allowed_hosts: Sequence[str] = (),
 ) -> None:
     import uvicorn
 
     from vnic.agent.api import create_agent_app
 
+    app = guarded(create_agent_app(agent, key), "vnic agent", host, allowed_hosts)
+
     for line in describe(agent.reconcile()):
         print(f"vnic agent: {line}", flush=True)
     agent.start_monitor(*intervals)
     print(f"vnic agent: listening on http://{host}:{port}", flush=True)
-    uvicorn.run(create_agent_app(agent, key), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -57,6 +57,7 @@ def make_api(tmp_path: Path) -> Iterator[Api]:
             ("reader", "reader"),
         )
     }
-    with TestClient(create_app(manager)) as client:
+    # A loopback Host, as a browser or the CLI on this machine sends (the guard refuses others).
+    with TestClient(create_app(manager), base_url="http://127.0.0.1") as client:
         yield Api(manager, client, driver, secrets)
     db.dispose()

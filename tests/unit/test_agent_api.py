@@ -42,16 +42,16 @@ def remote(tmp_path: Path) -> Iterator[tuple[AgentClient, FakeDriver, TestClient
     agent = Agent(tmp_path / "agent", {"fake": driver}, default="fake")
     key = agent_key(tmp_path / "agent.key")
     assert (tmp_path / "agent.key").stat().st_mode & 0o777 == 0o600
-    with TestClient(create_agent_app(agent, key)) as http:
-        yield AgentClient("http://testserver", key, default="fake", http=http), driver, http
+    with TestClient(create_agent_app(agent, key), base_url="http://127.0.0.1") as http:
+        yield AgentClient("http://127.0.0.1", key, default="fake", http=http), driver, http
 
 
 def test_key_is_required(remote: tuple[AgentClient, FakeDriver, TestClient]) -> None:
     _, _, http = remote
     assert http.get("/v1/vms", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert http.get("/v1/health", headers={"Authorization": ""}).status_code == 200
-    with TestClient(http.app) as other, pytest.raises(Unauthenticated):
-        AgentClient("http://testserver", "wrong", http=other).desired()
+    with TestClient(http.app, base_url="http://127.0.0.1") as other, pytest.raises(Unauthenticated):
+        AgentClient("http://127.0.0.1", "wrong", http=other).desired()
 
 
 def test_launch_reconfigure_destroy_reach_the_driver(

@@ -1,8 +1,8 @@
 """The agent's HTTP API, for a manager on another process or host (``vnic agent``).
 
-Every route but ``/v1/health`` needs the agent key (``Authorization: Bearer
-KEY``), a secret file only root can read on the agent's host
-(:func:`agent_key`). Prometheus scrapes ``/metrics`` with the same key.
+Every route but ``/v1/health`` (``/openapi.json``, ``/docs`` and ``/redoc`` too)
+needs the agent key (``Authorization: Bearer KEY``), a secret file only root can
+read on the agent's host (:func:`agent_key`). Prometheus scrapes ``/metrics`` with the same key.
 Errors leave as the manager's do: status from the error kind, body
 ``{error, message, fields}``, so the client can raise the same error again.
 """
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 import vnic
@@ -24,6 +25,7 @@ from vnic.agent.core import Agent, DesiredVm
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.errors import InvalidInput, Unauthenticated, VnicError
 from vnic.manager.api import ERRORS, error_response
+from vnic.manager.http_guard import guard_agent
 
 
 def agent_key(path: Path) -> str:
@@ -67,8 +69,17 @@ Auth = Annotated[None, Depends(_check_key)]
 
 
 def create_agent_app(agent: Agent, key: str) -> FastAPI:
-    app = FastAPI(title="vnic agent", version=vnic.__version__, responses=ERRORS)
+    # The documents describe what a key holder may do: behind the key like the rest.
+    app = FastAPI(
+        title="vnic agent",
+        version=vnic.__version__,
+        responses=ERRORS,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.key = key
+    guard_agent(app)  # Host, same-origin writes, content types, body size, headers
 
     @app.exception_handler(VnicError)
     async def _vnic_error(_: Request, exc: VnicError) -> JSONResponse:
@@ -152,6 +163,18 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
         if repairer is None:
             return {"run": "", "events": []}
         return {"run": repairer.run_id, "events": [e.to_dict() for e in repairer.recent(after)]}
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi(_: Auth) -> dict[str, Any]:
+        return app.openapi()
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(_: Auth) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="vnic agent")
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc(_: Auth) -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="vnic agent")
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def metrics(_: Auth) -> PlainTextResponse:

@@ -29,6 +29,7 @@ from vnic.manager.api_live import add_live_routes
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
 from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
+from vnic.manager.http_guard import guard_manager
 from vnic.manager.service import VmChange, VmRequest
 from vnic.model.profile import ProfileSpec, document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
@@ -81,6 +82,7 @@ def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
         responses=ERRORS,
     )
     app.state.manager = manager
+    guard_manager(app)  # Host, same-origin writes, content types, body size, headers
     svc = manager.service
     # Outermost last: an unexpected error anywhere, admission included, leaves as JSON.
     app.add_middleware(Admission, limits=limits or Limits())

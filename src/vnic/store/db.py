@@ -10,6 +10,7 @@ transaction-scoped advisory lock around allocations (:func:`allocation_lock`).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +36,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            private_sqlite_file(Path(parsed.database))
         engine = create_engine(url, connect_args={"timeout": 60})
         _sqlite_pragmas(engine, "BEGIN" if read_only else "BEGIN IMMEDIATE")
         return engine
@@ -43,6 +44,27 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
         # Plain "postgresql://" would pick psycopg2, which we do not ship.
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     return create_engine(url, pool_pre_ping=True)
+
+
+#: Mode of the SQLite database and its -wal and -shm files: token hashes, owners and
+#: the audit log are no one else's business on a shared host.
+DB_FILE_MODE = 0o600
+
+
+def private_sqlite_file(path: Path) -> None:
+    """Make ``path`` (mode 0600, its directory 0700 if new) before SQLite opens it, and
+    take group and other rights from an older database's files. SQLite gives the -wal
+    and -shm files it creates the database file's mode."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DB_FILE_MODE))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = file.stat().st_mode & 0o777
+            if mode & 0o077:
+                file.chmod(mode & DB_FILE_MODE)
+        except (FileNotFoundError, PermissionError):
+            continue  # not there yet, or another user's file we may only read
 
 
 def _sqlite_pragmas(engine: Engine, begin: str) -> None:
