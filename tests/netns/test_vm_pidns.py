@@ -182,6 +182,9 @@ def test_each_vm_has_its_own_hosts_hostname_sys_and_proc(lab: Lab) -> None:
         assert sorted(lab.exec(s, name, "ls", "/sys/class/net").split()) == ["eth0", "lo"]
         assert lab.exec(s, name, "sh", "-c", "echo $$").strip() != ""
         assert lab.exec(s, name, "cat", "/proc/1/comm").strip() == "vnic-vm-init"
+        # No namespace file of the host's /run/netns is mounted in the VM (it would hold
+        # other VMs' namespaces and take every namespace change the host makes).
+        assert " nsfs " not in lab.exec(s, name, "cat", "/proc/self/mountinfo")
     # Nothing of it reached the host.
     assert Path("/etc/hosts").read_bytes() == host_hosts
     assert os.uname().nodename == host_name

@@ -13,10 +13,10 @@ at once, waits until the child has set up its namespaces, prints that pid and
 exits 0, or prints why not to stderr and exits 1 with the child gone.
 
 The child's mount namespace is a slave of the host's (mounts and unmounts on
-the host, such as namespaces of other VMs coming and going under /run/netns,
-reach it; its own never reach the host), with /proc of its PID namespace, /sys
-of its network namespace, and ``RUN_DIR``'s ``hosts``, ``hostname`` and
-``resolv.conf`` bound over /etc's. Its host name is ``HOSTNAME``.
+the host reach it; its own never reach the host), without the host's
+/run/netns, with /proc of its PID namespace, /sys of its network namespace,
+and ``RUN_DIR``'s ``hosts``, ``hostname`` and ``resolv.conf`` bound over
+/etc's. Its host name is ``HOSTNAME``.
 
 PID 1 then only reaps the processes that end up its children (orphans in the
 VM) and waits for a signal: TERM, INT or HUP sent from outside the VM ends it,
@@ -46,6 +46,7 @@ MS_REC = 0x4000
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 PR_SET_NAME = 15
+NETNS_DIR = "/run/netns"
 #: Files of the run dir bound over /etc's (when /etc has one to cover).
 ETC_FILES = ("hosts", "hostname", "resolv.conf")
 #: Signals that end the init when sent from outside the VM.
@@ -70,6 +71,12 @@ def _set_up(run_dir: str, hostname: str) -> None:
     """The child's namespaces, as the module says; raises OSError naming the failed step."""
     # First: without it, the mounts below would propagate to the host's tree.
     _mount(None, "/", None, MS_REC | MS_SLAVE, "making / a slave mount")
+    # The host's /run/netns goes from this tree: its namespace files would keep other
+    # VMs' namespaces referenced here, and every namespace made or removed on the host
+    # would have to be propagated to every VM. (A bind of the directory on itself, as
+    # ip netns makes it, may be stacked: detach until nothing is mounted there.)
+    while _libc.umount2(NETNS_DIR.encode(), MNT_DETACH) == 0:
+        pass
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mounting /proc")
     _libc.umount2(b"/sys", MNT_DETACH)  # none there is fine, as for ip netns exec
     _mount("sysfs", "/sys", "sysfs", 0, "mounting /sys")
