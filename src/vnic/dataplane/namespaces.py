@@ -3,7 +3,9 @@
 Only names from :mod:`vnic.dataplane.names` are created or removed here;
 removal of a namespace first stops the processes inside it (found by the
 namespace, not by any name pattern), since a namespace lives on while a
-process holds it.
+process holds it. A program run in a VM's namespace (:func:`run`,
+:func:`popen`) runs inside the VM: with its init's PID, mount and UTS
+namespaces too (see :mod:`vnic.dataplane.vminit`).
 """
 
 from __future__ import annotations
