@@ -20,7 +20,7 @@ from tests.netns.conftest import Lab, leftovers
 from vnic.agent.core import Agent, local_agent
 from vnic.dataplane import names, vminit
 from vnic.dataplane import namespaces as nsops
-from vnic.errors import Conflict, VnicError
+from vnic.errors import Conflict, DataplaneError, VnicError
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
@@ -364,3 +364,29 @@ def test_vnic_vm_exec_runs_inside_the_vm(tmp_path: Path, started: Started) -> No
     finally:
         vnic("session", "down", s)
     assert leftovers(s) == [] and not (vminit.run_root() / s).exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_launch_failing_after_its_init_started_leaves_nothing(
+    lab: Lab, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = lab.session()
+    lab.launch(s, "db")
+    seen: list[int | None] = []
+
+    def broken_plug(*args: object, **kwargs: object) -> None:
+        # The init was started just before: wait for its pid, then fail the launch.
+        wait_until(lambda: vminit.init_pid(s, "web") is not None, what="web's init")
+        seen.append(vminit.init_pid(s, "web"))
+        raise DataplaneError("veth refused (injected)")
+
+    monkeypatch.setattr(nsops, "plug_vm", broken_plug)
+    with pytest.raises(VnicError, match="injected"):
+        lab.launch(s, "web")
+    (init,) = seen
+    assert init is not None and not nsops.alive(init)
+    assert tagged_inits(s, "web") == []
+    assert not vminit.run_dir(s, "web").exists()
+    assert names.vm_netns(s, "web") not in nsops.listing()
+    assert lab.driver.inventory()[s] == {"db"}
+    assert lab.exec(s, "db", "hostname").strip() == "db"  # the session's other VM is intact
