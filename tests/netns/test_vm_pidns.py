@@ -162,6 +162,11 @@ def test_a_vm_sees_and_signals_only_its_own_processes(lab: Lab, started: Started
     lab.exec(s, "web", "sh", "-c", "kill -TERM 1; kill -HUP 1; kill -INT 1; true")
     assert vminit.running(s, "web")
     assert sorted(proc_table(lab, s, "web"))[0] == 1
+    # Nor can it uncover the host's /proc under the VM's, or enter the host's namespaces.
+    for escape in ("umount /proc", "umount -l /proc", "mount -t proc proc /mnt", "nsenter -a -t 1"):
+        proc = lab.driver.exec(s, "web", ["sh", "-c", escape], capture_output=True, timeout=10)
+        assert proc.returncode != 0, (escape, proc.stdout)
+    assert max(proc_table(lab, s, "web")) < 1000  # still the VM's own table
     assert lab.exec(s, "web", "echo", "still here").strip() == "still here"
 
 
