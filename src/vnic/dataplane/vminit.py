@@ -9,8 +9,9 @@ own (its /proc shows only the VM's processes, its /sys only its links, and
 namespace whose host name is the VM's name. Every process run "in the VM"
 (:func:`vnic.dataplane.namespaces.run` and ``popen`` on a VM namespace, and so
 ``vnic vm exec``, :mod:`vnic.vmexec` and the measurements) enters all four
-namespaces through :func:`entry`. Killing the init makes the kernel kill every
-process in the VM.
+namespaces through :func:`entry`, without CAP_SYS_ADMIN (so it cannot uncover
+the host's /proc). Killing the init makes the kernel kill every process in the
+VM.
 
 Each VM has a run directory ``/run/vnic/netns/<session>/<vm>/`` (under
 ``VNIC_NETNS_RUN_DIR`` if set) holding ``init.pid`` and the files bound over
