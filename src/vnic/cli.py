@@ -630,7 +630,8 @@ def vm_exec(
 ) -> None:
     """Run a command inside a running VM; exits with the command's status.
 
-    In a netns VM the command runs in its namespace, with this terminal. In a QEMU
+    In a netns VM the command runs inside it, with this terminal: it sees the VM's
+    processes, /proc and /etc/hosts, not the host's or other VMs'. In a QEMU
     guest it runs through the guest agent, and its output arrives when it ends."""
     from vnic.agent.core import local_agent
 

@@ -1,5 +1,7 @@
-"""Run processes in a VM, whichever driver runs it: in its network namespace (netns), or
-in its QEMU guest through the guest agent (qemu).
+"""Run processes in a VM, whichever driver runs it: inside a namespace VM (its network
+namespace and its init's PID, mount and UTS namespaces, see :mod:`vnic.dataplane.vminit`:
+the process sees and signals the VM's processes only), or in its QEMU guest through the
+guest agent (qemu).
 
 The measurements (:mod:`vnic.measure`), benchmarks and tests use these, so one
 iperf3 or ping call measures a namespace VM and a real guest alike. A VM is

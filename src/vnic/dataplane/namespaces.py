@@ -3,7 +3,9 @@
 Only names from :mod:`vnic.dataplane.names` are created or removed here;
 removal of a namespace first stops the processes inside it (found by the
 namespace, not by any name pattern), since a namespace lives on while a
-process holds it.
+process holds it. A program run in a VM's namespace (:func:`run`,
+:func:`popen`) runs inside the VM: with its init's PID, mount and UTS
+namespaces too (see :mod:`vnic.dataplane.vminit`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
+from vnic.dataplane import vminit
 from vnic.dataplane.names import BRIDGE, VM_IFNAME, VmLinks, owner_tag
 from vnic.errors import DataplaneError
 
@@ -213,13 +216,36 @@ def alive(pid: int) -> bool:
 
 
 def run(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run ``argv`` inside namespace ``name`` (``ip netns exec``)."""
-    return subprocess.run(["ip", "netns", "exec", name, *argv], text=True, **kwargs)
+    """Run ``argv`` inside namespace ``name``: in a VM's, inside the VM (see :func:`entered`)."""
+    with entered(name, kwargs) as prefix:
+        return subprocess.run([*prefix, *argv], text=True, **kwargs)
 
 
 def popen(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[str]:
-    """Start ``argv`` inside namespace ``name`` (``ip netns exec``) without waiting for it."""
-    return subprocess.Popen(["ip", "netns", "exec", name, *argv], text=True, **kwargs)
+    """Start ``argv`` inside namespace ``name`` without waiting for it: in a VM's, inside the
+    VM (see :func:`entered`); killing what this returns kills the program."""
+    with entered(name, kwargs) as prefix:
+        return subprocess.Popen([*prefix, *argv], text=True, **kwargs)
+
+
+@contextlib.contextmanager
+def entered(name: str, kwargs: dict[str, Any]) -> Iterator[list[str]]:
+    """The command prefix that runs a program in namespace ``name``, for the block;
+    ``kwargs`` (a :mod:`subprocess` call's) gain the file descriptors it needs.
+
+    A VM's namespace (``vnic.<session>.<vm>``) is entered with its init's PID,
+    mount and UTS namespaces too (:func:`vnic.dataplane.vminit.entry`): a process
+    run in a VM sees and signals only the VM's processes, and the VM's /proc,
+    /sys and /etc/hosts; :class:`DataplaneError` if the VM's init is not running.
+    Any other namespace (a session's, the probe's): ``ip netns exec``.
+    """
+    owner = vminit.owner_of_netns(name)
+    if owner is None:
+        yield ["ip", "netns", "exec", name]
+        return
+    with vminit.entry(*owner) as (prefix, fds):
+        kwargs["pass_fds"] = (*kwargs.get("pass_fds", ()), *fds)
+        yield prefix
 
 
 def _sysctl_path(key: str) -> str:
@@ -435,7 +461,9 @@ def set_offloads(ns_name: str, device: str, on: bool) -> None:
     decisions (loss, duplication, corruption, reordering) hit single packets.
     """
     state = "on" if on else "off"
-    proc = run(
+    # run_inside, not run: a network tool, which needs only the network namespace (a
+    # VM's offloads are set at launch before its init is ready, see vminit.finish).
+    proc = run_inside(
         ns_name,
         ["ethtool", "-K", device, "tso", state, "gso", state],
         capture_output=True,

@@ -1,9 +1,10 @@
 """The netns driver: a VM is a network namespace on its session's bridge.
 
-Launch = session namespace and bridge (if new) -> VM namespace -> veth into
-the bridge + IFB -> addresses -> TCP settings -> compiled plan applied on the
-host side -> read back. Any failure removes what this launch created and
-re-raises.
+Launch = session namespace and bridge (if new) -> VM namespace and its init
+(:mod:`vnic.dataplane.vminit`: the VM's processes get their own PID, mount and
+UTS namespaces; waited for at the end) -> veth into the bridge + IFB ->
+addresses -> TCP settings -> compiled plan applied on the host side -> read
+back. Any failure removes what this launch created and re-raises.
 
 For a host agent that restarts (possibly after SIGKILL in the middle of a
 launch): :meth:`NetnsDriver.inventory` finds every VM with anything on the
@@ -38,7 +39,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vnic.dataplane import delayd, names, nft, qemu
+from vnic.dataplane import delayd, names, nft, qemu, vminit
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe, netem_available
 from vnic.dataplane.tc import (
@@ -174,6 +175,8 @@ class NetnsDriver:
 
     def __init__(self, probe: Probe | None = None) -> None:
         self.probe = probe
+        #: Inits started by :meth:`launch_begin`, collected by :meth:`launch_finish`.
+        self._starting: dict[tuple[str, str], vminit.Starting] = {}
 
     def capabilities(self) -> Capabilities:
         if self.probe is not None:
@@ -242,7 +245,7 @@ class NetnsDriver:
 
     def _vm_exists(self, session: str, vm: str) -> bool:
         """Whether anything of the VM itself exists, running or half-made by a killed launch."""
-        return nsops.exists(names.vm_netns(session, vm))
+        return nsops.exists(names.vm_netns(session, vm)) or vminit.run_dir(session, vm).is_dir()
 
     def _vm_thing(self, session: str, vm: str) -> str:
         """What the VM is, in messages."""
@@ -252,6 +255,11 @@ class NetnsDriver:
         """Make the VM and its link into the session (here: namespace, veth, IFB or relay)."""
         vm_ns = names.vm_netns(request.session, request.vm)
         nsops.create(vm_ns)
+        # The init starts now and is waited for at the end (launch_finish): its
+        # start-up overlaps the rest of the launch, which does not need it.
+        self._starting[(request.session, request.vm)] = vminit.start(
+            request.session, request.vm, vm_ns, [request.ipv4, request.ipv6]
+        )
         nsops.plug_vm(
             names.session_netns(request.session),
             vm_ns,
@@ -270,13 +278,20 @@ class NetnsDriver:
             self._set_vm_offloads(request, on=False)
 
     def launch_finish(self, request: LaunchRequest) -> None:
-        """The end of a launch after :meth:`launch_begin`: wait until the VM's network is
-        ready (a namespace's is when it is made). On failure it raises and the caller
-        destroys the VM (under the session's lock, as it began it)."""
+        """The end of a launch after :meth:`launch_begin`: wait until the VM is ready (a
+        namespace VM's init has set up its processes' namespaces; its network is ready when
+        made). On failure it raises and the caller destroys the VM (under the session's lock,
+        as it began it)."""
         self._wait_ready(request)
 
     def _wait_ready(self, request: LaunchRequest) -> None:
-        """Wait until the VM's network is up (here: nothing to wait for)."""
+        """Wait until the VM is ready (here: its init has set up the VM's processes'
+        namespaces; its network is ready when made)."""
+        starting = self._starting.pop((request.session, request.vm), None)
+        if starting is not None:
+            vminit.finish(starting)
+        elif not vminit.running(request.session, request.vm):
+            raise DataplaneError(f"the init of VM {request.session}/{request.vm} is not running")
 
     def _set_vm_offloads(self, request: LaunchRequest, *, on: bool) -> None:
         """TSO/GSO of the VM's own interface (VM egress is segmented there)."""
@@ -293,12 +308,23 @@ class NetnsDriver:
         )
 
     def _remove_vm(self, session: str, vm: str) -> None:
-        """Stop the VM itself (here: its namespace goes, and with it eth0 and the port)."""
+        """Stop the VM itself (here: its init, and with it every process of the VM; then its
+        namespace, and with it eth0 and the port; then its run directory)."""
+        starting = self._starting.pop((session, vm), None)
+        if starting is not None:  # a launch that failed before its end
+            vminit.abandon(starting)
+        vminit.stop(session, vm)
         nsops.remove(names.vm_netns(session, vm))
+        vminit.remove_run_dir(session, vm)
 
     def _vm_drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
         """How the VM itself differs from the request (empty: not at all)."""
-        return _vm_side_drift(names.vm_netns(request.session, request.vm), request, plan)
+        problems = []
+        if not vminit.running(request.session, request.vm):
+            problems.append(
+                f"init of VM {request.session}/{request.vm}: expected running, found not running"
+            )
+        return problems + _vm_side_drift(names.vm_netns(request.session, request.vm), request, plan)
 
     def _vms(self, only: str | None = None) -> dict[str, set[str]]:
         """The VMs of this driver with anything on the host, by session (see :meth:`inventory`)."""
@@ -704,9 +730,15 @@ class NetnsDriver:
     def exec(
         self, session: str, vm: str, argv: Sequence[str], **kwargs: object
     ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the VM (its network, PID, mount and UTS namespaces), to completion;
+        ``kwargs`` as for :func:`subprocess.run`. :class:`Conflict` if the VM does not run."""
         vm_ns = names.vm_netns(session, vm)
         if not nsops.exists(vm_ns):
             raise Conflict(f"VM {session}/{vm} is not running")
+        if not vminit.running(session, vm):
+            raise Conflict(
+                f"VM {session}/{vm} has no running init (killed: drift, which repair relaunches)"
+            )
         return nsops.run(vm_ns, argv, **kwargs)
 
 
@@ -795,7 +827,8 @@ def _find(only: str | None) -> dict[str, set[str]]:
             continue  # removed while we looked (a teardown running alongside)
         out[session].update(vm for vm in (_vm_of_tag(t, session) for t in tags) if vm)
     engines = delayd.engine_processes().values()
-    for session, vms in [*delayd.run_files().items(), *((s, {vm}) for s, vm in engines)]:
+    runs = [*delayd.run_files().items(), *vminit.run_dirs().items()]
+    for session, vms in [*runs, *((s, {vm}) for s, vm in engines)]:
         if only in (None, session):
             out.setdefault(session, set()).update(vms)
     return out
