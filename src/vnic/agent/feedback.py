@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.loading import loads_json
 
 #: TCP port of the feedback endpoint, on the session's own addresses (plain HTTP's:
 #: nothing else listens there, and a VM needs no port to remember).
@@ -104,7 +105,9 @@ class _Handler(BaseHTTPRequestHandler):
         body: Any = {}
         if length:
             try:
-                body = json.loads(self.rfile.read(length))
+                # Strict: a key twice or 64 KB of "[" is a 400, not a last-wins
+                # or a RecursionError that kills the handler thread.
+                body = loads_json(self.rfile.read(length))
             except ValueError as exc:
                 return self._send(400, {"error": "invalid", "message": f"body is not JSON: {exc}"})
         if not isinstance(body, dict):
