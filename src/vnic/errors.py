@@ -124,7 +124,8 @@ class NotFound(VnicError):
     def __init__(self, what: str, name: str, known: Iterable[str] = ()) -> None:
         known = sorted(known)
         hint = f"; known: {', '.join(known)}" if known else ""
-        super().__init__(f"{what} {name!r} does not exist{hint}")
+        # show_value: a name from a URL may be a megabyte; it is quoted cut.
+        super().__init__(f"{what} {show_value(name)} does not exist{hint}")
         self.what = what
         self.name = name
 

@@ -158,6 +158,8 @@ def load_yaml(text: str) -> Any:
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise _yaml_error(exc) from None
+    except ValueError as exc:  # a constructor's int() or date(): 5000 digits, 2026-13-45
+        raise DocumentError(f"a value YAML cannot read: {exc}") from None
     except RecursionError:  # pragma: no cover - the depth bound comes first
         raise DocumentError(f"nested deeper than {DEPTH_MAX} levels") from None
     finally:
@@ -174,6 +176,8 @@ def load_yaml_all(text: str) -> list[Any]:
         return docs
     except yaml.YAMLError as exc:
         raise _yaml_error(exc) from None
+    except ValueError as exc:  # a constructor's int() or date(): 5000 digits, 2026-13-45
+        raise DocumentError(f"a value YAML cannot read: {exc}") from None
     except RecursionError:  # pragma: no cover - the depth bound comes first
         raise DocumentError(f"nested deeper than {DEPTH_MAX} levels") from None
     finally:

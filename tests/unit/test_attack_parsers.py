@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from tests.unit.api_fixtures import RATE_DOC, Api, make_api
 from tests.unit.test_cli import Vnic
 from vnic.controller._parse import number, span_ns
-from vnic.controller.feedback import parse_request
+from vnic.controller.feedback import parse_feedback_policy, parse_request
 from vnic.documents import documents_from_text
 from vnic.errors import InvalidInput
 from vnic.loading import DocumentError, load_yaml, load_yaml_all, loads_json
@@ -188,6 +188,17 @@ def test_names_ending_in_a_newline_are_refused(parse: Callable[[Any], Any]) -> N
         MacAddress.parse("02:00:00:00:00:01\nx")
 
 
+def test_integers_are_bounded_where_they_are_stored() -> None:
+    for per_minute in (10**30, 0, True, "6"):
+        with pytest.raises(InvalidInput) as err:
+            parse_feedback_policy({"enabled": True, "per_minute": per_minute})
+        assert [e.path for e in err.value.errors] == ["feedback.per_minute"]
+    for seed in (2**63, 10**30, -1):
+        with pytest.raises(InvalidInput):
+            parse_field("seed", seed)
+    assert parse_field("seed", 2**63 - 1) == 2**63 - 1
+
+
 def test_reserved_sources_are_refused_to_people() -> None:
     assert parse_user_source("user") == "user"
     for system in ("rule:busy", "scenario:steps", "feedback"):
@@ -214,6 +225,8 @@ def test_strict_loaders_refuse_duplicate_keys_deep_nesting_and_aliases() -> None
         "[" * 10_000,
         "- " * 10_000 + "x",
         "x: &a [1, 2]\ny: *a\n",
+        "n: " + "1" * 5000,  # int() refuses past 4300 digits: was a ValueError, a 500
+        "d: 2026-13-45",  # the date constructor's ValueError
     ):
         with pytest.raises(DocumentError):
             load_yaml_all(text)

@@ -49,7 +49,12 @@ class UnitError(ValueError):
 
     def __init__(self, value: object, expected: str, reason: str | None = None) -> None:
         # A long value is shown cut (its length said): errors travel in API bodies and logs.
-        self.value = shorten(value) if isinstance(value, str) else show_value(value)
+        if isinstance(value, str):
+            self.value = shorten(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+            self.value = show_value(value)  # repr() refuses ints over 4300 digits
+        else:
+            self.value = shorten(repr(value))
         self.expected = expected if reason is None else f"{expected} ({reason})"
         super().__init__(f"{self.value!r}: expected {self.expected}")
 
