@@ -28,13 +28,28 @@ from tests.unit.api_fixtures import RATE_DOC, Api, make_api
 from tests.unit.test_cli import Vnic
 from vnic.controller._parse import number, span_ns
 from vnic.controller.feedback import parse_feedback_policy, parse_request
+from vnic.controller.rules import parse_rules
 from vnic.documents import documents_from_text
 from vnic.errors import InvalidInput
 from vnic.loading import DocumentError, load_yaml, load_yaml_all, loads_json
-from vnic.manager.runtime import parse_source, parse_user_source
-from vnic.model.limits import DEPTH_MAX, LABELS_MAX, REASON_MAX
+from vnic.manager.runtime import parse_reason, parse_source, parse_user_source
+from vnic.model.limits import (
+    CONTROLLER_RULES_MAX,
+    DEPTH_MAX,
+    LABELS_MAX,
+    MATCH_ITEMS_MAX,
+    NEEDS_MAX,
+    QOS_CLASSES_MAX,
+    REASON_MAX,
+)
 from vnic.model.profile import FIELDS, parse_field, parse_labels, parse_name
-from vnic.model.session import parse_needs, parse_role, parse_session_name, parse_vm_name
+from vnic.model.session import (
+    AssignmentRule,
+    parse_needs,
+    parse_role,
+    parse_session_name,
+    parse_vm_name,
+)
 from vnic.model.units import (
     ByteSize,
     Dscp,
@@ -186,6 +201,32 @@ def test_names_ending_in_a_newline_are_refused(parse: Callable[[Any], Any]) -> N
         parse_labels({"team\n": "x"})
     with pytest.raises(UnitError):
         MacAddress.parse("02:00:00:00:00:01\nx")
+
+
+def test_list_and_text_limits_are_refused_naming_the_field() -> None:
+    def refused(read: Callable[[], Any]) -> list[str]:
+        with pytest.raises(InvalidInput) as err:
+            read()
+        return [e.path for e in err.value.errors]
+
+    cls = {"name": "c", "guaranteed": "1Mbit", "ceiling": "2Mbit"}
+    many = [{**cls, "name": f"c{i}"} for i in range(QOS_CLASSES_MAX + 1)]
+    assert refused(lambda: parse_field("qos.egress", many)) == ["qos.egress"]
+    ports = [{**cls, "match": {"ports": list(range(1, MATCH_ITEMS_MAX + 2))}}]
+    assert refused(lambda: parse_field("qos.egress", ports)) == ["qos.egress[0].match.ports"]
+    assert parse_field("qos.egress", [{**cls, "match": {"ports": list(range(1, 65))}}])
+    rule = {"name": "r", "when": "egress.utilisation > 0.8", "set": {"egress.rate": "1Mbit"}}
+    rules = [{**rule, "name": f"r{i}"} for i in range(CONTROLLER_RULES_MAX + 1)]
+    assert refused(lambda: parse_rules(rules)) == ["rules"]
+    labels = {f"k{i}": "v" for i in range(LABELS_MAX + 1)}
+    assert refused(lambda: parse_labels(labels)) == ["labels"]
+    assert parse_labels(dict(list(labels.items())[:LABELS_MAX]))
+    needs = [f"n{i}" for i in range(NEEDS_MAX + 1)]
+    assert refused(lambda: parse_needs(needs)) == ["needs"]
+    rule_doc = {"profile": "p", "needs": ["x" * 65]}
+    assert refused(lambda: AssignmentRule.from_document(rule_doc)) == ["rule.needs[0]"]
+    assert refused(lambda: parse_reason("r" * (REASON_MAX + 1))) == ["reason"]
+    assert parse_reason("r" * REASON_MAX)
 
 
 def test_integers_are_bounded_where_they_are_stored() -> None:

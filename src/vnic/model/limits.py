@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sized
 from typing import Any, Final
 
-from vnic.errors import InvalidInput
+from vnic.errors import FieldError, InvalidInput
 
 #: Labels on one profile, VM or assignment rule (each key <= 63, value <= 200 characters).
 LABELS_MAX: Final = 64
@@ -23,6 +23,9 @@ ASSIGNMENT_RULES_MAX: Final = 256
 CONTROLLER_RULES_MAX: Final = 256
 #: QoS classes of one direction (HTB takes more, nobody needs more).
 QOS_CLASSES_MAX: Final = 64
+#: Items in one key of a QoS class's match (dscp, protocol, ports, networks): each
+#: becomes kernel filters, so the count is a dataplane cost, not just storage.
+MATCH_ITEMS_MAX: Final = 64
 #: An adjustment's or audit entry's reason.
 REASON_MAX: Final = 500
 #: Nesting depth of a JSON or YAML document (a profile is 4 deep).
@@ -34,7 +37,7 @@ DB_INT_MAX: Final = 2**63 - 1
 def check_count(items: Sized, path: str, limit: int, what: str) -> None:
     """Refuse more than ``limit`` items (``what``: "labels", "rules" ...)."""
     if len(items) > limit:
-        raise InvalidInput.one(path, f"{len(items)} {what}", f"at most {limit} {what}")
+        raise InvalidInput([FieldError(path, f"{len(items)} {what}", f"at most {limit} {what}")])
 
 
 def check_text(value: Any, path: str, limit: int, what: str = "text") -> str:

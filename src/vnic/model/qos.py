@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vnic.errors import FieldError, show_value
-from vnic.model.limits import QOS_CLASSES_MAX
+from vnic.model.limits import MATCH_ITEMS_MAX, QOS_CLASSES_MAX
 from vnic.model.units import MAX_TEXT, Dscp, Rate, UnitError, is_ascii_digits
 
 PROTOCOLS: dict[str, int] = {
@@ -169,7 +169,15 @@ def parse_match(doc: Any, errors: list[FieldError], path: str) -> QosMatch:
 
     def each(key: str, parser: Any, expected: str) -> tuple[Any, ...]:
         out = []
-        for i, item in enumerate(_as_list(doc.get(key, []))):
+        items = _as_list(doc.get(key, []))
+        if len(items) > MATCH_ITEMS_MAX:
+            errors.append(
+                FieldError(
+                    f"{path}.{key}", f"{len(items)} items", f"at most {MATCH_ITEMS_MAX} items"
+                )
+            )
+            return ()
+        for i, item in enumerate(items):
             try:
                 out.append(parser(item))
             except (ValueError, UnitError):
