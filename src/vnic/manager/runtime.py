@@ -23,7 +23,7 @@ from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput
 from vnic.model import limits
 from vnic.model.limits import check_text
-from vnic.model.profile import NAME_EXPECTED, parse_name, parse_patch, values_to_document
+from vnic.model.profile import NAME_EXPECTED, parse_name, values_to_document
 from vnic.store.models import AdjustmentRow, AuditRow, SessionRow, VmRow
 
 from .service import Service, _aware, audit_row, field_changes
@@ -320,21 +320,15 @@ def parse_reason(value: Any, path: str = "reason") -> str:
 
 def typed_patch(doc: Mapping[str, Any] | None, path: str = "set") -> dict[str, Any]:
     """A patch given as a nested document or with dotted paths (``{"egress.rate": "5Mbit"}``),
-    as typed values; errors name ``path`` and the field."""
+    as typed values; errors name ``path`` and the field. A field given both ways
+    (``{"egress": {"rate": ...}, "egress.rate": ...}``) is refused, not resolved by
+    key order (the controller's reader, :func:`vnic.controller._parse.patch`)."""
+    from vnic.controller._parse import patch
+
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
         raise InvalidInput.one(path, doc, "a mapping of profile fields")
-    nested: dict[str, Any] = {}
-    for key, value in doc.items():
-        head, dot, tail = str(key).partition(".")
-        if dot:
-            section = nested.setdefault(head, {})
-            if isinstance(section, dict):
-                section[tail] = value
-        else:
-            nested[key] = value
-    try:
-        return dict(parse_patch(nested))
-    except InvalidInput as exc:
-        raise exc.under(path) from None
+    if not doc:
+        return {}
+    return patch(doc, path)
