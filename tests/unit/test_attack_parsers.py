@@ -488,3 +488,63 @@ def test_cli_refuses_newline_names_duplicate_keys_and_system_sources(
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert said in proc.stderr, (args, proc.stderr)
         assert _cli_dump(home) == before, args
+
+
+# ----------------------------------------------------------------------------- feedback
+
+
+class _Recorder:
+    """A decider that records what reaches it (nothing should, for a refused body)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str, Any]] = []
+
+    def feedback(self, session: str, vm: str, method: str, body: Any) -> tuple[int, dict[str, Any]]:
+        self.calls.append((session, vm, method, body))
+        return 200, {"ok": True}
+
+
+def test_feedback_endpoint_refuses_duplicate_keys_and_deep_nesting_on_loopback() -> None:
+    """The endpoint a VM reaches without a token (served here on 127.0.0.1, port 0)."""
+    import http.client
+    import socket
+    import threading
+
+    from vnic.agent.feedback import MAX_BODY, _Handler, _Server
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    server = _Server(sock, _Handler)
+    server.session = "lab"
+    server.who = lambda _ip: "a"
+    recorder = _Recorder()
+    server.decider = recorder
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        port = sock.getsockname()[1]
+
+        def post(body: str) -> tuple[int, dict[str, Any]]:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("POST", "/v1/feedback", body=body.encode())
+                answer = conn.getresponse()
+                return answer.status, json.loads(answer.read())
+            finally:
+                conn.close()
+
+        dup = '{"set": {"egress.rate": "1Mbit"}, "set": {"egress.rate": "1Gbit"}}'
+        status, body = post(dup)
+        assert status == 400 and "twice" in body["message"]
+        status, body = post("[" * (MAX_BODY - 1))
+        assert status == 400 and "deeper" in body["message"]
+        assert recorder.calls == []
+        status, _ = post('{"set": {"egress.rate": "1Mbit"}}')
+        assert status == 200 and recorder.calls == [
+            ("lab", "a", "POST", {"set": {"egress.rate": "1Mbit"}})
+        ]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
