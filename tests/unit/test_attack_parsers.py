@@ -480,6 +480,8 @@ def test_cli_refuses_newline_names_duplicate_keys_and_system_sources(
         (["profile", "apply", "-f", str(newline)], "base"),
         (["profile", "apply", "-f", str(dup_yaml)], "twice"),
         (["profile", "apply", "-f", str(dup_json)], "twice"),
+        (["profile", "show", "campus", "--revision", str(2**63)], "revision"),
+        (["profile", "show", "campus", "--revision", str(10**30)], "revision"),
         (["vm", "adjust", "lab", "a", "egress.rate=1Mbit", "--source", "feedback"], "source"),
         (["vm", "adjust", "lab", "a", "egress.rate=1Mbit", "--reason", "r" * 600], "reason"),
     ]
