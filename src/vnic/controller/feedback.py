@@ -300,7 +300,7 @@ def parse_feedback_policy(doc: Any, path: str = "feedback") -> FeedbackPolicy:
             FieldError(
                 at("per_minute"),
                 show_value(per_minute),
-                f"a whole number from 1 to {PER_MINUTE_MAX}",
+                f"a whole number of at least 1 and at most {PER_MINUTE_MAX}",
             )
         )
         per_minute = DEFAULT_PER_MINUTE
