@@ -21,6 +21,7 @@ from rich.table import Table
 
 from vnic import cli
 from vnic.errors import InvalidInput
+from vnic.loading import DocumentError, load_yaml
 from vnic.manager.api_live import AdjustmentSet, LiveOps
 from vnic.model.profile import parse_assignments, values_to_document
 
@@ -57,8 +58,8 @@ def _read_one(file: str, what: str) -> Any:
     except OSError as exc:
         raise InvalidInput.one("--file", file, f"a readable file ({exc.strerror})") from None
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
+        return load_yaml(text)  # strict: duplicate keys, aliases, deep nesting refused
+    except DocumentError as exc:
         raise InvalidInput.one("--file", file, f"{what} in YAML or JSON ({exc})") from None
 
 

@@ -7,7 +7,6 @@ and ``*.json`` file in it, in name order.
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 import yaml
 
 from vnic.errors import FieldError, InvalidInput
+from vnic.loading import DocumentError, load_yaml_all, loads_json
 from vnic.model.profile import ProfileSpec, parse_profile_document
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -85,16 +85,15 @@ def documents_from_text(text: str, origin: str) -> list[Document]:
 
 
 def _parse_text(text: str, origin: str, *, json_first: bool) -> list[Document]:
+    # Strict parsers: a key given twice, deep nesting or a YAML alias is refused
+    # (see vnic.loading), never resolved silently or left to recurse.
     try:
         bodies = (
-            [json.loads(text)]
-            if json_first
-            else [d for d in yaml.safe_load_all(text) if d is not None]
+            [loads_json(text)] if json_first else [d for d in load_yaml_all(text) if d is not None]
         )
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+    except DocumentError as exc:
         kind = "JSON" if json_first else "YAML"
-        detail = str(exc).replace("\n", " ")
-        raise InvalidInput.one("file", origin, f"valid {kind} ({detail})") from None
+        raise InvalidInput.one("file", origin, f"valid {kind} ({exc})") from None
     flat: list[Any] = []
     for body in bodies:
         flat += body if isinstance(body, list) else [body]

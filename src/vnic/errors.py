@@ -50,15 +50,30 @@ class FieldError:
         return FieldError(path, self.value, self.expected)
 
 
+#: Longest user text quoted whole in an error; longer text is cut, its length said.
+SHOWN_MAX = 200
+
+
+def shorten(text: str, limit: int = SHOWN_MAX) -> str:
+    """``text``, or its first ``limit`` characters and how long it was (a megabyte given
+    in a field must not come back in every error body and log line)."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 def show_value(value: Any) -> str:
-    """How a user-given value is quoted in an error message."""
+    """How a user-given value is quoted in an error message (long text cut, see
+    :func:`shorten`)."""
     if isinstance(value, str):
-        return repr(value)
+        return repr(value) if len(value) <= SHOWN_MAX else shorten(repr(value))
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value)
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"  # repr() refuses over 4300 digits
+    return shorten(repr(value))
 
 
 class VnicError(Exception):
@@ -112,7 +127,8 @@ class NotFound(VnicError):
     def __init__(self, what: str, name: str, known: Iterable[str] = ()) -> None:
         known = sorted(known)
         hint = f"; known: {', '.join(known)}" if known else ""
-        super().__init__(f"{what} {name!r} does not exist{hint}")
+        # show_value: a name from a URL may be a megabyte; it is quoted cut.
+        super().__init__(f"{what} {show_value(name)} does not exist{hint}")
         self.what = what
         self.name = name
 

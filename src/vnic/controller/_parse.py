@@ -9,13 +9,13 @@ minutes): a rule's cooldown or a scenario's timeline may run for hours, and
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, ParamSpec, TypeVar
 
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.profile import parse_field, parse_patch, values_to_document
+from vnic.model.units import MAX_TEXT, scan_number
 
 T = TypeVar("T")
 P = ParamSpec("P")
@@ -34,7 +34,6 @@ _SPAN_UNITS: Final = {
     "h": 3600 * 10**9,
 }
 _SPAN_PRINT: Final = (("h", 3600 * 10**9), ("m", 60 * 10**9), ("s", 10**9), ("ms", 10**6))
-_SPAN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zµ]*)\s*$", re.IGNORECASE)
 
 
 def span_ns(raw: Any, path: str, *, positive: bool = False) -> int:
@@ -42,14 +41,18 @@ def span_ns(raw: Any, path: str, *, positive: bool = False) -> int:
     expected = SPAN_EXPECTED + (", above 0" if positive else "")
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise InvalidInput.one(path, raw, expected)
-    m = _SPAN.match(str(raw))
-    if not m:
+    if isinstance(raw, str) and len(raw) > MAX_TEXT:
+        raise InvalidInput.one(path, raw, f"{expected}, at most {MAX_TEXT} characters")
+    if isinstance(raw, int) and abs(raw) >= 10**MAX_TEXT:
+        raise InvalidInput.one(path, raw, f"{expected}, at most 366 days")
+    parts = scan_number(str(raw))  # one pass: no pattern that backtracks on spaces
+    if parts is None or parts[0]:
         raise InvalidInput.one(path, raw, expected)
     try:
-        amount = Decimal(m.group(1))
-    except InvalidOperation:  # pragma: no cover - the pattern admits only decimals
+        amount = Decimal(parts[1])
+    except InvalidOperation:  # pragma: no cover - the scanner admits only decimals
         raise InvalidInput.one(path, raw, expected) from None
-    unit = m.group(2).lower()
+    unit = parts[2].lower()
     if not unit:
         if amount != 0:
             raise InvalidInput.one(path, raw, f"{expected} (a unit is required)")
@@ -116,9 +119,13 @@ def number(raw: Any, path: str, expected: str) -> float:
     """A finite number (int, float, or decimal text)."""
     if isinstance(raw, bool):
         raise InvalidInput.one(path, raw, expected)
+    if isinstance(raw, int) and abs(raw) >= 10**MAX_TEXT:
+        raise InvalidInput.one(path, raw, expected)  # float() would overflow
     if isinstance(raw, int | float):
         value = float(raw)
     elif isinstance(raw, str):
+        if len(raw) > MAX_TEXT:
+            raise InvalidInput.one(path, raw, f"{expected}, at most {MAX_TEXT} characters")
         try:
             value = float(Decimal(raw.strip()))
         except InvalidOperation:

@@ -69,6 +69,8 @@ REQUEST_KEYS: Final = ("set", "profile", "duration", "why")
 NEVER: Final = ("mac_range",)
 ASKABLE: Final = tuple(p for p in FIELDS if p not in NEVER)
 DEFAULT_PER_MINUTE: Final = 6
+#: Most requests a VM may be granted per minute a policy can allow (one a millisecond).
+PER_MINUTE_MAX: Final = 60_000
 WINDOW_S: Final = 60.0
 _UNLIMITED: Final = ("rate", "peak")
 
@@ -319,9 +321,17 @@ def parse_feedback_policy(doc: Any, path: str = "feedback") -> FeedbackPolicy:
             errors, lambda: span(doc["max_duration"], at("max_duration"), positive=True), None
         )
     per_minute = doc.get("per_minute", DEFAULT_PER_MINUTE)
-    if isinstance(per_minute, bool) or not isinstance(per_minute, int) or not 1 <= per_minute:
+    if (
+        isinstance(per_minute, bool)
+        or not isinstance(per_minute, int)
+        or not 1 <= per_minute <= PER_MINUTE_MAX
+    ):
         errors.append(
-            FieldError(at("per_minute"), show_value(per_minute), "a whole number of at least 1")
+            FieldError(
+                at("per_minute"),
+                show_value(per_minute),
+                f"a whole number of at least 1 and at most {PER_MINUTE_MAX}",
+            )
         )
         per_minute = DEFAULT_PER_MINUTE
     if errors:

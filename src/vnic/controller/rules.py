@@ -60,8 +60,9 @@ from vnic.controller._parse import (
     span_ns,
 )
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.limits import CONTROLLER_RULES_MAX, check_count
 from vnic.model.profile import dump_field, parse_name
-from vnic.model.units import ByteSize, Duration, Probability, Rate, UnitError
+from vnic.model.units import MAX_TEXT, ByteSize, Duration, Probability, Rate, UnitError
 
 #: Kinds of metric, by unit.
 RATE: Final = "rate"
@@ -118,7 +119,7 @@ RULE_KEYS: Final = (
     "revert",
     "repeat",
 )
-_GLOB: Final = re.compile(r"^[A-Za-z0-9._*?\[\]!-]{1,64}$")
+_GLOB: Final = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,64}")
 GLOB_EXPECTED: Final = "a glob of VM names such as web-* (letters, digits, . _ - * ? [ ])"
 
 
@@ -150,6 +151,8 @@ def parse_metric_value(kind: str, raw: Any, path: str) -> float:
         except UnitError as exc:
             raise InvalidInput.one(path, raw, exc.expected) from None
     if kind == UTILISATION and isinstance(raw, str) and raw.strip().endswith("%"):
+        if len(raw) > MAX_TEXT:
+            raise InvalidInput.one(path, raw, f"{expected}, at most {MAX_TEXT} characters")
         try:
             value = float(Decimal(raw.strip()[:-1].strip()) / 100)
         except InvalidOperation:
@@ -383,7 +386,7 @@ def parse_rule(doc: Any, path: str = "rules[0]") -> Rule:
     vms = None
     if doc.get("vms") is not None:
         raw = doc["vms"]
-        if isinstance(raw, str) and _GLOB.match(raw):
+        if isinstance(raw, str) and _GLOB.fullmatch(raw):
             vms = raw
         else:
             errors.append(FieldError(at("vms"), show_value(raw), GLOB_EXPECTED))
@@ -467,6 +470,7 @@ def parse_rules(docs: Any, path: str = "rules") -> tuple[Rule, ...]:
         return ()
     if not isinstance(docs, list | tuple):
         raise InvalidInput.one(path, docs, "a list of rules")
+    check_count(docs, path, CONTROLLER_RULES_MAX, "rules")
     errors: list[FieldError] = []
     rules: list[Rule] = []
     seen: dict[str, int] = {}

@@ -27,10 +27,12 @@ from vnic.manager import views
 from vnic.manager.admission import Admission, LastResort, Limits
 from vnic.manager.api_live import add_live_routes
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
+from vnic.manager.bodies import StrictJsonRoute
 from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
 from vnic.manager.http_guard import guard_manager
 from vnic.manager.service import VmChange, VmRequest
+from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import ProfileSpec, document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
 
@@ -81,6 +83,7 @@ def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
         description="Virtual NICs with named network profiles: profiles, sessions, VMs, metrics.",
         responses=ERRORS,
     )
+    app.router.route_class = StrictJsonRoute  # duplicate keys, deep nesting refused
     app.state.manager = manager
     guard_manager(app)  # Host, same-origin writes, content types, body size, headers
     svc = manager.service
@@ -134,7 +137,7 @@ def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
 
     @app.get("/v1/profiles/{name}", response_model=sc.ProfilePublic, tags=["profiles"])
     def get_profile(
-        who: Caller, name: str, revision: Annotated[int | None, Query(ge=1)] = None
+        who: Caller, name: str, revision: Annotated[int | None, Query(ge=1, le=DB_INT_MAX)] = None
     ) -> dict[str, Any]:
         return views.profile_json(svc.get_profile(name, revision))
 

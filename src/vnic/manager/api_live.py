@@ -21,7 +21,14 @@ from vnic.manager import views
 from vnic.manager.auth import require_admin
 from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
-from vnic.manager.runtime import AdjustmentInfo, AuditEntry, parse_source, typed_patch
+from vnic.manager.runtime import (
+    AdjustmentInfo,
+    AuditEntry,
+    parse_reason,
+    parse_source,
+    parse_user_source,
+    typed_patch,
+)
 
 
 class AdjustmentSet(BaseModel):
@@ -80,12 +87,12 @@ class LiveOps:
 
     def adjust(self, session: str, vm: str, source: str, body: AdjustmentSet) -> dict[str, Any]:
         runtime = self.manager.runtime
-        source = parse_source(source)
+        source = parse_user_source(source)  # rule:*, scenario:*, feedback are the system's
         changed = runtime.adjust(
             session,
             vm,
             source=source,
-            reason=body.reason,
+            reason=parse_reason(body.reason),
             values=typed_patch(body.set),
             profile=body.profile,
             expires_at=expiry(body.for_, self.manager.service.clock()),

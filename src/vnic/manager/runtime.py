@@ -21,15 +21,18 @@ from sqlalchemy.orm import Session
 
 from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput
-from vnic.model.profile import parse_name, parse_patch, values_to_document
+from vnic.model import limits
+from vnic.model.limits import check_text
+from vnic.model.profile import NAME_EXPECTED, parse_name, values_to_document
 from vnic.store.models import AdjustmentRow, AuditRow, SessionRow, VmRow
 
 from .service import Service, _aware, audit_row, field_changes
 
 #: Resolution just before a moment.
 _TICK = timedelta(microseconds=1)
-#: Longest text kept as an adjustment's or audit entry's reason.
-REASON_MAX = 500
+#: Longest text kept as an adjustment's or audit entry's reason (a person's longer
+#: reason is refused by parse_reason; the system's own are cut to it).
+REASON_MAX = limits.REASON_MAX
 
 
 @dataclass(frozen=True)
@@ -269,34 +272,63 @@ def canonical_controller(doc: Any) -> dict[str, Any]:
     return out
 
 
+SOURCES_EXPECTED = "user, feedback, rule:NAME or scenario:NAME"
+#: Sources only the system writes: the controller's rules, scenarios, and the VMs'
+#: feedback. An owner or admin writing one would have the audit log credit the
+#: controller (or a VM) with their change.
+SYSTEM_KINDS = ("rule", "scenario", "feedback")
+#: The sources a person may write an adjustment under (API PUT, ``vnic vm adjust``).
+USER_SOURCES = ("user",)
+
+
 def parse_source(value: Any, path: str = "source") -> str:
-    """A source name: ``user``, or a kind and a name (``rule:boost``)."""
-    text = str(value)
-    kind, _, name = text.partition(":")
-    if kind not in ("user", "rule", "feedback", "scenario") or (
-        name and not parse_name(name, path)
-    ):
-        raise InvalidInput.one(path, value, "user, feedback, rule:NAME or scenario:NAME")
+    """A source name: ``user``, ``feedback``, or a kind and a name (``rule:boost``)."""
+    text = value if isinstance(value, str) else ""
+    kind, colon, name = text.partition(":")
+    named = kind in ("rule", "scenario")
+    if kind not in ("user", *SYSTEM_KINDS) or (named != bool(colon)):
+        raise InvalidInput.one(path, value, SOURCES_EXPECTED)
+    if named:
+        try:
+            parse_name(name, path)
+        except InvalidInput:
+            raise InvalidInput.one(
+                path, value, SOURCES_EXPECTED + f" (NAME: {NAME_EXPECTED})"
+            ) from None
     return text
+
+
+def parse_user_source(value: Any, path: str = "source") -> str:
+    """A source a person may write under: ``user``. The system's (``rule:*``,
+    ``scenario:*``, ``feedback``) are refused, naming the allowed values; clearing one
+    by hand stays possible (:meth:`Runtime.clear`, audited as removed by hand)."""
+    source = parse_source(value, path)
+    if source not in USER_SOURCES:
+        raise InvalidInput.one(
+            path,
+            value,
+            f"one of {', '.join(USER_SOURCES)}: rule:NAME, scenario:NAME and feedback are "
+            "written only by the controller",
+        )
+    return source
+
+
+def parse_reason(value: Any, path: str = "reason") -> str:
+    """A reason given by a person: text of at most :data:`REASON_MAX` characters."""
+    return check_text(value, path, REASON_MAX)
 
 
 def typed_patch(doc: Mapping[str, Any] | None, path: str = "set") -> dict[str, Any]:
     """A patch given as a nested document or with dotted paths (``{"egress.rate": "5Mbit"}``),
-    as typed values; errors name ``path`` and the field."""
+    as typed values; errors name ``path`` and the field. A field given both ways
+    (``{"egress": {"rate": ...}, "egress.rate": ...}``) is refused, not resolved by
+    key order (the controller's reader, :func:`vnic.controller._parse.patch`)."""
+    from vnic.controller._parse import patch
+
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
         raise InvalidInput.one(path, doc, "a mapping of profile fields")
-    nested: dict[str, Any] = {}
-    for key, value in doc.items():
-        head, dot, tail = str(key).partition(".")
-        if dot:
-            section = nested.setdefault(head, {})
-            if isinstance(section, dict):
-                section[tail] = value
-        else:
-            nested[key] = value
-    try:
-        return dict(parse_patch(nested))
-    except InvalidInput as exc:
-        raise exc.under(path) from None
+    if not doc:
+        return {}
+    return patch(doc, path)

@@ -19,11 +19,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vnic.model.limits import ASSIGNMENT_RULES_MAX
+
 Document = dict[str, Any]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: no coercion at the door. Lax pydantic reads ``network_id: true`` as 1,
+    # ``"1"`` as 1 and ``"yes"`` as True; a request says what it means or is refused.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -100,6 +104,7 @@ class SessionCreate(_Strict):
     default_profile: str | None = None
     rules: list[Document] = Field(
         default_factory=list,
+        max_length=ASSIGNMENT_RULES_MAX,
         description="Ordered assignment rules: {profile, name (glob), role, labels, needs}",
     )
     network_id: int | None = Field(default=None, description="VNI 1..16777215; default lowest free")
@@ -109,7 +114,7 @@ class SessionCreate(_Strict):
 
 class SessionUpdate(_Strict):
     default_profile: str | None = None
-    rules: list[Document] | None = None
+    rules: list[Document] | None = Field(default=None, max_length=ASSIGNMENT_RULES_MAX)
     overrides_allowed: bool | None = None
     owner: str | None = None
 

@@ -35,6 +35,7 @@ from vnic.errors import (
     Unsupported,
     VnicError,
 )
+from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import (
     DEFAULT_MAC_RANGE,
     FIELDS,
@@ -405,6 +406,11 @@ class Service:
             ]
 
     def get_profile(self, name: str, revision: int | None = None) -> ProfileInfo:
+        if revision is not None and not 1 <= revision <= DB_INT_MAX:
+            # SQLite refuses integers past 64 bits with an OverflowError (a 500, a traceback).
+            raise InvalidInput.one(
+                "revision", revision, f"a revision number from 1 to {DB_INT_MAX}"
+            )
         with self.db.reading() as s:
             row = self._profile_row(s, name)
             info = self._profile_info(s, row)

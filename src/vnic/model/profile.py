@@ -30,8 +30,10 @@ from decimal import Decimal
 from typing import Any, Final
 
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.limits import LABELS_MAX, check_count
 from vnic.model.qos import QosClass, parse_classes
 from vnic.model.units import (
+    MAX_TEXT,
     ByteSize,
     Dscp,
     Duration,
@@ -145,7 +147,12 @@ class Loss:
             length = raw.get("burst_length")
             if length is None:
                 return cls(mean)
-            if isinstance(length, bool) or not isinstance(length, int | float | str):
+            if (
+                isinstance(length, bool)
+                or not isinstance(length, int | float | str)
+                or len(str(length) if not isinstance(length, int) else "") > MAX_TEXT
+                or (isinstance(length, int) and length.bit_length() > 64)
+            ):
                 raise UnitError(raw, cls.EXPECTED, "burst_length is a number of packets >= 1")
             try:
                 value = float(Decimal(str(length)))
@@ -468,8 +475,8 @@ _SECTIONS: Final = {
     "qos": "qos",
     "tcp": "tcp",
 }
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 NAME_EXPECTED: Final = (
     "a name of 1-64 characters: letters, digits, '.', '_', '-', starting with a letter or digit"
 )
@@ -586,7 +593,7 @@ def _put(values: dict[str, Any], errors: list[FieldError], path: str, raw: Any) 
 
 
 def parse_name(value: Any, path: str = "name") -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidInput.one(path, value, NAME_EXPECTED)
     return value
 
@@ -597,10 +604,11 @@ def parse_labels(value: Any, path: str = "labels") -> dict[str, str]:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput.one(path, value, "a mapping of label keys to values")
+    check_count(value, path, LABELS_MAX, "labels")
     errors: list[FieldError] = []
     out: dict[str, str] = {}
     for k, v in value.items():
-        if not isinstance(k, str) or not _LABEL_KEY.match(k):
+        if not isinstance(k, str) or not _LABEL_KEY.fullmatch(k):
             errors.append(
                 FieldError(f"{path}.{k}", show_value(k), "a label key of letters, digits, . _ / -")
             )
@@ -665,7 +673,7 @@ def parse_patch(doc: Mapping[str, Any]) -> dict[str, Any]:
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
     """Read ``FIELD=VALUE`` pairs (CLI ``--set``). VALUE is read as YAML (so lists and
     ``{mean: 2%, burst_length: 4}`` work); ``off`` removes, ``null`` removes on/off fields."""
-    import yaml
+    from vnic.loading import DocumentError, load_yaml
 
     errors: list[FieldError] = []
     values: dict[str, Any] = {}
@@ -678,8 +686,8 @@ def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
             )
             continue
         try:
-            raw = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
+            raw = load_yaml(text) if text.strip() else None
+        except DocumentError:
             raw = text
         if isinstance(raw, str | int | float) and not isinstance(raw, bool):
             # Keep scalars as the user typed them: YAML would read "1.5" as a float

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vnic.errors import FieldError, show_value
-from vnic.model.units import Dscp, Rate, UnitError, is_ascii_digits
+from vnic.model.limits import MATCH_ITEMS_MAX, QOS_CLASSES_MAX
+from vnic.model.units import MAX_TEXT, Dscp, Rate, UnitError, is_ascii_digits
 
 PROTOCOLS: dict[str, int] = {
     "icmp": 1,
@@ -42,8 +43,8 @@ PROTOCOLS: dict[str, int] = {
     "icmpv6": 58,
     "sctp": 132,
 }
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_PORT_RANGE = re.compile(r"^\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*$")
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_PORT_RANGE = re.compile(r"\s*([0-9]{1,5})\s*-\s*([0-9]{1,5})\s*")
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _parse_port(value: Any) -> PortRange:
         first = last = value
     elif isinstance(value, str) and is_ascii_digits(value.strip()):
         first = last = int(value)
-    elif isinstance(value, str) and (m := _PORT_RANGE.match(value)):
+    elif isinstance(value, str) and len(value) <= MAX_TEXT and (m := _PORT_RANGE.fullmatch(value)):
         first, last = int(m.group(1)), int(m.group(2))
     else:
         raise ValueError
@@ -168,7 +169,15 @@ def parse_match(doc: Any, errors: list[FieldError], path: str) -> QosMatch:
 
     def each(key: str, parser: Any, expected: str) -> tuple[Any, ...]:
         out = []
-        for i, item in enumerate(_as_list(doc.get(key, []))):
+        items = _as_list(doc.get(key, []))
+        if len(items) > MATCH_ITEMS_MAX:
+            errors.append(
+                FieldError(
+                    f"{path}.{key}", f"{len(items)} items", f"at most {MATCH_ITEMS_MAX} items"
+                )
+            )
+            return ()
+        for i, item in enumerate(items):
             try:
                 out.append(parser(item))
             except (ValueError, UnitError):
@@ -194,6 +203,8 @@ def parse_classes(doc: Any, path: str) -> tuple[tuple[QosClass, ...], list[Field
     errors: list[FieldError] = []
     if not isinstance(doc, list | tuple):
         return (), [FieldError(path, show_value(doc), "a list of QoS classes")]
+    if len(doc) > QOS_CLASSES_MAX:
+        return (), [FieldError(path, f"{len(doc)} classes", f"at most {QOS_CLASSES_MAX} classes")]
     classes: list[QosClass] = []
     seen: set[str] = set()
     for i, item in enumerate(doc):
@@ -215,7 +226,7 @@ def parse_classes(doc: Any, path: str) -> tuple[tuple[QosClass, ...], list[Field
             )
         before = len(errors)
         name = item.get("name")
-        if not isinstance(name, str) or not _NAME.match(name):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             errors.append(
                 FieldError(
                     f"{here}.name", show_value(name), "a class name of 1-32 characters a-z 0-9 _ -"

@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.limits import NEEDS_MAX, check_count
 from vnic.model.profile import parse_labels, parse_name
 from vnic.model.units import is_ascii_digits
 
-_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?$")
+_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
 SESSION_NAME_EXPECTED: Final = (
     "1-32 characters a-z, 0-9 and '-', starting and ending with a letter or digit"
 )
@@ -23,18 +24,18 @@ NETWORK_ID_MAX: Final = 2**24 - 1
 
 
 def parse_session_name(value: Any, path: str = "name") -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidInput.one(path, value, f"a session name of {SESSION_NAME_EXPECTED}")
     return value
 
 
 def parse_vm_name(value: Any, path: str = "vm") -> str:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         raise InvalidInput.one(path, value, f"a VM name of {VM_NAME_EXPECTED}")
     return value
 
 
-_WORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 WORD_EXPECTED: Final = "1-64 characters: letters, digits, '.', '_', '-'"
 
 
@@ -42,7 +43,7 @@ def parse_role(value: Any, path: str = "role") -> str | None:
     """A VM role (None = no role)."""
     if value is None:
         return None
-    if not isinstance(value, str) or not _WORD.match(value):
+    if not isinstance(value, str) or not _WORD.fullmatch(value):
         raise InvalidInput.one(path, value, f"a role of {WORD_EXPECTED}")
     return value
 
@@ -53,10 +54,11 @@ def parse_needs(values: Any, path: str = "needs") -> tuple[str, ...]:
         return ()
     if isinstance(values, str) or not isinstance(values, list | tuple):
         raise InvalidInput.one(path, values, "a list of need names")
+    check_count(values, path, NEEDS_MAX, "needs")
     errors = [
         FieldError(f"{path}[{i}]", show_value(v), f"a need name of {WORD_EXPECTED}")
         for i, v in enumerate(values)
-        if not isinstance(v, str) or not _WORD.match(v)
+        if not isinstance(v, str) or not _WORD.fullmatch(v)
     ]
     if errors:
         raise InvalidInput(errors)
@@ -157,11 +159,13 @@ class AssignmentRule:
             labels = parse_labels(doc.get("labels"), f"{path}.labels")
         except InvalidInput as exc:
             errors.extend(exc.errors)
-        needs = doc.get("needs") or []
+        needs: Any = doc.get("needs") or []
         if isinstance(needs, str):
             needs = [needs]
-        if not isinstance(needs, list) or not all(isinstance(n, str) and n for n in needs):
-            errors.append(FieldError(f"{path}.needs", show_value(needs), "a list of need names"))
+        try:
+            needs = list(parse_needs(needs, f"{path}.needs"))
+        except InvalidInput as exc:
+            errors.extend(exc.errors)
             needs = []
         if errors:
             raise InvalidInput(errors)

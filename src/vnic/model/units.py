@@ -32,9 +32,12 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
-from typing import ClassVar, Self
+from typing import ClassVar, Final, Self
+
+from vnic.errors import shorten, show_value
 
 
 class UnitError(ValueError):
@@ -45,23 +48,79 @@ class UnitError(ValueError):
     """
 
     def __init__(self, value: object, expected: str, reason: str | None = None) -> None:
-        self.value = value if isinstance(value, str) else repr(value)
+        # A long value is shown cut (its length said): errors travel in API bodies and logs.
+        if isinstance(value, str):
+            self.value = shorten(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+            self.value = show_value(value)  # repr() refuses ints over 4300 digits
+        else:
+            self.value = shorten(repr(value))
         self.expected = expected if reason is None else f"{expected} ({reason})"
         super().__init__(f"{self.value!r}: expected {self.expected}")
 
 
-_NUMBER_WITH_SUFFIX = re.compile(
-    r"^\s*(?P<sign>[-+]?)\s*(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(?P<suffix>[a-zµ/%]*)\s*$",
-    re.IGNORECASE,
-)
+#: Longest text a unit value may be (``"  1.5 Gbit/s "`` is 13). Checked before any
+#: scanning, so a megabyte of input costs one ``len()``; the scanners below are single
+#: passes anyway (a backtracking pattern on runs of spaces froze the manager, issue #15).
+MAX_TEXT: Final = 64
+_DIGITS: Final = frozenset("0123456789")
+#: Characters of a unit suffix: ASCII letters (any case), micro, "/" of "/s", "%".
+_SUFFIX_CHARS: Final = frozenset(string.ascii_letters + "µ/%")
+
+
+def check_length(text: str, expected: str, limit: int = MAX_TEXT) -> None:
+    """Refuse ``text`` longer than ``limit`` characters (before anything reads it)."""
+    if len(text) > limit:
+        raise UnitError(text, expected, f"at most {limit} characters, got {len(text)}")
+
+
+def scan_number(text: str) -> tuple[str, str, str] | None:
+    """``(sign, number, suffix)`` of ``" -1.5 Gbit "``, or None when it is not of that shape.
+
+    The shape is: optional sign, a decimal (``1``, ``1.``, ``1.5``, ``.5``), a suffix of
+    letters, ``µ``, ``/`` or ``%``, with whitespace allowed around the sign and the number.
+    One left-to-right pass, no backtracking: linear in the length.
+    """
+    s = text.strip()
+    n = len(s)
+    i = 0
+    sign = ""
+    if i < n and s[i] in "+-":
+        sign = s[i]
+        i += 1
+    while i < n and s[i].isspace():
+        i += 1
+    start = i
+    while i < n and s[i] in _DIGITS:
+        i += 1
+    digits = i - start
+    if i < n and s[i] == ".":
+        i += 1
+        fraction = i
+        while i < n and s[i] in _DIGITS:
+            i += 1
+        digits += i - fraction
+    if digits == 0:
+        return None
+    number = s[start:i]
+    while i < n and s[i].isspace():
+        i += 1
+    suffix_start = i
+    while i < n and s[i] in _SUFFIX_CHARS:
+        i += 1
+    if i != n:
+        return None
+    return sign, number, s[suffix_start:i]
 
 
 _ASCII_DIGITS = re.compile(r"[0-9]+")
 
 
 def is_ascii_digits(text: str) -> bool:
-    """Whether ``text`` is a whole number in ASCII digits (``str.isdigit`` also takes "²")."""
-    return _ASCII_DIGITS.fullmatch(text) is not None
+    """Whether ``text`` is a whole number in ASCII digits (``str.isdigit`` also takes "²"),
+    of at most :data:`MAX_TEXT` digits (so ``int()`` of it is cheap and never reaches
+    Python's 4300-digit limit)."""
+    return len(text) <= MAX_TEXT and _ASCII_DIGITS.fullmatch(text) is not None
 
 
 def _split(text: object, expected: str) -> tuple[Decimal, str]:
@@ -70,16 +129,22 @@ def _split(text: object, expected: str) -> tuple[Decimal, str]:
         raise UnitError(text, expected, "not text")
     if isinstance(text, float) and not math.isfinite(text):
         raise UnitError(text, expected, "not a finite number")
-    # str(0.00001) is "1e-05": spell floats out in plain decimals first.
+    if isinstance(text, str):
+        check_length(text, expected)
+    elif isinstance(text, int) and abs(text) >= 10**MAX_TEXT:
+        raise UnitError(f"an integer of {text.bit_length()} bits", expected, "too large")
+    # str(0.00001) is "1e-05": spell floats out in plain decimals first (our own text,
+    # so not bounded like the user's).
     raw = format(Decimal(repr(text)), "f") if isinstance(text, float) else str(text)
-    m = _NUMBER_WITH_SUFFIX.match(raw)
-    if not m:
+    parts = scan_number(raw)
+    if parts is None:
         if raw.strip().lower() in {"nan", "inf", "-inf", "+inf", "infinity"}:
             raise UnitError(text, expected, "not a finite number")
         raise UnitError(text, expected)
-    if m.group("sign") == "-" and Decimal(m.group("num")) != 0:
+    sign, number, suffix = parts
+    if sign == "-" and Decimal(number) != 0:
         raise UnitError(text, expected, "must not be negative")
-    return Decimal(m.group("num")), m.group("suffix").lower()
+    return Decimal(number), suffix.lower()
 
 
 def _to_int(amount: Decimal, text: object, expected: str) -> int:
@@ -289,7 +354,7 @@ class QueueLimit:
     """
 
     EXPECTED = "a queue limit such as 64KB (bytes) or 100pkt (packets)"
-    _PACKETS = re.compile(r"^\s*([0-9]+)\s*(p|pkt|pkts|packet|packets)\s*$", re.IGNORECASE)
+    _PACKETS = re.compile(r"\s*([0-9]+)\s*(p|pkt|pkts|packet|packets)\s*", re.IGNORECASE)
     MAX = 2**32 - 1
 
     __slots__ = ("amount", "unit")
@@ -307,7 +372,8 @@ class QueueLimit:
         if isinstance(text, QueueLimit):
             return text
         if isinstance(text, str):
-            m = cls._PACKETS.match(text)
+            check_length(text, cls.EXPECTED)
+            m = cls._PACKETS.fullmatch(text)
             if m:
                 if not 1 <= int(m.group(1)) <= cls.MAX:
                     raise UnitError(text, cls.EXPECTED, f"between 1 and {cls.MAX} packets")
@@ -342,10 +408,12 @@ class QueueLimit:
         return hash((self.amount, self.unit))
 
 
-_MAC = re.compile(r"^[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}$", re.IGNORECASE)
+# Whole-string patterns (used with fullmatch: "$" would let a final newline through), on
+# text already bounded by check_length.
+_MAC = re.compile(r"[0-9a-f]{2}([:-])[0-9a-f]{2}(\1[0-9a-f]{2}){4}", re.IGNORECASE)
 _MAC_IN_RANGE = r"[0-9a-f]{2}(?:[:-][0-9a-f]{2}){5}"
-_MAC_RANGE = re.compile(rf"^\s*({_MAC_IN_RANGE})\s*-\s*({_MAC_IN_RANGE})\s*$", re.IGNORECASE)
-_MAC_PREFIX = re.compile(rf"^\s*({_MAC_IN_RANGE})\s*/\s*([0-9]+)\s*$", re.IGNORECASE)
+_MAC_RANGE = re.compile(rf"\s*({_MAC_IN_RANGE})\s*-\s*({_MAC_IN_RANGE})\s*", re.IGNORECASE)
+_MAC_PREFIX = re.compile(rf"\s*({_MAC_IN_RANGE})\s*/\s*([0-9]+)\s*", re.IGNORECASE)
 
 
 @dataclass(frozen=True, order=True)
@@ -365,7 +433,10 @@ class MacAddress:
     def parse(cls, text: object) -> MacAddress:
         if isinstance(text, MacAddress):
             return text
-        if not isinstance(text, str) or not _MAC.match(text.strip()):
+        if not isinstance(text, str):
+            raise UnitError(text, cls.EXPECTED)
+        check_length(text, cls.EXPECTED)
+        if not _MAC.fullmatch(text.strip()):
             raise UnitError(text, cls.EXPECTED)
         return cls(int(re.sub(r"[:-]", "", text.strip()), 16))
 
@@ -420,10 +491,11 @@ class MacRange:
             return text
         if not isinstance(text, str):
             raise UnitError(text, cls.EXPECTED)
-        m = _MAC_RANGE.match(text)
+        check_length(text, cls.EXPECTED)
+        m = _MAC_RANGE.fullmatch(text)
         if m:
             return cls(MacAddress.parse(m.group(1)), MacAddress.parse(m.group(2)))
-        m = _MAC_PREFIX.match(text)
+        m = _MAC_PREFIX.fullmatch(text)
         if m:
             start = MacAddress.parse(m.group(1))
             length = int(m.group(2))
@@ -488,6 +560,7 @@ class Dscp:
                 raise UnitError(text, cls.EXPECTED, "outside 0..63")
             return cls(text)
         if isinstance(text, str):
+            check_length(text, cls.EXPECTED)
             key = text.strip().lower()
             if key in _DSCP_NAMES:
                 return cls(_DSCP_NAMES[key])
