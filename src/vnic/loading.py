@@ -17,7 +17,8 @@ and where; callers turn it into the field error of their input (``file``,
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import yaml
 from yaml.composer import ComposerError
@@ -26,6 +27,8 @@ from yaml.nodes import MappingNode, Node
 from yaml.scanner import ScannerError
 
 from vnic.model.limits import DEPTH_MAX
+
+_T = TypeVar("_T")
 
 
 class DocumentError(ValueError):
@@ -154,27 +157,26 @@ def _yaml_error(exc: yaml.YAMLError) -> DocumentError:
 
 def load_yaml(text: str) -> Any:
     """Parse one YAML (or JSON) document strictly (see the module docstring)."""
-    loader = StrictLoader(text)
-    try:
-        return loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc) from None
-    except ValueError as exc:  # a constructor's int() or date(): 5000 digits, 2026-13-45
-        raise DocumentError(f"a value YAML cannot read: {exc}") from None
-    except RecursionError:  # pragma: no cover - the depth bound comes first
-        raise DocumentError(f"nested deeper than {DEPTH_MAX} levels") from None
-    finally:
-        loader.dispose()
+    return _strictly(text, lambda loader: loader.get_single_data())
 
 
 def load_yaml_all(text: str) -> list[Any]:
     """Every document of a YAML stream (``---`` separated), parsed strictly."""
-    loader = StrictLoader(text)
-    try:
+
+    def every(loader: StrictLoader) -> list[Any]:
         docs: list[Any] = []
         while loader.check_data():  # type: ignore[no-untyped-call]
             docs.append(loader.get_data())
         return docs
+
+    return _strictly(text, every)
+
+
+def _strictly(text: str, read: Callable[[StrictLoader], _T]) -> _T:
+    """``read`` a :class:`StrictLoader` on ``text``, its failures as DocumentErrors."""
+    loader = StrictLoader(text)
+    try:
+        return read(loader)
     except yaml.YAMLError as exc:
         raise _yaml_error(exc) from None
     except ValueError as exc:  # a constructor's int() or date(): 5000 digits, 2026-13-45

@@ -366,10 +366,19 @@ def test_api_refuses_names_with_newlines_duplicates_and_coercions(api: Api) -> N
             "admin",
             "POST",
             "/v1/sessions",
-            {"content": '{"name": "d1", "name": "d2"}'},
+            {
+                "content": '{"name": "d1", "name": "d2"}',
+                "headers": {"content-type": "application/json"},
+            },
             "body",
         ),
-        ("admin", "POST", "/v1/profiles", {"content": "[" * 10_000}, "body"),
+        (
+            "admin",
+            "POST",
+            "/v1/profiles",
+            {"content": "[" * 10_000, "headers": {"content-type": "application/json"}},
+            "body",
+        ),
         (
             "admin",
             "POST",
@@ -430,9 +439,12 @@ def test_api_refuses_system_sources_and_long_reasons_changing_nothing(api: Api) 
         for source in ("rule:busy", "scenario:steps", "feedback"):
             path = f"/v1/sessions/lab/vms/a/adjustments/{source}"
             _refused(api, api.call(who, "PUT", path, json=body), "source")
-    for reason in ("r" * (REASON_MAX + 1), "r" * (1 << 20)):
-        path = "/v1/sessions/lab/vms/a/adjustments/user"
+    path = "/v1/sessions/lab/vms/a/adjustments/user"
+    for reason in ("r" * (REASON_MAX + 1), "r" * (1 << 19)):
         _refused(api, api.call("alice", "PUT", path, json={**body, "reason": reason}), "reason")
+    # 1 MB of reason is past the body limit before any field is read.
+    too_big = api.call("alice", "PUT", path, json={**body, "reason": "r" * (1 << 20)})
+    assert too_big.status_code == 413 and too_big.json()["fields"][0]["field"] == "body"
     assert _dump(api) == before and dict(api.driver.vms) == running
     assert api.manager.runtime.adjustments("lab", "a") == []
     assert api.manager.runtime.audit("lab") == []

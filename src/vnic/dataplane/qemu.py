@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import vminit
 from vnic.errors import Conflict, DataplaneError
 from vnic.plan.guest import READY_MARK, GuestSpec, RunFiles, owner_of_cmdline, qemu_argv
 
@@ -260,14 +261,7 @@ def is_guest(session: str, vm: str) -> bool:
 
 def guests() -> dict[str, set[str]]:
     """Every session with guest run directories on this host, and those guests' VM names."""
-    out: dict[str, set[str]] = {}
-    root = run_root()
-    if not root.is_dir():
-        return out
-    for session_dir in root.iterdir():
-        if session_dir.is_dir():
-            out[session_dir.name] = {d.name for d in session_dir.iterdir() if d.is_dir()}
-    return out
+    return vminit.session_dirs(run_root())
 
 
 def _cmdline(pid: int) -> list[str]:

@@ -71,18 +71,21 @@ def owner_of_netns(name: str) -> tuple[str, str] | None:
     return None
 
 
+def session_dirs(root: Path) -> dict[str, set[str]]:
+    """The ``root/<session>/<vm>/`` tree of run directories: each session's VM names
+    (a session directory without VMs maps to an empty set)."""
+    if not root.is_dir():
+        return {}
+    return {
+        session_dir.name: {d.name for d in session_dir.iterdir() if d.is_dir()}
+        for session_dir in root.iterdir()
+        if session_dir.is_dir()
+    }
+
+
 def run_dirs() -> dict[str, set[str]]:
     """Every session with VM run directories here, and those VMs' names."""
-    out: dict[str, set[str]] = {}
-    root = run_root()
-    if not root.is_dir():
-        return out
-    for session_dir in root.iterdir():
-        if session_dir.is_dir():
-            vms = {d.name for d in session_dir.iterdir() if d.is_dir()}
-            if vms:
-                out[session_dir.name] = vms
-    return out
+    return {session: vms for session, vms in session_dirs(run_root()).items() if vms}
 
 
 def _cmdline(pid: int) -> list[bytes]:
