@@ -201,6 +201,13 @@ class Busy(Unavailable):
     kind = "busy"
 
 
+class TooSlow(VnicError):
+    """A request's body did not arrive in time: refused before it took a slot (408)."""
+
+    http_status = 408
+    kind = "too_slow"
+
+
 class NoSpace(VnicError):
     """A file or the database could not be written: its disk is full. Nothing changed (507)."""
 
@@ -258,6 +265,7 @@ KINDS: dict[str, type[VnicError]] = {
         Unsupported,
         DataplaneError,
         Busy,
+        TooSlow,
         NoSpace,
     )
 }

@@ -257,3 +257,108 @@ def test_live_streams_have_their_own_lane_and_a_profile_named_live_is_a_read() -
             assert [(await t).status_code for t in (stream, read)] == [200, 200]
 
     run(scenario)
+
+
+async def _call(app: Any, method: str, receive: Any) -> list[dict[str, Any]]:
+    """Send one request to ``app`` through raw ASGI; the messages it answered with."""
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "path": "/work",
+        "raw_path": b"/work",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "scheme": "http",
+        "root_path": "",
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+def test_a_write_whose_body_never_arrives_holds_no_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An anonymous POST that stops sending its body must not keep the one write slot
+    (which the login needs too): its body is read before it takes the slot, and it gets
+    408 when the body's deadline passes."""
+    import vnic.manager.admission as adm
+
+    app, release, started = blocking_app(Limits(max_writes=1, queue=0, wait=0))
+    release.set()
+    stalled = asyncio.Event()  # never set: a client that sent a head and went quiet
+
+    async def silent() -> dict[str, Any]:
+        await stalled.wait()
+        return {"type": "http.disconnect"}
+
+    async def whole() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def go() -> None:
+        slow = asyncio.create_task(_call(app, "POST", silent))
+        await asyncio.sleep(0)  # let it start reading
+        for _ in range(3):
+            answer = await _call(app, "POST", whole)
+            assert answer[0]["status"] == 200, answer
+        assert started["POST"] == 3 and not slow.done()
+        slow.cancel()
+        monkeypatch.setattr(adm, "BODY_DEADLINE_S", 0.05)
+        answer = await _call(app, "POST", silent)
+        assert answer[0]["status"] == 408, answer
+        assert b'"field":"body"' in answer[1]["body"]
+
+    run(go)
+
+
+def test_a_client_gone_before_its_body_gets_no_answer_and_no_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app, release, started = blocking_app(Limits())
+    release.set()
+    outer = LastResort(app)
+
+    async def gone() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    async def go() -> None:
+        with caplog.at_level(logging.WARNING, logger="vnic.manager"):
+            assert await _call(outer, "POST", gone) == []
+        assert started["POST"] == 0 and not caplog.records
+
+    run(go)
+
+
+def test_the_client_waits_out_429s_as_retry_after_says() -> None:
+    """A 429 is refused before anything ran: ``vnic --server`` asks again after each
+    ``Retry-After`` within its budget, then reports the manager busy (exit 3)."""
+    from vnic.agent.client import call
+    from vnic.errors import Busy
+
+    answers = iter([429, 429, 200])
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.content.decode())
+        status = next(answers)
+        body = {"ok": True} if status == 200 else {"error": "busy", "message": "busy"}
+        return httpx.Response(status, json=body, headers={"Retry-After": "0"})
+
+    http = httpx.Client(transport=httpx.MockTransport(handler), base_url="http://127.0.0.1")
+    got = call(http, "manager", "POST", "/v1/x", busy_budget=30, json={"a": 1})
+    assert got.json() == {"ok": True} and seen == ['{"a":1}'] * 3
+
+    always = httpx.Client(
+        transport=httpx.MockTransport(
+            lambda _r: httpx.Response(429, json={"error": "busy", "message": "too many"})
+        ),
+        base_url="http://127.0.0.1",
+    )
+    with pytest.raises(Busy):
+        call(always, "manager", "GET", "/v1/x")  # no budget: the first 429 is the answer

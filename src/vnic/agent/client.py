@@ -7,6 +7,7 @@ An agent that does not answer is :class:`~vnic.errors.Unavailable` (503).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,15 +31,41 @@ def raise_for_body(response: httpx.Response) -> None:
     raise error_from_body(body)
 
 
-def call(http: httpx.Client, what: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
+def call(
+    http: httpx.Client,
+    what: str,
+    method: str,
+    path: str,
+    *,
+    busy_budget: float = 0.0,
+    **kwargs: Any,
+) -> httpx.Response:
     """One request to a vnic server (``what`` names it in errors): no answer is
-    :class:`Unavailable`, an error answer raises the error its body describes."""
-    try:
-        response = http.request(method, path, **kwargs)
-    except httpx.HTTPError as exc:
-        raise Unavailable(f"{what} did not answer: {exc}") from None
+    :class:`Unavailable`, an error answer raises the error its body describes.
+
+    ``busy_budget``: seconds in all this call may spend waiting out 429 answers (the
+    server refused before doing anything, so asking again is safe), each wait what its
+    ``Retry-After`` says (1 s when it says nothing usable); past the budget the 429's
+    :class:`~vnic.errors.Busy` is raised."""
+    deadline = time.monotonic() + busy_budget
+    while True:
+        try:
+            response = http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"{what} did not answer: {exc}") from None
+        left = deadline - time.monotonic()
+        if response.status_code != 429 or left <= 0:
+            break
+        time.sleep(min(_retry_after(response), left))
     raise_for_body(response)
     return response
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds a 429 asks the client to wait (its ``Retry-After`` in seconds; 1 if absent
+    or unreadable, at most 30)."""
+    text = response.headers.get("retry-after", "")
+    return min(float(text), 30.0) if text.isascii() and text.isdigit() else 1.0
 
 
 class AgentClient:

@@ -9,6 +9,13 @@ body. Reads never wait behind writes: each lane has its own slots, and the
 thread pool that runs the (synchronous) handlers has a thread for every slot
 of both, so writes cannot take the threads reads need.
 
+A write's body is read whole before the write takes its slot, within
+``BODY_DEADLINE_S`` (408 past it): a client that sends its body slowly, or not
+at all, holds no slot, so it cannot keep everyone else's writes (the login
+included) out. The body's size is bounded by the HTTP guard outside this
+middleware (:mod:`vnic.manager.http_guard`). A client that goes away meanwhile
+is forgotten without an answer or a log line.
+
 Health checks pass without a slot: a liveness probe must not be refused because
 the API is busy. A session's live event stream is held open for as long as a
 page shows it, so it takes a slot of a third lane, ``streams``, with no queue:
@@ -31,10 +38,12 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vnic.errors import Busy, InvalidInput, VnicError, storage_error
+from vnic.errors import Busy, FieldError, InvalidInput, TooSlow, VnicError, storage_error
+from vnic.manager.http_guard import BodyTooLarge
 
 log = logging.getLogger("vnic.manager")
 
@@ -46,6 +55,10 @@ EXEMPT_PATHS = frozenset({"/v1/health"})
 #: A session's long-lived event stream: the streams lane (matched whole:
 #: ``/v1/profiles/live`` is a profile named live, an ordinary read).
 STREAM = re.compile(r"/v1/sessions/[^/]+/live")
+
+#: Seconds a write's whole body may take to arrive (10 s: 1 MiB at 1 Mbit/s), before
+#: the write takes a slot; past it, 408.
+BODY_DEADLINE_S = 10.0
 
 #: Threads kept besides the slots: for other thread-pool users.
 SPARE_THREADS = 16
@@ -178,6 +191,13 @@ class Admission:
             self._size_thread_pool()
         if scope["method"] not in READ_METHODS:
             lane = self.writes
+            try:
+                receive = await asyncio.wait_for(_buffered(receive), BODY_DEADLINE_S)
+            except TimeoutError:
+                await _too_slow(scope, receive, send)
+                return
+            except ClientDisconnect:
+                return  # gone before its body arrived: nothing to answer
         else:
             lane = self.streams if STREAM.fullmatch(path) else self.reads
         if not await lane.enter():
@@ -211,6 +231,32 @@ class Admission:
         }
 
 
+async def _buffered(receive: Receive) -> Receive:
+    """Read a request's whole body from ``receive``; a ``receive`` that replays it, then
+    passes on what follows (a disconnect). ClientDisconnect if the client leaves first."""
+    messages: list[Message] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect
+        messages.append(message)
+        if not message.get("more_body", False):
+            break
+
+    async def replay() -> Message:
+        return messages.pop(0) if messages else await receive()
+
+    return replay
+
+
+async def _too_slow(scope: Scope, receive: Receive, send: Send) -> None:
+    field = FieldError("body", "incomplete", f"a whole body within {BODY_DEADLINE_S:g} s")
+    exc = TooSlow(str(field))
+    body = {**exc.to_dict(), "fields": [field.to_dict()]}
+    response = JSONResponse(body, status_code=exc.http_status)
+    await response(scope, receive, send)
+
+
 class LastResort:
     """ASGI middleware: an exception no handler answered leaves as the JSON error body.
 
@@ -235,11 +281,16 @@ class LastResort:
 
         try:
             await self.app(scope, receive, watch)
+        except ClientDisconnect:
+            return  # the client left while its request was read: nobody to answer
+        except BodyTooLarge:
+            raise  # the HTTP guard outside answers it: 413
         except Exception as exc:
-            answer = self.answer(exc, scope)
             if started:
-                return  # too late for a body: the server closes the connection
-            await answer(scope, receive, send)
+                # Too late for a body (the server closes the connection); still logged.
+                log.error("error after the answer began on %s", scope.get("path"), exc_info=exc)
+                return
+            await self.answer(exc, scope)(scope, receive, send)
 
     def answer(self, exc: Exception, scope: Scope) -> JSONResponse:
         """The response for ``exc`` (logged here, once, unless it is a full disk)."""

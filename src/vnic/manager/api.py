@@ -85,14 +85,17 @@ def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
     )
     app.router.route_class = StrictJsonRoute  # duplicate keys, deep nesting refused
     app.state.manager = manager
-    guard_manager(app)  # Host, same-origin writes, content types, body size, headers
     svc = manager.service
-    # Outermost last: an unexpected error anywhere, admission included, leaves as JSON.
+    # Middleware, the last added outermost: the guard first sees every request (its
+    # refusals take no slot, its body bound holds for admission's read of a write's
+    # body, every answer gets its headers), then an unexpected error anywhere leaves
+    # as JSON, then admission bounds what is in flight.
     app.add_middleware(Admission, limits=limits or Limits())
     url = manager.service.db.engine.url
     db_name = url.database if url.get_backend_name() == "sqlite" else None
     db_name = db_name or url.render_as_string(hide_password=True)
     app.add_middleware(LastResort, database=db_name)
+    guard_manager(app)  # Host, same-origin writes, content types, body size, headers
 
     @app.exception_handler(VnicError)
     async def _vnic_error(_: Request, exc: VnicError) -> JSONResponse:

@@ -84,6 +84,12 @@ def explanation(d: Mapping[str, Any]) -> Explanation:
     return Explanation(vm_info(d["vm"]), effective)
 
 
+#: Seconds a call waits out the manager's 429s (requests in flight are bounded there:
+#: ``vnic --server URL session up`` launching 8 VMs at once meets it), asking again as
+#: each ``Retry-After`` says, before it reports the manager busy.
+BUSY_BUDGET = 120.0
+
+
 class ManagerClient:
     """A running manager at ``url``, called with an API token."""
 
@@ -93,7 +99,9 @@ class ManagerClient:
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = call(self._http, f"manager {self.url}", method, path, **kwargs)
+        response = call(
+            self._http, f"manager {self.url}", method, path, busy_budget=BUSY_BUDGET, **kwargs
+        )
         return response.json() if response.content else None
 
     # profiles

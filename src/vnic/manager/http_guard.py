@@ -268,7 +268,7 @@ def _size(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
 
 
-class _BodyTooLarge(Exception):
+class BodyTooLarge(Exception):
     """Raised from the guarded ``receive`` when a body passes its limit."""
 
 
@@ -376,7 +376,7 @@ class HttpGuard:
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     over = True
-                    raise _BodyTooLarge
+                    raise BodyTooLarge
             return message
 
         async def replace(message: Message) -> None:
@@ -391,7 +391,7 @@ class HttpGuard:
 
         try:
             await self.app(scope, bounded, replace)
-        except _BodyTooLarge:
+        except BodyTooLarge:
             pass
         except Exception:
             if not over:
