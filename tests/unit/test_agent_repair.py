@@ -101,6 +101,38 @@ def test_a_writer_waits_for_readers_of_this_process(tmp_path: Path) -> None:
     assert order == ["reader out", "writer in"]
 
 
+def test_a_reader_waiting_for_another_process_does_not_block_a_try(tmp_path: Path) -> None:
+    """A thread waiting for the file (another process writes) must not make this process's
+    other threads queue behind it: a repair's ``exclusive(wait=0)`` answers False while
+    that reader still waits."""
+    import fcntl
+    import os
+
+    path = tmp_path / "host.lock"
+    other = os.open(path, os.O_RDWR | os.O_CREAT)  # another open file: another process
+    fcntl.flock(other, fcntl.LOCK_EX)
+    lock = HostLock(path, wait=60)
+    waiting = threading.Event()
+    done = threading.Event()
+
+    def reader() -> None:
+        waiting.set()
+        with lock.shared():
+            done.set()
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        assert waiting.wait(10)
+        with lock.exclusive(wait=0) as got:
+            assert got is False
+        assert not done.is_set()  # the reader is still waiting: the try did not wait for it
+    finally:
+        os.close(other)  # the other process ends: the reader gets in
+        thread.join(timeout=30)
+    assert done.is_set()
+
+
 def test_token_bucket_refills_at_its_rate() -> None:
     bucket = TokenBucket(3, 60.0, now=0.0)
     assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]

@@ -46,6 +46,7 @@ class HostLock:
         self._writer: int | None = None  # the thread holding it exclusive
         self._writer_depth = 0
         self._writers_waiting = 0
+        self._pending = False  # a first reader is taking the file lock
         self._fd: int | None = None
         self._mine = threading.local()
 
@@ -66,13 +67,27 @@ class HostLock:
         deadline = time.monotonic() + self.wait
         with self._cond:
             if not self._cond.wait_for(
-                lambda: self._writer is None and self._writers_waiting == 0,
+                lambda: self._writer is None and self._writers_waiting == 0 and not self._pending,
                 timeout=self.wait,
             ):
                 raise self._busy("shared", self.wait)
-            if self._readers == 0:
+            first = self._readers == 0
+            if first:
+                self._pending = True  # the file lock is being taken, outside _cond
+            else:
+                self._readers += 1
+        if first:
+            # Polled without _cond: another process may hold the file for minutes, and
+            # this process's other threads (a repair asking with wait=0) must not queue
+            # behind the poll on _cond.
+            try:
                 self._file_lock(fcntl.LOCK_SH, deadline, "shared", self.wait)
-            self._readers += 1
+            finally:
+                with self._cond:
+                    self._pending = False
+                    if self._fd is not None or self.path is None:
+                        self._readers += 1
+                    self._cond.notify_all()
         self._mine.depth = 1
         try:
             yield
@@ -134,7 +149,7 @@ class HostLock:
             self._writers_waiting += 1
             try:
                 free = self._cond.wait_for(
-                    lambda: self._writer is None and self._readers == 0,
+                    lambda: self._writer is None and self._readers == 0 and not self._pending,
                     timeout=max(limit, 0.0),
                 )
                 if not free:
