@@ -354,3 +354,21 @@ def test_a_remote_agents_repair_reaches_the_managers_audit(lab: Lab) -> None:
         delete_qdisc(lab, "a")
         assert lab.drift("a") != []
     expect_repaired(lab, "a", before)
+
+
+def test_a_deleted_session_namespace_is_rebuilt_with_its_feedback_endpoint(lab: Lab) -> None:
+    """The session's namespace itself deleted: the repair rebuilds it, and the feedback
+    endpoint listens in the new one (its old listeners would answer nobody and keep the
+    old namespace alive)."""
+    from tests.e2e.test_controller import ask
+
+    start(lab, {"egress": {"rate": "20Mbit"}}, ["a"])
+    network = lab.request("a").network_id
+    first, _ = ask(lab.session, "a", network, "GET", None)
+    before = len(lab.repairs("a"))
+    with lab.lock.shared():
+        subprocess.run(["ip", "netns", "delete", names.session_netns(lab.session)], check=True)
+        poll("drift seen", lambda: lab.drift("a") != [])
+    expect_repaired(lab, "a", before)
+    again, body = ask(lab.session, "a", network, "GET", None)
+    assert again == first, body

@@ -46,6 +46,7 @@ from vnic.errors import (
     NotFound,
     Unavailable,
     VnicError,
+    storage_error,
 )
 
 if TYPE_CHECKING:
@@ -631,6 +632,8 @@ class Agent:
         ):
             driver.destroy(vm.request.session, vm.request.vm)
             driver.launch(vm.request)
+        # A rebuilt session namespace (it was deleted) needs its feedback endpoint again.
+        self._open_feedback(vm)
 
 
 log = logging.getLogger(__name__)
@@ -639,12 +642,16 @@ log = logging.getLogger(__name__)
 @contextmanager
 def _as_dataplane_error(what: str) -> Iterator[None]:
     """Let a raw kernel or OS error (``NetlinkError``, ``OSError``) leave as a
-    :class:`~vnic.errors.DataplaneError` naming ``what`` failed; vnic errors pass."""
+    :class:`~vnic.errors.DataplaneError` naming ``what`` failed; vnic errors pass, and
+    a full disk leaves as :class:`~vnic.errors.NoSpace` naming its file (507, not 500)."""
     try:
         yield
     except VnicError:
         raise
     except Exception as exc:
+        full = storage_error(exc)
+        if full is not None:
+            raise full from exc
         raise DataplaneError(f"{what} failed: {type(exc).__name__}: {exc}") from exc
 
 

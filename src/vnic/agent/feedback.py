@@ -40,6 +40,7 @@ import ipaddress
 import json
 import logging
 import math
+import os
 import queue
 import selectors
 import socket
@@ -138,6 +139,15 @@ def endpoint_addresses(
     )
 
 
+def _netns_identity(netns: str) -> tuple[int, int] | None:
+    """Which namespace the name ``netns`` stands for now: its file's device and inode."""
+    try:
+        st = os.stat(os.path.join(nsops.RUN_DIR, netns))
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 def endpoint_url(network_id: int) -> str:
     """What a VM of the session calls: ``http://10.x.y.1/v1/feedback``."""
     return f"http://{endpoint_addresses(network_id)[0].ip}/v1/feedback"
@@ -206,6 +216,8 @@ class FeedbackEndpoints:
         self.decider: FeedbackDecider | None = None
         self.budget = budget or SourceBudget()
         self._listeners: dict[str, list[_Listener]] = {}
+        #: the (device, inode) of each session's namespace its listeners are in
+        self._netns: dict[str, tuple[int, int] | None] = {}
         self._conns: set[_Conn] = set()
         self._per_source: dict[tuple[str, str], int] = {}
         self._per_session: dict[str, int] = {}
@@ -224,13 +236,22 @@ class FeedbackEndpoints:
     # ------------------------------------------------------------------ lifecycle
 
     def ensure(self, session: str, network_id: int) -> None:
-        """Listen in the session's namespace (idempotent)."""
+        """Listen in the session's namespace (idempotent). A namespace made anew since
+        (a repair or reconcile rebuilt a deleted one) gets new listeners: the old ones
+        would answer nobody, and keep the old namespace alive."""
+        netns = names.session_netns(session)
+        here = _netns_identity(netns)
+        with self._lock:
+            known = session in self._listeners
+            if known and self._netns.get(session) == here:
+                return
+        if known:
+            self.close(session)
         with self._lock:
             if session in self._listeners:
                 return
-            sockets = nsops.session_listener(
-                names.session_netns(session), endpoint_addresses(network_id), FEEDBACK_PORT
-            )
+            sockets = nsops.session_listener(netns, endpoint_addresses(network_id), FEEDBACK_PORT)
+            self._netns[session] = here
             self._serve(session, sockets)
 
     def serve(self, session: str, sockets: list[socket.socket]) -> None:
@@ -271,6 +292,7 @@ class FeedbackEndpoints:
         closed when this returns (they would keep its namespace alive)."""
         with self._lock:
             listeners = self._listeners.pop(session, [])
+            self._netns.pop(session, None)
         if not listeners:
             return
 
