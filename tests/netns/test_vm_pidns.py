@@ -168,6 +168,14 @@ def test_a_vm_sees_and_signals_only_its_own_processes(lab: Lab, started: Started
         assert proc.returncode != 0, (escape, proc.stdout)
     assert max(proc_table(lab, s, "web")) < 1000  # still the VM's own table
     assert lab.exec(s, "web", "echo", "still here").strip() == "still here"
+    # Nor trace its init to borrow the init's capabilities: neither capability is in any
+    # set of a VM's program, so no exec inside gets them back.
+    status = lab.exec(s, "web", "cat", "/proc/self/status")
+    caps = dict(line.split(":\t") for line in status.splitlines() if line.startswith("Cap"))
+    for cap_set in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        for bit in (19, 21):  # CAP_SYS_PTRACE, CAP_SYS_ADMIN
+            assert not int(caps[cap_set], 16) >> bit & 1, (cap_set, bit, caps)
+    assert int(caps["CapEff"], 16) >> 12 & 1  # CAP_NET_ADMIN stays
 
 
 @pytest.mark.timeout(60)

@@ -46,11 +46,14 @@ PROGRAM = Path(__file__).with_name("vminit_main.py")
 START_TIMEOUT = 10.0
 #: Seconds to wait for a killed init (and so every process of the VM) to be gone.
 STOP_TIMEOUT = 5.0
-#: The capability a program run in the VM does not get: without it, it cannot unmount the
-#: VM's /proc (which would show the host's, every process of the host and of other VMs),
-#: mount another one, or enter other namespaces. Network administration (ip, tc, nft,
-#: ethtool, net sysctls) needs CAP_NET_ADMIN, which it keeps.
-DROPPED_CAPABILITY = "sys_admin"
+#: The capabilities a program run in the VM does not get (from its bounding and
+#: inheritable sets, so no exec gets them back): without CAP_SYS_ADMIN it cannot unmount
+#: the VM's /proc (which would show the host's, every process of the host and of other
+#: VMs), mount another one, or enter other namespaces; without CAP_SYS_PTRACE it cannot
+#: borrow the capabilities of the VM's init (PID 1, which it sees) by tracing it.
+#: Network administration (ip, tc, nft, ethtool, net sysctls) needs CAP_NET_ADMIN, which
+#: it keeps.
+DROPPED_CAPABILITIES = ("sys_admin", "sys_ptrace")
 #: Where network namespaces are mounted (as in :mod:`vnic.dataplane.namespaces`).
 NETNS_DIR = "/run/netns"
 
@@ -254,7 +257,7 @@ def entry(session: str, vm: str) -> Iterator[tuple[list[str], tuple[int, ...]]]:
     recycled in between. ``nsenter`` forks into the PID namespace and waits;
     ``setpriv --pdeathsig KILL`` makes the program die with that ``nsenter``, so
     killing what the caller started (a timeout, :meth:`subprocess.Popen.kill`)
-    kills the program, and takes :data:`DROPPED_CAPABILITY` from it. The working
+    kills the program, and takes :data:`DROPPED_CAPABILITIES` from it. The working
     directory is the caller's.
     :class:`DataplaneError` if the VM has no running init.
     """
@@ -286,7 +289,9 @@ def entry(session: str, vm: str) -> Iterator[tuple[list[str], tuple[int, ...]]]:
                 "--pdeathsig",
                 "KILL",
                 "--bounding-set",
-                f"-{DROPPED_CAPABILITY}",
+                ",".join(f"-{cap}" for cap in DROPPED_CAPABILITIES),
+                "--inh-caps",
+                ",".join(f"-{cap}" for cap in DROPPED_CAPABILITIES),
                 "--",
             ],
             tuple(fds),
