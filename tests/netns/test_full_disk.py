@@ -22,7 +22,7 @@ import pytest
 from tests.e2e.conftest import Server
 from vnic.agent.core import Agent
 from vnic.drivers.fake import FakeDriver
-from vnic.errors import storage_error
+from vnic.errors import NoSpace, storage_error
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
@@ -118,10 +118,10 @@ def test_desired_state_on_a_full_disk_leaves_no_temp_file(tmp_path: Path) -> Non
             svc.add_vm(VmRequest("s", f"b{i}"))
         before = desired_files(state)
         filler = fill(state)
-        with pytest.raises(OSError) as caught:
+        with pytest.raises(NoSpace) as caught:  # the agent's OSError, named as a full disk
             svc.launch_vm("s", "b0", agent)
-        full = storage_error(caught.value)
-        assert full is not None and str(state / "desired.json") in str(full)
+        assert str(state / "desired.json") in str(caught.value)
+        assert storage_error(caught.value.__cause__ or caught.value) is not None
         assert desired_files(state) == before  # no desired.tmp<pid>, the file as it was
         assert [vm.key for vm in agent.state.all()] == [("s", "a")]
         assert svc.get_vm("s", "b0").state == "defined"

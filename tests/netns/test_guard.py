@@ -452,8 +452,14 @@ def test_guest_ipv6_passes_the_guard_on_its_tap(glab: GuestLab) -> None:
         vms[vm] = _vm(glab.service.launch_vm(glab.session, vm, glab.agent, kind))
     s = glab.session
     _, _, g_ip6, g_ll = vms["g"]
-    shown = vmexec.run(s, "g", ["ip", "-6", "addr", "show", "dev", "eth0"], timeout=30)
-    assert f"inet6 {g_ll}/64" in shown.stdout, shown.stdout
+
+    def guest_has_link_local() -> bool:
+        # The guest's kernel adds it once eth0 has its carrier, which may come a moment
+        # after the guest says it is ready (a deferred link-state update, see qemu.md).
+        shown = vmexec.run(s, "g", ["ip", "-6", "addr", "show", "dev", "eth0"], timeout=30)
+        return f"inet6 {g_ll}/64" in shown.stdout
+
+    _wait_until(guest_has_link_local, timeout=30)
     _wait_until(lambda: _link_local_usable(s, "n"))
     assert ping(s, "n", g_ip6, count=2)
     assert ping(s, "n", f"{g_ll}%eth0", count=2)

@@ -24,8 +24,9 @@ maximum) and as zero for anything else (below any minimum).
 
 Rate limiting counts *granted* and *malformed* requests per VM over the last
 60 s of the injected clock (a refusal by the limits does not count); a VM that
-has used up ``per_minute`` is refused before its request is read, so a flood of
-malformed requests costs one parse each up to the limit. The policy object
+has used up ``per_minute`` is refused before its request's fields are parsed (the
+endpoint has read its body, at most 16 KiB), so a flood of malformed requests costs
+one parse each up to the limit. The policy object
 keeps that count, so a caller must keep one policy per session (not parse a
 fresh one per request).
 """
