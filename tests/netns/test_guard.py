@@ -9,13 +9,10 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
-
-import pytest
 
 from tests.netns import frames
 from tests.netns.conftest import Lab
-from tests.netns.test_qemu_driver import GuestLab
+from tests.netns.test_qemu_driver import GuestLab, glab  # noqa: F401 - the guest lab fixture
 from vnic import vmexec
 from vnic.dataplane import names, nft
 from vnic.dataplane import namespaces as nsops
@@ -431,19 +428,7 @@ def test_legitimate_ipv6_and_neighbour_discovery_pass(lab: Lab) -> None:
         assert lab.driver.drift(_request(lab, s, name)) == []
 
 
-@pytest.fixture
-def glab(tmp_path: Path) -> Iterator[GuestLab]:
-    """tests/netns/test_qemu_driver.py's guest lab: one session, an agent with both drivers."""
-    lab = GuestLab(tmp_path)
-    try:
-        yield lab
-    finally:
-        lab.service.session_down(lab.session, lab.agent)
-        lab.db.dispose()
-        assert lab.guest_leftovers() == []
-
-
-def test_guest_ipv6_passes_the_guard_on_its_tap(glab: GuestLab) -> None:
+def test_guest_ipv6_passes_the_guard_on_its_tap(glab: GuestLab) -> None:  # noqa: F811
     """A QEMU guest's own IPv6 (its EUI-64 link-local included) and start-up neighbour
     discovery pass the guard on its tap: the same rules as a namespace VM's."""
     vms = {}
