@@ -17,7 +17,6 @@ or a path in the body), the value and what was expected.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vnic.errors import FieldError, show_value
+from vnic.loading import loads_json
 
 #: Largest request head (request line and headers, with their line ends), in bytes.
 MAX_HEAD: Final = 8 * 1024
@@ -181,19 +181,6 @@ def _depth(text: str) -> int:
     return deepest
 
 
-def _constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
 def _check_sizes(value: Any, path: str, count: list[int]) -> None:
     count[0] += 1
     if count[0] > MAX_ITEMS:
@@ -236,8 +223,9 @@ def parse_body(data: bytes | bytearray) -> dict[str, Any]:
             400, "body", f"nested over {MAX_DEPTH} deep", f"at most {MAX_DEPTH} levels of nesting"
         )
     try:
-        doc = json.loads(text, parse_constant=_constant, object_pairs_hook=_pairs)
-    except ValueError as exc:  # JSONDecodeError, a duplicate key, a too-long integer
+        # The project's strict JSON reader: duplicate keys and NaN/Infinity refused.
+        doc = loads_json(text)
+    except ValueError as exc:  # DocumentError, a too-long integer
         raise BadRequest(400, "body", _shown(text, 30), f"a JSON object ({exc})") from None
     if not isinstance(doc, dict):
         raise BadRequest(
