@@ -38,21 +38,16 @@ from __future__ import annotations
 import functools
 import ipaddress
 import json
-from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vnic.errors import FieldError, show_value
 from vnic.manager import schemas as sc
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-Asgi = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Bytes a request body may have unless its route says otherwise.
 DEFAULT_BODY_LIMIT = 1 << 20
@@ -278,7 +273,7 @@ class BodyTooLarge(Exception):
 class HttpGuard:
     """The guard itself: see the module's docstring."""
 
-    def __init__(self, app: Asgi, config: GuardConfig) -> None:
+    def __init__(self, app: ASGIApp, config: GuardConfig) -> None:
         self.app = app
         self.config = config
 
