@@ -89,7 +89,8 @@ class ReconcileReport:
         }
 
 
-def _label(key: VmKey) -> str:
+def vm_label(key: VmKey) -> str:
+    """``session/vm``: how drift, reports and repairs name a VM."""
     return f"{key[0]}/{key[1]}"
 
 
@@ -203,7 +204,7 @@ class DesiredState:
         """Record ``vm``; with ``new``, refuse (409) if the host already has it."""
         with self._locked() as vms:
             if new and vm.key in vms:
-                raise Conflict(f"VM {_label(vm.key)} is already running on this host")
+                raise Conflict(f"VM {vm_label(vm.key)} is already running on this host")
             vms[vm.key] = vm
             self._save(vms)
 
@@ -378,7 +379,7 @@ class Agent:
         # A driver that boots something (QEMU) waits for it outside the session's
         # lock, so guests of one session boot side by side.
         begin = getattr(driver, "launch_begin", None)
-        with self.host.shared(), _as_dataplane_error(f"launching {_label(key)}"):
+        with self.host.shared(), _as_dataplane_error(f"launching {vm_label(key)}"):
             with self._session_lock(request.session):
                 self.state.put(DesiredVm(kind, request), new=True)
                 try:
@@ -550,7 +551,7 @@ class Agent:
             else:
                 one = getattr(driver, "drift", None)
                 found = {(r.session, r.vm): (one(r) if one is not None else []) for r in requests}
-            out.update({_label(key): list(d) for key, d in found.items() if d})
+            out.update({vm_label(key): list(d) for key, d in found.items() if d})
         return out
 
     def reconcile(self) -> ReconcileReport:
@@ -602,7 +603,7 @@ class Agent:
                         report.removed.append(f"session {session}")
         before = self.drift()
         for key, wanted in sorted(desired.items()):
-            self._repair(wanted, before.get(_label(key), []), report)
+            self._repair(wanted, before.get(vm_label(key), []), report)
             self._open_feedback(wanted)
         report.drift = self.drift() if report.reapplied or report.failed else before
         self.last_report = report
@@ -614,9 +615,9 @@ class Agent:
         try:
             self.rebuild(vm)
         except VnicError as exc:
-            report.failed[_label(vm.key)] = str(exc)
+            report.failed[vm_label(vm.key)] = str(exc)
             return
-        report.reapplied[_label(vm.key)] = list(differences)
+        report.reapplied[vm_label(vm.key)] = list(differences)
 
     def rebuild(self, vm: DesiredVm) -> None:
         """Remove the VM and build it again from its request (the repair of any drift).
@@ -628,7 +629,7 @@ class Agent:
         with (
             self.host.exclusive(),
             self._session_lock(vm.request.session),
-            _as_dataplane_error(f"rebuilding {_label(vm.key)}"),
+            _as_dataplane_error(f"rebuilding {vm_label(vm.key)}"),
         ):
             driver.destroy(vm.request.session, vm.request.vm)
             driver.launch(vm.request)

@@ -40,11 +40,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vnic.agent.core import VmKey, vm_label
 from vnic.agent.metrics import escape_label
 from vnic.errors import VnicError
 
 if TYPE_CHECKING:
-    from vnic.agent.core import Agent, VmKey
+    from vnic.agent.core import Agent
 
 log = logging.getLogger("vnic.agent")
 
@@ -166,9 +167,9 @@ class Repairer:
         """Repair the VMs of ``found`` (``session/vm`` -> differences, as
         :meth:`Agent.drift` gives them) that the bounds allow; return the attempts."""
         now = self.clock()
-        desired = {f"{vm.key[0]}/{vm.key[1]}": vm for vm in self.agent.mine()}
+        desired = {vm_label(vm.key): vm for vm in self.agent.mine()}
         # VMs no longer desired keep no budget (a new VM of that name starts afresh).
-        self._vms = {k: v for k, v in self._vms.items() if f"{k[0]}/{k[1]}" in desired}
+        self._vms = {k: v for k, v in self._vms.items() if vm_label(k) in desired}
         due = []
         for label in sorted(found):
             vm = desired.get(label)
@@ -190,7 +191,7 @@ class Repairer:
             # building is finished now, and only what still differs is rebuilt.
             fresh = self.agent.drift([vm.key for vm in due])
             for vm in due:
-                differences = fresh.get(f"{vm.key[0]}/{vm.key[1]}", [])
+                differences = fresh.get(vm_label(vm.key), [])
                 if not differences:
                     continue
                 state = self._state(vm.key, now)
@@ -231,7 +232,7 @@ class Repairer:
                     RepairEvent(*key, differences, "no longer desired"), seq=self._seq
                 )
             self.agent.rebuild(vm)
-            left = self.agent.drift([key]).get(f"{key[0]}/{key[1]}", [])
+            left = self.agent.drift([key]).get(vm_label(key), [])
             if left:
                 error = "still differs after the rebuild: " + "; ".join(left)
         except VnicError as exc:
