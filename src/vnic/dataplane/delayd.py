@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vnic.dataplane import names
+from vnic.dataplane import names, procs
 from vnic.dataplane import namespaces as nsops
 from vnic.engine import build
 from vnic.errors import DataplaneError
@@ -196,7 +196,7 @@ def update(session: str, vm: str, engine: DelayEngine, timeout: float = _UPDATE_
     if pid is None:
         raise DataplaneError(f"no delay engine runs for {who}")
     _, stats, log, argv_file, control = _paths(session, vm)
-    cmdline = _cmdline(pid)
+    cmdline = procs.cmdline(pid)
     if b"--control" not in cmdline:
         raise DataplaneError(f"the delay engine of {who} (pid {pid}) has no control file")
     try:
@@ -232,14 +232,7 @@ def update(session: str, vm: str, engine: DelayEngine, timeout: float = _UPDATE_
 def controllable(session: str, vm: str) -> bool:
     """Whether the VM's engine runs and takes live changes (it was started with a control file)."""
     pid = _owned_pid(session, vm)
-    return pid is not None and b"--control" in _cmdline(pid)
-
-
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (FileNotFoundError, ProcessLookupError):
-        return []
+    return pid is not None and b"--control" in procs.cmdline(pid)
 
 
 def _generations(stats: Path) -> tuple[int, int] | None:

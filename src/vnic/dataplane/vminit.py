@@ -35,7 +35,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vnic.dataplane import names
+from vnic.dataplane import names, procs
 from vnic.errors import DataplaneError
 
 #: The word before the owner tag in an init's command line.
@@ -91,18 +91,10 @@ def run_dirs() -> dict[str, set[str]]:
     return {session: vms for session, vms in session_dirs(run_root()).items() if vms}
 
 
-def _cmdline(pid: int) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().split(b"\0")
-    except OSError:
-        return []
-
-
 def _is_init(pid: int, session: str, vm: str) -> bool:
     """Whether ``pid`` is this VM's live init (a zombie has no command line)."""
     tag = names.owner_tag(session, vm).encode()
-    return any(a == MARK.encode() and b == tag for a, b in itertools.pairwise(_cmdline(pid)))
+    return any(a == MARK.encode() and b == tag for a, b in itertools.pairwise(procs.cmdline(pid)))
 
 
 def init_pid(session: str, vm: str) -> int | None:
