@@ -18,6 +18,15 @@ from vnic.model.profile import parse_field, parse_patch, values_to_document
 from vnic.model.units import MAX_TEXT, scan_number
 
 T = TypeVar("T")
+
+
+def check_short(text: str, path: str, expected: str) -> None:
+    """Refuse ``text`` longer than :data:`~vnic.model.units.MAX_TEXT` before reading it
+    (as the unit parsers do: no reader then sees a megabyte)."""
+    if len(text) > MAX_TEXT:
+        raise InvalidInput.one(path, text, f"{expected}, at most {MAX_TEXT} characters")
+
+
 P = ParamSpec("P")
 
 SPAN_EXPECTED: Final = "a time span such as 500ms, 30s, 10m or 2h"
@@ -41,8 +50,8 @@ def span_ns(raw: Any, path: str, *, positive: bool = False) -> int:
     expected = SPAN_EXPECTED + (", above 0" if positive else "")
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise InvalidInput.one(path, raw, expected)
-    if isinstance(raw, str) and len(raw) > MAX_TEXT:
-        raise InvalidInput.one(path, raw, f"{expected}, at most {MAX_TEXT} characters")
+    if isinstance(raw, str):
+        check_short(raw, path, expected)
     if isinstance(raw, int) and abs(raw) >= 10**MAX_TEXT:
         raise InvalidInput.one(path, raw, f"{expected}, at most 366 days")
     parts = scan_number(str(raw))  # one pass: no pattern that backtracks on spaces
@@ -124,8 +133,7 @@ def number(raw: Any, path: str, expected: str) -> float:
     if isinstance(raw, int | float):
         value = float(raw)
     elif isinstance(raw, str):
-        if len(raw) > MAX_TEXT:
-            raise InvalidInput.one(path, raw, f"{expected}, at most {MAX_TEXT} characters")
+        check_short(raw, path, expected)
         try:
             value = float(Decimal(raw.strip()))
         except InvalidOperation:

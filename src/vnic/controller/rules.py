@@ -47,6 +47,7 @@ from typing import Any, Final
 from vnic.controller._parse import (
     attempt,
     boolean,
+    check_short,
     collect,
     dump_patch,
     dump_span,
@@ -62,7 +63,7 @@ from vnic.controller._parse import (
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.limits import CONTROLLER_RULES_MAX, check_count
 from vnic.model.profile import dump_field, parse_name
-from vnic.model.units import MAX_TEXT, ByteSize, Duration, Probability, Rate, UnitError
+from vnic.model.units import ByteSize, Duration, Probability, Rate, UnitError
 
 #: Kinds of metric, by unit.
 RATE: Final = "rate"
@@ -151,8 +152,7 @@ def parse_metric_value(kind: str, raw: Any, path: str) -> float:
         except UnitError as exc:
             raise InvalidInput.one(path, raw, exc.expected) from None
     if kind == UTILISATION and isinstance(raw, str) and raw.strip().endswith("%"):
-        if len(raw) > MAX_TEXT:
-            raise InvalidInput.one(path, raw, f"{expected}, at most {MAX_TEXT} characters")
+        check_short(raw, path, expected)
         try:
             value = float(Decimal(raw.strip()[:-1].strip()) / 100)
         except InvalidOperation:
