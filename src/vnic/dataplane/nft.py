@@ -68,12 +68,11 @@ def guard_rules(guard: PortGuard) -> tuple[GuardRule, ...]:
     targets = "{ " + ", ".join(f"0x{int(ipaddress.IPv6Address(a)):032x}" for a in own6) + " }"
     targets_back = "!= " + _sorted(own6)
 
-    def lladdr(option: int) -> tuple[str, str]:
-        value = f"0x{(option << 56) | (1 << 48) | mac:016x}"  # type, length (1 = 8 bytes), MAC
-        return value, value
+    def lladdr(option: int) -> str:
+        """The 8-byte link-layer option with the VM's MAC (read back as written)."""
+        return f"0x{(option << 56) | (1 << 48) | mac:016x}"  # type, length (1 = 8 bytes), MAC
 
-    sll, sll_back = lladdr(SLLAO)
-    tll, tll_back = lladdr(TLLAO)
+    sll, tll = lladdr(SLLAO), lladdr(TLLAO)
     nd = "nd-neighbor-solicit, nd-neighbor-advert"
     return (
         GuardRule("spoof-mac", f"ether saddr != {ident.mac}", f"!= {ident.mac}"),
@@ -129,17 +128,17 @@ def guard_rules(guard: PortGuard) -> tuple[GuardRule, ...]:
         GuardRule(
             "spoof-nd",
             f"icmpv6 type nd-neighbor-advert ip6 length 32 @th,192,64 != {tll}",
-            f"nd-neighbor-advert 32 != {tll_back}",
+            f"nd-neighbor-advert 32 != {tll}",
         ),
         GuardRule(
             "spoof-nd",
             f"ip6 saddr != :: icmpv6 type nd-neighbor-solicit ip6 length 32 @th,192,64 != {sll}",
-            f"!= :: nd-neighbor-solicit 32 != {sll_back}",
+            f"!= :: nd-neighbor-solicit 32 != {sll}",
         ),
         GuardRule(
             "spoof-nd",
             f"icmpv6 type nd-router-solicit ip6 length 16 @th,64,64 != {sll}",
-            f"nd-router-solicit 16 != {sll_back}",
+            f"nd-router-solicit 16 != {sll}",
         ),
     )
 
