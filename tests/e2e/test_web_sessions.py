@@ -140,3 +140,36 @@ def test_sessions_pages_on_a_real_session(web: Web, session_name: str) -> None: 
             web.admin.http.delete(f"/v1/sessions/{name}", params={"force": True})
         NetnsDriver().teardown_session(s)
         assert leftovers(big) == []  # the fixture checks the first session
+
+
+def test_a_page_that_answers_late_does_not_replace_a_newer_page(web: Web) -> None:  # noqa: F811
+    """Log in (the profiles page starts loading), go to the sessions page before the
+    profiles answer comes: when it comes, the sessions page stays. (The browser tests
+    log in and navigate at once, which is how this race first showed, in CI.)"""
+    web.admin("POST", "/v1/sessions", 201, json={"name": "late"})
+    context = web.browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(15000)
+    held: list[Any] = []
+    page.route("**/v1/profiles", lambda route: held.append(route))
+    page.goto(web.url + "/#/profiles")
+    page.fill("#token", web.admin_secret)
+    page.click("#login button[type=submit]")
+    page.wait_for_selector("#logout")
+    page.goto(f"{web.url}/#/sessions")
+    wait_rendered(page, "/sessions")
+    for _ in range(750):  # until the held profiles request reaches the handler (15 s)
+        if held:
+            break
+        page.wait_for_timeout(20)
+    assert held, "the profiles page never asked for /v1/profiles"
+    with page.expect_response("**/v1/profiles"):
+        held[0].continue_()
+    try:
+        page.wait_for_selector('body[data-page="/profiles"]', state="attached", timeout=1500)
+    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: the stale page stayed out
+        pass
+    else:
+        raise AssertionError("the profiles page, answered late, replaced the sessions page")
+    assert page.locator('tr[data-session="late"]').count() == 1
+    context.close()

@@ -96,6 +96,11 @@ const vnic = (() => {
   /** Something to undo when the page changes (an EventSource to close, a timer). */
   function onLeave(f) { cleanup.push(f); }
 
+  // Each navigation renders into a view of its own: a page still waiting for the
+  // server when the next navigation starts (a slow /profiles, then #/sessions)
+  // finishes into its own detached view instead of overwriting the newer page.
+  let latest = 0;
+
   async function render() {
     cleanup.forEach((f) => { try { f(); } catch (e) { /* already gone */ } });
     cleanup = [];
@@ -107,21 +112,25 @@ const vnic = (() => {
     for (const [pattern, page] of routes) {
       const m = path.match(pattern);
       if (m) {
-        main.replaceChildren(el("p", {class: "muted"}, "Loading…"));
+        const mine = ++latest;
+        const view = el("div", {class: "view"}, el("p", {class: "muted"}, "Loading…"));
+        main.replaceChildren(view);
         const started = performance.now();
         try {
-          await page(main, ...m.slice(1));
+          await page(view, ...m.slice(1));
         } catch (err) {
           if (err.status === 401) return;
-          main.replaceChildren();
-          showErrors(main, err);
+          view.replaceChildren();
+          showErrors(view, err);
         }
+        if (mine !== latest) return;  // a newer navigation owns the page now
         // Time from navigation to a rendered page, read by the browser tests.
         document.body.dataset.renderMs = String(Math.round(performance.now() - started));
         document.body.dataset.page = path;
         return;
       }
     }
+    latest++;
     main.replaceChildren(el("h1", {}, "Not found"), el("p", {}, `No page at ${path}.`));
   }
 
