@@ -521,7 +521,9 @@ def udp_sequence(
             _, err = receiver.communicate()
             raise RuntimeError(f"sequence receiver did not start: {err.strip()}")
         seconds = count / pps
-        _blast(session, client, server_ip, port, pps, payload, seconds)
+        report = _blast(session, client, server_ip, port, pps, payload, seconds)
+        if int(report["sent"]) != count:
+            raise RuntimeError(f"vnic-udpblast sent {report['sent']} of {count} datagrams")
         out, _ = receiver.communicate(timeout=seconds + quiet + 60)
     finally:
         if receiver.poll() is None:

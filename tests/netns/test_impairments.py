@@ -241,7 +241,10 @@ def test_engine_counters(lab: Lab) -> None:
         k: after.directions["egress"][k] - before.directions["egress"][k]
         for k in after.directions["egress"]
     }
-    assert eg["rx_frames"] >= 1000
+    # Every datagram was sent (udp_sequence checks the sender's count; it used to skip
+    # the last few when descheduled at the end): each one the engine did not read was
+    # dropped by its socket, and counted there. The VM's ARP and ping frames come too.
+    assert eg["rx_frames"] + eg["socket_drops"] >= 1000
     assert (
         eg["rx_frames"]
         == eg["tx_frames"]

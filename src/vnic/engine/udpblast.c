@@ -5,6 +5,10 @@
  * a 2-core machine, below what the delay engine must be shown to carry.
  *
  * Usage: vnic-udpblast ADDRESS PORT PPS PAYLOAD_BYTES SECONDS
+ * Sends exactly round(PPS * SECONDS) datagrams: one that fell due while the
+ * sender was descheduled is sent late, in the next batch, not skipped (a busy
+ * machine used to lose the last few). It gives up 10 s after SECONDS if the
+ * kernel keeps refusing them.
  * Prints one JSON line: {"sent": N, "seconds": S}.
  * Each datagram carries its sequence number (8 bytes, big endian) first.
  */
@@ -50,12 +54,13 @@ int main(int argc, char **argv) {
     unsigned char (*bufs)[65000] = calloc(BATCH, sizeof *bufs);
     struct mmsghdr msgs[BATCH];
     struct iovec iov[BATCH];
-    uint64_t sent = 0;
-    double start = now_s(), end = start + seconds;
-    for (;;) {
+    uint64_t sent = 0, total = (uint64_t)(pps * seconds + 0.5);
+    double start = now_s(), give_up = start + seconds + 10;
+    while (sent < total) {
         double t = now_s();
-        if (t >= end) break;
+        if (t >= give_up) break;
         uint64_t due = (uint64_t)((t - start) * pps);
+        if (due > total) due = total;
         if (due <= sent) {
             struct timespec nap = {0, 20000};
             nanosleep(&nap, NULL);
