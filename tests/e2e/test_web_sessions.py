@@ -165,9 +165,11 @@ def test_a_page_that_answers_late_does_not_replace_a_newer_page(web: Web) -> Non
     assert held, "the profiles page never asked for /v1/profiles"
     with page.expect_response("**/v1/profiles"):
         held[0].continue_()
+    from playwright.sync_api import TimeoutError as StayedOut
+
     try:
         page.wait_for_selector('body[data-page="/profiles"]', state="attached", timeout=1500)
-    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: the stale page stayed out
+    except StayedOut:
         pass
     else:
         raise AssertionError("the profiles page, answered late, replaced the sessions page")
