@@ -32,7 +32,7 @@ def free_port() -> int:
 def vnic(home: Path, *args: str, timeout: float = 120) -> str:
     """Run the `vnic` CLI embedded on ``home``'s database; its stdout."""
     proc = subprocess.run(
-        [sys.executable, "-m", "vnic.cli", *args],
+        [sys.executable, "-m", "vnic.cli.app", *args],
         env={**os.environ, "VNIC_HOME": str(home)},
         capture_output=True,
         text=True,
@@ -50,7 +50,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / f"{command}-{uuid.uuid4().hex[:6]}.log"
-        self.argv = [sys.executable, "-m", "vnic.cli", command, "--port", str(self.port), *args]
+        self.argv = [sys.executable, "-m", "vnic.cli.app", command, "--port", str(self.port), *args]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60) -> Server:

@@ -33,11 +33,12 @@ import pytest
 from tests.e2e.conftest import Client, Server, admin_token
 from vnic.agent.core import DesiredState
 from vnic.agent.hostlock import HostLock
-from vnic.dataplane import delayd, names
+from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.base import LaunchRequest
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Service
+from vnic.plan import names
 from vnic.store.db import Database
 
 #: Seconds between the agent's repair rounds in these tests.
@@ -313,7 +314,7 @@ def test_embedded_launches_against_reconcile_loop(lab: Lab) -> None:
         for i in range(5):
             vm = f"c{i}"
             proc = subprocess.run(
-                [sys.executable, "-m", "vnic.cli", "vm", "launch", lab.session, vm],
+                [sys.executable, "-m", "vnic.cli.app", "vm", "launch", lab.session, vm],
                 env={**os.environ, "VNIC_HOME": str(lab.home)},
                 capture_output=True,
                 text=True,

@@ -27,8 +27,8 @@ from tests.e2e.conftest import Client, Server
 from tests.e2e.test_controller import MBIT, egress_rate_bps, start, stop
 from vnic.agent import feedback as fb
 from vnic.agent.feedback import endpoint_addresses
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.plan import names
 
 ATTACKER = r"""
 import json, socket, sys, threading, time

@@ -1,5 +1,5 @@
 """Attacks on a real `vnic serve` from a browser and the network (issue #15), and what
-stops them (:mod:`vnic.manager.http_guard`):
+stops them (:mod:`vnic.edge.guard`):
 
 * an admin logged in in Chromium opens a page served from *another port of the same
   host* (the same site: the SameSite=Strict cookie goes along); the page auto-submits

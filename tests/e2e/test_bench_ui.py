@@ -4,7 +4,7 @@ Only that it measures (its numbers are the benchmark's business, not a test's)."
 
 from __future__ import annotations
 
-from vnic.bench_ui import run
+from vnic.lab.bench.ui import run
 
 
 def test_bench_ui_renders_every_vm_and_reports_each_render() -> None:

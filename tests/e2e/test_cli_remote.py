@@ -24,7 +24,7 @@ def cli(
         env["VNIC_SERVER"] = server.url
         env["VNIC_TOKEN"] = token or ""
     return subprocess.run(
-        [sys.executable, "-m", "vnic.cli", *args],
+        [sys.executable, "-m", "vnic.cli.app", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from tests.e2e.conftest import Client, Server, admin_token
-from vnic import measure
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_classes
 from vnic.drivers.netns import NetnsDriver
+from vnic.lab import measure
+from vnic.plan import names
 
 MBIT = 1_000_000
 

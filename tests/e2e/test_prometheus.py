@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from tests.e2e.conftest import Client, Server, admin_token, free_port, prometheus_binary
-from vnic import measure
 from vnic.drivers.netns import NetnsDriver
+from vnic.lab import measure
 
 RATE = 20_000_000  # bit/s, both ways
 

@@ -12,11 +12,12 @@ from typing import Any
 
 from tests.e2e.conftest import Client, Server, admin_token
 from tests.netns.conftest import guest_leftovers
-from vnic import measure, vmexec
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import vmexec
 from vnic.drivers.qemu import QemuDriver
-from vnic.measure import TCP_GOODPUT
+from vnic.lab import measure
+from vnic.lab.measure import TCP_GOODPUT
+from vnic.plan import names
 
 EGRESS = 10_000_000  # bit/s the guests send at
 INGRESS = 20_000_000  # bit/s the guests receive at

@@ -13,8 +13,8 @@ from typing import Any
 from tests.e2e.conftest import Client
 from tests.e2e.web import Web, browser, screenshot, wait_rendered, web  # noqa: F401
 from tests.netns.conftest import leftovers
-from vnic import measure
 from vnic.drivers.netns import NetnsDriver
+from vnic.lab import measure
 
 RATE = 20_000_000  # bit/s, both ways
 BIG = 200

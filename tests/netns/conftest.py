@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from vnic.dataplane import names, qemu
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import qemu
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Explanation, Service, VmRequest
 from vnic.model.profile import parse_assignments, parse_profile_document
 from vnic.model.session import AssignmentRule
+from vnic.plan import names
 from vnic.store.db import Database
 
 pytestmark = pytest.mark.root
@@ -99,7 +100,7 @@ def launch_in_child(lab: Lab, session: str, vms: list[str]) -> subprocess.Popen[
 def doctor_json() -> dict[str, Any]:
     """`vnic doctor --json`, run as a real process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "vnic.cli", "doctor", "--json"],
+        [sys.executable, "-m", "vnic.cli.app", "doctor", "--json"],
         capture_output=True,
         text=True,
         timeout=120,

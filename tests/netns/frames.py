@@ -11,8 +11,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.plan import names
 
 ETH_IP, ETH_ARP, ETH_IP6 = 0x0800, 0x0806, 0x86DD
 ETH_8021Q, ETH_8021AD = 0x8100, 0x88A8

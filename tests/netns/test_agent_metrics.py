@@ -4,9 +4,9 @@ model, and the anti-spoofing guard (tests/netns/test_metrics_collect.py has the 
 from __future__ import annotations
 
 from tests.netns.conftest import Lab
-from vnic import measure
 from vnic.agent.metrics import Collector
 from vnic.drivers.base import LaunchRequest
+from vnic.lab import measure
 
 
 def requests(lab: Lab) -> dict[str, LaunchRequest]:

@@ -14,7 +14,7 @@ import pytest
 from rich.console import Console
 
 from tests.netns.conftest import leftovers
-from vnic import bench_change
+from vnic.lab.bench import change as bench_change
 
 pytestmark = pytest.mark.root
 

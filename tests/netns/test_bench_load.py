@@ -21,7 +21,7 @@ def test_bench_load_reports_every_kind_and_no_errors(tmp_path: Path) -> None:
     out = tmp_path / "load.json"
     argv = ["bench", "load", "--readers", "6", "--writers", "2", "--seconds", "2"]
     run = subprocess.run(
-        [sys.executable, "-m", "vnic.cli", *argv, "--json", str(out)],
+        [sys.executable, "-m", "vnic.cli.app", *argv, "--json", str(out)],
         env={**os.environ, "VNIC_HOME": str(tmp_path)},
         capture_output=True,
         text=True,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from tests.netns.conftest import guest_leftovers, leftovers
-from vnic import bench_qemu
+from vnic.lab.bench import qemu as bench_qemu
 
 pytestmark = pytest.mark.root
 

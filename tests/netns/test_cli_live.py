@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from tests.netns.conftest import leftovers
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_classes
+from vnic.plan import names
 
 MBIT = 1_000_000
 
@@ -28,7 +28,7 @@ class Vnic:
 
     def __call__(self, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
-            [sys.executable, "-m", "vnic.cli", *args],
+            [sys.executable, "-m", "vnic.cli.app", *args],
             env=self.env,
             capture_output=True,
             text=True,

@@ -16,7 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
     env = {**os.environ, "VNIC_HOME": str(tmp_path), "COLUMNS": "200"}
     env.pop("VNIC_DATABASE_URL", None)
-    cmd = [sys.executable, "-m", "vnic.cli", "demo", "--profiles", str(ROOT / "examples" / "demo")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vnic.cli.app",
+        "demo",
+        "--profiles",
+        str(ROOT / "examples" / "demo"),
+    ]
     for run in range(2):  # a second run rebuilds the session from scratch
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr

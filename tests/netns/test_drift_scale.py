@@ -13,10 +13,11 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import Lab
-from vnic.dataplane import delayd, names
+from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.base import LaunchRequest
 from vnic.manager.service import VmRequest
+from vnic.plan import names
 
 #: Shaped both ways, with a TCP setting read back inside the VM.
 SHAPED = {"egress": {"rate": "100Mbit"}, "ingress": {"rate": "100Mbit"}, "tcp": {"sack": False}}

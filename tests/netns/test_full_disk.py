@@ -80,7 +80,7 @@ def test_cli_on_a_full_database_disk_exits_2_naming_it(tmp_path: Path, full_db: 
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "vnic.cli", *args],
+            [sys.executable, "-m", "vnic.cli.app", *args],
             env=env,
             capture_output=True,
             text=True,

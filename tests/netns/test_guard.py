@@ -13,13 +13,13 @@ from contextlib import contextmanager
 from tests.netns import frames
 from tests.netns.conftest import Lab
 from tests.netns.test_qemu_driver import GuestLab, glab  # noqa: F401 - the guest lab fixture
-from vnic import vmexec
-from vnic.dataplane import names, nft
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import nft, vmexec
 from vnic.drivers.base import LaunchRequest
 from vnic.drivers.qemu import QemuDriver
+from vnic.lab.measure import ping
 from vnic.manager.service import Explanation, VmRequest
-from vnic.measure import ping
+from vnic.plan import names
 from vnic.plan.model import eui64_link_local
 
 

@@ -20,11 +20,12 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import Lab, doctor_json, launch_in_child, leftovers
-from vnic import measure, stats
-from vnic.dataplane import delayd, names
+from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.netns import choose_engine
+from vnic.lab import measure, stats
 from vnic.manager.service import VmRequest
+from vnic.plan import names
 
 MS = 1_000_000
 Z999 = 3.29

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import Lab
-from vnic.dataplane import delayd, names
+from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
 from vnic.drivers.base import LaunchRequest
+from vnic.lab.measure import TCP_GOODPUT, ping
 from vnic.manager.service import VmRequest
-from vnic.measure import TCP_GOODPUT, ping
 from vnic.model.profile import parse_profile_document
 from vnic.model.resolve import Layer, complete
+from vnic.plan import names
 from vnic.plan.compile import DEFAULT_MINOR
 
 MBIT = 1_000_000

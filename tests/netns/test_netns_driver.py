@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.netns.conftest import Lab, launch_in_child, leftovers
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
 from vnic.errors import DataplaneError, Unsupported
+from vnic.lab.measure import TCP_GOODPUT, iperf3, ping
 from vnic.manager.service import VmRequest
-from vnic.measure import TCP_GOODPUT, iperf3, ping
 from vnic.model.units import MacAddress, MacRange, Rate
+from vnic.plan import names
 from vnic.plan.compile import DEFAULT_MINOR
 
 
@@ -59,7 +59,7 @@ def test_saturated_low_rate_keeps_latency_bounded(lab: Lab) -> None:
         [
             sys.executable,
             "-c",
-            f"from vnic.measure import iperf3; iperf3({s!r}, 'a', 'b', {b.vm.ipv4!r}, seconds=6)",
+            f"from vnic.lab.measure import iperf3; iperf3({s!r}, 'a', 'b', {b.vm.ipv4!r}, seconds=6)",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -134,7 +134,10 @@ def test_doctor_reports_what_the_qemu_driver_runs_with() -> None:
 
     # The table says the same.
     table = subprocess.run(
-        [sys.executable, "-m", "vnic.cli", "doctor"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "vnic.cli.app", "doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert table.returncode == 0, table.stderr
     (accel_row,) = [r for r in table.stdout.splitlines() if r.startswith("│ accelerator ")]

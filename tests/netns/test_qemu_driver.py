@@ -16,14 +16,15 @@ import pytest
 
 from tests.netns.conftest import guest_leftovers, leftovers
 from tests.netns.test_reconcile_dataplane import tagged_links, wait_until
-from vnic import measure, vmexec
 from vnic.agent.core import Agent, local_agent
-from vnic.dataplane import names, qemu
+from vnic.dataplane import qemu, vmexec
 from vnic.drivers.netns import NetnsDriver
 from vnic.drivers.qemu import QemuDriver
 from vnic.errors import DataplaneError, Unsupported
+from vnic.lab import measure
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
+from vnic.plan import names
 from vnic.store.db import Database
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from tests.netns.conftest import Lab
-from vnic.benchmarks import concurrent_udp
-from vnic.measure import UDP_GOODPUT
+from vnic.lab.bench.run import concurrent_udp
+from vnic.lab.measure import UDP_GOODPUT
 
 
 def test_each_class_gets_its_guarantee_under_contention(lab: Lab) -> None:

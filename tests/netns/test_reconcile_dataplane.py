@@ -22,10 +22,11 @@ import pytest
 from sqlalchemy.exc import OperationalError
 
 from tests.netns.conftest import Lab, launch_in_child, leftovers
-from vnic.dataplane import delayd, names
+from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.base import LaunchRequest
 from vnic.manager.service import VmRequest
+from vnic.plan import names
 from vnic.plan.compile import guard_chain
 
 #: A profile the delay engine carries (this kernel has no netem), with rates both ways.

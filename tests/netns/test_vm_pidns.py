@@ -18,11 +18,12 @@ import pytest
 
 from tests.netns.conftest import Lab, leftovers
 from vnic.agent.core import Agent, local_agent
-from vnic.dataplane import names, vminit
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import vminit
 from vnic.errors import Conflict, DataplaneError, VnicError
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
+from vnic.plan import names
 from vnic.store.db import Database
 
 #: Lists every process a VM sees: "PID ARGV..." per line, from the VM's /proc.
@@ -356,7 +357,7 @@ def test_vnic_vm_exec_runs_inside_the_vm(tmp_path: Path, started: Started) -> No
 
     def vnic(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "vnic.cli", *args],
+            [sys.executable, "-m", "vnic.cli.app", *args],
             env=env,
             capture_output=True,
             text=True,

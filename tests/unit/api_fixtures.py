@@ -12,12 +12,13 @@ import httpx
 from fastapi.testclient import TestClient
 
 from vnic.agent.core import Agent
+from vnic.api.app import create_app
 from vnic.drivers.fake import FakeDriver
-from vnic.manager.api import create_app
 from vnic.manager.auth import Tokens
 from vnic.manager.dispatch import Manager
 from vnic.manager.service import Service
 from vnic.store.db import Database
+from vnic.web import add_web_routes
 
 RATE_DOC: dict[str, Any] = {
     "name": "campus",
@@ -58,6 +59,8 @@ def make_api(tmp_path: Path) -> Iterator[Api]:
         )
     }
     # A loopback Host, as a browser or the CLI on this machine sends (the guard refuses others).
-    with TestClient(create_app(manager), base_url="http://127.0.0.1") as client:
+    with TestClient(
+        create_app(manager, extensions=[add_web_routes]), base_url="http://127.0.0.1"
+    ) as client:
         yield Api(manager, client, driver, secrets)
     db.dispose()

@@ -22,8 +22,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from tests.unit.api_fixtures import Api, make_api
+from vnic.edge.admission import Admission, LastResort, Limits
 from vnic.errors import InvalidInput, NoSpace, storage_error
-from vnic.manager.admission import Admission, LastResort, Limits
 
 DEADLINE = 10.0  # seconds any wait in these tests may take before it fails
 
@@ -288,7 +288,7 @@ def test_a_write_whose_body_never_arrives_holds_no_slot(monkeypatch: pytest.Monk
     """An anonymous POST that stops sending its body must not keep the one write slot
     (which the login needs too): its body is read before it takes the slot, and it gets
     408 when the body's deadline passes."""
-    import vnic.manager.admission as adm
+    import vnic.edge.admission as adm
 
     app, release, started = blocking_app(Limits(max_writes=1, queue=0, wait=0))
     release.set()

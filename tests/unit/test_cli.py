@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-VNIC = [sys.executable, "-m", "vnic.cli"]
+VNIC = [sys.executable, "-m", "vnic.cli.app"]
 
 
 class Vnic:

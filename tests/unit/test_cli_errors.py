@@ -11,7 +11,7 @@ from pathlib import Path
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "vnic.cli", *args],
+        [sys.executable, "-m", "vnic.cli.app", *args],
         env={**os.environ, "VNIC_HOME": str(home)},
         capture_output=True,
         text=True,

@@ -1,4 +1,4 @@
-"""The controller in the manager (vnic.controller.runner) on the fake driver, with a fake
+"""The controller in the manager (vnic.manager.live) on the fake driver, with a fake
 clock: rules turn samples into audited runtime adjustments that reach the VM; feedback is
 granted within limits and refused beyond them or for another VM; scenarios play in order.
 The same paths against the kernel with real traffic: tests/e2e/test_controller.py."""
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from tests.unit.api_fixtures import Api, make_api
-from vnic.controller.runner import LiveControl, sample_metrics
+from vnic.manager.live import LiveControl, sample_metrics
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""The HTTP edge's guards (:mod:`vnic.manager.http_guard`) on the manager and the agent:
+"""The HTTP edge's guards (:mod:`vnic.edge.guard`) on the manager and the agent:
 cross-site writes with the UI's cookie are refused and change nothing, form content
 types get 415, a foreign Host 421, bodies over the limit 413 (cut while arriving),
 security headers on every answer, the agent's documents behind its key, the bind
@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from tests.unit.api_fixtures import RATE_DOC, Api, make_api
 from vnic.agent.api import agent_key, create_agent_app
 from vnic.agent.core import Agent
+from vnic.api.deps import TOKEN_COOKIE
 from vnic.drivers.fake import FakeDriver
-from vnic.manager import http_guard as hg
-from vnic.manager.deps import TOKEN_COOKIE
-from vnic.serve import guarded
+from vnic.edge import guard as hg
+from vnic.server import guarded
 from vnic.store.db import Database
 
 OWN = "http://127.0.0.1"

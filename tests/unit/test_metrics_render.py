@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from vnic.agent.bench_metrics import render_benchmark, synthetic_samples
 from vnic.agent.metrics import (
     DROP_CAUSES,
     FAMILIES,
@@ -24,6 +23,7 @@ from vnic.agent.metrics import (
     render,
 )
 from vnic.dataplane.tc import ClassCounters
+from vnic.lab.bench.metrics import render_benchmark, synthetic_samples
 from vnic.model.profile import parse_profile_document
 from vnic.model.resolve import Layer, complete
 from vnic.plan.compile import DEFAULT_MINOR, compile_plan

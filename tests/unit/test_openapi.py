@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.unit.api_fixtures import RATE_DOC, make_api
-from vnic.manager.http_guard import allow_hosts
+from vnic.edge.guard import allow_hosts
 
 
 def test_every_operation_answers_as_documented(tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """A QEMU guest's command lines, CPU flags, /proc/net parsing and the image cache, from tables.
 
 No root, no QEMU: :mod:`vnic.plan.guest` is pure, and the parsers of
-:mod:`vnic.dataplane.qemu` and :mod:`vnic.vmexec` are fed sample texts.
+:mod:`vnic.dataplane.qemu` and :mod:`vnic.dataplane.vmexec` are fed sample texts.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vnic import vmexec
-from vnic.dataplane import qemu
+from vnic.dataplane import qemu, vmexec
 from vnic.errors import DataplaneError
 from vnic.plan.guest import (
     AGENT_PORT,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from vnic import stats
+from vnic.lab import stats
 
 
 def test_quantile_interpolates() -> None:

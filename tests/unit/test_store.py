@@ -11,9 +11,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
-from vnic.documents import parse_documents, read_documents
 from vnic.errors import Conflict, Exhausted, InUse, InvalidInput, NotFound
 from vnic.manager.service import Service, VmRequest
+from vnic.model.documents import parse_documents, read_documents
 from vnic.model.profile import OFF, parse_assignments, parse_profile_document
 from vnic.model.session import AssignmentRule
 from vnic.model.units import MacAddress, Rate

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.unit.api_fixtures import RATE_DOC, Api, make_api
-from vnic.manager.deps import TOKEN_COOKIE
+from vnic.api.deps import TOKEN_COOKIE
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.unit.api_fixtures import Api, make_api
-from vnic.documents import parse_documents, read_documents
 from vnic.errors import InvalidInput
+from vnic.model.documents import parse_documents, read_documents
 
 ROOT = Path(__file__).resolve().parents[2]
 TWO = "name: dsl\negress: {rate: 8Mbit}\n---\n- {name: lte, ingress: {delay: 40ms}}\n"

@@ -23,9 +23,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 import vnic
 from vnic.agent.core import Agent, DesiredVm
 from vnic.agent.wire import request_from_wire, request_to_wire
+from vnic.edge.errors import ERRORS, error_response
+from vnic.edge.guard import guard_agent
 from vnic.errors import InvalidInput, Unauthenticated, VnicError
-from vnic.manager.api import ERRORS, error_response
-from vnic.manager.http_guard import guard_agent
 
 
 def agent_key(path: Path) -> str:

@@ -59,8 +59,8 @@ from vnic.agent.feedback_http import (
     parse_body,
     parse_head,
 )
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.plan import names
 
 __all__ = [
     "FEEDBACK_PORT",

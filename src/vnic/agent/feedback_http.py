@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from vnic.errors import FieldError, show_value
-from vnic.loading import loads_json
+from vnic.model.loading import loads_json
 
 #: Largest request head (request line and headers, with their line ends), in bytes.
 MAX_HEAD: Final = 8 * 1024

@@ -37,9 +37,9 @@ from typing import NamedTuple
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.errors import DataplaneError
+from vnic.plan import names
 
 Key = tuple[str, str]
 IPv4 = str | ipaddress.IPv4Address | ipaddress.IPv4Interface
@@ -68,8 +68,8 @@ class Target(NamedTuple):
 
 def switch_address(vm_ipv4: IPv4) -> ipaddress.IPv4Interface:
     """The session switch's address: host ``.1`` of the VM's subnet (reserved for the
-    session by :func:`vnic.dataplane.names.vm_addresses`). A bare address is taken to
-    be in a /24, as every session subnet is (:func:`vnic.dataplane.names.session_ipv4`)."""
+    session by :func:`vnic.plan.names.vm_addresses`). A bare address is taken to
+    be in a /24, as every session subnet is (:func:`vnic.plan.names.session_ipv4`)."""
     if isinstance(vm_ipv4, ipaddress.IPv4Interface):
         network = vm_ipv4.network
     else:

@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vnic.dataplane import delayd, names, nft, tc
+from vnic.dataplane import delayd, nft, tc
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.base import LaunchRequest
 from vnic.errors import DataplaneError
+from vnic.plan import names
 from vnic.plan.compile import guard_chain
 from vnic.plan.model import Plan
 

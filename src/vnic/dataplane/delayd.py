@@ -32,10 +32,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vnic.dataplane import names, procs
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import procs
 from vnic.engine import build
 from vnic.errors import DataplaneError
+from vnic.plan import names
 from vnic.plan.model import DelayEngine, Impairment
 
 #: Counter names, in the order of ``enum counter`` in delayd.c.

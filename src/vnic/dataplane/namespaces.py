@@ -1,6 +1,6 @@
 """Network namespaces, links and addresses of the netns data plane (needs root).
 
-Only names from :mod:`vnic.dataplane.names` are created or removed here;
+Only names from :mod:`vnic.plan.names` are created or removed here;
 removal of a namespace first stops the processes inside it (found by the
 namespace, not by any name pattern), since a namespace lives on while a
 process holds it. A program run in a VM's namespace (:func:`run`,
@@ -27,8 +27,8 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.dataplane import vminit
-from vnic.dataplane.names import BRIDGE, VM_IFNAME, VmLinks, owner_tag
 from vnic.errors import DataplaneError
+from vnic.plan.names import BRIDGE, VM_IFNAME, VmLinks, owner_tag
 
 IFA_F_NODAD = 0x02
 

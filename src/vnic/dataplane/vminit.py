@@ -8,7 +8,7 @@ own (its /proc shows only the VM's processes, its /sys only its links, and
 /etc/hosts, /etc/hostname and /etc/resolv.conf are the VM's) and a UTS
 namespace whose host name is the VM's name. Every process run "in the VM"
 (:func:`vnic.dataplane.namespaces.run` and ``popen`` on a VM namespace, and so
-``vnic vm exec``, :mod:`vnic.vmexec` and the measurements) enters all four
+``vnic vm exec``, :mod:`vnic.dataplane.vmexec` and the measurements) enters all four
 namespaces through :func:`entry`, without CAP_SYS_ADMIN (so it cannot uncover
 the host's /proc). Killing the init makes the kernel kill every process in the
 VM.
@@ -35,8 +35,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vnic.dataplane import names, procs
+from vnic.dataplane import procs
 from vnic.errors import DataplaneError
+from vnic.plan import names
 
 #: The word before the owner tag in an init's command line.
 MARK = "vnic-vm-init"

@@ -39,7 +39,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vnic.dataplane import delayd, names, nft, qemu, vminit
+from vnic.dataplane import delayd, nft, qemu, vminit
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.probe import Probe, netem_available
 from vnic.dataplane.tc import (
@@ -56,7 +56,7 @@ from vnic.dataplane.tc import (
 from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict, DataplaneError, InvalidInput, VnicError
 from vnic.model.profile import Profile
-from vnic.plan import diff
+from vnic.plan import diff, names
 from vnic.plan.compile import ENGINES, compile_plan, guard_chain, impaired
 from vnic.plan.model import Devices, Identity, Plan
 

@@ -29,7 +29,7 @@ from vnic.manager.runtime import REASON_MAX, Runtime
 from vnic.manager.service import Service, VmChange, audit_row
 
 if TYPE_CHECKING:
-    from vnic.controller.runner import LiveControl
+    from vnic.manager.live import LiveControl
 
 
 class AgentLike(Driver, Protocol):
@@ -100,7 +100,7 @@ class Manager:
     @functools.cached_property
     def live(self) -> LiveControl:
         """The controller: rules, feedback and scenarios (started by ``vnic serve``)."""
-        from vnic.controller.runner import LiveControl
+        from vnic.manager.live import LiveControl
 
         return LiveControl(self)
 

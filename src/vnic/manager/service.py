@@ -21,8 +21,6 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from vnic.agent.hostlock import HostLock
-from vnic.dataplane.names import vm_addresses
-from vnic.documents import merge_patch
 from vnic.drivers.base import Capabilities, Driver, LaunchRequest, check_supported
 from vnic.errors import (
     Conflict,
@@ -35,6 +33,7 @@ from vnic.errors import (
     Unsupported,
     VnicError,
 )
+from vnic.model.documents import merge_patch
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import (
     DEFAULT_MAC_RANGE,
@@ -62,6 +61,7 @@ from vnic.model.session import (
     parse_vm_name,
 )
 from vnic.model.units import MacAddress, MacRange
+from vnic.plan.names import vm_addresses
 from vnic.store.db import Database
 from vnic.store.models import (
     AdjustmentRow,

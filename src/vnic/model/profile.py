@@ -673,7 +673,7 @@ def parse_patch(doc: Mapping[str, Any]) -> dict[str, Any]:
 def parse_assignments(items: Iterable[str]) -> dict[str, Any]:
     """Read ``FIELD=VALUE`` pairs (CLI ``--set``). VALUE is read as YAML (so lists and
     ``{mean: 2%, burst_length: 4}`` work); ``off`` removes, ``null`` removes on/off fields."""
-    from vnic.loading import DocumentError, load_yaml
+    from vnic.model.loading import DocumentError, load_yaml
 
     errors: list[FieldError] = []
     values: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vnic.dataplane import names
+from vnic.plan import names
 
 #: Guest memory (MiB) and vCPUs, unless ``VNIC_QEMU_MEMORY`` / ``VNIC_QEMU_CPUS`` say otherwise.
 #: 128 MiB holds the kernel, the initramfs (unpacked into RAM) and iperf3 with room to spare.

@@ -32,9 +32,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict
 
+from vnic.api.deps import TOKEN_COOKIE, Caller
+from vnic.api.live import audit_json
 from vnic.errors import InvalidInput, Unauthenticated
-from vnic.manager.api_live import audit_json
-from vnic.manager.deps import TOKEN_COOKIE, Caller
 from vnic.model.profile import FIELDS
 
 if TYPE_CHECKING:

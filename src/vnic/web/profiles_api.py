@@ -1,7 +1,7 @@
 """Endpoints the web UI's profiles pages need beyond the REST API's.
 
 * ``POST /v1/import/profiles/yaml`` — import profiles from YAML (or JSON) text, read by
-  the same code as ``vnic profile apply -f FILE`` (:mod:`vnic.documents`) and applied
+  the same code as ``vnic profile apply -f FILE`` (:mod:`vnic.model.documents`) and applied
   like ``POST /v1/import/profiles``: all or nothing, live on running VMs.
 * ``GET /v1/export/profiles.yaml`` — the YAML ``vnic profile export`` writes.
 
@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 import anyio
 from fastapi import FastAPI, Query, Request, Response
 
-from vnic.documents import documents_from_text, dump_yaml, parse_documents
+from vnic.api import schemas as sc
+from vnic.api.app import import_specs
+from vnic.api.deps import Caller
 from vnic.errors import InvalidInput
-from vnic.manager import schemas as sc
-from vnic.manager.api import import_specs
 from vnic.manager.auth import require_admin
-from vnic.manager.deps import Caller
+from vnic.model.documents import documents_from_text, dump_yaml, parse_documents
 
 if TYPE_CHECKING:
     from vnic.manager.dispatch import Manager

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from pydantic import BaseModel, Field
 
-from vnic.manager import schemas as sc
+from vnic.api import schemas as sc
+from vnic.api.deps import Caller
 from vnic.manager import views
-from vnic.manager.deps import Caller
 from vnic.model.units import Duration, Rate
 
 if TYPE_CHECKING:

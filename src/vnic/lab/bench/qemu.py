@@ -28,13 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vnic import stats, vmexec
-from vnic.benchmarks import PEER_RATE, Bench, bench_session, concurrent_udp
-from vnic.dataplane import names, qemu
+from vnic.dataplane import qemu, vmexec
 from vnic.drivers.netns import choose_engine
 from vnic.errors import VnicError
-from vnic.manager.service import VmRequest
-from vnic.measure import (
+from vnic.lab import stats
+from vnic.lab.bench.run import PEER_RATE, Bench, bench_session, concurrent_udp
+from vnic.lab.measure import (
     TCP_GOODPUT,
     UDP_GOODPUT,
     UDP_PAYLOAD,
@@ -44,6 +43,8 @@ from vnic.measure import (
     ping,
     resolve_neighbour,
 )
+from vnic.manager.service import VmRequest
+from vnic.plan import names
 
 PEER = "peer"
 PEER_DOC = {"name": "peer", "egress": {"rate": PEER_RATE}, "ingress": {"rate": PEER_RATE}}
@@ -191,7 +192,7 @@ def fidelity(
     """Configured vs measured rate of a guest per direction (TCP and UDP); with ``extras``
     also the unshaped guest's ceiling, asymmetry and QoS shares.
 
-    The rate compared is the Ethernet frame rate, as in :func:`vnic.benchmarks.fidelity`.
+    The rate compared is the Ethernet frame rate, as in :func:`vnic.lab.bench.run.fidelity`.
     Each rate gets a fresh guest, removed once measured (idle guests still cost CPU here).
     """
     rows: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnic.agent.core import Agent, ReconcileReport, local_agent
-from vnic.manager.admission import Limits
+from vnic.edge.admission import Limits
 from vnic.manager.auth import Tokens
 from vnic.manager.dispatch import AgentLike, Manager
 from vnic.manager.service import Service
@@ -37,7 +37,7 @@ from vnic.store.db import Database
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-log = logging.getLogger("vnic.serve")
+log = logging.getLogger("vnic.server")
 
 #: Seconds: latency probe, drift check (repair off), drift repair (0: off).
 Intervals = tuple[float, float, float]
@@ -81,7 +81,7 @@ def describe(report: ReconcileReport) -> list[str]:
 def guarded(app: FastAPI, program: str, host: str, allowed_hosts: Sequence[str]) -> FastAPI:
     """``app`` answering the Host names of ``host`` and ``allowed_hosts``; a warning on
     stderr when ``host`` reaches beyond this machine."""
-    from vnic.manager.http_guard import allow_hosts, bind_warning
+    from vnic.edge.guard import allow_hosts, bind_warning
 
     allow_hosts(app, host, allowed_hosts)
     warning = bind_warning(program, host)
@@ -99,12 +99,13 @@ def run_manager(
     allowed_hosts: Sequence[str] = (),
 ) -> None:
     """Serve ``manager`` on ``host:port``; ``allowed_hosts``: Host names accepted besides
-    the loopback ones and ``host`` (see :mod:`vnic.manager.http_guard`)."""
+    the loopback ones and ``host`` (see :mod:`vnic.edge.guard`)."""
     import uvicorn
 
-    from vnic.manager.api import create_app
+    from vnic.api.app import create_app
+    from vnic.web import add_web_routes
 
-    app = guarded(create_app(manager, limits), "vnic serve", host, allowed_hosts)
+    app = guarded(create_app(manager, limits, [add_web_routes]), "vnic serve", host, allowed_hosts)
 
     if isinstance(manager.agent, Agent):
         # Before the reconcile, which opens the endpoint in every session it keeps.

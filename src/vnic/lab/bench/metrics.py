@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from vnic.agent.metrics import DROP_CAUSES, DirectionSample, VnicSample, render
-from vnic.stats import quantile
+from vnic.lab.stats import quantile
 
 #: Render time a scrape of 1000 vNICs must stay under, milliseconds.
 TARGET_MS = 500

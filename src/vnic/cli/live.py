@@ -1,9 +1,9 @@
 """``vnic`` commands of dynamic adjustment: runtime adjustments, the audit log, a session's
-controller, and scenarios. Registered on the main app by :mod:`vnic.cli`.
+controller, and scenarios. Registered on the main app by :mod:`vnic.cli.app`.
 
 Embedded (no ``--server``) they work on the database and this host's agent
 directly; with ``--server`` they call the manager's API. Either way the same
-operations (:class:`~vnic.manager.api_live.LiveOps`) run, so the output is
+operations (:class:`~vnic.api.live.LiveOps`) run, so the output is
 the same. A scenario needs a process that lives as long as it plays: with
 ``--server`` that is the manager; embedded, ``vnic scenario start`` plays it
 in the foreground until it ends (Ctrl-C stops it and removes its adjustments).
@@ -19,10 +19,10 @@ import typer
 import yaml
 from rich.table import Table
 
-from vnic import cli
+from vnic.api.live import AdjustmentSet, LiveOps
+from vnic.cli import app as cli
 from vnic.errors import InvalidInput
-from vnic.loading import DocumentError, load_yaml
-from vnic.manager.api_live import AdjustmentSet, LiveOps
+from vnic.model.loading import DocumentError, load_yaml
 from vnic.model.profile import parse_assignments, values_to_document
 
 scenario_app = typer.Typer(
@@ -33,7 +33,7 @@ scenario_app = typer.Typer(
 def live() -> Any:
     """The operations: over HTTP with --server, else embedded on this host's agent."""
     if cli.state.server:
-        from vnic.manager.client import ManagerClient, RemoteLive
+        from vnic.client.manager import ManagerClient, RemoteLive
 
         service = cli.service()
         assert isinstance(service, ManagerClient)

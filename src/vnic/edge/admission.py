@@ -13,7 +13,7 @@ A write's body is read whole before the write takes its slot, within
 ``BODY_DEADLINE_S`` (408 past it): a client that sends its body slowly, or not
 at all, holds no slot, so it cannot keep everyone else's writes (the login
 included) out. The body's size is bounded by the HTTP guard outside this
-middleware (:mod:`vnic.manager.http_guard`). A client that goes away meanwhile
+middleware (:mod:`vnic.edge.guard`). A client that goes away meanwhile
 is forgotten without an answer or a log line.
 
 Health checks pass without a slot: a liveness probe must not be refused because
@@ -42,8 +42,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vnic.edge.guard import BodyTooLarge
 from vnic.errors import Busy, FieldError, InvalidInput, TooSlow, VnicError, storage_error
-from vnic.manager.http_guard import BodyTooLarge
 
 log = logging.getLogger("vnic.manager")
 

@@ -3,7 +3,7 @@ namespace and its init's PID, mount and UTS namespaces, see :mod:`vnic.dataplane
 the process sees and signals the VM's processes only), or in its QEMU guest through the
 guest agent (qemu).
 
-The measurements (:mod:`vnic.measure`), benchmarks and tests use these, so one
+The measurements (:mod:`vnic.lab.measure`), benchmarks and tests use these, so one
 iperf3 or ping call measures a namespace VM and a real guest alike. A VM is
 taken to be a guest when it has a QEMU run directory (see
 :mod:`vnic.dataplane.qemu`), else a namespace.
@@ -16,8 +16,9 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from vnic.dataplane import names, qemu
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import qemu
+from vnic.plan import names
 
 #: ``st`` of a listening socket in /proc/net/tcp (TCP_LISTEN) and of a bound UDP socket (TCP_CLOSE).
 _LISTEN = {"tcp": "0A", "udp": "07"}

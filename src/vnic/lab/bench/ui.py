@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from vnic.bench_api import _server
 from vnic.errors import InvalidInput
+from vnic.lab.bench.api import _server
 from vnic.manager.auth import Tokens
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document

@@ -3,7 +3,7 @@
 Each benchmark makes its own throwaway database, agent state and session,
 writes JSON, and prints a short table. Run them with ``vnic bench fidelity``
 and ``vnic bench launch`` (root); ``--driver qemu`` measures QEMU guests
-instead (:mod:`vnic.bench_qemu`). Traffic goes only between the benchmark's VMs.
+instead (:mod:`vnic.lab.bench.qemu`). Traffic goes only between the benchmark's VMs.
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from vnic.agent.core import Agent, local_agent
-from vnic.dataplane import names
 from vnic.dataplane.tc import read_class_counters
 from vnic.drivers.netns import NetnsDriver
 from vnic.errors import InvalidInput
-from vnic.manager.service import Service, VmRequest
-from vnic.measure import (
+from vnic.lab.measure import (
     TCP_GOODPUT,
     UDP_GOODPUT,
     UDP_PAYLOAD,
@@ -34,7 +32,9 @@ from vnic.measure import (
     burst_rate,
     iperf3,
 )
+from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
+from vnic.plan import names
 from vnic.store.db import Database
 
 PEER_RATE = "10Gbit"
@@ -291,14 +291,14 @@ def run(
     """Run a benchmark, write its JSON to ``out`` and print it.
 
     ``fidelity`` has two parts: ``rates`` (shaping) and ``impairments`` (delay,
-    jitter, loss; see :mod:`vnic.bench_impairments`). ``driver`` is the kind of
-    VM measured: ``netns``, or ``qemu`` (:mod:`vnic.bench_qemu`: a QEMU guest
+    jitter, loss; see :mod:`vnic.lab.bench.impairments`). ``driver`` is the kind of
+    VM measured: ``netns``, or ``qemu`` (:mod:`vnic.lab.bench.qemu`: a QEMU guest
     against a netns peer; its impairment cells are ``delay`` and ``loss``).
     """
     if driver not in DRIVERS:
         raise InvalidInput.one("driver", driver, "one of " + ", ".join(DRIVERS))
     if driver == "qemu":
-        from vnic import bench_qemu
+        from vnic.lab.bench import qemu as bench_qemu
 
         if which != "fidelity":
             result = bench_qemu.launch()
@@ -311,7 +311,7 @@ def run(
                     quick=quick, cells_wanted=cells or bench_qemu.CELLS
                 )
     elif which == "fidelity":
-        from vnic.bench_impairments import CELLS, impairments
+        from vnic.lab.bench.impairments import CELLS, impairments
 
         result = {"benchmark": "fidelity"}
         if part in ("all", "rates"):

@@ -46,8 +46,8 @@ from urllib.parse import urlsplit
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vnic.edge.errors import ErrorBody
 from vnic.errors import FieldError, show_value
-from vnic.manager import schemas as sc
 
 #: Bytes a request body may have unless its route says otherwise.
 DEFAULT_BODY_LIMIT = 1 << 20
@@ -105,7 +105,7 @@ def security_headers(path: str) -> list[tuple[bytes, bytes]]:
 
 #: What the guard answers, for the OpenAPI document of every route.
 GUARD_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": sc.ErrorBody, "description": text}
+    status: {"model": ErrorBody, "description": text}
     for status, text in (
         (413, "The request body is over the route's limit"),
         (415, "The body's Content-Type is not one this route reads (JSON)"),
@@ -167,7 +167,7 @@ def install(
 
 def guard_manager(app: FastAPI) -> GuardConfig:
     """The manager's guard: the UI's login cookie, the import routes' larger limit."""
-    from vnic.manager.deps import TOKEN_COOKIE
+    from vnic.api.deps import TOKEN_COOKIE
 
     return install(app, cookie=TOKEN_COOKIE, limits=MANAGER_BODY_LIMITS, yaml_routes=YAML_ROUTES)
 

@@ -28,11 +28,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from vnic import stats
-from vnic.benchmarks import Bench, bench_session
-from vnic.dataplane import delayd, names
+from vnic.dataplane import delayd
 from vnic.drivers.netns import choose_engine
-from vnic.measure import TCP_GOODPUT, iperf3, one_way, udp_flood, udp_sequence
+from vnic.lab import stats
+from vnic.lab.bench.run import Bench, bench_session
+from vnic.lab.measure import TCP_GOODPUT, iperf3, one_way, udp_flood, udp_sequence
+from vnic.plan import names
 
 MS = 1_000_000
 DELAYS_MS = (1, 10, 50, 200)

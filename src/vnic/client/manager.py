@@ -268,7 +268,7 @@ class ManagerClient:
 
 
 class RemoteLive:
-    """:class:`vnic.manager.api_live.LiveOps` over HTTP: the same methods, the same JSON."""
+    """:class:`vnic.api.live.LiveOps` over HTTP: the same methods, the same JSON."""
 
     def __init__(self, client: ManagerClient) -> None:
         self._call = client._call

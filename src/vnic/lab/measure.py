@@ -3,7 +3,7 @@
 Used by the tests, the benchmarks and the demo. Every run is bounded in
 time, and traffic only ever goes to addresses of VMs vnic launched.
 :func:`iperf3`, :func:`iperf3_server` and :func:`ping` run in netns VMs and QEMU
-guests alike (through :mod:`vnic.vmexec`); the rest runs Python in the VM and
+guests alike (through :mod:`vnic.dataplane.vmexec`); the rest runs Python in the VM and
 so needs a netns VM (a guest has no Python).
 """
 
@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from vnic import vmexec
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import vmexec
+from vnic.plan import names
 
 #: Goodput of a saturating TCP flow relative to the Ethernet frame rate:
 #: 1448 bytes of payload (MSS with timestamps) per 1514-byte frame.

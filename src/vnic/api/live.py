@@ -1,7 +1,7 @@
 """REST routes of dynamic adjustment: runtime adjustments, the audit log, a session's
 controller (threshold rules and feedback limits) and scenarios.
 
-Mounted by :func:`vnic.manager.api.create_app`. Every change here goes through
+Mounted by :func:`vnic.api.app.create_app`. Every change here goes through
 :class:`~vnic.manager.runtime.Runtime` (validated, audited) and then live to
 the running VMs it reaches (:meth:`~vnic.manager.dispatch.Manager.reapply`).
 """
@@ -15,11 +15,11 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from vnic.api.deps import Caller
 from vnic.controller._parse import span
 from vnic.errors import InvalidInput
 from vnic.manager import views
 from vnic.manager.auth import require_admin
-from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
 from vnic.manager.runtime import (
     AdjustmentInfo,

@@ -12,7 +12,7 @@ process (``vnic serve``) or over HTTP (``vnic serve --agent URL``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, cast
 
 from fastapi import FastAPI, Query, Request, Response
@@ -21,28 +21,23 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vnic
+from vnic.api import schemas as sc
+from vnic.api.deps import Caller
+from vnic.api.live import add_live_routes
+from vnic.edge.admission import Admission, LastResort, Limits
+from vnic.edge.bodies import StrictJsonRoute
+from vnic.edge.errors import ERRORS, error_response
+from vnic.edge.guard import guard_manager
 from vnic.errors import FieldError, InvalidInput, VnicError, show_value
-from vnic.manager import schemas as sc
 from vnic.manager import views
-from vnic.manager.admission import Admission, LastResort, Limits
-from vnic.manager.api_live import add_live_routes
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
-from vnic.manager.bodies import StrictJsonRoute
-from vnic.manager.deps import Caller
 from vnic.manager.dispatch import Manager
-from vnic.manager.http_guard import guard_manager
 from vnic.manager.service import VmChange, VmRequest
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import ProfileSpec, document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
 
 # ----------------------------------------------------------------------------- errors
-
-
-def error_response(exc: VnicError) -> JSONResponse:
-    """The one table from error to HTTP answer."""
-    headers = {"WWW-Authenticate": "Bearer"} if exc.http_status == 401 else None
-    return JSONResponse(exc.to_dict(), status_code=exc.http_status, headers=headers)
 
 
 def _request_problem(err: dict[str, Any]) -> FieldError:
@@ -55,28 +50,18 @@ def _request_problem(err: dict[str, Any]) -> FieldError:
     return FieldError(path, shown, str(err.get("msg", "a valid value")).lower())
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": sc.ErrorBody, "description": text}
-    for status, text in (
-        (401, "No token, or an unknown one"),
-        (403, "The token's role may not do this"),
-        (404, "A named object does not exist"),
-        (409, "Conflicts with the current state (exists, in use, exhausted)"),
-        (422, "Invalid input: every problem names field, value and expectation"),
-        (429, "Too many requests of this kind in flight; retry after Retry-After seconds"),
-        (500, "An unexpected error; the manager's log has it under the reference given"),
-        (503, "The host agent did not answer"),
-        (507, "A disk is full (named in the message); nothing was changed"),
-    )
-}
-
-
 # ----------------------------------------------------------------------------- app
 
 
-def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
+def create_app(
+    manager: Manager,
+    limits: Limits | None = None,
+    extensions: Sequence[Callable[[FastAPI, Manager], None]] = (),
+) -> FastAPI:
     """The API on ``manager``; ``limits`` bound the requests in flight (defaults:
-    :class:`~vnic.manager.admission.Limits`)."""
+    :class:`~vnic.edge.admission.Limits`). Each of ``extensions`` adds its routes
+    (the UI's, from :mod:`vnic.web`) before the metrics route: the API does not
+    import the UI, the composition root (:mod:`vnic.server`) brings them together."""
     app = FastAPI(
         title="vnic manager",
         version=vnic.__version__,
@@ -382,9 +367,8 @@ def create_app(manager: Manager, limits: Limits | None = None) -> FastAPI:
         return Response(status_code=204)
 
     add_live_routes(app, manager, vm_writer)
-    from vnic.web import add_web_routes  # the UI: pages over this same API
-
-    add_web_routes(app, manager)
+    for extend in extensions:
+        extend(app, manager)
 
     # ------------------------------------------------------------------ metrics
 

@@ -2,7 +2,7 @@
 
 FastAPI reads a JSON body with plain ``json.loads``, which keeps the last of a key
 given twice and raises ``RecursionError`` (a plain-text 500) on 10 000 ``[``.
-:class:`StrictJsonRoute` parses the body first with :func:`vnic.loading.loads_json`
+:class:`StrictJsonRoute` parses the body first with :func:`vnic.model.loading.loads_json`
 and hands FastAPI the result (Starlette's ``Request.json()`` returns what it finds
 cached), so every route of the app gets duplicate keys, ``NaN`` and deep nesting
 refused with the documented 422 body, field ``body``.
@@ -17,7 +17,7 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 from vnic.errors import InvalidInput
-from vnic.loading import DocumentError, loads_json
+from vnic.model.loading import DocumentError, loads_json
 
 
 def _is_json(request: Request) -> bool:

@@ -21,12 +21,12 @@ from typing import Any
 
 import httpx
 
-from vnic.agent.bench_metrics import render_benchmark
 from vnic.drivers.registry import get_driver
+from vnic.lab.bench.metrics import render_benchmark
+from vnic.lab.stats import quantile
 from vnic.manager.auth import Tokens
 from vnic.manager.service import Service, VmRequest
 from vnic.model.profile import parse_profile_document
-from vnic.stats import quantile
 from vnic.store.db import Database
 
 
@@ -58,7 +58,7 @@ def _server(
     env = {**os.environ, "VNIC_HOME": str(work), "VNIC_DATABASE_URL": database}
     log = open(work / f"serve-{port}.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vnic.cli", "serve", "--port", str(port), *args],
+        [sys.executable, "-m", "vnic.cli.app", "serve", "--port", str(port), *args],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

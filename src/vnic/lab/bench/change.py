@@ -58,16 +58,16 @@ import httpx
 from pyroute2.netlink.exceptions import NetlinkError
 from rich.table import Table
 
-from vnic.bench_api import _server
 from vnic.controller.trace import parse_trace, write_trace
-from vnic.dataplane import names
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_classes_at
 from vnic.drivers.netns import NetnsDriver
 from vnic.errors import VnicError
+from vnic.lab.bench.api import _server
+from vnic.lab.measure import iperf3_server
+from vnic.lab.stats import quantile
 from vnic.manager.auth import Tokens
-from vnic.measure import iperf3_server
-from vnic.stats import quantile
+from vnic.plan import names
 from vnic.store.db import Database
 
 #: The targets of issue #6.

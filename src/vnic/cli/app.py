@@ -17,13 +17,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vnic.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
+from vnic.client.manager import ManagerClient
 from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput, VnicError, storage_error
 from vnic.manager import views
 from vnic.manager.auth import Tokens
-from vnic.manager.client import ManagerClient
 from vnic.manager.service import Explanation, Service, VmChange, VmInfo, VmRequest
+from vnic.model.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
 from vnic.model.profile import FIELDS, parse_assignments, values_to_document
 from vnic.model.session import AssignmentRule
 from vnic.settings import Settings
@@ -1156,8 +1156,8 @@ def _bench(
     cells: str | None = None,
     driver: str = "netns",
 ) -> None:
-    from vnic.benchmarks import DRIVERS
-    from vnic.benchmarks import run as run_bench
+    from vnic.lab.bench.run import DRIVERS
+    from vnic.lab.bench.run import run as run_bench
 
     def printer(result: dict[str, Any]) -> None:
         if which == "fidelity":
@@ -1181,7 +1181,8 @@ def _bench(
     def body() -> None:
         if driver not in DRIVERS:
             raise InvalidInput.one("--driver", driver, "one of " + ", ".join(DRIVERS))
-        from vnic import bench_impairments, bench_qemu
+        from vnic.lab.bench import impairments as bench_impairments
+        from vnic.lab.bench import qemu as bench_qemu
 
         valid: tuple[str, ...] = bench_qemu.CELLS if driver == "qemu" else bench_impairments.CELLS
         if part not in ("all", "rates", "impairments"):
@@ -1247,8 +1248,8 @@ def bench_change(
 ) -> None:
     """Live changes (root): API call to kernel for one vNIC and for a profile on 100 VMs, a
     rate change under a TCP flow, trace replay per 100 ms against the trace."""
-    from vnic.bench_change import run as run_change
-    from vnic.bench_change import table as change_table
+    from vnic.lab.bench.change import run as run_change
+    from vnic.lab.bench.change import table as change_table
 
     def body() -> None:
         result = run_change(quick=quick)
@@ -1271,7 +1272,7 @@ def bench_api(
 ) -> None:
     """Control plane through real HTTP: explain and profile list on 1000 VMs / 100 profiles,
     100 concurrent launches on the netns driver, /metrics rendering for 1000 vNICs."""
-    from vnic.bench_api import run as run_api
+    from vnic.lab.bench.api import run as run_api
 
     def body() -> None:
         result = run_api(launch=not no_launch, quick=quick)
@@ -1319,7 +1320,7 @@ def bench_ui(
     runs: Annotated[int, typer.Option("--runs", min=1, max=50, help="Renders of each page.")] = 5,
 ) -> None:
     """The web UI in Chromium: a session page of 200 VMs against one of a single VM."""
-    from vnic.bench_ui import run as run_ui
+    from vnic.lab.bench.ui import run as run_ui
 
     def body() -> None:
         r = run_ui(vms=vms, runs=runs)
@@ -1361,7 +1362,7 @@ def bench_load(
 ) -> None:
     """Readers and writers at once against vnic serve on 127.0.0.1 with 10 netns VMs (root):
     p50/p99 per kind, answers by status (429 = refused by admission), server RSS."""
-    from vnic.bench_api import run_load
+    from vnic.lab.bench.api import run_load
 
     def body() -> None:
         result = run_load(
@@ -1423,7 +1424,7 @@ def demo(
     ] = Path("examples/demo"),
 ) -> None:
     """Launch a shaped demo session (default, rule, override), measure each VM both ways, tear it down. Root."""
-    from vnic.demo import run_demo
+    from vnic.lab.demo import run_demo
 
     run(lambda: run_demo(Service(Database(database_url())), profiles_dir, out))
 
@@ -1503,8 +1504,8 @@ def serve(
     Binds to localhost unless told otherwise; every call needs a token (vnic token create).
     Past --max-reads / --max-writes requests in flight (reads and writes apart), a request
     waits up to --queue-wait seconds, then gets 429 with Retry-After."""
-    from vnic.manager.admission import Limits
-    from vnic.serve import build_manager, run_manager
+    from vnic.edge.admission import Limits
+    from vnic.server import build_manager, run_manager
 
     def body() -> None:
         limits = Limits(
@@ -1553,7 +1554,7 @@ def agent_command(
     Reconciles the kernel with its desired state before it answers."""
     from vnic.agent.api import agent_key
     from vnic.agent.core import local_agent
-    from vnic.serve import run_agent
+    from vnic.server import run_agent
 
     def body() -> None:
         home = Settings.from_env().home
@@ -1635,7 +1636,7 @@ def top(
     ] = 0,
 ) -> None:
     """Live per-vNIC table of a session: rates against the profile, drops by cause, latency."""
-    from vnic.top import run_top
+    from vnic.cli.top import run_top
 
     def body() -> None:
         svc = service()
@@ -1652,15 +1653,15 @@ def top(
 
 
 def main() -> None:
-    from vnic import cli_live
+    from vnic.cli import live as cli_live
 
     cli_live.register(app, vm_app, session_app)
     app()
 
 
 if __name__ == "__main__":
-    # Run the module under its own name (not __main__): vnic.cli_live imports it and
+    # Run the module under its own name (not __main__): vnic.cli.live imports it and
     # must see the same options.
-    import vnic.cli
+    import vnic.cli.app
 
-    vnic.cli.main()
+    vnic.cli.app.main()

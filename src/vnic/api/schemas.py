@@ -19,7 +19,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vnic.edge.errors import ErrorBody, FieldProblem
 from vnic.model.limits import ASSIGNMENT_RULES_MAX
+
+__all__ = ["ErrorBody", "FieldProblem"]  # the error schemas live with the error table
 
 Document = dict[str, Any]
 
@@ -31,18 +34,6 @@ class _Strict(BaseModel):
 
 
 # ----------------------------------------------------------------------------- errors
-
-
-class FieldProblem(BaseModel):
-    field: str = Field(description="Dotted path of the field, e.g. egress.rate")
-    value: str = Field(description="The value given, as text")
-    expected: str = Field(description="What would have been accepted")
-
-
-class ErrorBody(BaseModel):
-    error: str = Field(description="Error kind: invalid, not_found, conflict, in_use, ...")
-    message: str
-    fields: list[FieldProblem] | None = None
 
 
 # ----------------------------------------------------------------------------- profiles

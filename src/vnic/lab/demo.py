@@ -22,14 +22,15 @@ from rich.console import Console
 from rich.table import Table
 
 from vnic.agent.core import Agent, local_agent
-from vnic.dataplane import names, qemu
 from vnic.dataplane import namespaces as nsops
-from vnic.documents import parse_documents, read_documents
+from vnic.dataplane import qemu
 from vnic.errors import NotFound, VnicError
+from vnic.lab.measure import TCP_GOODPUT, Throughput, iperf3, one_way
+from vnic.lab.stats import quantile, stdev
 from vnic.manager.service import Explanation, Service, VmRequest
-from vnic.measure import TCP_GOODPUT, Throughput, iperf3, one_way
+from vnic.model.documents import parse_documents, read_documents
 from vnic.model.session import AssignmentRule
-from vnic.stats import quantile, stdev
+from vnic.plan import names
 
 SESSION = "demo"
 #: The demo's QEMU guest (its profile comes from the session default, like desk's).
@@ -43,7 +44,7 @@ PROBE_TIME = "3s"
 
 
 def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
-    from vnic.cli import print_explanation
+    from vnic.cli.app import print_explanation
 
     results = service.apply_profiles(parse_documents(read_documents([str(profiles_dir)])))
     for r in results:

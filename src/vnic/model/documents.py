@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from vnic.errors import FieldError, InvalidInput
-from vnic.loading import DocumentError, load_yaml_all, loads_json
+from vnic.model.loading import DocumentError, load_yaml_all, loads_json
 from vnic.model.profile import ProfileSpec, parse_profile_document
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -86,7 +86,7 @@ def documents_from_text(text: str, origin: str) -> list[Document]:
 
 def _parse_text(text: str, origin: str, *, json_first: bool) -> list[Document]:
     # Strict parsers: a key given twice, deep nesting or a YAML alias is refused
-    # (see vnic.loading), never resolved silently or left to recurse.
+    # (see vnic.model.loading), never resolved silently or left to recurse.
     try:
         bodies = (
             [loads_json(text)] if json_first else [d for d in load_yaml_all(text) if d is not None]

@@ -1,0 +1,1 @@
+"""Measurement, statistics, the demo, and every benchmark (vnic bench)."""
