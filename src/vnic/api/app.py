@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vnic
 from vnic.api import schemas as sc
-from vnic.api.deps import Caller
+from vnic.api.deps import TOKEN_COOKIE, Caller
 from vnic.api.live import add_live_routes
 from vnic.edge.admission import Admission, LastResort, Limits
 from vnic.edge.bodies import StrictJsonRoute
@@ -80,7 +80,7 @@ def create_app(
     db_name = url.database if url.get_backend_name() == "sqlite" else None
     db_name = db_name or url.render_as_string(hide_password=True)
     app.add_middleware(LastResort, database=db_name)
-    guard_manager(app)  # Host, same-origin writes, content types, body size, headers
+    guard_manager(app, TOKEN_COOKIE)  # Host, same-origin writes, content types, body size, headers
 
     @app.exception_handler(VnicError)
     async def _vnic_error(_: Request, exc: VnicError) -> JSONResponse:

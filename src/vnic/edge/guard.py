@@ -165,11 +165,9 @@ def install(
     return config
 
 
-def guard_manager(app: FastAPI) -> GuardConfig:
-    """The manager's guard: the UI's login cookie, the import routes' larger limit."""
-    from vnic.api.deps import TOKEN_COOKIE
-
-    return install(app, cookie=TOKEN_COOKIE, limits=MANAGER_BODY_LIMITS, yaml_routes=YAML_ROUTES)
+def guard_manager(app: FastAPI, cookie: str) -> GuardConfig:
+    """The manager's guard: the UI's login ``cookie``, the import routes' larger limit."""
+    return install(app, cookie=cookie, limits=MANAGER_BODY_LIMITS, yaml_routes=YAML_ROUTES)
 
 
 def guard_agent(app: FastAPI) -> GuardConfig:
