@@ -27,7 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vnic.agent.core import Agent, ReconcileReport, local_agent
+from vnic.agent.core import Agent, local_agent
+from vnic.agent.port import ReconcileReport
 from vnic.edge.admission import Limits
 from vnic.manager.auth import Tokens
 from vnic.manager.dispatch import AgentLike, Manager

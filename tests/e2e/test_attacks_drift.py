@@ -35,9 +35,9 @@ from vnic.agent.core import DesiredState
 from vnic.agent.hostlock import HostLock
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
-from vnic.drivers.base import LaunchRequest
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Service
+from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.store.db import Database
 

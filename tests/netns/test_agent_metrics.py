@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from tests.netns.conftest import Lab
 from vnic.agent.metrics import Collector
-from vnic.drivers.base import LaunchRequest
 from vnic.lab import measure
+from vnic.model.launch import LaunchRequest
 
 
 def requests(lab: Lab) -> dict[str, LaunchRequest]:

@@ -15,8 +15,8 @@ import pytest
 from tests.netns.conftest import Lab
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
-from vnic.drivers.base import LaunchRequest
 from vnic.manager.service import VmRequest
+from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 
 #: Shaped both ways, with a TCP setting read back inside the VM.

@@ -15,10 +15,10 @@ from tests.netns.conftest import Lab
 from tests.netns.test_qemu_driver import GuestLab, glab  # noqa: F401 - the guest lab fixture
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import nft, vmexec
-from vnic.drivers.base import LaunchRequest
 from vnic.drivers.qemu import QemuDriver
 from vnic.lab.measure import ping
 from vnic.manager.service import Explanation, VmRequest
+from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.plan.model import eui64_link_local
 

@@ -10,8 +10,8 @@ import time
 from tests.netns.conftest import Lab
 from vnic.agent.latency import LatencyProbe, Target, switch_address
 from vnic.agent.metrics import Collector, VnicSample, render
-from vnic.drivers.base import LaunchRequest
 from vnic.lab import measure
+from vnic.model.launch import LaunchRequest
 
 RATE = 20_000_000
 

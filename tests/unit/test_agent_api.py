@@ -12,10 +12,11 @@ from fastapi.testclient import TestClient
 
 from vnic.agent.api import agent_key, create_agent_app
 from vnic.agent.client import AgentClient, raise_for_body
-from vnic.agent.core import Agent, DesiredVm
-from vnic.drivers.base import LaunchRequest
+from vnic.agent.core import Agent
+from vnic.agent.port import DesiredVm
 from vnic.drivers.fake import FakeDriver
 from vnic.errors import Conflict, InvalidInput, Unauthenticated
+from vnic.model.launch import LaunchRequest
 from vnic.model.profile import build_profile, parse_assignments
 from vnic.model.resolve import Layer, complete
 from vnic.model.units import MacAddress

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from vnic.agent.core import VmKey
 from vnic.agent.hostlock import HostLock
+from vnic.agent.port import VmKey
 from vnic.agent.repair import BACKOFF, Repairer, TokenBucket
 from vnic.errors import DataplaneError, Unavailable
 

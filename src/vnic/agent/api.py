@@ -21,7 +21,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 import vnic
-from vnic.agent.core import Agent, DesiredVm
+from vnic.agent.core import Agent
+from vnic.agent.port import DesiredVm
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.edge.errors import ERRORS, error_response
 from vnic.edge.guard import guard_agent

@@ -13,11 +13,10 @@ from typing import Any
 
 import httpx
 
-from vnic.agent.core import DesiredVm, ReconcileReport
-from vnic.agent.repair import RepairEvent
+from vnic.agent.port import DesiredVm, ReconcileReport, RepairEvent
 from vnic.agent.wire import request_from_wire, request_to_wire
-from vnic.drivers.base import Capabilities, LaunchRequest
 from vnic.errors import Unavailable, VnicError, error_from_body
+from vnic.model.launch import Capabilities, LaunchRequest
 
 
 def raise_for_body(response: httpx.Response) -> None:

@@ -31,13 +31,13 @@ import os
 import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.hostlock import HostLock
+from vnic.agent.port import DesiredVm, ReconcileReport, VmKey, vm_label
 from vnic.agent.wire import request_from_wire, request_to_wire
-from vnic.drivers.base import Capabilities, Driver, LaunchRequest
+from vnic.drivers.base import Driver
 from vnic.drivers.registry import HOST_DRIVERS
 from vnic.errors import (
     Conflict,
@@ -48,50 +48,12 @@ from vnic.errors import (
     VnicError,
     storage_error,
 )
+from vnic.model.launch import Capabilities, LaunchRequest
 
 if TYPE_CHECKING:
     from vnic.agent.feedback import FeedbackEndpoints
     from vnic.agent.monitor import Monitor
     from vnic.agent.repair import Repairer
-
-VmKey = tuple[str, str]
-
-
-@dataclass(frozen=True)
-class DesiredVm:
-    driver: str
-    request: LaunchRequest
-
-    @property
-    def key(self) -> VmKey:
-        return (self.request.session, self.request.vm)
-
-
-@dataclass
-class ReconcileReport:
-    """What one reconcile pass found and did."""
-
-    #: VMs rebuilt because they were missing or differed from their request: key -> differences.
-    reapplied: dict[str, list[str]] = field(default_factory=dict)
-    #: VMs (``session/vm``) and sessions removed because nothing desires them.
-    removed: list[str] = field(default_factory=list)
-    #: VMs that could not be rebuilt: key -> error.
-    failed: dict[str, str] = field(default_factory=dict)
-    #: Differences still present after the pass (empty when all is well).
-    drift: dict[str, list[str]] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "reapplied": self.reapplied,
-            "removed": self.removed,
-            "failed": self.failed,
-            "drift": self.drift,
-        }
-
-
-def vm_label(key: VmKey) -> str:
-    """``session/vm``: how drift, reports and repairs name a VM."""
-    return f"{key[0]}/{key[1]}"
 
 
 class DesiredState:

@@ -32,8 +32,8 @@ from typing import Protocol, runtime_checkable
 
 from vnic.dataplane import delayd, nft, tc
 from vnic.dataplane import namespaces as nsops
-from vnic.drivers.base import LaunchRequest
 from vnic.errors import DataplaneError
+from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.plan.compile import guard_chain
 from vnic.plan.model import Plan

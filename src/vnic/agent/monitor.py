@@ -28,7 +28,7 @@ from vnic.drivers.registry import HOST_DRIVERS
 
 if TYPE_CHECKING:
     from vnic.agent.core import Agent
-    from vnic.agent.repair import RepairEvent
+    from vnic.agent.port import RepairEvent
 
 log = logging.getLogger("vnic.agent")
 

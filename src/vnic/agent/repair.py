@@ -37,11 +37,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from vnic.agent.core import VmKey, vm_label
 from vnic.agent.metrics import escape_label
+from vnic.agent.port import RepairEvent, VmKey, vm_label
 from vnic.errors import VnicError
 
 if TYPE_CHECKING:
@@ -81,47 +81,6 @@ class TokenBucket:
             return False
         self.tokens -= 1.0
         return True
-
-
-@dataclass(frozen=True)
-class RepairEvent:
-    """One repair attempt of one VM."""
-
-    session: str
-    vm: str
-    #: What the drift check found before the repair.
-    differences: list[str]
-    #: None when the VM is as planned again; else why not.
-    error: str | None = None
-    #: Wall-clock time of the attempt (Unix seconds).
-    at: float = field(default_factory=time.time)
-    #: Its number in this agent process's run (1, 2, ...; see :attr:`Repairer.run_id`).
-    seq: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "session": self.session,
-            "vm": self.vm,
-            "differences": list(self.differences),
-            "error": self.error,
-            "at": self.at,
-            "seq": self.seq,
-        }
-
-    @classmethod
-    def from_dict(cls, doc: Mapping[str, Any]) -> RepairEvent:
-        return cls(
-            str(doc["session"]),
-            str(doc["vm"]),
-            [str(d) for d in doc.get("differences", [])],
-            None if doc.get("error") is None else str(doc["error"]),
-            float(doc.get("at", 0.0)),
-            int(doc.get("seq", 0)),
-        )
 
 
 @dataclass

@@ -10,8 +10,8 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from vnic.drivers.base import LaunchRequest
 from vnic.errors import FieldError, InvalidInput
+from vnic.model.launch import LaunchRequest
 from vnic.model.profile import build_profile, document_to_values, values_to_document
 from vnic.model.units import MacAddress
 

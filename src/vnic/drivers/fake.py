@@ -11,8 +11,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict, DataplaneError, VnicError
+from vnic.model.launch import Capabilities, LaunchRequest, check_supported
 from vnic.model.profile import FIELDS
 
 

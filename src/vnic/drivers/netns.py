@@ -53,8 +53,8 @@ from vnic.dataplane.tc import (
     read_qdiscs,
     verify,
 )
-from vnic.drivers.base import Capabilities, LaunchRequest, check_supported
 from vnic.errors import Conflict, DataplaneError, InvalidInput, VnicError
+from vnic.model.launch import Capabilities, LaunchRequest, check_supported
 from vnic.model.profile import Profile
 from vnic.plan import diff, names
 from vnic.plan.compile import ENGINES, compile_plan, guard_chain, impaired

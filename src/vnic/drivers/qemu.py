@@ -32,9 +32,9 @@ from typing import Any
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import qemu
 from vnic.dataplane.probe import Probe
-from vnic.drivers.base import Capabilities, LaunchRequest
 from vnic.drivers.netns import NetnsDriver, _egress_per_packet
 from vnic.errors import Conflict, DataplaneError
+from vnic.model.launch import Capabilities, LaunchRequest
 from vnic.plan import names
 from vnic.plan.guest import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, NIC_ID, GuestSpec
 from vnic.plan.model import Plan

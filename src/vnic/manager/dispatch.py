@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from vnic.agent.client import AgentClient
-from vnic.agent.core import Agent, DesiredVm, ReconcileReport
+from vnic.agent.core import Agent
 from vnic.agent.hostlock import HostLock
-from vnic.agent.repair import RepairEvent
+from vnic.agent.port import DesiredVm, ReconcileReport, RepairEvent
 from vnic.drivers.base import Driver
 from vnic.manager.auth import Tokens
 from vnic.manager.runtime import REASON_MAX, Runtime

@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from vnic.agent.hostlock import HostLock
-from vnic.drivers.base import Capabilities, Driver, LaunchRequest, check_supported
+from vnic.drivers.base import Driver
 from vnic.errors import (
     Conflict,
     DataplaneError,
@@ -34,6 +34,7 @@ from vnic.errors import (
     VnicError,
 )
 from vnic.model.documents import merge_patch
+from vnic.model.launch import Capabilities, LaunchRequest, check_supported
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import (
     DEFAULT_MAC_RANGE,
