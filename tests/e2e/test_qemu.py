@@ -63,13 +63,10 @@ def test_guests_and_a_netns_vm_share_a_session(home: Path, session_name: str) ->
         admin("POST", "/v1/sessions", 201, json={"name": s, "default_profile": "guest"})
         admin("POST", "/v1/sessions", 201, json={"name": other, "default_profile": "fast"})
 
-        started = time.monotonic()
-        g1 = launch(admin, s, "g1", "qemu")
+        g1 = launch(admin, s, "g1", "qemu")  # how fast guests launch: vnic bench launch
         g2 = launch(admin, s, "g2", "qemu")
-        boot = time.monotonic() - started
         peer = launch(admin, s, "peer", "netns", profile="fast")
         stranger = launch(admin, other, "x", "netns")
-        assert boot < 30, f"two guests took {boot:.1f} s to launch"
 
         # The allocated MAC is the guest NIC's: seen by the guest kernel and by QMP.
         for vm, info in (("g1", g1), ("g2", g2)):

@@ -112,14 +112,11 @@ def test_inventory_finds_vms_by_every_object_they_have(lab: Lab) -> None:
     subprocess.run(["ip", "netns", "delete", names.vm_netns(s, "c")], check=True, timeout=10)
     assert set(tagged_links(s).values()) >= {names.owner_tag(s, "c")}
 
-    started = time.monotonic()
     inventory = lab.driver.inventory()
-    took = time.monotonic() - started
 
     assert inventory[s] == {"a", "b", "c"}
     assert inventory[empty] == set()
     assert delayd.running(s, "b")
-    assert took < 2.0, f"inventory took {took:.2f} s"
 
     # The VM found only by its links is removed by destroy, links and all.
     lab.driver.destroy(s, "c")

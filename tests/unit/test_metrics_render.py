@@ -158,7 +158,7 @@ def test_render_benchmark_reports_times_for_a_thousand_vnics() -> None:
     result = render_benchmark(vnics=1000, repeats=3)
     assert result["vnics"] == 1000 and result["n"] == 3
     assert result["series"] == 1 + 1000 * (2 * (2 + len(DROP_CAUSES) + 2) + 1 + 2 + 1)
-    assert 0 < result["p50_ms"] <= result["max_ms"] < 500  # generous: CI machines are slow
+    assert 0 < result["p50_ms"] <= result["max_ms"]  # how fast: vnic bench api (metrics_render)
 
 
 def test_every_metric_and_drop_cause_is_documented() -> None:

@@ -219,13 +219,11 @@ def test_a_qmp_monitor_that_never_answers_times_out(
     released = threading.Event()
 
     def silent(reader: BinaryIO, send: Callable[[bytes], None]) -> None:
-        released.wait(2.0)
+        released.wait(60.0)  # answers nothing until the test is over
 
     serve(run.qmp, silent)
-    started = time.monotonic()
-    with pytest.raises(DataplaneError, match="timed out"):
+    with pytest.raises(DataplaneError, match="timed out"):  # not the 60 s of the server
         qemu.qmp(run, "query-status", timeout=0.2)
-    assert time.monotonic() - started < 1.0
     released.set()
 
 
@@ -431,7 +429,7 @@ def test_a_process_that_never_exits_times_out_and_is_killed(
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired) as caught:
         qemu.execute(run, ["sleep", "3600"], timeout=0.2)
-    assert 0.2 <= time.monotonic() - started < 1.0
+    assert time.monotonic() - started >= 0.2  # it waited its timeout (then killed, not 3600 s)
     assert caught.value.cmd == ["sleep", "3600"] and caught.value.timeout == 0.2
     sleeper, killer = agent.processes.items()
     assert sleeper[1].path == "sleep"
@@ -464,7 +462,7 @@ def test_wait_agent_waits_for_the_socket(
     try:
         started = time.monotonic()
         qemu.wait_agent(run, timeout=2.0)
-        assert 0.1 <= time.monotonic() - started < 1.0
+        assert time.monotonic() - started >= 0.1  # it waited for the socket to appear
     finally:
         later.join()
     nobody = RunFiles(run.directory / "no-guest")
