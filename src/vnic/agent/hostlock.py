@@ -35,6 +35,12 @@ WAIT = 600.0
 _POLL = 0.01
 
 
+class _Depth(threading.local):
+    """How deeply this thread holds the lock shared (0 in a thread that never took it)."""
+
+    depth = 0
+
+
 class HostLock:
     """The host's writer lock at ``path`` (None: this process's threads only)."""
 
@@ -48,7 +54,7 @@ class HostLock:
         self._writers_waiting = 0
         self._pending = False  # a first reader is taking the file lock
         self._fd: int | None = None
-        self._mine = threading.local()
+        self._mine = _Depth()
 
     # ------------------------------------------------------------------ public
 
@@ -135,7 +141,7 @@ class HostLock:
     # ------------------------------------------------------------------ inside
 
     def _depth(self) -> int:
-        return int(getattr(self._mine, "depth", 0))
+        return self._mine.depth
 
     def _nest(self, step: int) -> None:
         if self._writer == threading.get_ident():
