@@ -33,6 +33,7 @@ from vnic.controller.rules import parse_rules
 from vnic.errors import InvalidInput
 from vnic.manager.runtime import parse_reason, parse_source, parse_user_source, typed_patch
 from vnic.model.documents import documents_from_text
+from vnic.model.fields import FIELDS, parse_field
 from vnic.model.limits import (
     CONTROLLER_RULES_MAX,
     DEPTH_MAX,
@@ -43,7 +44,7 @@ from vnic.model.limits import (
     REASON_MAX,
 )
 from vnic.model.loading import DocumentError, load_yaml, load_yaml_all, loads_json
-from vnic.model.profile import FIELDS, parse_field, parse_labels, parse_name
+from vnic.model.profile import parse_labels, parse_name
 from vnic.model.session import (
     AssignmentRule,
     parse_needs,

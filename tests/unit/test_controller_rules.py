@@ -15,7 +15,7 @@ from vnic.controller.rules import (
     parse_rules,
 )
 from vnic.errors import InvalidInput
-from vnic.model.profile import OFF
+from vnic.model.fields import OFF
 from vnic.model.units import Duration, Probability, Rate
 
 BOOST: dict[str, Any] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from vnic.model.documents import Document, parse_documents, read_documents
-from vnic.model.profile import FIELDS
+from vnic.model.fields import FIELDS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ import pytest
 
 from vnic.controller.feedback import Grant, Refusal, parse_feedback_policy
 from vnic.errors import InvalidInput
-from vnic.model.profile import OFF
+from vnic.model.fields import OFF
 from vnic.model.units import Duration, Rate
 
 POLICY: dict[str, Any] = {

@@ -249,8 +249,8 @@ def test_invalid_patch_document_names_the_field() -> None:
 
 def test_change_the_driver_cannot_honour_is_refused_and_changes_nothing(tmp_path: Path) -> None:
     from vnic.drivers.fake import FakeDriver
+    from vnic.model.fields import FIELDS
     from vnic.model.launch import Capabilities
-    from vnic.model.profile import FIELDS
 
     class NoDelay(FakeDriver):
         def capabilities(self) -> Capabilities:

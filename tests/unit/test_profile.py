@@ -10,16 +10,12 @@ import pytest
 import yaml
 
 from vnic.errors import InvalidInput
+from vnic.model.fields import DEFAULT_MTU, FIELDS, OFF, Loss, parse_field
 from vnic.model.profile import (
-    DEFAULT_MTU,
-    FIELDS,
-    OFF,
-    Loss,
     ProfileSpec,
     check_rules,
     derived_values,
     parse_assignments,
-    parse_field,
     parse_profile_document,
 )
 from vnic.model.qos import QosClass

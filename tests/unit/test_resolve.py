@@ -10,14 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vnic.errors import InvalidInput
-from vnic.model.profile import (
-    CONGESTION_CONTROLS,
-    DEFAULT_MAC_RANGE,
-    DEFAULT_MTU,
-    OFF,
-    Loss,
-    parse_profile_document,
-)
+from vnic.model.fields import CONGESTION_CONTROLS, DEFAULT_MAC_RANGE, DEFAULT_MTU, OFF, Loss
+from vnic.model.profile import parse_profile_document
 from vnic.model.resolve import (
     BUILTIN,
     DERIVED,

@@ -10,7 +10,7 @@ import pytest
 from vnic.controller.scenario import ScenarioRun, parse_scenario
 from vnic.controller.trace import parse_trace, write_trace
 from vnic.errors import Conflict, InvalidInput
-from vnic.model.profile import OFF
+from vnic.model.fields import OFF
 from vnic.model.units import Duration, Probability, Rate
 
 

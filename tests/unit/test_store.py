@@ -14,7 +14,8 @@ from sqlalchemy import inspect, select
 from vnic.errors import Conflict, Exhausted, InUse, InvalidInput, NotFound
 from vnic.manager.service import Service, VmRequest
 from vnic.model.documents import parse_documents, read_documents
-from vnic.model.profile import OFF, parse_assignments, parse_profile_document
+from vnic.model.fields import OFF
+from vnic.model.profile import parse_assignments, parse_profile_document
 from vnic.model.session import AssignmentRule
 from vnic.model.units import MacAddress, Rate
 from vnic.store import db as dbmod

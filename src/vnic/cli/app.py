@@ -24,7 +24,8 @@ from vnic.manager import views
 from vnic.manager.auth import Tokens
 from vnic.manager.service import Explanation, Service, VmChange, VmInfo, VmRequest
 from vnic.model.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
-from vnic.model.profile import FIELDS, parse_assignments, values_to_document
+from vnic.model.fields import FIELDS
+from vnic.model.profile import parse_assignments, values_to_document
 from vnic.model.session import AssignmentRule
 from vnic.settings import Settings
 from vnic.store.db import Database

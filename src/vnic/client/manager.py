@@ -32,7 +32,8 @@ from vnic.manager.service import (
     VmInfo,
     VmRequest,
 )
-from vnic.model.profile import ProfileSpec, build_profile, parse_field, values_to_document
+from vnic.model.fields import parse_field
+from vnic.model.profile import ProfileSpec, build_profile, values_to_document
 from vnic.model.resolve import Effective, Source
 from vnic.model.session import AssignmentRule, Policy
 

@@ -14,7 +14,8 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final, ParamSpec, TypeVar
 
 from vnic.errors import FieldError, InvalidInput, show_value
-from vnic.model.profile import parse_field, parse_patch, values_to_document
+from vnic.model.fields import parse_field
+from vnic.model.profile import parse_patch, values_to_document
 from vnic.model.units import MAX_TEXT, scan_number
 
 T = TypeVar("T")

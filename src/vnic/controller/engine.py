@@ -41,7 +41,7 @@ from vnic.controller.rules import (
     scalar_type,
     show_metric_value,
 )
-from vnic.model.profile import OFF, dump_field
+from vnic.model.fields import OFF, dump_field
 
 APPLY: Final = "apply"
 REVERT: Final = "revert"

@@ -53,7 +53,8 @@ from vnic.controller._parse import (
     span,
 )
 from vnic.errors import FieldError, InvalidInput, show_value
-from vnic.model.profile import FIELDS, OFF, Loss, dump_field, parse_name
+from vnic.model.fields import FIELDS, OFF, Loss, dump_field
+from vnic.model.profile import parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate
 
 POLICY_KEYS: Final = (

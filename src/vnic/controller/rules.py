@@ -61,8 +61,9 @@ from vnic.controller._parse import (
     span_ns,
 )
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.fields import dump_field
 from vnic.model.limits import CONTROLLER_RULES_MAX, check_count
-from vnic.model.profile import dump_field, parse_name
+from vnic.model.profile import parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate, UnitError
 
 #: Kinds of metric, by unit.

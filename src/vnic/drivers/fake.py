@@ -12,8 +12,8 @@ import threading
 from collections.abc import Sequence
 
 from vnic.errors import Conflict, DataplaneError, VnicError
+from vnic.model.fields import FIELDS
 from vnic.model.launch import Capabilities, LaunchRequest, check_supported
-from vnic.model.profile import FIELDS
 
 
 class FakeDriver:

@@ -34,12 +34,10 @@ from vnic.errors import (
     VnicError,
 )
 from vnic.model.documents import merge_patch
+from vnic.model.fields import DEFAULT_MAC_RANGE, FIELDS, OFF
 from vnic.model.launch import Capabilities, LaunchRequest, check_supported
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import (
-    DEFAULT_MAC_RANGE,
-    FIELDS,
-    OFF,
     ProfileSpec,
     document_to_values,
     parse_labels,

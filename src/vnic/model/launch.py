@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from vnic.errors import FieldError, Unsupported
-from vnic.model.profile import FIELDS, Profile, dump_field
+from vnic.model.fields import FIELDS, dump_field
+from vnic.model.profile import Profile
 from vnic.model.units import MacAddress
 
 

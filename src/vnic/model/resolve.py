@@ -21,16 +21,8 @@ from datetime import datetime
 from typing import Any, Final
 
 from vnic.errors import FieldError, InvalidInput
-from vnic.model.profile import (
-    BUILTIN_VALUES,
-    FIELDS,
-    OFF,
-    Profile,
-    build_profile,
-    check_rules,
-    derived_values,
-    dump_field,
-)
+from vnic.model.fields import FIELDS, OFF, dump_field
+from vnic.model.profile import BUILTIN_VALUES, Profile, build_profile, check_rules, derived_values
 from vnic.model.session import Policy, VmFacts
 
 BUILTIN: Final = "builtin"

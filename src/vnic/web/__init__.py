@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict
 from vnic.api.deps import TOKEN_COOKIE, Caller
 from vnic.api.live import audit_json
 from vnic.errors import InvalidInput, Unauthenticated
-from vnic.model.profile import FIELDS
+from vnic.model.fields import FIELDS
 
 if TYPE_CHECKING:
     from vnic.manager.dispatch import Manager
