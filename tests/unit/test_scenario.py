@@ -7,7 +7,8 @@ from typing import Any
 
 import pytest
 
-from vnic.controller.scenario import ScenarioRun, parse_scenario
+from vnic.controller.scenario import parse_scenario
+from vnic.controller.scenario_run import ScenarioRun
 from vnic.controller.trace import parse_trace, write_trace
 from vnic.errors import Conflict, InvalidInput
 from vnic.model.fields import OFF

@@ -30,6 +30,12 @@ A VM is untrusted, so the endpoint bounds what it may cost (constants below):
   is answered 408 and closed;
 - a malformed request from a VM counts against its session's ``per_minute``
   feedback limit (:meth:`FeedbackDecider.malformed`).
+
+Why one module: :class:`FeedbackEndpoints` is one selector loop and its worker pool
+sharing one lock over the listeners, the connections and the three connection caps;
+its methods keep those counts consistent together, and split across modules each
+would need the others' private state. The HTTP parsing and the per-address budget,
+which need none of it, are :mod:`vnic.agent.feedback_http`.
 """
 
 from __future__ import annotations

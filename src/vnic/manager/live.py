@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from vnic.controller.engine import Controller, Decision
 from vnic.controller.feedback import FeedbackPolicy, Grant, parse_feedback_policy
 from vnic.controller.rules import parse_rules
-from vnic.controller.scenario import ScenarioRun, parse_scenario
+from vnic.controller.scenario import parse_scenario
+from vnic.controller.scenario_run import ScenarioRun
 from vnic.errors import Conflict, InvalidInput, NotFound, VnicError
 from vnic.model.profile import values_to_document
 
