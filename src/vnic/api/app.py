@@ -32,7 +32,7 @@ from vnic.errors import FieldError, InvalidInput, VnicError, show_value
 from vnic.manager import views
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
 from vnic.manager.dispatch import Manager
-from vnic.manager.service import VmChange, VmRequest
+from vnic.manager.results import VmChange, VmRequest
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import ProfileSpec, document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule

@@ -21,7 +21,7 @@ from vnic.agent.client import call
 from vnic.errors import FieldError, InvalidInput, VnicError
 from vnic.manager import views
 from vnic.manager.auth import TokenInfo
-from vnic.manager.service import (
+from vnic.manager.results import (
     ApplyResult,
     Explanation,
     LaunchOutcome,
