@@ -14,14 +14,15 @@ aggregates.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vnic.drivers.base import Driver
 from vnic.manager.launch import Launching
 from vnic.manager.profiles import Profiles
 from vnic.manager.reapply import Reapplying
-from vnic.manager.results import ApplyResult, Explanation, VmChange
+from vnic.manager.results import ApplyResult, Explanation, VmChange, VmRequest
 from vnic.manager.sessions import Sessions
 from vnic.manager.vms import Vms
 from vnic.model.profile import ProfileSpec
@@ -55,3 +56,28 @@ class Service(Profiles, Sessions, Vms, Launching, Reapplying):
             driver, session=session, vm=name, source="user", reason="VM override", strict=True
         )
         return result, applied
+
+    def add_and_launch(
+        self,
+        req: VmRequest,
+        driver: Driver,
+        kind: str | None = None,
+        *,
+        hold: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+    ) -> Explanation:
+        """Define a VM (:meth:`add_vm`) and launch it (:meth:`launch_vm` on ``driver``,
+        ``kind`` as there); a failed launch defines nothing: the new VM is removed
+        again (its MAC released) and the launch's error raised.
+
+        ``hold`` is entered around the launch only (default: nothing held), e.g. the
+        manager's gate, shared (:attr:`vnic.manager.dispatch.Manager.gate`), which a
+        launch through a remote agent needs so that a reconcile does not see it half done.
+        """
+        added = self.add_vm(req)
+        try:
+            with hold():
+                return self.launch_vm(req.session, added.vm.name, driver, kind)
+        except BaseException:
+            # Also on KeyboardInterrupt: a VM the caller asked to launch must not stay defined.
+            self.remove_vm(req.session, added.vm.name)
+            raise
