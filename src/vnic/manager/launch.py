@@ -144,12 +144,15 @@ class Launching(ServiceCore):
             return running
 
 
+#: A pool process's launcher (``service``) and agent (``driver``), set by :func:`_worker_init`.
 _worker: dict[str, Any] = {}
 
 
 def _worker_init(url: str, driver_kind: str) -> None:
     from vnic.agent.core import local_agent
 
+    # A Launching, not the whole Service: all a launch needs, and launch.py cannot
+    # import service.py (which composes it).
     _worker["service"] = Launching(Database(url, migrate=False))
     _worker["driver"] = local_agent(driver_kind)
 
