@@ -17,7 +17,8 @@ import pytest
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import qemu
 from vnic.drivers.netns import NetnsDriver
-from vnic.manager.service import Explanation, Service, VmRequest
+from vnic.manager.results import Explanation, VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_assignments, parse_profile_document
 from vnic.model.session import AssignmentRule
 from vnic.plan import names

@@ -15,7 +15,7 @@ import pytest
 from tests.netns.conftest import Lab
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
-from vnic.manager.service import VmRequest
+from vnic.manager.results import VmRequest
 from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 

@@ -23,7 +23,8 @@ from tests.e2e.conftest import Server
 from vnic.agent.core import Agent
 from vnic.drivers.fake import FakeDriver
 from vnic.errors import NoSpace, storage_error
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
 

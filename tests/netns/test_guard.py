@@ -17,7 +17,7 @@ from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import nft, vmexec
 from vnic.drivers.qemu import QemuDriver
 from vnic.lab.measure import ping
-from vnic.manager.service import Explanation, VmRequest
+from vnic.manager.results import Explanation, VmRequest
 from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.plan.model import eui64_link_local

@@ -24,7 +24,7 @@ from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.netns import choose_engine
 from vnic.lab import measure, stats
-from vnic.manager.service import VmRequest
+from vnic.manager.results import VmRequest
 from vnic.plan import names
 
 MS = 1_000_000

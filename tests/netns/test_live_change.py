@@ -18,7 +18,7 @@ from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
 from vnic.lab.measure import TCP_GOODPUT, ping
-from vnic.manager.service import VmRequest
+from vnic.manager.results import VmRequest
 from vnic.model.launch import LaunchRequest
 from vnic.model.profile import parse_profile_document
 from vnic.model.resolve import Layer, complete

@@ -17,7 +17,7 @@ from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
 from vnic.errors import DataplaneError, Unsupported
 from vnic.lab.measure import TCP_GOODPUT, iperf3, ping
-from vnic.manager.service import VmRequest
+from vnic.manager.results import VmRequest
 from vnic.model.units import MacAddress, MacRange, Rate
 from vnic.plan import names
 from vnic.plan.compile import DEFAULT_MINOR

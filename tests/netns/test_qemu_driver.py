@@ -22,7 +22,8 @@ from vnic.drivers.netns import NetnsDriver
 from vnic.drivers.qemu import QemuDriver
 from vnic.errors import DataplaneError, Unsupported
 from vnic.lab import measure
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_profile_document
 from vnic.plan import names
 from vnic.store.db import Database

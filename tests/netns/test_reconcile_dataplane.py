@@ -24,7 +24,7 @@ from sqlalchemy.exc import OperationalError
 from tests.netns.conftest import Lab, launch_in_child, leftovers
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
-from vnic.manager.service import VmRequest
+from vnic.manager.results import VmRequest
 from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.plan.compile import guard_chain

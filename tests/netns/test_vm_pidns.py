@@ -21,7 +21,8 @@ from vnic.agent.core import Agent, local_agent
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import vminit
 from vnic.errors import Conflict, DataplaneError, VnicError
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_profile_document
 from vnic.plan import names
 from vnic.store.db import Database

@@ -12,7 +12,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, select
 
 from vnic.errors import Conflict, Exhausted, InUse, InvalidInput, NotFound
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.documents import parse_documents, read_documents
 from vnic.model.fields import OFF
 from vnic.model.profile import parse_assignments, parse_profile_document

@@ -32,7 +32,7 @@ from vnic.errors import FieldError, InvalidInput, VnicError, show_value
 from vnic.manager import views
 from vnic.manager.auth import Principal, require_admin, require_vm_writer
 from vnic.manager.dispatch import Manager
-from vnic.manager.service import VmChange, VmRequest
+from vnic.manager.results import VmChange, VmRequest
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import ProfileSpec, document_to_values, parse_profile_document
 from vnic.model.session import AssignmentRule
@@ -248,24 +248,19 @@ def create_app(
         """Define a VM (profile resolved, MAC allocated); with ``launch``, start it too.
         A failed launch defines nothing."""
         vm_writer(who, session, "adding a VM")
-        result = svc.add_vm(
-            VmRequest(
-                session=session,
-                name=body.name,
-                role=body.role,
-                labels=body.labels,
-                needs=tuple(body.needs),
-                profile=body.profile,
-                patch=_patch_values(body.patch),
-            )
+        req = VmRequest(
+            session=session,
+            name=body.name,
+            role=body.role,
+            labels=body.labels,
+            needs=tuple(body.needs),
+            profile=body.profile,
+            patch=_patch_values(body.patch),
         )
         if body.launch:
-            try:
-                with manager.gate.shared():
-                    result = svc.launch_vm(session, result.vm.name, manager.agent, body.driver)
-            except BaseException:
-                svc.remove_vm(session, result.vm.name)
-                raise
+            result = svc.add_and_launch(req, manager.agent, body.driver, hold=manager.gate.shared)
+        else:
+            result = svc.add_vm(req)
         return views.explain_json(result)
 
     @app.get("/v1/sessions/{session}/vms/{vm}", response_model=sc.VmPublic, tags=["vms"])

@@ -22,7 +22,8 @@ from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput, VnicError, storage_error
 from vnic.manager import views
 from vnic.manager.auth import Tokens
-from vnic.manager.service import Explanation, Service, VmChange, VmInfo, VmRequest
+from vnic.manager.results import Explanation, VmChange, VmInfo, VmRequest
+from vnic.manager.service import Service
 from vnic.model.documents import DocumentErrors, dump_yaml, parse_documents, read_documents
 from vnic.model.fields import FIELDS
 from vnic.model.profile import parse_assignments, values_to_document

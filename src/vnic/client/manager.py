@@ -21,7 +21,7 @@ from vnic.agent.client import call
 from vnic.errors import FieldError, InvalidInput, VnicError
 from vnic.manager import views
 from vnic.manager.auth import TokenInfo
-from vnic.manager.service import (
+from vnic.manager.results import (
     ApplyResult,
     Explanation,
     LaunchOutcome,
@@ -197,14 +197,16 @@ class ManagerClient:
     # VMs
 
     def add_vm(self, req: VmRequest) -> Explanation:
-        body = {
-            "name": req.name,
-            "role": req.role,
-            "labels": dict(req.labels),
-            "needs": list(req.needs),
-            "profile": req.profile,
-            "patch": values_to_document(req.patch) if req.patch else None,
-        }
+        return explanation(
+            self._call("POST", f"/v1/sessions/{req.session}/vms", json=_vm_body(req))
+        )
+
+    def add_and_launch(
+        self, req: VmRequest, driver: object = None, kind: str | None = None
+    ) -> Explanation:
+        """Define and launch in one request; the manager removes the VM if the launch
+        fails (:meth:`vnic.manager.service.Service.add_and_launch`)."""
+        body = {**_vm_body(req), "launch": True, "driver": kind}
         return explanation(self._call("POST", f"/v1/sessions/{req.session}/vms", json=body))
 
     def update_vm(self, session: str, name: str, changes: Mapping[str, Any]) -> Explanation:
@@ -313,3 +315,15 @@ class RemoteLive:
             if found:
                 return dict(found[0])
         return dict(self._call("POST", f"/v1/sessions/{session}/scenarios/{name}/{action}"))
+
+
+def _vm_body(req: VmRequest) -> dict[str, Any]:
+    """The API's body for a new VM (without ``launch``)."""
+    return {
+        "name": req.name,
+        "role": req.role,
+        "labels": dict(req.labels),
+        "needs": list(req.needs),
+        "profile": req.profile,
+        "patch": values_to_document(req.patch) if req.patch else None,
+    }

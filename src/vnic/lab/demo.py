@@ -27,7 +27,8 @@ from vnic.dataplane import qemu
 from vnic.errors import NotFound, VnicError
 from vnic.lab.measure import TCP_GOODPUT, Throughput, iperf3, one_way
 from vnic.lab.stats import quantile, stdev
-from vnic.manager.service import Explanation, Service, VmRequest
+from vnic.manager.results import Explanation, VmRequest
+from vnic.manager.service import Service
 from vnic.model.documents import parse_documents, read_documents
 from vnic.model.session import AssignmentRule
 from vnic.plan import names

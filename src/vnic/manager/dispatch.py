@@ -25,8 +25,10 @@ from vnic.agent.hostlock import HostLock
 from vnic.agent.port import DesiredVm, ReconcileReport, RepairEvent
 from vnic.drivers.base import Driver
 from vnic.manager.auth import Tokens
+from vnic.manager.results import VmChange
+from vnic.manager.rows import audit_row
 from vnic.manager.runtime import REASON_MAX, Runtime
-from vnic.manager.service import Service, VmChange, audit_row
+from vnic.manager.service import Service
 
 if TYPE_CHECKING:
     from vnic.manager.live import LiveControl

@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session
 
 from vnic.drivers.base import Driver
 from vnic.errors import InvalidInput
+from vnic.manager.rows import audit_row, aware, field_changes
+from vnic.manager.service import Service
 from vnic.model import limits
 from vnic.model.limits import check_text
 from vnic.model.profile import NAME_EXPECTED, parse_name, values_to_document
 from vnic.store.models import AdjustmentRow, AuditRow, SessionRow, VmRow
-
-from .service import Service, _aware, audit_row, field_changes
 
 #: Resolution just before a moment.
 _TICK = timedelta(microseconds=1)
@@ -142,7 +142,7 @@ class Runtime:
                 mine = [a for a in due if a.vm_id == vm_id]
                 # What the VM had with them (resolution ignores expired layers by time,
                 # so resolve as of just before the earliest expiry).
-                earliest = min(_aware(a.expires_at) or now for a in mine)
+                earliest = min(aware(a.expires_at) or now for a in mine)
                 changed = self._changed(
                     s, row, functools.partial(_delete, s, mine), before_at=earliest - _TICK
                 )
@@ -187,8 +187,8 @@ class Runtime:
                     reason=a.reason,
                     profile=a.profile,
                     values=dict(a.patch),
-                    expires_at=_aware(a.expires_at),
-                    created_at=_aware(a.created_at) or a.created_at,
+                    expires_at=aware(a.expires_at),
+                    created_at=aware(a.created_at) or a.created_at,
                 )
                 for row in rows
                 for a in row.adjustments
@@ -209,7 +209,7 @@ class Runtime:
             return [
                 AuditEntry(
                     r.id,
-                    _aware(r.at) or r.at,
+                    aware(r.at) or r.at,
                     r.session,
                     r.vm,
                     r.source,

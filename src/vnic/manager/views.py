@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vnic.manager.auth import TokenInfo
-from vnic.manager.service import (
+from vnic.manager.results import (
     ApplyResult,
     Explanation,
     ProfileInfo,

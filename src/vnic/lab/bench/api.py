@@ -25,7 +25,8 @@ from vnic.drivers.registry import get_driver
 from vnic.lab.bench.metrics import render_benchmark
 from vnic.lab.stats import quantile
 from vnic.manager.auth import Tokens
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
 

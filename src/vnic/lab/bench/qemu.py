@@ -43,7 +43,7 @@ from vnic.lab.measure import (
     ping,
     resolve_neighbour,
 )
-from vnic.manager.service import VmRequest
+from vnic.manager.results import VmRequest
 from vnic.plan import names
 
 PEER = "peer"

@@ -32,7 +32,8 @@ from vnic.lab.measure import (
     burst_rate,
     iperf3,
 )
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_profile_document
 from vnic.plan import names
 from vnic.store.db import Database

@@ -25,7 +25,8 @@ from typing import Any
 from vnic.errors import InvalidInput
 from vnic.lab.bench.api import _server
 from vnic.manager.auth import Tokens
-from vnic.manager.service import Service, VmRequest
+from vnic.manager.results import VmRequest
+from vnic.manager.service import Service
 from vnic.model.profile import parse_profile_document
 from vnic.store.db import Database
 

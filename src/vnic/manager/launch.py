@@ -1,0 +1,171 @@
+"""The launch use cases: launch, stop and the desired state; the parallel launch pool.
+
+A launch reads the database, has the agent act, and records what runs; a VM the
+database does not record as running must not run (:meth:`Launching.launch_vm`).
+:meth:`Launching.launch_many` runs launches in forked processes, each with its own
+database connection and agent, and a :class:`Launching` (all a launch needs).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import select
+
+from vnic.drivers.base import Driver
+from vnic.errors import Conflict, InvalidInput, VnicError
+from vnic.manager.core import ServiceCore, _holding
+from vnic.manager.results import Explanation, LaunchOutcome
+from vnic.model.launch import LaunchRequest
+from vnic.model.profile import values_to_document
+from vnic.store.db import Database
+from vnic.store.models import VmRow
+
+
+class Launching(ServiceCore):
+    """Running VMs: launch, stop, and what the agents must run."""
+
+    def launch_vm(
+        self, session: str, name: str, driver: Driver, kind: str | None = None
+    ) -> Explanation:
+        """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
+
+        ``kind`` picks one of an agent's drivers (``netns``, ``qemu``); None: the
+        agent's default, or ``driver`` itself. The driver refuses unsupported
+        fields before touching anything and removes what it made if the launch
+        fails; the VM then stays defined (also when recording it fails: the VM
+        is removed again).
+
+        Through this host's agent, from the database read to the database write
+        under its host lock, shared (:func:`_holding`).
+        """
+        with _holding(driver):
+            with self.db.transaction() as s:
+                vm = self._vm_row(s, session, name)
+                if vm.state == "running":
+                    raise Conflict(f"VM {session}/{name} is already running")
+                eff = self._resolve(s, vm)
+                request = self._launch_request(vm, eff)
+            if kind is None or kind == driver.kind:
+                driver.launch(request)
+                used = driver.kind
+            elif hasattr(driver, "drivers") or hasattr(driver, "default"):  # an agent
+                driver.launch(request, kind)  # type: ignore[call-arg]
+                used = kind
+            else:
+                raise InvalidInput.one("driver", kind, f"{driver.kind} (the only driver here)")
+            try:
+                with self.db.transaction() as s:
+                    vm = self._vm_row(s, session, name)
+                    vm.state = "running"
+                    vm.applied = {
+                        "driver": used,
+                        "revisions": dict(eff.revisions),
+                        "values": values_to_document(eff.values),
+                    }
+                    return Explanation(self._vm_info(vm), eff)
+            except BaseException:
+                driver.destroy(session, name)  # not recorded as running: must not run
+                raise
+
+    def desired(self) -> list[tuple[str, LaunchRequest]]:
+        """``(driver kind, launch request)`` of every VM the database says is running:
+        what the agents must run."""
+        with self.db.reading() as s:
+            out = []
+            for vm in s.scalars(select(VmRow).where(VmRow.state == "running")):
+                kind = str((vm.applied or {}).get("driver", "netns"))
+                out.append((kind, self._launch_request(vm, self._resolve(s, vm))))
+            return out
+
+    def mark_stopped(self, session: str, name: str) -> None:
+        """Record that a VM no longer runs (its agent lost it and could not restore it)."""
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            vm.state = "defined"
+            vm.applied = None
+
+    def launch_many(
+        self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
+    ) -> list[LaunchOutcome]:
+        """Launch ``names`` with ``workers`` processes, each with its own database
+        connection and driver (launches are CPU-bound: one process per core).
+
+        Every VM is attempted; the outcomes say which launched, in how long,
+        and why the others failed.
+        """
+        if not names:
+            return []
+        if workers < 1:
+            raise InvalidInput.one("workers", workers, "a number of processes of at least 1")
+        from vnic.agent.core import local_agent
+
+        # The first launch brings the session's network up; after it, launches
+        # of different VMs touch disjoint objects and may run side by side.
+        outcomes = [_timed_launch(self, local_agent(driver_kind), session, names[0])]
+        rest = [(session, name) for name in names[1:]]
+        if rest:
+            # Children get their own connections; the parent's pool must not be shared.
+            self.db.dispose()
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(
+                min(workers, len(rest)),
+                initializer=_worker_init,
+                initargs=(self.db.url, driver_kind),
+            ) as pool:
+                outcomes += pool.imap_unordered(_worker_launch, rest)
+        return outcomes
+
+    def destroy_vm(self, session: str, name: str, driver: Driver) -> None:
+        """Stop the VM and remove its network; its definition (and MAC) stays."""
+        with _holding(driver):
+            with self.db.transaction() as s:
+                self._vm_row(s, session, name)
+            driver.destroy(session, name)
+            with self.db.transaction() as s:
+                vm = self._vm_row(s, session, name)
+                vm.state = "defined"
+                vm.applied = None
+
+    def session_down(self, session: str, driver: Driver) -> list[str]:
+        """Stop every VM of the session and remove its network. Returns the VMs stopped."""
+        with _holding(driver):
+            with self.db.transaction() as s:
+                names = [v.name for v in self._session_row(s, session).vms]
+            running = sorted(set(driver.running(session)) | set(names))
+            driver.teardown_session(session, names)
+            with self.db.transaction() as s:
+                for vm in self._session_row(s, session).vms:
+                    vm.state = "defined"
+                    vm.applied = None
+            return running
+
+
+#: A pool process's launcher (``service``) and agent (``driver``), set by :func:`_worker_init`.
+_worker: dict[str, Any] = {}
+
+
+def _worker_init(url: str, driver_kind: str) -> None:
+    from vnic.agent.core import local_agent
+
+    # A Launching, not the whole Service: all a launch needs, and launch.py cannot
+    # import service.py (which composes it).
+    _worker["service"] = Launching(Database(url, migrate=False))
+    _worker["driver"] = local_agent(driver_kind)
+
+
+def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
+    session, name = task
+    return _timed_launch(_worker["service"], _worker["driver"], session, name)
+
+
+def _timed_launch(service: Launching, driver: Driver, session: str, name: str) -> LaunchOutcome:
+    start = time.perf_counter()
+    try:
+        service.launch_vm(session, name, driver)
+    except VnicError as exc:
+        return LaunchOutcome(name, time.perf_counter() - start, str(exc))
+    return LaunchOutcome(name, time.perf_counter() - start)

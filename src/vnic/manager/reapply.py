@@ -1,0 +1,112 @@
+"""Live changes: re-resolve running VMs and send what changed to the agent."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from vnic.drivers.base import Driver
+from vnic.errors import DataplaneError, Unsupported
+from vnic.manager.core import ServiceCore, _holding
+from vnic.manager.results import VmChange
+from vnic.manager.rows import audit_row, field_changes
+from vnic.model.launch import LaunchRequest
+from vnic.model.profile import values_to_document
+from vnic.model.resolve import Effective
+from vnic.store.models import VmRow
+
+
+class Reapplying(ServiceCore):
+    """Live changes of running VMs through their agent."""
+
+    def reapply(
+        self,
+        driver: Driver,
+        *,
+        session: str | None = None,
+        vm: str | None = None,
+        source: str | None = None,
+        reason: str = "",
+        strict: bool = False,
+    ) -> list[VmChange]:
+        """Re-resolve running VMs and send each one whose effective profile changed to
+        ``driver`` as a live change; record what now runs and audit every change.
+        ``driver`` is an agent (:meth:`vnic.agent.core.Agent.reconfigure_many`, or the
+        HTTP client of one): it knows what each VM runs, which a driver's own
+        live change starts from.
+
+        The scope is every running VM, or those of ``session`` (and ``vm``).
+        Only VMs whose effective values or profile revisions differ from what
+        they run are touched, and the driver changes only what differs (see
+        :meth:`vnic.drivers.netns.NetnsDriver.reconfigure`). A VM whose change
+        fails keeps what it ran and carries the error in its :class:`VmChange`
+        (or, with ``strict``, the error is raised after the others are done).
+        With ``source``, each change is written to the audit log under it and
+        ``reason`` (runtime adjustments audit themselves, so they pass none).
+        """
+        with _holding(driver):
+            return self._reapply(driver, session, vm, source, reason, strict)
+
+    def _reapply(
+        self,
+        driver: Driver,
+        session: str | None,
+        vm: str | None,
+        source: str | None,
+        reason: str,
+        strict: bool,
+    ) -> list[VmChange]:
+        with self.db.reading() as s:
+            pending: list[tuple[Effective, LaunchRequest, dict[str, tuple[Any, Any]]]] = []
+            ids: dict[tuple[str, str], int] = {}
+            for row, eff in self._running(s, session, vm):
+                applied = row.applied or {}
+                fields = field_changes(applied.get("values") or {}, values_to_document(eff.values))
+                if not fields and dict(applied.get("revisions") or {}) == dict(eff.revisions):
+                    continue
+                pending.append((eff, self._launch_request(row, eff), fields))
+                ids[(row.session.name, row.name)] = row.id
+        if not pending:
+            return []
+        requests = [request for _, request, _ in pending]
+        many = getattr(driver, "reconfigure_many", None)
+        if many is None:
+            # A driver's own live change needs the request each VM runs, which its agent keeps.
+            raise Unsupported(f"live changes go through an agent, not the {driver.kind} driver")
+        outcomes = many(requests)
+        changes: list[VmChange] = []
+        now = self.clock()
+        with self.db.transaction() as s:
+            rows = {r.id: r for r in s.scalars(select(VmRow).where(VmRow.id.in_(ids.values())))}
+            for eff, request, fields in pending:
+                outcome = outcomes.get((request.session, request.vm))
+                error = str(outcome) if isinstance(outcome, BaseException) else None
+                kernel = [] if error or outcome is None else list(outcome)
+                sources = {path: str(eff.sources.get(path, "")) for path in fields}
+                change = VmChange(
+                    request.session, request.vm, fields, sources, kernel, error, eff.revisions
+                )
+                changes.append(change)
+                if error:
+                    continue
+                current = rows.get(ids[(request.session, request.vm)])
+                if current is None:
+                    continue  # removed while the change ran
+                current.applied = {
+                    "driver": (current.applied or {}).get("driver", driver.kind),
+                    "revisions": dict(eff.revisions),
+                    "values": values_to_document(eff.values),
+                }
+                if fields and source is not None:
+                    s.add(audit_row(now, request.session, request.vm, source, reason, fields))
+        failed = [c for c in changes if c.error]
+        if strict and failed:
+            raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
+        return changes
+
+    def running_effective(self, session: str) -> dict[str, Effective]:
+        """The effective profile of each running VM of ``session``, by name, in one
+        transaction (what the controller compares its samples with)."""
+        with self.db.reading() as s:
+            return {row.name: eff for row, eff in self._running(s, session)}

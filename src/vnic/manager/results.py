@@ -1,0 +1,117 @@
+"""What the service takes and returns: plain frozen dataclasses, never ORM rows.
+
+:class:`VmRequest` is the one input (a VM to add); the others are results. Their
+JSON shapes, shared by the API and the CLI, are in :mod:`vnic.manager.views`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from vnic.model.resolve import Effective
+from vnic.model.session import Policy
+
+
+@dataclass(frozen=True)
+class ProfileInfo:
+    name: str
+    description: str
+    labels: Mapping[str, str]
+    revision: int
+    document: Mapping[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    users: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class RevisionInfo:
+    revision: int
+    created_at: datetime
+    document: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What ``apply_profiles`` did to one profile: created, updated or unchanged."""
+
+    name: str
+    action: str
+    revision: int
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    name: str
+    network_id: int
+    policy: Policy
+    vms: Sequence[str]
+    created_at: datetime
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    session: str
+    name: str
+    role: str | None
+    labels: Mapping[str, str]
+    needs: Sequence[str]
+    override_profile: str | None
+    override_patch: Mapping[str, Any] | None
+    mac: str | None
+    state: str
+    ipv4: str | None = None
+    ipv6: str | None = None
+    #: The driver a running VM was launched with (netns, qemu); None while defined.
+    driver: str | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    vm: VmInfo
+    effective: Effective
+
+
+@dataclass(frozen=True)
+class VmChange:
+    """What a live change did to one running VM.
+
+    ``fields`` maps each changed field path to ``(old, new)`` in document form
+    (None = unset); ``sources`` names the layer each new value came from;
+    ``kernel`` has one line per kernel object the driver changed; ``error`` is
+    set when the driver refused or failed (the VM then runs what it ran before).
+    """
+
+    session: str
+    vm: str
+    fields: Mapping[str, tuple[Any, Any]]
+    sources: Mapping[str, str] = field(default_factory=dict)
+    kernel: Sequence[str] = ()
+    error: str | None = None
+    revisions: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    """A request to add a VM: facts for the rules plus an optional override."""
+
+    session: str
+    name: str
+    role: str | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    needs: Sequence[str] = ()
+    profile: str | None = None
+    patch: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class LaunchOutcome:
+    """One VM of a parallel launch: seconds taken, or the error that stopped it."""
+
+    vm: str
+    seconds: float
+    error: str | None = None

@@ -1,0 +1,135 @@
+"""The session use cases: create (a free network id), change the policy, read, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vnic.drivers.base import Driver
+from vnic.errors import Conflict, Exhausted, InUse
+from vnic.manager.core import ServiceCore
+from vnic.manager.results import SessionInfo
+from vnic.model.profile import parse_name
+from vnic.model.session import (
+    NETWORK_ID_MAX,
+    NETWORK_ID_MIN,
+    AssignmentRule,
+    parse_network_id,
+    parse_session_name,
+)
+from vnic.store.models import AssignmentRuleRow, SessionRow
+
+
+class Sessions(ServiceCore):
+    """Sessions: a network id and a policy (default profile, rules, overrides)."""
+
+    def create_session(
+        self,
+        name: str,
+        *,
+        default_profile: str | None = None,
+        rules: Sequence[AssignmentRule] = (),
+        network_id: int | None = None,
+        overrides_allowed: bool = True,
+        owner: str | None = None,
+    ) -> SessionInfo:
+        name = parse_session_name(name)
+        if network_id is not None:
+            network_id = parse_network_id(network_id)
+        if owner is not None:
+            owner = parse_name(owner, "owner")
+        with self.db.transaction() as s:
+            self.db.allocation_lock(s)
+            if s.scalar(select(SessionRow).where(SessionRow.name == name)) is not None:
+                raise Conflict(f"session {name!r} already exists")
+            default_row = self._existing_profile(s, default_profile, "default_profile")
+            rule_rows = self._rule_rows(s, rules)
+            if network_id is None:
+                network_id = self._free_network_id(s)
+            elif (
+                s.scalar(select(SessionRow).where(SessionRow.network_id == network_id)) is not None
+            ):
+                raise Conflict(f"network_id {network_id} is already used by another session")
+            row = SessionRow(
+                name=name,
+                network_id=network_id,
+                default_profile_id=default_row.id if default_row else None,
+                overrides_allowed=overrides_allowed,
+                owner=owner,
+                created_at=self.clock(),
+            )
+            row.rules.extend(rule_rows)
+            s.add(row)
+            s.flush()
+            return self._session_info(row)
+
+    def _rule_rows(self, s: Session, rules: Sequence[AssignmentRule]) -> list[AssignmentRuleRow]:
+        rows = []
+        for i, rule in enumerate(rules):
+            profile_row = self._existing_profile(s, rule.profile, f"rules[{i}].profile")
+            assert profile_row is not None  # a rule always names a profile
+            match = rule.to_document()
+            del match["profile"]
+            rows.append(AssignmentRuleRow(position=i, profile_id=profile_row.id, match=match))
+        return rows
+
+    def update_session(
+        self, name: str, changes: Mapping[str, Any], driver: Driver | None = None
+    ) -> SessionInfo:
+        """Change a session's policy or owner; keys absent from ``changes`` stay as they are.
+
+        ``changes`` may hold ``default_profile`` (a name, or None for none),
+        ``rules`` (the whole ordered list, replaced), ``overrides_allowed`` and
+        ``owner`` (None for none). Refused, with nothing changed, when a VM
+        of the session would get an invalid effective profile or lose its MAC's range.
+        """
+        with self.db.transaction() as s:
+            row = self._session_row(s, name)
+            if "default_profile" in changes:
+                default = self._existing_profile(s, changes["default_profile"], "default_profile")
+                row.default_profile_id = default.id if default else None
+                row.default_profile = default
+            if "rules" in changes:
+                row.rules.clear()
+                s.flush()  # the old positions must go before the new ones are written
+                row.rules.extend(self._rule_rows(s, changes["rules"]))
+            if "overrides_allowed" in changes:
+                row.overrides_allowed = bool(changes["overrides_allowed"])
+            if "owner" in changes:
+                owner = changes["owner"]
+                row.owner = parse_name(owner, "owner") if owner is not None else None
+            s.flush()
+            s.expire(row, ["rules", "default_profile"])
+            self._recheck(s, row.vms, driver)
+            return self._session_info(row)
+
+    def _free_network_id(self, s: Session) -> int:
+        used = set(s.scalars(select(SessionRow.network_id)))
+        for candidate in range(NETWORK_ID_MIN, NETWORK_ID_MAX + 1):
+            if candidate not in used:
+                return candidate
+        raise Exhausted("no free network id left")  # pragma: no cover - 16 million sessions
+
+    def list_sessions(self) -> list[SessionInfo]:
+        with self.db.reading() as s:
+            return [
+                self._session_info(r)
+                for r in s.scalars(select(SessionRow).order_by(SessionRow.name))
+            ]
+
+    def get_session(self, name: str) -> SessionInfo:
+        with self.db.reading() as s:
+            return self._session_info(self._session_row(s, name))
+
+    def delete_session(self, name: str, *, force: bool = False) -> list[str]:
+        """Delete a session. With VMs in it, refused unless ``force`` (which removes them)."""
+        with self.db.transaction() as s:
+            row = self._session_row(s, name)
+            vms = [v.name for v in row.vms]
+            if vms and not force:
+                raise InUse("session", name, [f"vm {name}/{v}" for v in vms])
+            s.delete(row)
+            return vms
