@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import InvalidInput
 from vnic.model import limits
 from vnic.model.limits import check_text

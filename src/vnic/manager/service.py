@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from vnic.agent.hostlock import HostLock
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import (
     Conflict,
     DataplaneError,
