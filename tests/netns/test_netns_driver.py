@@ -166,7 +166,7 @@ def test_failed_launch_leaves_nothing(lab: Lab, monkeypatch: pytest.MonkeyPatch)
     def broken(ns: object, plan: object) -> None:
         raise DataplaneError("injected: class add refused")
 
-    monkeypatch.setattr("vnic.drivers.netns.verify", broken)
+    monkeypatch.setattr("vnic.drivers.hostside.verify", broken)
     with pytest.raises(DataplaneError, match="injected"):
         lab.launch(s, "bad")
     assert f"vnic.{s}.bad" not in nsops.listing()

@@ -340,23 +340,21 @@ class Agent:
         key = (request.session, request.vm)
         # A driver that boots something (QEMU) waits for it outside the session's
         # lock, so guests of one session boot side by side.
-        begin = getattr(driver, "launch_begin", None)
         with self.host.shared(), _as_dataplane_error(f"launching {vm_label(key)}"):
             with self._session_lock(request.session):
                 self.state.put(DesiredVm(kind, request), new=True)
                 try:
-                    (begin or driver.launch)(request)
+                    driver.launch_begin(request)
                 except BaseException:
                     self.state.remove([key])
                     raise
-            if begin is not None:
-                try:
-                    driver.launch_finish(request)  # type: ignore[attr-defined]
-                except BaseException:
-                    with self._session_lock(request.session):
-                        self.state.remove([key])
-                        driver.destroy(request.session, request.vm)
-                    raise
+            try:
+                driver.launch_finish(request)
+            except BaseException:
+                with self._session_lock(request.session):
+                    self.state.remove([key])
+                    driver.destroy(request.session, request.vm)
+                raise
             self._open_feedback(DesiredVm(kind, request))
 
     def reconfigure(self, request: LaunchRequest) -> list[str]:
@@ -404,11 +402,9 @@ class Agent:
         driver = self.driver(kind)
         # Desired first: a kill mid-change leaves the new profile to reconcile to.
         self.state.put_many([DesiredVm(kind, request) for _, request in pairs])
-        batch = getattr(driver, "reconfigure_many", None)
         results: dict[VmKey, Any] = {}
         try:
-            if batch is not None:
-                results = dict(batch(pairs))
+            results = dict(driver.reconfigure_many(pairs))
         except VnicError:
             results = {}  # the batch stopped part-way: one by one says which VM failed
         if not results:
@@ -428,16 +424,9 @@ class Agent:
     def _one(
         driver: Driver, previous: LaunchRequest, request: LaunchRequest
     ) -> list[str] | VnicError:
-        live = getattr(driver, "reconfigure", None)
         try:
-            if live is not None:
-                return [str(line) for line in live(previous, request) or []]
-            # No live change in this driver: rebuild the vNIC (interrupts traffic).
-            driver.destroy(request.session, request.vm)
-            driver.launch(request)
-            return [
-                f"rebuilt {request.session}/{request.vm} (the {driver.kind} driver has no live change)"
-            ]
+            # A driver without live change rebuilds the vNIC (see Driver.reconfigure).
+            return [str(line) for line in driver.reconfigure(previous, request) or []]
         except VnicError as exc:
             return exc
 
@@ -507,12 +496,7 @@ class Agent:
             by_kind.setdefault(vm.driver, []).append(vm.request)
         for kind, requests in sorted(by_kind.items()):
             driver = self.driver(kind)
-            many = getattr(driver, "drift_many", None)
-            if many is not None:
-                found: dict[VmKey, list[str]] = many(requests)
-            else:
-                one = getattr(driver, "drift", None)
-                found = {(r.session, r.vm): (one(r) if one is not None else []) for r in requests}
+            found: dict[VmKey, list[str]] = driver.drift_many(requests)
             out.update({vm_label(key): list(d) for key, d in found.items() if d})
         return out
 
@@ -530,8 +514,7 @@ class Agent:
         desired = {vm.key: vm for vm in self.mine()}
         owned = self.state.owned_sessions()
         for kind, driver in sorted(self.drivers.items()):
-            inventory = getattr(driver, "inventory", None)
-            present: dict[str, set[str]] = inventory() if inventory is not None else {}
+            present: dict[str, set[str]] = driver.inventory()
             for session, vms in sorted(present.items()):
                 if session not in owned:
                     continue  # another agent's, or a test's: not ours to remove

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vnic.client.manager import ManagerClient
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import InvalidInput, VnicError, storage_error
 from vnic.manager import views
 from vnic.manager.auth import Tokens
@@ -643,7 +643,7 @@ def vm_exec(
         nonlocal code
         agent = local_agent()
         drv = agent.driver(driver or agent.kind_of(session, name))
-        code = drv.exec(session, name, command).returncode  # type: ignore[attr-defined]
+        code = drv.exec(session, name, command).returncode
 
     run(body)
     raise typer.Exit(code)

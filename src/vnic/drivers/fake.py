@@ -11,12 +11,13 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
-from vnic.errors import Conflict, DataplaneError, VnicError
+from vnic.drivers.base import Driver
+from vnic.errors import Conflict, DataplaneError
 from vnic.model.fields import FIELDS
 from vnic.model.launch import Capabilities, LaunchRequest, check_supported
 
 
-class FakeDriver:
+class FakeDriver(Driver):
     kind = "fake"
 
     def __init__(self, fail_on: Sequence[str] = ()) -> None:
@@ -50,18 +51,6 @@ class FakeDriver:
         changed = set(previous.values) ^ set(request.values)
         changed |= {p for p in previous.values if request.values.get(p, p) != previous.values[p]}
         return [f"{p} changed" for p in FIELDS if p in changed]
-
-    def reconfigure_many(
-        self, pairs: Sequence[tuple[LaunchRequest, LaunchRequest]]
-    ) -> dict[tuple[str, str], list[str] | VnicError]:
-        """:meth:`reconfigure` of each ``(previous, request)``; a VM's failure is its outcome."""
-        out: dict[tuple[str, str], list[str] | VnicError] = {}
-        for previous, request in pairs:
-            try:
-                out[(request.session, request.vm)] = self.reconfigure(previous, request)
-            except VnicError as exc:
-                out[(request.session, request.vm)] = exc
-        return out
 
     def destroy(self, session: str, vm: str) -> None:
         with self._lock:

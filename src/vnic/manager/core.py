@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vnic.agent.hostlock import HostLock
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import Conflict, FieldError, InvalidInput, NotFound, Unsupported
 from vnic.manager.results import SessionInfo, VmInfo
 from vnic.manager.rows import VM_RESOLVE_LOADS, aware, unexpired

@@ -23,7 +23,7 @@ from vnic.agent.client import AgentClient
 from vnic.agent.core import Agent
 from vnic.agent.hostlock import HostLock
 from vnic.agent.port import DesiredVm, ReconcileReport, RepairEvent
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.manager.auth import Tokens
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row

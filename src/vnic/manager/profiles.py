@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import Conflict, FieldError, InUse, InvalidInput
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import ApplyResult, ProfileInfo, RevisionInfo

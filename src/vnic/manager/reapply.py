@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import DataplaneError, Unsupported
 from vnic.manager.core import ServiceCore, _holding
 from vnic.manager.results import VmChange

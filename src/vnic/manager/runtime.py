@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import InvalidInput
 from vnic.manager.rows import audit_row, aware, field_changes
 from vnic.manager.service import Service

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.manager.launch import Launching
 from vnic.manager.profiles import Profiles
 from vnic.manager.reapply import Reapplying

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import Driver
+from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import Conflict, Exhausted, FieldError, InvalidInput, NotFound
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import Explanation, VmInfo, VmRequest

@@ -1,0 +1,175 @@
+"""The VM side of a netns VM: a network namespace with an init, on its session's bridge.
+
+Plug = the VM's namespace, its init (:mod:`vnic.dataplane.vminit`: the VM's
+processes get their own PID, mount and UTS namespaces; started at once and
+waited for at the end of the launch) and a veth into the bridge with its
+addresses; then the plan's TCP settings and egress offloads inside the
+namespace. Drift reads ``eth0``, its addresses, the routes' congestion control
+and the sysctls back (:func:`vnic.dataplane.drift.vm_side_drift`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+from collections.abc import Sequence
+
+from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import vminit
+from vnic.dataplane.drift import vm_side_drift
+from vnic.dataplane.inventory import is_namespace, vm_namespaces, vm_namespaces_by_session
+from vnic.drivers.planning import egress_per_packet
+from vnic.drivers.vmside import VmSide
+from vnic.errors import Conflict, DataplaneError
+from vnic.model.launch import LaunchRequest
+from vnic.plan import names
+from vnic.plan.model import Plan
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class NetnsVm(VmSide):
+    kind = "netns"
+    adopts_leftovers = True
+
+    def __init__(self) -> None:
+        #: Inits started by :meth:`plug`, collected by :meth:`wait_ready` (or abandoned
+        #: by :meth:`remove` when the launch fails before).
+        self._starting: dict[tuple[str, str], vminit.Starting] = {}
+
+    def present(self, session: str, vm: str) -> bool:
+        """Whether the VM's namespace is mounted."""
+        return is_namespace(names.vm_netns(session, vm))
+
+    def exists(self, session: str, vm: str) -> bool:
+        return nsops.exists(names.vm_netns(session, vm)) or vminit.run_dir(session, vm).is_dir()
+
+    def thing(self, session: str, vm: str) -> str:
+        return f"namespace {names.vm_netns(session, vm)}"
+
+    def plug(self, request: LaunchRequest, plan: Plan) -> None:
+        """Namespace, init, veth into the bridge with the VM's MAC and addresses, IFB or relay."""
+        vm_ns = names.vm_netns(request.session, request.vm)
+        nsops.create(vm_ns)
+        # The init starts now and is waited for at the end (wait_ready): its start-up
+        # overlaps the rest of the launch, which does not need it.
+        self._starting[(request.session, request.vm)] = vminit.start(
+            request.session, request.vm, vm_ns, [request.ipv4, request.ipv6]
+        )
+        nsops.plug_vm(
+            names.session_netns(request.session),
+            vm_ns,
+            request.session,
+            request.vm,
+            str(request.mac),
+            [request.ipv4, request.ipv6],
+            relay=plan.engine is not None,
+        )
+
+    def settings(self, request: LaunchRequest, plan: Plan) -> None:
+        """The plan's TCP settings and egress offloads inside the VM, at launch."""
+        vm_ns = names.vm_netns(request.session, request.vm)
+        tcp_settings(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
+        if egress_per_packet(plan):
+            self.set_offloads(request, on=False)
+
+    def wait_ready(self, request: LaunchRequest) -> None:
+        """Wait until the init has set up the VM's processes' namespaces (its network is
+        ready when made)."""
+        starting = self._starting.pop((request.session, request.vm), None)
+        if starting is not None:
+            vminit.finish(starting)
+        elif not vminit.running(request.session, request.vm):
+            raise DataplaneError(f"the init of VM {request.session}/{request.vm} is not running")
+
+    def set_offloads(self, request: LaunchRequest, *, on: bool) -> None:
+        nsops.set_offloads(names.vm_netns(request.session, request.vm), names.VM_IFNAME, on=on)
+
+    def set_sysctl(self, request: LaunchRequest, key: str, value: str) -> None:
+        nsops.sysctl(names.vm_netns(request.session, request.vm), key, value)
+
+    def set_congestion_control(self, request: LaunchRequest, algo: str | None) -> None:
+        congestion_control(
+            names.vm_netns(request.session, request.vm),
+            algo,
+            (request.ipv4.network, request.ipv6.network),
+        )
+
+    def remove(self, session: str, vm: str) -> None:
+        """Stop the init, and with it every process of the VM; then remove the namespace,
+        and with it eth0 and the port; then the run directory."""
+        starting = self._starting.pop((session, vm), None)
+        if starting is not None:  # a launch that failed before its end
+            vminit.abandon(starting)
+        vminit.stop(session, vm)
+        nsops.remove(names.vm_netns(session, vm))
+        vminit.remove_run_dir(session, vm)
+
+    def drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
+        problems = []
+        if not vminit.running(request.session, request.vm):
+            problems.append(
+                f"init of VM {request.session}/{request.vm}: expected running, found not running"
+            )
+        return problems + vm_side_drift(names.vm_netns(request.session, request.vm), request, plan)
+
+    def vms(self, only: str | None = None) -> dict[str, set[str]]:
+        """VM namespaces (mounted or not) and init run directories."""
+        out = vm_namespaces_by_session(only)
+        for session, vms in vminit.run_dirs().items():
+            if only in (None, session):
+                out.setdefault(session, set()).update(vms)
+        return out
+
+    def running(self, session: str) -> list[str]:
+        found = (names.parse_vm_netns(n, session) for n in nsops.listing())
+        return sorted(v for v in found if v)
+
+    def every_vm(self) -> list[tuple[str, str]]:
+        return vm_namespaces()
+
+    def exec(
+        self, session: str, vm: str, argv: Sequence[str], **kwargs: object
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in the VM (its network, PID, mount and UTS namespaces), to completion;
+        ``kwargs`` as for :func:`subprocess.run`. :class:`Conflict` if the VM does not run."""
+        vm_ns = names.vm_netns(session, vm)
+        if not nsops.exists(vm_ns):
+            raise Conflict(f"VM {session}/{vm} is not running")
+        if not vminit.running(session, vm):
+            raise Conflict(
+                f"VM {session}/{vm} has no running init (killed: drift, which repair relaunches)"
+            )
+        return nsops.run(vm_ns, argv, **kwargs)
+
+
+def tcp_settings(vm_ns: str, plan: Plan, networks: Sequence[Network]) -> None:
+    """The plan's TCP sysctls and congestion control in the VM's namespace."""
+    for s in plan.sysctls:
+        nsops.sysctl(vm_ns, s.key, s.value)
+    if plan.congestion_control is not None:
+        congestion_control(vm_ns, plan.congestion_control, networks)
+
+
+def congestion_control(vm_ns: str, algo: str | None, networks: Sequence[Network]) -> None:
+    """``algo`` for the VM's TCP; None: the host's default, and no per-route choice."""
+    if algo is None:
+        with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
+            host_default = f.read().strip()  # this thread is in the host's namespace
+        nsops.sysctl(vm_ns, "net.ipv4.tcp_congestion_control", host_default)
+        for net in networks:
+            nsops.set_route_congctl(vm_ns, net, None)
+        return
+    allowed = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_allowed_congestion_control").split()
+    available = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_available_congestion_control").split()
+    if algo not in available:
+        raise DataplaneError(
+            f"tcp.congestion_control {algo!r} is not available in this kernel (available: {' '.join(available)})"
+        )
+    if algo in allowed:
+        nsops.sysctl(vm_ns, "net.ipv4.tcp_congestion_control", algo)
+    # The namespace default may only pick from the host's allowed list; a
+    # per-route congctl reaches every available algorithm, so set it on
+    # the session's routes either way.
+    for net in networks:
+        nsops.set_route_congctl(vm_ns, net, algo)
