@@ -27,8 +27,8 @@ from vnic.manager.runtime import (
     parse_reason,
     parse_source,
     parse_user_source,
-    typed_patch,
 )
+from vnic.model.patch import typed_patch
 
 
 class AdjustmentSet(BaseModel):

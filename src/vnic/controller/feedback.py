@@ -43,16 +43,14 @@ from vnic.controller._parse import (
     attempt,
     boolean,
     collect,
-    dump_patch,
     dump_span,
     field_value,
-    join,
     known_keys,
     mapping,
-    patch,
     span,
 )
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import FIELDS, OFF, Loss, dump_field, parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate
 
@@ -258,7 +256,7 @@ def parse_request(request: Any) -> tuple[dict[str, Any], str | None, float | Non
     values: dict[str, Any] = {}
     profile = None
     if "set" in given:
-        values = patch(doc["set"], "set")
+        values = read_patch(doc["set"], "set")
     else:
         profile = parse_name(doc["profile"], "profile")
     duration = None
