@@ -31,7 +31,7 @@ from vnic.controller._parse import number, span_ns
 from vnic.controller.feedback import parse_feedback_policy, parse_request
 from vnic.controller.rules import parse_rules
 from vnic.errors import InvalidInput
-from vnic.manager.runtime import parse_reason, parse_source, parse_user_source, typed_patch
+from vnic.manager.runtime import parse_reason, parse_source, parse_user_source
 from vnic.model.documents import documents_from_text
 from vnic.model.fields import FIELDS, parse_field
 from vnic.model.limits import (
@@ -44,6 +44,7 @@ from vnic.model.limits import (
     REASON_MAX,
 )
 from vnic.model.loading import DocumentError, load_yaml, load_yaml_all, loads_json
+from vnic.model.patch import typed_patch
 from vnic.model.profile import parse_labels, parse_name
 from vnic.model.session import (
     AssignmentRule,

@@ -12,8 +12,9 @@ import pytest
 from vnic.agent.core import Agent
 from vnic.drivers.base import Driver
 from vnic.errors import DataplaneError, Unsupported
+from vnic.model.fields import FIELDS
 from vnic.model.launch import Capabilities, LaunchRequest
-from vnic.model.profile import FIELDS, build_profile, parse_assignments
+from vnic.model.profile import build_profile, parse_assignments
 from vnic.model.resolve import Layer, complete
 from vnic.model.units import MacAddress
 

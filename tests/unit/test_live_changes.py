@@ -240,7 +240,7 @@ def _rate(text: str) -> object:
 
 
 def test_invalid_patch_document_names_the_field() -> None:
-    from vnic.manager.runtime import typed_patch
+    from vnic.model.patch import typed_patch
 
     with pytest.raises(InvalidInput) as exc:
         typed_patch({"egress.delay": "fast"})

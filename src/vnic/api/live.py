@@ -1,22 +1,23 @@
 """REST routes of dynamic adjustment: runtime adjustments, the audit log, a session's
 controller (threshold rules and feedback limits) and scenarios.
 
-Mounted by :func:`vnic.api.app.create_app`. Every change here goes through
+Included by :func:`vnic.api.app.create_app`. Every change here goes through
 :class:`~vnic.manager.runtime.Runtime` (validated, audited) and then live to
 the running VMs it reaches (:meth:`~vnic.manager.dispatch.Manager.reapply`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from vnic.api.common import VmWriter
 from vnic.api.deps import Caller
 from vnic.controller._parse import span
+from vnic.edge.bodies import StrictJsonRoute
 from vnic.errors import InvalidInput
 from vnic.manager import views
 from vnic.manager.auth import require_admin
@@ -27,8 +28,8 @@ from vnic.manager.runtime import (
     parse_reason,
     parse_source,
     parse_user_source,
-    typed_patch,
 )
+from vnic.model.patch import typed_patch
 
 
 class AdjustmentSet(BaseModel):
@@ -141,12 +142,13 @@ class LiveOps:
         return self.manager.live.scenario(session, name, action)
 
 
-def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., None]) -> None:
-    """Add the routes to ``app``; ``vm_writer(who, session, action)`` refuses callers that
-    may not change VMs."""
+def live_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
+    """The routes of dynamic adjustment; ``vm_writer(who, session, action)`` refuses callers
+    that may not change VMs."""
     ops = LiveOps(manager)
+    router = APIRouter(route_class=StrictJsonRoute)
 
-    @app.get(
+    @router.get(
         "/v1/sessions/{session}/vms/{vm}/adjustments",
         response_model=list[dict[str, Any]],
         tags=["adjustments"],
@@ -155,7 +157,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         """Runtime adjustments of the VM: the top resolution layer, by source."""
         return ops.adjustments(session, vm)
 
-    @app.put(
+    @router.put(
         "/v1/sessions/{session}/vms/{vm}/adjustments/{source}",
         response_model=dict[str, Any],
         tags=["adjustments"],
@@ -167,7 +169,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         vm_writer(who, session, "adjusting a VM")
         return ops.adjust(session, vm, source, body)
 
-    @app.delete(
+    @router.delete(
         "/v1/sessions/{session}/vms/{vm}/adjustments/{source}",
         response_model=dict[str, Any],
         tags=["adjustments"],
@@ -176,7 +178,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         vm_writer(who, session, "adjusting a VM")
         return ops.clear(session, vm, source)
 
-    @app.get("/v1/audit", response_model=list[dict[str, Any]], tags=["adjustments"])
+    @router.get("/v1/audit", response_model=list[dict[str, Any]], tags=["adjustments"])
     def audit(
         who: Caller,
         session: Annotated[str | None, Query()] = None,
@@ -186,14 +188,14 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         """Runtime changes of effective profiles, newest first: when, source, why, old, new."""
         return ops.audit(session, vm, limit)
 
-    @app.get(
+    @router.get(
         "/v1/sessions/{session}/controller", response_model=dict[str, Any], tags=["controller"]
     )
     def get_controller(who: Caller, session: str) -> dict[str, Any]:
         """The session's threshold rules and feedback limits."""
         return ops.controller(session)
 
-    @app.put(
+    @router.put(
         "/v1/sessions/{session}/controller", response_model=dict[str, Any], tags=["controller"]
     )
     def put_controller(who: Caller, session: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +203,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         require_admin(who, "changing a session's controller")
         return ops.set_controller(session, body)
 
-    @app.get(
+    @router.get(
         "/v1/sessions/{session}/controller/state",
         response_model=dict[str, Any],
         tags=["controller"],
@@ -211,7 +213,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         events, and the session's scenarios."""
         return ops.controller_state(session)
 
-    @app.post(
+    @router.post(
         "/v1/sessions/{session}/scenarios",
         response_model=dict[str, Any],
         status_code=201,
@@ -222,7 +224,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         vm_writer(who, session, "starting a scenario")
         return ops.start_scenario(session, body)
 
-    @app.get(
+    @router.get(
         "/v1/sessions/{session}/scenarios",
         response_model=list[dict[str, Any]],
         tags=["controller"],
@@ -230,7 +232,7 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
     def list_scenarios(who: Caller, session: str) -> list[dict[str, Any]]:
         return ops.scenarios(session)
 
-    @app.post(
+    @router.post(
         "/v1/sessions/{session}/scenarios/{name}/{action}",
         response_model=dict[str, Any],
         tags=["controller"],
@@ -239,3 +241,5 @@ def add_live_routes(app: FastAPI, manager: Manager, vm_writer: Callable[..., Non
         """``pause``, ``resume`` or ``stop`` a scenario (stop removes its adjustments)."""
         vm_writer(who, session, "controlling a scenario")
         return ops.scenario(session, name, action)
+
+    return router

@@ -13,9 +13,9 @@ from collections.abc import Callable, Mapping, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, ParamSpec, TypeVar
 
-from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.errors import FieldError, InvalidInput
 from vnic.model.fields import parse_field
-from vnic.model.profile import parse_patch, values_to_document
+from vnic.model.patch import join
 from vnic.model.units import MAX_TEXT, scan_number
 
 T = TypeVar("T")
@@ -113,12 +113,6 @@ def known_keys(doc: Mapping[str, Any], path: str, allowed: Sequence[str]) -> lis
     ]
 
 
-def join(path: str, key: str) -> str:
-    if not path:
-        return key
-    return f"{path}{key}" if key.startswith("[") else f"{path}.{key}"
-
-
 def boolean(raw: Any, path: str) -> bool:
     if isinstance(raw, bool):
         return raw
@@ -144,54 +138,6 @@ def number(raw: Any, path: str, expected: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         raise InvalidInput.one(path, raw, expected)
     return value
-
-
-def patch(raw: Any, path: str) -> dict[str, Any]:
-    """A profile patch given nested (``{egress: {rate: 5Mbit}}``) or with dotted paths
-    (``{egress.rate: 5Mbit}``), as typed values (``OFF`` for ``off``)."""
-    doc = mapping(raw, path, "a mapping of profile fields, e.g. {egress.rate: 50Mbit}")
-    if not doc:
-        raise InvalidInput.one(path, raw, "at least one profile field")
-    nested: dict[str, Any] = {}
-    errors: list[FieldError] = []
-    for key, value in doc.items():
-        head, dot, tail = str(key).partition(".")
-        if dot:
-            section = nested.setdefault(head, {})
-            if not isinstance(section, dict):
-                errors.append(FieldError(join(path, head), show_value(section), "a mapping"))
-                continue
-            if tail in section:
-                errors.append(FieldError(join(path, str(key)), "given twice", "each field once"))
-                continue
-            section[tail] = value
-        elif isinstance(value, Mapping) and isinstance(nested.get(key), dict):
-            for sub, sub_value in value.items():
-                if sub in nested[key]:
-                    errors.append(
-                        FieldError(join(path, f"{key}.{sub}"), "given twice", "each field once")
-                    )
-                nested[key][sub] = sub_value
-        else:
-            nested[str(key)] = dict(value) if isinstance(value, Mapping) else value
-    if errors:
-        raise InvalidInput(errors)
-    try:
-        return dict(parse_patch(nested))
-    except InvalidInput as exc:
-        raise exc.under(path) from None
-
-
-def dump_patch(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Canonical document of a patch: dotted paths, canonical values, in FIELDS order."""
-    out: dict[str, Any] = {}
-    for head, value in values_to_document(values).items():
-        if isinstance(value, dict):
-            for tail, sub in value.items():
-                out[f"{head}.{tail}"] = sub
-        else:
-            out[head] = value
-    return out
 
 
 def collect(errors: list[FieldError], read: Callable[[], T], default: T) -> T:

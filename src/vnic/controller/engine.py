@@ -31,7 +31,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from vnic.controller._parse import dump_patch, show_seconds
+from vnic.controller._parse import show_seconds
 from vnic.controller.rules import (
     UTILISATION,
     Rule,
@@ -42,6 +42,7 @@ from vnic.controller.rules import (
     show_metric_value,
 )
 from vnic.model.fields import OFF, dump_field
+from vnic.model.patch import dump_patch
 
 APPLY: Final = "apply"
 REVERT: Final = "revert"

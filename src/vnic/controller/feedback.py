@@ -43,17 +43,15 @@ from vnic.controller._parse import (
     attempt,
     boolean,
     collect,
-    dump_patch,
     dump_span,
     field_value,
-    join,
     known_keys,
     mapping,
-    patch,
     span,
 )
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.fields import FIELDS, OFF, Loss, dump_field
+from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate
 
@@ -259,7 +257,7 @@ def parse_request(request: Any) -> tuple[dict[str, Any], str | None, float | Non
     values: dict[str, Any] = {}
     profile = None
     if "set" in given:
-        values = patch(doc["set"], "set")
+        values = read_patch(doc["set"], "set")
     else:
         profile = parse_name(doc["profile"], "profile")
     duration = None

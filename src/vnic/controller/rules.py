@@ -49,20 +49,18 @@ from vnic.controller._parse import (
     boolean,
     check_short,
     collect,
-    dump_patch,
     dump_span,
     field_value,
-    join,
     known_keys,
     mapping,
     number,
-    patch,
     span,
     span_ns,
 )
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.fields import dump_field
 from vnic.model.limits import CONTROLLER_RULES_MAX, check_count
+from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate, UnitError
 
@@ -248,7 +246,7 @@ def parse_action(raw: Any, path: str) -> Action:
     kind = given[0]
     here = join(path, kind)
     if kind == "set":
-        return SetFields(patch(doc["set"], here))
+        return SetFields(read_patch(doc["set"], here))
     if kind == "profile":
         return SwitchProfile(parse_name(doc["profile"], here))
     return _parse_scale(doc["scale"], here)

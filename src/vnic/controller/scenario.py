@@ -47,17 +47,15 @@ from vnic.controller._parse import (
     attempt,
     boolean,
     collect,
-    dump_patch,
     dump_span,
-    join,
     known_keys,
     mapping,
-    patch,
     span,
     span_ns,
 )
 from vnic.controller.trace import Trace, parse_trace, window_ms
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import parse_name
 from vnic.model.units import Rate
 
@@ -321,7 +319,7 @@ def _parse_step(raw: Any, path: str) -> Step:
         profile = collect(errors, lambda: parse_name(doc["profile"], join(path, "profile")), None)
     values: dict[str, Any] = {}
     if doc.get("set") is not None:
-        values = collect(errors, lambda: patch(doc["set"], join(path, "set")), {})
+        values = collect(errors, lambda: read_patch(doc["set"], join(path, "set")), {})
     clear = False
     if "clear" in doc:
         if doc["clear"] is not True:

@@ -316,19 +316,3 @@ def parse_user_source(value: Any, path: str = "source") -> str:
 def parse_reason(value: Any, path: str = "reason") -> str:
     """A reason given by a person: text of at most :data:`REASON_MAX` characters."""
     return check_text(value, path, REASON_MAX)
-
-
-def typed_patch(doc: Mapping[str, Any] | None, path: str = "set") -> dict[str, Any]:
-    """A patch given as a nested document or with dotted paths (``{"egress.rate": "5Mbit"}``),
-    as typed values; errors name ``path`` and the field. A field given both ways
-    (``{"egress": {"rate": ...}, "egress.rate": ...}``) is refused, not resolved by
-    key order (the controller's reader, :func:`vnic.controller._parse.patch`)."""
-    from vnic.controller._parse import patch
-
-    if doc is None:
-        return {}
-    if not isinstance(doc, Mapping):
-        raise InvalidInput.one(path, doc, "a mapping of profile fields")
-    if not doc:
-        return {}
-    return patch(doc, path)

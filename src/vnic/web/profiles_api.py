@@ -17,8 +17,8 @@ import anyio
 from fastapi import FastAPI, Query, Request, Response
 
 from vnic.api import schemas as sc
-from vnic.api.app import import_specs
 from vnic.api.deps import Caller
+from vnic.api.profiles import import_specs
 from vnic.errors import InvalidInput
 from vnic.manager.auth import require_admin
 from vnic.model.documents import documents_from_text, dump_yaml, parse_documents
