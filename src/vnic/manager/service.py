@@ -20,8 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from vnic.agent.hostlock import HostLock
-from vnic.drivers.base import Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import (
     Conflict,
     DataplaneError,
@@ -192,7 +191,7 @@ class Service:
         specs: Sequence[ProfileSpec],
         *,
         create_only: bool = False,
-        driver: Driver | None = None,
+        driver: AgentPort | None = None,
     ) -> list[ApplyResult]:
         """Create or update profiles; a profile whose document is unchanged keeps its revision.
         With ``create_only``, a name that exists already is a conflict.
@@ -308,11 +307,11 @@ class Service:
                 )
         return errors
 
-    def _recheck_vms(self, s: Session, changed: Iterable[str], driver: Driver | None) -> None:
+    def _recheck_vms(self, s: Session, changed: Iterable[str], driver: AgentPort | None) -> None:
         """Re-resolve every VM that uses a changed profile; refuse if one breaks."""
         self._recheck(s, [vm for name in changed for vm in self._vms_using(s, name)], driver)
 
-    def _recheck(self, s: Session, vms: Iterable[VmRow], driver: Driver | None = None) -> None:
+    def _recheck(self, s: Session, vms: Iterable[VmRow], driver: AgentPort | None = None) -> None:
         """Re-resolve ``vms``; refuse if one gets an invalid profile or loses its MAC's range,
         or (with ``driver``) if one runs on a driver that cannot honour its new profile."""
         errors: list[FieldError] = []
@@ -366,7 +365,7 @@ class Service:
         return vms
 
     def update_profile(
-        self, name: str, patch: Mapping[str, Any], driver: Driver | None = None
+        self, name: str, patch: Mapping[str, Any], driver: AgentPort | None = None
     ) -> ApplyResult:
         """Merge ``patch`` into the profile's current document (RFC 7386: omitted keys stay,
         ``null`` removes) and store the result as a new revision, with the same checks
@@ -599,7 +598,7 @@ class Service:
         return rows
 
     def update_session(
-        self, name: str, changes: Mapping[str, Any], driver: Driver | None = None
+        self, name: str, changes: Mapping[str, Any], driver: AgentPort | None = None
     ) -> SessionInfo:
         """Change a session's policy or owner; keys absent from ``changes`` stay as they are.
 
@@ -748,7 +747,7 @@ class Service:
         session: str,
         name: str,
         changes: Mapping[str, Any],
-        driver: Driver | None = None,
+        driver: AgentPort | None = None,
     ) -> Explanation:
         """Change a VM's facts or override; keys absent from ``changes`` stay as they are.
 
@@ -828,7 +827,7 @@ class Service:
     # ------------------------------------------------------------------ launch
 
     def launch_vm(
-        self, session: str, name: str, driver: Driver, kind: str | None = None
+        self, session: str, name: str, driver: AgentPort, kind: str | None = None
     ) -> Explanation:
         """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
 
@@ -848,14 +847,8 @@ class Service:
                     raise Conflict(f"VM {session}/{name} is already running")
                 eff = self._resolve(s, vm)
                 request = self._launch_request(vm, eff)
-            if kind is None or kind == driver.kind:
-                driver.launch(request)
-                used = driver.kind
-            elif hasattr(driver, "drivers") or hasattr(driver, "default"):  # an agent
-                driver.launch(request, kind)  # type: ignore[call-arg]
-                used = kind
-            else:
-                raise InvalidInput.one("driver", kind, f"{driver.kind} (the only driver here)")
+            driver.launch(request, kind)  # an unknown kind is the agent's InvalidInput
+            used = kind or driver.kind
             try:
                 with self.db.transaction() as s:
                     vm = self._vm_row(s, session, name)
@@ -888,7 +881,7 @@ class Service:
 
     def reapply(
         self,
-        driver: Driver,
+        driver: AgentPort,
         *,
         session: str | None = None,
         vm: str | None = None,
@@ -916,7 +909,7 @@ class Service:
 
     def _reapply(
         self,
-        driver: Driver,
+        driver: AgentPort,
         session: str | None,
         vm: str | None,
         source: str | None,
@@ -936,11 +929,7 @@ class Service:
         if not pending:
             return []
         requests = [request for _, request, _ in pending]
-        many = getattr(driver, "reconfigure_many", None)
-        if many is None:
-            # A driver's own live change needs the request each VM runs, which its agent keeps.
-            raise Unsupported(f"live changes go through an agent, not the {driver.kind} driver")
-        outcomes = many(requests)
+        outcomes = driver.reconfigure_many(requests)
         changes: list[VmChange] = []
         now = self.clock()
         with self.db.transaction() as s:
@@ -948,7 +937,7 @@ class Service:
             for eff, request, fields in pending:
                 outcome = outcomes.get((request.session, request.vm))
                 error = str(outcome) if isinstance(outcome, BaseException) else None
-                kernel = [] if error or outcome is None else list(outcome)
+                kernel = [] if error or not isinstance(outcome, list) else list(outcome)
                 sources = {path: str(eff.sources.get(path, "")) for path in fields}
                 change = VmChange(
                     request.session, request.vm, fields, sources, kernel, error, eff.revisions
@@ -999,7 +988,7 @@ class Service:
             yield row, self._resolve(s, row, cache=cache)
 
     def apply_profiles_live(
-        self, specs: Sequence[ProfileSpec], driver: Driver
+        self, specs: Sequence[ProfileSpec], driver: AgentPort
     ) -> tuple[list[ApplyResult], list[VmChange]]:
         """:meth:`apply_profiles`, then the new revisions live on every running VM they reach."""
         results = self.apply_profiles(specs, driver=driver)
@@ -1010,7 +999,7 @@ class Service:
         return results, self.reapply(driver, source="user", reason=reason)
 
     def update_vm_live(
-        self, session: str, name: str, changes: Mapping[str, Any], driver: Driver
+        self, session: str, name: str, changes: Mapping[str, Any], driver: AgentPort
     ) -> tuple[Explanation, list[VmChange]]:
         """:meth:`update_vm`, then the change live on the VM if it runs (errors raised)."""
         # update_vm's explanation is the one after the change: reapply sends what it
@@ -1039,10 +1028,17 @@ class Service:
             vm.applied = None
 
     def launch_many(
-        self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
+        self,
+        session: str,
+        names: Sequence[str],
+        driver_kind: str = "netns",
+        workers: int = 2,
+        *,
+        agents: Callable[[str], AgentPort],
     ) -> list[LaunchOutcome]:
         """Launch ``names`` with ``workers`` processes, each with its own database
-        connection and driver (launches are CPU-bound: one process per core).
+        connection and agent, ``agents(driver_kind)``, made in the process after the fork
+        (launches are CPU-bound: one process per core; a netlink socket is not to share).
 
         Every VM is attempted; the outcomes say which launched, in how long,
         and why the others failed.
@@ -1051,11 +1047,9 @@ class Service:
             return []
         if workers < 1:
             raise InvalidInput.one("workers", workers, "a number of processes of at least 1")
-        from vnic.agent.core import local_agent
-
         # The first launch brings the session's network up; after it, launches
         # of different VMs touch disjoint objects and may run side by side.
-        outcomes = [_timed_launch(self, local_agent(driver_kind), session, names[0])]
+        outcomes = [_timed_launch(self, agents(driver_kind), session, names[0])]
         rest = [(session, name) for name in names[1:]]
         if rest:
             # Children get their own connections; the parent's pool must not be shared.
@@ -1064,12 +1058,12 @@ class Service:
             with ctx.Pool(
                 min(workers, len(rest)),
                 initializer=_worker_init,
-                initargs=(self.db.url, driver_kind),
+                initargs=(self.db.url, driver_kind, agents),
             ) as pool:
                 outcomes += pool.imap_unordered(_worker_launch, rest)
         return outcomes
 
-    def destroy_vm(self, session: str, name: str, driver: Driver) -> None:
+    def destroy_vm(self, session: str, name: str, driver: AgentPort) -> None:
         """Stop the VM and remove its network; its definition (and MAC) stays."""
         with _holding(driver):
             with self.db.transaction() as s:
@@ -1080,7 +1074,7 @@ class Service:
                 vm.state = "defined"
                 vm.applied = None
 
-    def session_down(self, session: str, driver: Driver) -> list[str]:
+    def session_down(self, session: str, driver: AgentPort) -> list[str]:
         """Stop every VM of the session and remove its network. Returns the VMs stopped."""
         with _holding(driver):
             with self.db.transaction() as s:
@@ -1209,11 +1203,9 @@ class LaunchOutcome:
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(url: str, driver_kind: str) -> None:
-    from vnic.agent.core import local_agent
-
+def _worker_init(url: str, driver_kind: str, agents: Callable[[str], AgentPort]) -> None:
     _worker["service"] = Service(Database(url, migrate=False))
-    _worker["driver"] = local_agent(driver_kind)
+    _worker["driver"] = agents(driver_kind)
 
 
 def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
@@ -1221,7 +1213,7 @@ def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
     return _timed_launch(_worker["service"], _worker["driver"], session, name)
 
 
-def _timed_launch(service: Service, driver: Driver, session: str, name: str) -> LaunchOutcome:
+def _timed_launch(service: Service, driver: AgentPort, session: str, name: str) -> LaunchOutcome:
     start = time.perf_counter()
     try:
         service.launch_vm(session, name, driver)
@@ -1238,23 +1230,21 @@ _VM_RESOLVE_LOADS = (
 )
 
 
-def _holding(driver: Driver) -> contextlib.AbstractContextManager[object]:
-    """``driver``'s host lock, shared, when it is this host's agent (nothing otherwise).
+def _holding(driver: AgentPort) -> contextlib.AbstractContextManager[None]:
+    """``driver``'s gate, shared: this host's agent's host lock, or a remote agent's
+    client's lock over this process's threads (:meth:`AgentPort.gate`).
 
     A use case that reads the database, has the agent act, and writes the
     database holds it throughout: a reconcile (exclusive, in ``vnic serve`` or
     any process on the host) then sees the database and the agent's desired
     state both before or both after, never a launch half-recorded.
     """
-    lock = getattr(driver, "host", None)
-    return lock.shared() if isinstance(lock, HostLock) else contextlib.nullcontext()
+    return driver.gate().shared()
 
 
-def _capabilities(driver: Driver) -> dict[str, Capabilities]:
+def _capabilities(driver: AgentPort) -> dict[str, Capabilities]:
     """What each driver kind behind ``driver`` (an agent has several) honours."""
-    every = getattr(driver, "all_capabilities", None)
-    found = every() if every is not None else [driver.capabilities()]
-    return {c.kind: c for c in found}
+    return {c.kind: c for c in driver.all_capabilities()}
 
 
 def flat_document(doc: Mapping[str, Any]) -> dict[str, Any]:
