@@ -831,14 +831,14 @@ class Service:
     ) -> Explanation:
         """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
 
-        ``kind`` picks one of an agent's drivers (``netns``, ``qemu``); None: the
-        agent's default, or ``driver`` itself. The driver refuses unsupported
-        fields before touching anything and removes what it made if the launch
-        fails; the VM then stays defined (also when recording it fails: the VM
-        is removed again).
+        ``driver`` is the agent (:class:`~vnic.agent.port.AgentPort`); ``kind`` picks
+        one of its drivers (``netns``, ``qemu``); None: the agent's default. The
+        driver refuses unsupported fields before touching anything and removes what
+        it made if the launch fails; the VM then stays defined (also when recording
+        it fails: the VM is removed again).
 
-        Through this host's agent, from the database read to the database write
-        under its host lock, shared (:func:`_holding`).
+        From the database read to the database write under the agent's gate, shared
+        (:func:`_holding`; this host's agent's is its host lock).
         """
         with _holding(driver):
             with self.db.transaction() as s:
