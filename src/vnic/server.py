@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +32,7 @@ from vnic.agent.core import Agent, local_agent
 from vnic.agent.port import ReconcileReport
 from vnic.edge.admission import Limits
 from vnic.manager.auth import Tokens
-from vnic.manager.dispatch import AgentLike, Manager
+from vnic.manager.dispatch import Manager
 from vnic.manager.service import Service
 from vnic.store.db import Database
 
@@ -49,6 +50,16 @@ MANAGER_PORT = 8470
 AGENT_PORT = 8471
 
 
+@dataclass
+class Served:
+    """What :func:`build_manager` made: the manager, and the agent it runs in process
+    (None when its agent is remote). Kept here, where it was built, because only this
+    host's own agent serves feedback, monitors and repairs in this process."""
+
+    manager: Manager
+    local: Agent | None = None
+
+
 def build_manager(
     database_url: str,
     *,
@@ -56,19 +67,16 @@ def build_manager(
     agent_key: str | None = None,
     state_dir: Path | None = None,
     driver: str = "netns",
-) -> Manager:
+) -> Served:
     """A manager on ``database_url`` with an in-process agent, or the one at ``agent_url``."""
     db = Database(database_url)
-    agent: AgentLike
     if agent_url:
         from vnic.agent.client import AgentClient
 
-        agent = AgentClient(agent_url, agent_key or "", default=driver)
-        name = agent_url
-    else:
-        agent = local_agent(driver, state_dir)
-        name = "local"
-    return Manager(Service(db), Tokens(db), agent, agent_name=name)
+        remote = AgentClient(agent_url, agent_key or "", default=driver)
+        return Served(Manager(Service(db), Tokens(db), remote, agent_name=agent_url))
+    local = local_agent(driver, state_dir)
+    return Served(Manager(Service(db), Tokens(db), local, agent_name="local"), local)
 
 
 def describe(report: ReconcileReport) -> list[str]:
@@ -92,33 +100,36 @@ def guarded(app: FastAPI, program: str, host: str, allowed_hosts: Sequence[str])
 
 
 def run_manager(
-    manager: Manager,
+    served: Served,
     host: str,
     port: int,
     intervals: Intervals = INTERVALS,
     limits: Limits | None = None,
     allowed_hosts: Sequence[str] = (),
 ) -> None:
-    """Serve ``manager`` on ``host:port``; ``allowed_hosts``: Host names accepted besides
-    the loopback ones and ``host`` (see :mod:`vnic.edge.guard`)."""
+    """Serve ``served``'s manager on ``host:port``; ``allowed_hosts``: Host names accepted
+    besides the loopback ones and ``host`` (see :mod:`vnic.edge.guard`)."""
     import uvicorn
 
     from vnic.api.app import create_app
     from vnic.web import add_web_routes
 
+    manager, local = served.manager, served.local
     app = guarded(create_app(manager, limits, [add_web_routes]), "vnic serve", host, allowed_hosts)
 
-    if isinstance(manager.agent, Agent):
+    if local is not None:
         # Before the reconcile, which opens the endpoint in every session it keeps.
-        manager.agent.serve_feedback().attach(manager.live)
+        local.serve_feedback().attach(manager.live)
     for line in describe(manager.reconcile()):
         print(f"vnic serve: {line}", flush=True)
-    if isinstance(manager.agent, Agent):
+    if local is not None:
+        # This host's agent: each repair is audited as it is made.
         if intervals[2]:
-            repairer = manager.agent.enable_repair(intervals[2])
+            repairer = local.enable_repair(intervals[2])
             repairer.listeners.append(manager.record_repair)
-        manager.agent.start_monitor(*intervals)
-    if not isinstance(manager.agent, Agent) and intervals[2]:
+        local.start_monitor(*intervals)
+    elif intervals[2]:
+        # A remote agent repairs on its own; its repairs are asked for.
         _collect_repairs(manager, intervals[2])
     manager.live.start()
     print(

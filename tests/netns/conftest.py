@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from vnic.agent.core import Agent
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import qemu
 from vnic.drivers.netns import NetnsDriver
@@ -37,13 +38,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 class Lab:
-    """A database, the netns driver, and the sessions a test made."""
+    """A database, the netns driver, an agent with it alone (on a state directory of its
+    own), and the sessions a test made. The service launches through :attr:`agent`;
+    :attr:`driver` is for checks of the dataplane itself."""
 
     def __init__(self, db_path: Path) -> None:
         self.db = Database(f"sqlite:///{db_path}")
         self.service = Service(self.db)
         self.driver = NetnsDriver()
+        self.state_dir = db_path.parent / "agent"
+        self.agent = Agent(self.state_dir, {"netns": self.driver})
         self.sessions: list[str] = []
+
+    def agents(self, kind: str) -> Agent:
+        """A new agent like :attr:`agent` (its own driver, the same state directory): what
+        each process of :meth:`Service.launch_many` launches with."""
+        return Agent(self.state_dir, {kind: NetnsDriver()}, default=kind)
 
     def profile(self, **doc: Any) -> str:
         spec = parse_profile_document(doc)
@@ -67,7 +77,7 @@ class Lab:
     ) -> Explanation:
         patch = parse_assignments(sets) if sets else None
         self.service.add_vm(VmRequest(session, vm, role=role, profile=profile, patch=patch))
-        return self.service.launch_vm(session, vm, self.driver)
+        return self.service.launch_vm(session, vm, self.agent)
 
     def exec(self, session: str, vm: str, *argv: str) -> str:
         proc = self.driver.exec(session, vm, list(argv), capture_output=True, timeout=30)
@@ -76,7 +86,7 @@ class Lab:
 
     def teardown(self) -> None:
         for session in self.sessions:
-            self.service.session_down(session, self.driver)
+            self.service.session_down(session, self.agent)
         self.db.dispose()
 
 
@@ -88,14 +98,17 @@ def launch_in_child(lab: Lab, session: str, vms: list[str]) -> subprocess.Popen[
             "import sys",
             "from vnic.manager.service import Service",
             "from vnic.store.db import Database",
+            "from pathlib import Path",
+            "from vnic.agent.core import Agent",
             "from vnic.drivers.netns import NetnsDriver",
             "svc = Service(Database(sys.argv[1]))",
-            "d = NetnsDriver()",
-            "[svc.launch_vm(sys.argv[2], vm, d) for vm in sys.argv[3:]]",
+            "a = Agent(Path(sys.argv[2]), {'netns': NetnsDriver()})",
+            "[svc.launch_vm(sys.argv[3], vm, a) for vm in sys.argv[4:]]",
         ]
     )
     env = {**os.environ, "VNIC_DATABASE_URL": str(lab.db.url)}
-    return subprocess.Popen([sys.executable, "-c", script, str(lab.db.url), session, *vms], env=env)
+    argv = [str(lab.db.url), str(lab.state_dir), session, *vms]
+    return subprocess.Popen([sys.executable, "-c", script, *argv], env=env)
 
 
 def doctor_json() -> dict[str, Any]:

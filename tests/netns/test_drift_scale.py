@@ -37,7 +37,7 @@ def launch_all(lab: Lab, session: str, vms: dict[str, str]) -> None:
     """Define ``vms`` (name -> profile) in ``session`` and launch them side by side."""
     for vm, profile in vms.items():
         lab.service.add_vm(VmRequest(session, vm, profile=profile))
-    outcomes = lab.service.launch_many(session, list(vms))
+    outcomes = lab.service.launch_many(session, list(vms), agents=lab.agents)
     assert [o.error for o in outcomes if o.error] == []
 
 

@@ -281,7 +281,7 @@ def test_engine_stops_with_its_vm_and_after_a_killed_launch(lab: Lab) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     engines = [delayd.read_stats(s, vm) for vm in delayd.recorded(s)]
-    lab.service.session_down(s, lab.driver)
+    lab.service.session_down(s, lab.agent)
     assert leftovers(s) == []
     for e in engines:
         if e is not None:

@@ -281,7 +281,7 @@ def test_many_vms_rate_change_at_once(lab: Lab) -> None:
     vms = [f"v{i}" for i in range(count)]
     for vm in vms:
         lab.service.add_vm(VmRequest(s, vm))
-    outcomes = lab.service.launch_many(s, vms)
+    outcomes = lab.service.launch_many(s, vms, agents=lab.agents)
     assert [o.error for o in outcomes if o.error] == []
     pairs = []
     for vm in vms:

@@ -72,7 +72,7 @@ def test_counters_grow_by_the_flow_and_the_rate_is_the_profile_s(lab: Lab) -> No
     )
 
     # A session whose namespace is gone reports nothing (no fake counter reset).
-    lab.service.session_down(s, lab.driver)
+    lab.service.session_down(s, lab.agent)
     assert collector.collect(reqs) == []
 
 

@@ -195,7 +195,7 @@ def test_session_down_after_sigkill_of_the_launching_process(lab: Lab, tmp_path:
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     assert leftovers(s), "the killed launch had created something"
-    stopped = lab.service.session_down(s, lab.driver)
+    stopped = lab.service.session_down(s, lab.agent)
     assert set(stopped) == {f"k{i}" for i in range(6)}
     assert leftovers(s) == []
 
@@ -207,7 +207,9 @@ def test_session_up_launches_in_parallel_and_reports_failures(lab: Lab) -> None:
         lab.service.add_vm(VmRequest(s, f"p{i}"))
     # One VM asks for something the driver cannot do here: it alone fails.
     lab.service.add_vm(VmRequest(s, "slow", patch={"egress.peak": Rate.parse("100Mbit")}))
-    outcomes = lab.service.launch_many(s, [*[f"p{i}" for i in range(6)], "slow"], workers=2)
+    outcomes = lab.service.launch_many(
+        s, [*[f"p{i}" for i in range(6)], "slow"], workers=2, agents=lab.agents
+    )
     by_vm = {o.vm: o for o in outcomes}
     assert set(by_vm) == {*(f"p{i}" for i in range(6)), "slow"}
     assert by_vm["slow"].error and "egress.peak" in by_vm["slow"].error

@@ -346,7 +346,7 @@ def test_an_init_that_does_not_start_fails_the_launch_and_leaves_nothing(
     assert [vm for _, r in lab.service.desired() for vm in [r.vm] if r.session == s] == []
 
     monkeypatch.undo()  # the real init: the same VM (still defined) launches now
-    lab.service.launch_vm(s, "web", lab.driver)
+    lab.service.launch_vm(s, "web", lab.agent)
     assert lab.exec(s, "web", "hostname").strip() == "web"
 
 

@@ -160,10 +160,8 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
         """The agent's latest drift repairs numbered above ``after``, oldest first, and
         the id of this agent's run (numbers start again when it changes); no events
         with repair off."""
-        repairer = agent.repairer
-        if repairer is None:
-            return {"run": "", "events": []}
-        return {"run": repairer.run_id, "events": [e.to_dict() for e in repairer.recent(after)]}
+        run, events = agent.repairs(after)
+        return {"run": run, "events": [e.to_dict() for e in events]}
 
     @app.get("/openapi.json", include_in_schema=False)
     def openapi(_: Auth) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from typing import Any
 
 import httpx
 
-from vnic.agent.port import DesiredVm, ReconcileReport, RepairEvent
+from vnic.agent.hostlock import HostLock
+from vnic.agent.port import AgentPort, DesiredVm, Gate, ReconcileReport, RepairEvent
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.errors import Unavailable, VnicError, error_from_body
 from vnic.model.launch import Capabilities, LaunchRequest
@@ -67,8 +68,9 @@ def _retry_after(response: httpx.Response) -> float:
     return min(float(text), 30.0) if text.isascii() and text.isdigit() else 1.0
 
 
-class AgentClient:
-    """A remote agent at ``url`` (``http://host:port``), authenticated by its key."""
+class AgentClient(AgentPort):
+    """A remote agent at ``url`` (``http://host:port``), authenticated by its key: the
+    agent port (:class:`~vnic.agent.port.AgentPort`) over HTTP."""
 
     def __init__(
         self,
@@ -84,6 +86,9 @@ class AgentClient:
         self.default = default
         self._http = http or httpx.Client(base_url=self.url, timeout=timeout)
         self._http.headers["Authorization"] = f"Bearer {key}"
+        # The remote agent locks its own host; this covers this process's threads (a
+        # reconcile's database read and the agent's pass against this process's launches).
+        self._gate = HostLock(None)
 
     @property
     def kind(self) -> str:
@@ -155,6 +160,10 @@ class AgentClient:
         """The agent's run id and its drift repairs numbered above ``after``."""
         doc = self._call("GET", "/v1/repairs", params={"after": after}).json()
         return str(doc["run"]), [RepairEvent.from_dict(e) for e in doc["events"]]
+
+    def gate(self) -> Gate:
+        """A readers-writer lock over this process's threads (one per client)."""
+        return self._gate
 
     def close(self) -> None:
         self._http.close()

@@ -12,8 +12,9 @@ moment harmless:
 
 The agent never touches the database: the manager sends it requests and,
 on its own start, the whole desired set (:meth:`Agent.sync`). The agent
-implements the driver interface itself, so the service layer launches
-through an agent exactly as through a driver.
+is the manager's :class:`~vnic.agent.port.AgentPort` in process (the HTTP
+client of a remote agent is the other one), so the service layer launches
+through either alike.
 
 Every mutation holds the host lock (:mod:`vnic.agent.hostlock`, the file
 ``<state dir>/host.lock``): launches, live changes, destroys and teardowns
@@ -35,7 +36,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.hostlock import HostLock
-from vnic.agent.port import DesiredVm, ReconcileReport, VmKey, vm_label
+from vnic.agent.port import (
+    AgentPort,
+    DesiredVm,
+    Gate,
+    ReconcileReport,
+    RepairEvent,
+    VmKey,
+    vm_label,
+)
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.drivers.base import Driver
 from vnic.drivers.registry import HOST_DRIVERS
@@ -201,8 +210,9 @@ class DesiredState:
                 self._save(vms)
 
 
-class Agent:
-    """One host's drivers, their desired VMs, and the reconcile loop.
+class Agent(AgentPort):
+    """One host's drivers, their desired VMs, and the reconcile loop: the agent port
+    (:class:`~vnic.agent.port.AgentPort`) in process.
 
     ``drivers`` maps a kind to a driver; ``default`` is the kind used when a
     request names none. Launches of one session are serialised (they share
@@ -297,6 +307,18 @@ class Agent:
             self.repairer.interval = interval
         return self.repairer
 
+    def repairs(self, after: int = 0) -> tuple[str, list[RepairEvent]]:
+        """The repairer's run id and its kept repairs numbered above ``after``, oldest
+        first (:meth:`vnic.agent.repair.Repairer.recent`); ``("", [])`` with repair off."""
+        if self.repairer is None:
+            return "", []
+        return self.repairer.run_id, self.repairer.recent(after)
+
+    def gate(self) -> Gate:
+        """The host lock (:attr:`host`): a manager holding it exclusive excludes every
+        launch on the host, of any process on this state directory."""
+        return self.host
+
     def metrics_text(self) -> str:
         """Prometheus exposition of every desired vNIC (docs/metrics.md)."""
         return self.monitor.metrics_text()
@@ -305,7 +327,7 @@ class Agent:
         """Per-vNIC samples of ``session`` as plain data (``vnic top``)."""
         return self.monitor.stats(session)
 
-    # The driver interface, so the service layer can launch through an agent.
+    # The rest of the agent port (the service layer launches through it).
 
     @property
     def kind(self) -> str:

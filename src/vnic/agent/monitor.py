@@ -19,16 +19,15 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Collection, Mapping
+from typing import Any, Protocol
 
 from vnic.agent.latency import LatencyProbe, Target
 from vnic.agent.metrics import Collector, CountingDriver, VnicSample, render
+from vnic.agent.port import DesiredVm, RepairEvent, VmKey
+from vnic.agent.repair import Repairer
+from vnic.drivers.base import Driver
 from vnic.drivers.registry import HOST_DRIVERS
-
-if TYPE_CHECKING:
-    from vnic.agent.core import Agent
-    from vnic.agent.port import RepairEvent
 
 log = logging.getLogger("vnic.agent")
 
@@ -41,10 +40,29 @@ DUTY = 0.1
 Key = tuple[str, str]
 
 
+class Monitored(Protocol):
+    """What the monitor needs of its agent (:class:`vnic.agent.core.Agent` is one; this
+    module does not import it, which would make an import circle)."""
+
+    @property
+    def drivers(self) -> Mapping[str, Driver]:
+        """The agent's drivers by kind."""
+
+    @property
+    def repairer(self) -> Repairer | None:
+        """Its drift repair (None: drift is only counted)."""
+
+    def mine(self) -> list[DesiredVm]:
+        """The desired VMs of the drivers the agent has loaded."""
+
+    def drift(self, only: Collection[VmKey] | None = None) -> dict[str, list[str]]:
+        """Differences from the kernel of each desired VM (of ``only``), by ``session/vm``."""
+
+
 class Monitor:
     def __init__(
         self,
-        agent: Agent,
+        agent: Monitored,
         latency_interval: float = LATENCY_INTERVAL,
         drift_interval: float = DRIFT_INTERVAL,
     ) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vnic.errors import VnicError
 from vnic.model.launch import Capabilities, LaunchRequest
 
 VmKey = tuple[str, str]
@@ -108,9 +109,11 @@ class Gate(Protocol):
     locks its host itself).
     """
 
-    def shared(self) -> contextlib.AbstractContextManager[None]: ...
+    def shared(self) -> contextlib.AbstractContextManager[None]:
+        """Hold it with the others that hold it shared (reentrant per thread)."""
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]: ...
+    def exclusive(self) -> contextlib.AbstractContextManager[object]:
+        """Hold it alone (what it yields is of no use to a caller here)."""
 
 
 class AgentPort(Protocol):
@@ -139,7 +142,7 @@ class AgentPort(Protocol):
 
     def reconfigure_many(
         self, requests: Sequence[LaunchRequest]
-    ) -> dict[tuple[str, str], list[str] | Exception]:
+    ) -> dict[VmKey, list[str] | VnicError]:
         """:meth:`reconfigure` for each, in one call: changes or the error, by VM."""
 
     def destroy(self, session: str, vm: str) -> None:
@@ -161,7 +164,9 @@ class AgentPort(Protocol):
         """Prometheus exposition of every vNIC on the host."""
 
     def repairs(self, after: int = 0) -> tuple[str, list[RepairEvent]]:
-        """The agent's run id and its drift repairs numbered above ``after``."""
+        """The agent's run id and its drift repairs numbered above ``after`` (the last
+        ones it keeps, oldest first); ``("", [])`` with repair off."""
 
     def gate(self) -> Gate:
-        """The lock that keeps a reconcile from racing launches (see :class:`Gate`)."""
+        """The lock that keeps a reconcile from racing launches (see :class:`Gate`): the
+        same object at every call."""

@@ -36,16 +36,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
+from vnic.agent.hostlock import HostLock
 from vnic.agent.metrics import escape_label
-from vnic.agent.port import RepairEvent, VmKey, vm_label
+from vnic.agent.port import DesiredVm, RepairEvent, VmKey, vm_label
 from vnic.errors import VnicError
-
-if TYPE_CHECKING:
-    from vnic.agent.core import Agent
 
 log = logging.getLogger("vnic.agent")
 
@@ -59,6 +57,35 @@ BACKOFF = 10.0
 BACKOFF_MAX = 300.0
 #: Events kept for :meth:`Repairer.recent`.
 KEPT = 100
+
+
+class DesiredLookup(Protocol):
+    """The agent's desired state, as far as a repair reads it."""
+
+    def get(self, key: VmKey) -> DesiredVm | None:
+        """The desired VM ``key`` (None: no longer desired)."""
+
+
+class Repairable(Protocol):
+    """What a repairer needs of its agent (:class:`vnic.agent.core.Agent` is one; this
+    module does not import it, which would make an import circle)."""
+
+    @property
+    def host(self) -> HostLock:
+        """The host lock: a repair takes it exclusive, without waiting."""
+
+    @property
+    def state(self) -> DesiredLookup:
+        """The desired VMs, read again just before each rebuild."""
+
+    def mine(self) -> list[DesiredVm]:
+        """The desired VMs of the drivers the agent has loaded."""
+
+    def drift(self, only: Collection[VmKey] | None = None) -> dict[str, list[str]]:
+        """Differences from the kernel of each desired VM (of ``only``), by ``session/vm``."""
+
+    def rebuild(self, vm: DesiredVm) -> None:
+        """Destroy the VM and build it again from its request."""
 
 
 class TokenBucket:
@@ -98,7 +125,7 @@ class Repairer:
 
     def __init__(
         self,
-        agent: Agent,
+        agent: Repairable,
         *,
         interval: float = INTERVAL,
         per_vm: int = PER_VM,

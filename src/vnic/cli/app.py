@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vnic.agent.port import AgentPort
 from vnic.client.manager import ManagerClient
-from vnic.drivers.base import DriverLike as Driver
 from vnic.errors import InvalidInput, VnicError, storage_error
 from vnic.manager import views
 from vnic.manager.auth import Tokens
@@ -108,15 +108,17 @@ def database_url() -> str:
     return state.database_url or Settings.from_env().database_url
 
 
-def dispatcher(kind: str) -> Driver:
+def dispatcher(kind: str) -> AgentPort:
     """Where launches go: this host's agent (embedded), or nowhere here with --server
     (the manager dispatches to its agents)."""
     from vnic.agent.core import local_agent
 
     if state.server:
-        from vnic.drivers.fake import FakeDriver
+        from vnic.agent.client import AgentClient
 
-        return FakeDriver()  # unused: the manager client ignores the driver argument
+        # Unused: the manager client ignores the agent argument (this connects nowhere
+        # until called, and is never called).
+        return AgentClient(state.server, "")
     return local_agent(kind)
 
 
@@ -446,7 +448,9 @@ def session_up(
     def body() -> None:
         svc = service()
         pending = [v.name for v in svc.list_vms(name) if v.state == "defined"]
-        outcomes = svc.launch_many(name, pending, driver, workers)
+        from vnic.agent.core import local_agent
+
+        outcomes = svc.launch_many(name, pending, driver, workers, agents=local_agent)
         failed = [o for o in outcomes if o.error]
         if as_json:
             emit_json([o.__dict__ for o in outcomes])
@@ -1518,10 +1522,10 @@ def serve(
             max_streams=max_streams,
         )
         key = agent_key_file.read_text().strip() if agent_key_file else None
-        manager = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
-        manager.live.interval = controller_interval
+        served = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
+        served.manager.live.interval = controller_interval
         run_manager(
-            manager,
+            served,
             host,
             port,
             (latency_interval, drift_interval, repair_interval),

@@ -221,9 +221,16 @@ class ManagerClient:
         )
 
     def launch_many(
-        self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
+        self,
+        session: str,
+        names: Sequence[str],
+        driver_kind: str = "netns",
+        workers: int = 2,
+        *,
+        agents: object = None,
     ) -> list[LaunchOutcome]:
-        """Launch ``names`` with ``workers`` requests in flight; every VM is attempted."""
+        """Launch ``names`` with ``workers`` requests in flight; every VM is attempted
+        (``agents`` is ignored: the manager dispatches to its agents)."""
         if workers < 1:
             raise InvalidInput([FieldError("workers", str(workers), "at least 1")])
 

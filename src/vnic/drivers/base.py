@@ -17,7 +17,7 @@ from __future__ import annotations
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from vnic.errors import Unsupported, VnicError
 from vnic.model.launch import Capabilities, LaunchRequest
@@ -128,21 +128,3 @@ class Driver(ABC):
         """Set the VM's NIC link up or down (the VM sees its carrier go).
         Default: refused, the driver cannot."""
         raise Unsupported(f"the {self.kind} driver cannot set the link of VM {session}/{vm}")
-
-
-class DriverLike(Protocol):
-    """What the service layer launches through: a :class:`Driver` or an agent, which offers
-    the same calls. (Transitional: the manager moves to :class:`vnic.agent.port.AgentPort`.)"""
-
-    @property
-    def kind(self) -> str: ...
-
-    def capabilities(self) -> Capabilities: ...
-
-    def launch(self, request: LaunchRequest) -> None: ...
-
-    def destroy(self, session: str, vm: str) -> None: ...
-
-    def teardown_session(self, session: str, vms: Sequence[str] = ()) -> None: ...
-
-    def running(self, session: str) -> list[str]: ...

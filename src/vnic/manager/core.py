@@ -19,8 +19,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vnic.agent.hostlock import HostLock
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, FieldError, InvalidInput, NotFound, Unsupported
 from vnic.manager.results import SessionInfo, VmInfo
 from vnic.manager.rows import VM_RESOLVE_LOADS, aware, unexpired
@@ -224,7 +223,7 @@ class ServiceCore:
         for row in s.scalars(query):
             yield row, self._resolve(s, row, cache=cache)
 
-    def _recheck(self, s: Session, vms: Iterable[VmRow], driver: Driver | None = None) -> None:
+    def _recheck(self, s: Session, vms: Iterable[VmRow], driver: AgentPort | None = None) -> None:
         """Re-resolve ``vms``; refuse if one gets an invalid profile or loses its MAC's range,
         or (with ``driver``) if one runs on a driver that cannot honour its new profile."""
         errors: list[FieldError] = []
@@ -273,20 +272,18 @@ class ServiceCore:
         )
 
 
-def _holding(driver: Driver) -> contextlib.AbstractContextManager[object]:
-    """``driver``'s host lock, shared, when it is this host's agent (nothing otherwise).
+def _holding(driver: AgentPort) -> contextlib.AbstractContextManager[None]:
+    """``driver``'s gate, shared: this host's agent's host lock, or a remote agent's
+    client's lock over this process's threads (:meth:`AgentPort.gate`).
 
     A use case that reads the database, has the agent act, and writes the
     database holds it throughout: a reconcile (exclusive, in ``vnic serve`` or
     any process on the host) then sees the database and the agent's desired
     state both before or both after, never a launch half-recorded.
     """
-    lock = getattr(driver, "host", None)
-    return lock.shared() if isinstance(lock, HostLock) else contextlib.nullcontext()
+    return driver.gate().shared()
 
 
-def _capabilities(driver: Driver) -> dict[str, Capabilities]:
+def _capabilities(driver: AgentPort) -> dict[str, Capabilities]:
     """What each driver kind behind ``driver`` (an agent has several) honours."""
-    every = getattr(driver, "all_capabilities", None)
-    found = every() if every is not None else [driver.capabilities()]
-    return {c.kind: c for c in found}
+    return {c.kind: c for c in driver.all_capabilities()}

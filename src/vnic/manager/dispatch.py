@@ -1,29 +1,25 @@
-"""How the manager reaches its agent: the agent interface, and the gate that keeps a
-reconcile from racing launches.
+"""How the manager reaches its agent: through the agent port
+(:class:`~vnic.agent.port.AgentPort`), under its gate, which keeps a reconcile
+from racing launches.
 
-With this host's agent in process the gate *is* the agent's host lock
-(:class:`~vnic.agent.hostlock.HostLock`, a file lock): an embedded command
-on the same state directory (``vnic vm launch`` without ``--server``) holds
-it shared from its database read to its database write
-(:meth:`Service.launch_vm`), and a reconcile holds it exclusive from its
-read of the database to the end of the agent's pass, so it never sees a
-launch of another process half-done. With a remote agent the gate covers
-this process's threads only (the agent locks its own host).
+With this host's agent in process the gate *is* the agent's host lock (a
+file lock, :mod:`vnic.agent.hostlock`): an embedded command on the same state
+directory (``vnic vm launch`` without ``--server``) holds it shared from its
+database read to its database write (:meth:`Service.launch_vm`), and a
+reconcile holds it exclusive from its read of the database to the end of
+the agent's pass, so it never sees a launch of another process half-done.
+With a remote agent the gate covers this process's threads only (the agent
+locks its own host). Which one it is, the agent says (:meth:`AgentPort.gate`).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from vnic.agent.client import AgentClient
-from vnic.agent.core import Agent
-from vnic.agent.hostlock import HostLock
-from vnic.agent.port import DesiredVm, ReconcileReport, RepairEvent
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort, DesiredVm, Gate, ReconcileReport, RepairEvent
 from vnic.manager.auth import Tokens
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row
@@ -34,57 +30,32 @@ if TYPE_CHECKING:
     from vnic.manager.live import LiveControl
 
 
-class AgentLike(Driver, Protocol):
-    """What the manager needs of an agent (in-process :class:`~vnic.agent.core.Agent`
-    or :class:`~vnic.agent.client.AgentClient`): the driver interface plus these."""
-
-    def reconfigure(self, request: Any) -> list[str]: ...
-
-    def reconfigure_many(self, requests: Sequence[Any]) -> dict[tuple[str, str], Any]: ...
-
-    def all_capabilities(self) -> Sequence[Any]: ...
-
-    def metrics_text(self) -> str: ...
-
-    def stats(self, session: str) -> list[dict[str, Any]]: ...
-
-    def sync(self, vms: Sequence[DesiredVm]) -> ReconcileReport: ...
-
-
-class Gate(HostLock):
-    """Many dispatches at once, or one reconcile alone (a readers-writer lock) among
-    this process's threads.
-
-    A reconcile sends the agent the database's running VMs; a launch between
-    its agent call and its database write would look like an orphan to it.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(None)
-
-
 @dataclass
 class Manager:
     service: Service
     tokens: Tokens
-    agent: AgentLike
+    agent: AgentPort
     agent_name: str = "local"
-    #: The agent's host lock when it is this host's, else this process's :class:`Gate`.
-    gate: HostLock = field(default_factory=Gate)
 
-    #: The remote agent's run and the last repair of it audited (:meth:`collect_repairs`).
+    #: The agent's run and the last repair of it audited (:meth:`collect_repairs`).
     _repairs_seen: tuple[str, int] = field(default=("", 0), init=False, repr=False)
 
-    def __post_init__(self) -> None:
-        if isinstance(self.agent, Agent):
-            self.gate = self.agent.host
+    @property
+    def gate(self) -> Gate:
+        """Many dispatches at once, or one reconcile alone (the agent's gate: a reconcile
+        sends the agent the database's running VMs, and a launch between its agent call
+        and its database write would look like an orphan to it)."""
+        return self.agent.gate()
 
     def collect_repairs(self) -> int:
-        """Audit the drift repairs a remote agent made since the last call; return how
-        many (an in-process agent's are audited as they happen). A manager that
-        starts audits what the agent still keeps (:data:`vnic.agent.repair.KEPT`)."""
-        if not isinstance(self.agent, AgentClient):
-            return 0
+        """Audit the drift repairs the agent made since the last call; return how many.
+        A manager that starts audits what the agent still keeps
+        (:data:`vnic.agent.repair.KEPT`).
+
+        For an agent whose repairs are not passed to :meth:`record_repair` as they
+        happen: ``vnic serve`` polls a remote agent with it, and wires an in-process
+        agent's repairer to :meth:`record_repair` instead (:mod:`vnic.server`).
+        """
         run, seen = self._repairs_seen
         now, events = self.agent.repairs(seen)
         if now != run and seen:  # the agent restarted: its numbers started again

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy import select
 
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, InvalidInput, VnicError
 from vnic.manager.core import ServiceCore, _holding
 from vnic.manager.results import Explanation, LaunchOutcome
@@ -29,18 +29,18 @@ class Launching(ServiceCore):
     """Running VMs: launch, stop, and what the agents must run."""
 
     def launch_vm(
-        self, session: str, name: str, driver: Driver, kind: str | None = None
+        self, session: str, name: str, driver: AgentPort, kind: str | None = None
     ) -> Explanation:
         """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
 
-        ``kind`` picks one of an agent's drivers (``netns``, ``qemu``); None: the
-        agent's default, or ``driver`` itself. The driver refuses unsupported
-        fields before touching anything and removes what it made if the launch
-        fails; the VM then stays defined (also when recording it fails: the VM
-        is removed again).
+        ``driver`` is the agent (:class:`~vnic.agent.port.AgentPort`); ``kind`` picks
+        one of its drivers (``netns``, ``qemu``); None: the agent's default. The
+        driver refuses unsupported fields before touching anything and removes what
+        it made if the launch fails; the VM then stays defined (also when recording
+        it fails: the VM is removed again).
 
-        Through this host's agent, from the database read to the database write
-        under its host lock, shared (:func:`_holding`).
+        From the database read to the database write under the agent's gate, shared
+        (:func:`_holding`; this host's agent's is its host lock).
         """
         with _holding(driver):
             with self.db.transaction() as s:
@@ -49,14 +49,8 @@ class Launching(ServiceCore):
                     raise Conflict(f"VM {session}/{name} is already running")
                 eff = self._resolve(s, vm)
                 request = self._launch_request(vm, eff)
-            if kind is None or kind == driver.kind:
-                driver.launch(request)
-                used = driver.kind
-            elif hasattr(driver, "drivers") or hasattr(driver, "default"):  # an agent
-                driver.launch(request, kind)  # type: ignore[call-arg]
-                used = kind
-            else:
-                raise InvalidInput.one("driver", kind, f"{driver.kind} (the only driver here)")
+            driver.launch(request, kind)  # an unknown kind is the agent's InvalidInput
+            used = kind or driver.kind
             try:
                 with self.db.transaction() as s:
                     vm = self._vm_row(s, session, name)
@@ -89,10 +83,17 @@ class Launching(ServiceCore):
             vm.applied = None
 
     def launch_many(
-        self, session: str, names: Sequence[str], driver_kind: str = "netns", workers: int = 2
+        self,
+        session: str,
+        names: Sequence[str],
+        driver_kind: str = "netns",
+        workers: int = 2,
+        *,
+        agents: Callable[[str], AgentPort],
     ) -> list[LaunchOutcome]:
         """Launch ``names`` with ``workers`` processes, each with its own database
-        connection and driver (launches are CPU-bound: one process per core).
+        connection and agent, ``agents(driver_kind)``, made in the process after the fork
+        (launches are CPU-bound: one process per core; a netlink socket is not to share).
 
         Every VM is attempted; the outcomes say which launched, in how long,
         and why the others failed.
@@ -101,11 +102,9 @@ class Launching(ServiceCore):
             return []
         if workers < 1:
             raise InvalidInput.one("workers", workers, "a number of processes of at least 1")
-        from vnic.agent.core import local_agent
-
         # The first launch brings the session's network up; after it, launches
         # of different VMs touch disjoint objects and may run side by side.
-        outcomes = [_timed_launch(self, local_agent(driver_kind), session, names[0])]
+        outcomes = [_timed_launch(self, agents(driver_kind), session, names[0])]
         rest = [(session, name) for name in names[1:]]
         if rest:
             # Children get their own connections; the parent's pool must not be shared.
@@ -114,12 +113,12 @@ class Launching(ServiceCore):
             with ctx.Pool(
                 min(workers, len(rest)),
                 initializer=_worker_init,
-                initargs=(self.db.url, driver_kind),
+                initargs=(self.db.url, driver_kind, agents),
             ) as pool:
                 outcomes += pool.imap_unordered(_worker_launch, rest)
         return outcomes
 
-    def destroy_vm(self, session: str, name: str, driver: Driver) -> None:
+    def destroy_vm(self, session: str, name: str, driver: AgentPort) -> None:
         """Stop the VM and remove its network; its definition (and MAC) stays."""
         with _holding(driver):
             with self.db.transaction() as s:
@@ -130,7 +129,7 @@ class Launching(ServiceCore):
                 vm.state = "defined"
                 vm.applied = None
 
-    def session_down(self, session: str, driver: Driver) -> list[str]:
+    def session_down(self, session: str, driver: AgentPort) -> list[str]:
         """Stop every VM of the session and remove its network. Returns the VMs stopped."""
         with _holding(driver):
             with self.db.transaction() as s:
@@ -148,13 +147,11 @@ class Launching(ServiceCore):
 _worker: dict[str, Any] = {}
 
 
-def _worker_init(url: str, driver_kind: str) -> None:
-    from vnic.agent.core import local_agent
-
+def _worker_init(url: str, driver_kind: str, agents: Callable[[str], AgentPort]) -> None:
     # A Launching, not the whole Service: all a launch needs, and launch.py cannot
     # import service.py (which composes it).
     _worker["service"] = Launching(Database(url, migrate=False))
-    _worker["driver"] = local_agent(driver_kind)
+    _worker["driver"] = agents(driver_kind)
 
 
 def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
@@ -162,7 +159,7 @@ def _worker_launch(task: tuple[str, str]) -> LaunchOutcome:
     return _timed_launch(_worker["service"], _worker["driver"], session, name)
 
 
-def _timed_launch(service: Launching, driver: Driver, session: str, name: str) -> LaunchOutcome:
+def _timed_launch(service: Launching, driver: AgentPort, session: str, name: str) -> LaunchOutcome:
     start = time.perf_counter()
     try:
         service.launch_vm(session, name, driver)

@@ -18,18 +18,19 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from vnic.agent.port import AgentPort
 from vnic.controller.engine import Controller, Decision
 from vnic.controller.feedback import FeedbackPolicy, Grant, parse_feedback_policy
 from vnic.controller.rules import parse_rules
 from vnic.controller.scenario import parse_scenario
 from vnic.controller.scenario_run import ScenarioRun
 from vnic.errors import Conflict, InvalidInput, NotFound, VnicError
+from vnic.manager.results import VmChange
+from vnic.manager.runtime import Runtime
+from vnic.manager.service import Service
 from vnic.model.profile import values_to_document
-
-if TYPE_CHECKING:
-    from vnic.manager.dispatch import Manager
 
 log = logging.getLogger("vnic.controller")
 
@@ -86,12 +87,33 @@ class _ScenarioTask:
     error: str | None = None
 
 
+class Dispatch(Protocol):
+    """What the controller needs of its manager (:class:`vnic.manager.dispatch.Manager`
+    is one; this module does not import it, which builds the controller: an import
+    circle)."""
+
+    @property
+    def service(self) -> Service:
+        """The database's use cases (effective profiles, the clock)."""
+
+    @property
+    def agent(self) -> AgentPort:
+        """The agent the samples come from."""
+
+    @property
+    def runtime(self) -> Runtime:
+        """Runtime adjustments and the audit log."""
+
+    def reapply(self, **scope: Any) -> list[VmChange]:
+        """Send changed effective profiles to the agent (``scope``: session, vm, ...)."""
+
+
 class LiveControl:
     """Rules, feedback and scenarios of every session, for one manager."""
 
     def __init__(
         self,
-        manager: Manager,
+        manager: Dispatch,
         *,
         clock: Callable[[], float] = time.monotonic,
         interval: float = INTERVAL,

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, FieldError, InUse, InvalidInput
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import ApplyResult, ProfileInfo, RevisionInfo
@@ -30,7 +30,7 @@ class Profiles(ServiceCore):
         specs: Sequence[ProfileSpec],
         *,
         create_only: bool = False,
-        driver: Driver | None = None,
+        driver: AgentPort | None = None,
     ) -> list[ApplyResult]:
         """Create or update profiles; a profile whose document is unchanged keeps its revision.
         With ``create_only``, a name that exists already is a conflict.
@@ -146,7 +146,7 @@ class Profiles(ServiceCore):
                 )
         return errors
 
-    def _recheck_vms(self, s: Session, changed: Iterable[str], driver: Driver | None) -> None:
+    def _recheck_vms(self, s: Session, changed: Iterable[str], driver: AgentPort | None) -> None:
         """Re-resolve every VM that uses a changed profile; refuse if one breaks."""
         self._recheck(s, [vm for name in changed for vm in self._vms_using(s, name)], driver)
 
@@ -172,7 +172,7 @@ class Profiles(ServiceCore):
         return vms
 
     def update_profile(
-        self, name: str, patch: Mapping[str, Any], driver: Driver | None = None
+        self, name: str, patch: Mapping[str, Any], driver: AgentPort | None = None
     ) -> ApplyResult:
         """Merge ``patch`` into the profile's current document (RFC 7386: omitted keys stay,
         ``null`` removes) and store the result as a new revision, with the same checks

@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vnic.drivers.base import DriverLike as Driver
-from vnic.errors import DataplaneError, Unsupported
+from vnic.agent.port import AgentPort
+from vnic.errors import DataplaneError
 from vnic.manager.core import ServiceCore, _holding
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row, field_changes
@@ -22,7 +22,7 @@ class Reapplying(ServiceCore):
 
     def reapply(
         self,
-        driver: Driver,
+        driver: AgentPort,
         *,
         session: str | None = None,
         vm: str | None = None,
@@ -50,7 +50,7 @@ class Reapplying(ServiceCore):
 
     def _reapply(
         self,
-        driver: Driver,
+        driver: AgentPort,
         session: str | None,
         vm: str | None,
         source: str | None,
@@ -70,11 +70,7 @@ class Reapplying(ServiceCore):
         if not pending:
             return []
         requests = [request for _, request, _ in pending]
-        many = getattr(driver, "reconfigure_many", None)
-        if many is None:
-            # A driver's own live change needs the request each VM runs, which its agent keeps.
-            raise Unsupported(f"live changes go through an agent, not the {driver.kind} driver")
-        outcomes = many(requests)
+        outcomes = driver.reconfigure_many(requests)
         changes: list[VmChange] = []
         now = self.clock()
         with self.db.transaction() as s:
@@ -82,7 +78,7 @@ class Reapplying(ServiceCore):
             for eff, request, fields in pending:
                 outcome = outcomes.get((request.session, request.vm))
                 error = str(outcome) if isinstance(outcome, BaseException) else None
-                kernel = [] if error or outcome is None else list(outcome)
+                kernel = [] if error or not isinstance(outcome, list) else list(outcome)
                 sources = {path: str(eff.sources.get(path, "")) for path in fields}
                 change = VmChange(
                     request.session, request.vm, fields, sources, kernel, error, eff.revisions

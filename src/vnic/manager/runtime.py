@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import InvalidInput
 from vnic.manager.rows import audit_row, aware, field_changes
 from vnic.manager.service import Service
@@ -76,7 +76,7 @@ class Runtime:
         profile: str | None = None,
         expires_at: datetime | None = None,
         audit: bool = True,
-        driver: Driver | None = None,
+        driver: AgentPort | None = None,
     ) -> dict[str, tuple[Any, Any]]:
         """Set ``source``'s adjustment of the VM (typed ``values`` on top of ``profile``'s);
         return the fields whose effective value changed, ``path -> (old, new)``.

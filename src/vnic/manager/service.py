@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.manager.launch import Launching
 from vnic.manager.profiles import Profiles
 from vnic.manager.reapply import Reapplying
@@ -35,7 +35,7 @@ class Service(Profiles, Sessions, Vms, Launching, Reapplying):
     """
 
     def apply_profiles_live(
-        self, specs: Sequence[ProfileSpec], driver: Driver
+        self, specs: Sequence[ProfileSpec], driver: AgentPort
     ) -> tuple[list[ApplyResult], list[VmChange]]:
         """:meth:`apply_profiles`, then the new revisions live on every running VM they reach."""
         results = self.apply_profiles(specs, driver=driver)
@@ -46,7 +46,7 @@ class Service(Profiles, Sessions, Vms, Launching, Reapplying):
         return results, self.reapply(driver, source="user", reason=reason)
 
     def update_vm_live(
-        self, session: str, name: str, changes: Mapping[str, Any], driver: Driver
+        self, session: str, name: str, changes: Mapping[str, Any], driver: AgentPort
     ) -> tuple[Explanation, list[VmChange]]:
         """:meth:`update_vm`, then the change live on the VM if it runs (errors raised)."""
         # update_vm's explanation is the one after the change: reapply sends what it
@@ -60,7 +60,7 @@ class Service(Profiles, Sessions, Vms, Launching, Reapplying):
     def add_and_launch(
         self,
         req: VmRequest,
-        driver: Driver,
+        driver: AgentPort,
         kind: str | None = None,
         *,
         hold: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, Exhausted, InUse
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import SessionInfo
@@ -77,7 +77,7 @@ class Sessions(ServiceCore):
         return rows
 
     def update_session(
-        self, name: str, changes: Mapping[str, Any], driver: Driver | None = None
+        self, name: str, changes: Mapping[str, Any], driver: AgentPort | None = None
     ) -> SessionInfo:
         """Change a session's policy or owner; keys absent from ``changes`` stay as they are.
 

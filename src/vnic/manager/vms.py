@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from vnic.drivers.base import DriverLike as Driver
+from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, Exhausted, FieldError, InvalidInput, NotFound
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import Explanation, VmInfo, VmRequest
@@ -90,7 +90,7 @@ class Vms(ServiceCore):
         session: str,
         name: str,
         changes: Mapping[str, Any],
-        driver: Driver | None = None,
+        driver: AgentPort | None = None,
     ) -> Explanation:
         """Change a VM's facts or override; keys absent from ``changes`` stay as they are.
 

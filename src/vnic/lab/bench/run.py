@@ -243,7 +243,7 @@ def launch(count: int = 100, workers: int = 2) -> dict[str, Any]:
                 b.service.add_vm(VmRequest(b.session, f"v{i}"))
             start = time.perf_counter()
             outcomes = b.service.launch_many(
-                b.session, [f"v{i}" for i in range(count)], workers=workers
+                b.session, [f"v{i}" for i in range(count)], workers=workers, agents=local_agent
             )
             total = time.perf_counter() - start
             failed = [o for o in outcomes if o.error]
