@@ -1,4 +1,4 @@
-"""``vnic bench``: the benchmarks (root): JSON out plus a short table
+"""``vnic bench``: the benchmarks (root, except ``startup``): JSON out plus a short table
 (:mod:`vnic.cli.render_bench`). Each benchmark is imported when it runs."""
 
 from __future__ import annotations
@@ -204,5 +204,34 @@ def bench_load(
             out.print(line, markup=False)
         if json_out:
             json_out.write_text(json.dumps({"benchmark": "load", **result}, indent=2) + "\n")
+
+    run(body)
+
+
+@app.command("startup")
+def bench_startup(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    runs: Annotated[
+        int, typer.Option("--runs", min=1, max=1000, help="Timed runs of each command.")
+    ] = 15,
+) -> None:
+    """Start-up time (no root needed): python -c pass, the typer and rich import, vnic --help,
+    vnic profile list on a fresh SQLite database, tcset --help if installed; each run
+    --runs times, interleaved; median seconds and the ratio to python -c pass."""
+    from vnic.lab.bench.startup import run as run_startup
+
+    def body() -> None:
+        result = run_startup(runs=runs)
+        out.print(render_bench.startup_table(result))
+        for row in result["commands"]:
+            if "error" in row:
+                out.print(f"{row['name']} failed: {row['error']}", markup=False)
+        for line in render_bench.note_lines(result):
+            out.print(line, markup=False)
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
 
     run(body)

@@ -260,3 +260,19 @@ def load_lines(
         f"{sum(result['errors_other_than_429'].values())}; server RSS "
         f"{rss['before']} -> {rss['after']} KiB"
     )
+
+
+def startup_table(result: Mapping[str, Any]) -> Table:
+    """Start-up time per command: median seconds and the ratio to ``python -c pass``."""
+    table = Table(
+        "command",
+        "median s",
+        "x python -c pass",
+        "runs",
+        title=f"start-up, {result['runs']} runs each, interleaved",
+    )
+    for r in result["commands"]:
+        ratio = "—" if r["ratio"] is None else f"{r['ratio']:.1f}"
+        median = "—" if r["median_s"] is None else f"{r['median_s']:.3f}"
+        table.add_row(r["name"], median, ratio, str(len(r["seconds"])))
+    return table
