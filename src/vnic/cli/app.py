@@ -12,8 +12,6 @@ modules import only typer, rich and the standard library; what a command needs
 (SQLAlchemy, FastAPI, pyroute2, httpx, the service) is imported when it runs.
 """
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

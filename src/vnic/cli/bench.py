@@ -1,8 +1,6 @@
 """``vnic bench``: the benchmarks (root, except ``startup``): JSON out plus a short table
 (:mod:`vnic.cli.render_bench`). Each benchmark is imported when it runs."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Annotated, Any

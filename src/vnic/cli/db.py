@@ -1,7 +1,5 @@
 """``vnic db``: the central database."""
 
-from __future__ import annotations
-
 import typer
 
 from vnic.cli.common import database_url, out, run

@@ -1,7 +1,5 @@
 """``vnic demo``: the README's first command (root); the demo itself is :mod:`vnic.lab.demo`."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -2,8 +2,6 @@
 which profile fields each driver can therefore honour, and what the qemu driver's
 guests would run with. The probes are imported when the command runs."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from vnic.cli import render

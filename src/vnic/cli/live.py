@@ -10,8 +10,6 @@ so the output is the same. A scenario needs a process that lives as long as it p
 in the foreground until it ends (Ctrl-C stops it and removes its adjustments).
 """
 
-from __future__ import annotations
-
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -30,7 +28,7 @@ scenario_app = typer.Typer(
 )
 
 
-def live() -> LiveOps | RemoteLive:
+def live() -> "LiveOps | RemoteLive":
     """The operations: over HTTP with --server, else embedded on this host's agent."""
     return cli.backend().live()
 

@@ -1,7 +1,5 @@
 """``vnic profile``: define and inspect profiles."""
 
-from __future__ import annotations
-
 import json
 import sys
 from pathlib import Path

@@ -1,8 +1,6 @@
 """``vnic serve`` (the session manager) and ``vnic agent`` (this host's agent on its own):
 the two long-running servers. Their server code is imported when one starts."""
 
-from __future__ import annotations
-
 from pathlib import Path
 from typing import Annotated
 

@@ -1,7 +1,5 @@
 """``vnic session``: sessions, isolated networks with a profile policy."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

@@ -1,7 +1,5 @@
 """``vnic token``: API tokens (admin, owner, reader), embedded or through ``--server``."""
 
-from __future__ import annotations
-
 from typing import Annotated
 
 import typer

@@ -1,7 +1,5 @@
 """``vnic top SESSION``: the live per-vNIC table, refreshed in place."""
 
-from __future__ import annotations
-
 import time
 from collections.abc import Callable
 from typing import Annotated, Any

@@ -1,7 +1,5 @@
 """``vnic vm``: VMs in a session and their effective profiles."""
 
-from __future__ import annotations
-
 from typing import Annotated, Any
 
 import typer
