@@ -7,7 +7,7 @@ import dataclasses
 from rich.console import Console
 
 from vnic.agent.metrics import DirectionSample, VnicSample
-from vnic.cli.top import table
+from vnic.cli.render import top_table as table
 
 
 def test_table_shows_rates_drops_latency_and_gaps() -> None:

@@ -1,54 +1,42 @@
 """``vnic`` commands of dynamic adjustment: runtime adjustments, the audit log, a session's
-controller, and scenarios. Registered on the main app by :mod:`vnic.cli.app`.
+controller, and scenarios. Registered on the main app by :mod:`vnic.cli.app`
+(``vm adjust``, ``session controller``, ``audit``, ``scenario``).
 
 Embedded (no ``--server``) they work on the database and this host's agent
 directly; with ``--server`` they call the manager's API. Either way the same
-operations (:class:`~vnic.api.live.LiveOps`) run, so the output is
-the same. A scenario needs a process that lives as long as it plays: with
+operations (:class:`~vnic.api.live.LiveOps`, :meth:`vnic.cli.backend.Backend.live`) run,
+so the output is the same. A scenario needs a process that lives as long as it plays: with
 ``--server`` that is the manager; embedded, ``vnic scenario start`` plays it
 in the foreground until it ends (Ctrl-C stops it and removes its adjustments).
 """
 
-from __future__ import annotations
-
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-import yaml
-from rich.table import Table
 
-from vnic.api.live import AdjustmentSet, LiveOps
-from vnic.cli import app as cli
-from vnic.errors import InvalidInput
-from vnic.model.loading import DocumentError, load_yaml
-from vnic.model.profile import parse_assignments, values_to_document
+from vnic.cli import common as cli
+from vnic.cli import render
+
+if TYPE_CHECKING:
+    from vnic.api.live import LiveOps
+    from vnic.client.manager import RemoteLive
 
 scenario_app = typer.Typer(
     no_args_is_help=True, help="Scenarios: profile changes on a timeline, or a bandwidth trace."
 )
 
 
-def live() -> Any:
+def live() -> "LiveOps | RemoteLive":
     """The operations: over HTTP with --server, else embedded on this host's agent."""
-    if cli.state.server:
-        from vnic.client.manager import ManagerClient, RemoteLive
-
-        service = cli.service()
-        assert isinstance(service, ManagerClient)
-        return RemoteLive(service)
-    from vnic.agent.core import local_agent
-    from vnic.manager.auth import Tokens
-    from vnic.manager.dispatch import Manager
-    from vnic.manager.service import Service
-
-    service = cli.service()
-    assert isinstance(service, Service)
-    return LiveOps(Manager(service, Tokens(service.db), local_agent("netns")))
+    return cli.backend().live()
 
 
 def _read_one(file: str, what: str) -> Any:
+    from vnic.errors import InvalidInput
+    from vnic.model.loading import DocumentError, load_yaml
+
     try:
         text = (
             Path(file).read_text(encoding="utf-8")
@@ -93,6 +81,9 @@ def vm_adjust(
     """Adjust a VM at runtime: the top resolution layer, with an expiry, audited and live."""
 
     def body() -> None:
+        from vnic.api.live import AdjustmentSet
+        from vnic.model.profile import parse_assignments, values_to_document
+
         ops = live()
         if clear:
             result = ops.clear(session, name, source)
@@ -115,8 +106,8 @@ def vm_adjust(
             cli.out.print(f"vm {session}/{name}: no effective change", markup=False)
         for path, change in fields.items():
             cli.out.print(
-                f"vm {session}/{name}: {path} {cli._shown(change['old'])} -> "
-                f"{cli._shown(change['new'])}",
+                f"vm {session}/{name}: {path} {render.shown(change['old'])} -> "
+                f"{render.shown(change['new'])}",
                 markup=False,
             )
         for change in result.get("changes") or []:
@@ -139,15 +130,7 @@ def audit(
         if as_json:
             cli.emit_json(entries)
             return
-        table = Table("at", "vm", "source", "reason", "changes")
-        for e in entries:
-            changes = "; ".join(
-                f"{p} {cli._shown(e['old'].get(p))} -> {cli._shown(e['new'].get(p))}"
-                for p in e["new"]
-            )
-            at = e["at"] if isinstance(e["at"], str) else e["at"].isoformat()
-            table.add_row(at[:23], f"{e['session']}/{e['vm']}", e["source"], e["reason"], changes)
-        cli.out.print(table)
+        cli.out.print(render.audit_table(entries))
 
     cli.run(body)
 
@@ -178,6 +161,8 @@ def session_controller(
         if as_json or show_state:
             cli.emit_json(result)
         else:
+            import yaml
+
             cli.out.print(yaml.safe_dump(result, sort_keys=False) or "{}", markup=False, end="")
 
     cli.run(body)
@@ -262,17 +247,4 @@ def scenario_list(session: str, as_json: cli.JsonFlag = False) -> None:
 
 
 def _print_scenario(s: dict[str, Any]) -> None:
-    slip = f", slip p99 {s['slip_p99_ms']} ms" if s.get("slip_p99_ms") is not None else ""
-    error = f", error: {s['error']}" if s.get("error") else ""
-    cli.out.print(
-        f"scenario {s['name']} ({s['session']}): {s['state']} at {s['position_s']} s, "
-        f"{s['steps_applied']} steps applied{slip}{error}",
-        markup=False,
-    )
-
-
-def register(app: typer.Typer, vm_app: typer.Typer, session_app: typer.Typer) -> None:
-    vm_app.command("adjust")(vm_adjust)
-    session_app.command("controller")(session_controller)
-    app.command("audit")(audit)
-    app.add_typer(scenario_app, name="scenario")
+    cli.out.print(render.scenario_line(s), markup=False)

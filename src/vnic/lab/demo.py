@@ -25,6 +25,7 @@ from vnic.agent.core import Agent, local_agent
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import qemu
 from vnic.errors import NotFound, VnicError
+from vnic.lab.explain import explanation_table
 from vnic.lab.measure import TCP_GOODPUT, Throughput, iperf3, one_way
 from vnic.lab.stats import quantile, stdev
 from vnic.manager.results import Explanation, VmRequest
@@ -45,8 +46,6 @@ PROBE_TIME = "3s"
 
 
 def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
-    from vnic.cli.app import print_explanation
-
     results = service.apply_profiles(parse_documents(read_documents([str(profiles_dir)])))
     for r in results:
         out.print(f"profile {r.name}: {r.action} (revision {r.revision})", markup=False)
@@ -91,7 +90,7 @@ def run_demo(service: Service, profiles_dir: Path, out: Console) -> None:
                 f"launched {SESSION}/{v.name}: {what}MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False
             )
         out.print()
-        print_explanation(launched["phone"])
+        out.print(explanation_table(launched["phone"]))
         meter_ip = launched["meter"].vm.ipv4
         if meter_ip is None:  # pragma: no cover - every launched VM has an address
             raise VnicError("the meter VM has no address")

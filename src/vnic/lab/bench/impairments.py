@@ -31,7 +31,7 @@ from typing import Any
 from vnic.dataplane import delayd
 from vnic.drivers.netns import choose_engine
 from vnic.lab import stats
-from vnic.lab.bench.run import Bench, bench_session
+from vnic.lab.bench.base import Bench, bench_session
 from vnic.lab.measure import TCP_GOODPUT, iperf3, one_way, udp_flood, udp_sequence
 from vnic.plan import names
 

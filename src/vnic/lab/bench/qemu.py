@@ -32,7 +32,7 @@ from vnic.dataplane import qemu, vmexec
 from vnic.drivers.netns import choose_engine
 from vnic.errors import VnicError
 from vnic.lab import stats
-from vnic.lab.bench.run import PEER_RATE, Bench, bench_session, concurrent_udp
+from vnic.lab.bench.base import PEER_RATE, Bench, bench_session, concurrent_udp
 from vnic.lab.measure import (
     TCP_GOODPUT,
     UDP_GOODPUT,

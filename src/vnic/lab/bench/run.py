@@ -4,95 +4,36 @@ Each benchmark makes its own throwaway database, agent state and session,
 writes JSON, and prints a short table. Run them with ``vnic bench fidelity``
 and ``vnic bench launch`` (root); ``--driver qemu`` measures QEMU guests
 instead (:mod:`vnic.lab.bench.qemu`). Traffic goes only between the benchmark's VMs.
+The throwaway bench itself is :mod:`vnic.lab.bench.base`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import statistics
-import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vnic.agent.core import Agent, local_agent
+from vnic.agent.core import local_agent
 from vnic.dataplane.tc import read_class_counters
-from vnic.drivers.netns import NetnsDriver
 from vnic.errors import InvalidInput
+from vnic.lab.bench import impairments as bench_impairments
+from vnic.lab.bench import qemu as bench_qemu
+from vnic.lab.bench.base import PEER_RATE, bench_session, concurrent_udp
 from vnic.lab.measure import (
     TCP_GOODPUT,
     UDP_GOODPUT,
     UDP_PAYLOAD,
-    Throughput,
     burst_rate,
     iperf3,
 )
 from vnic.manager.results import VmRequest
-from vnic.manager.service import Service
-from vnic.model.profile import parse_profile_document
 from vnic.plan import names
-from vnic.store.db import Database
 
-PEER_RATE = "10Gbit"
 #: The drivers a benchmark can measure.
 DRIVERS = ("netns", "qemu")
-
-
-@dataclass
-class Bench:
-    """A throwaway database, an agent of this host's drivers (netns and qemu) with its own
-    state directory, and one session."""
-
-    service: Service
-    agent: Agent
-    session: str
-
-    @property
-    def driver(self) -> NetnsDriver:
-        """The netns driver (for :meth:`NetnsDriver.exec` in netns VMs)."""
-        netns = self.agent.driver("netns")
-        assert isinstance(netns, NetnsDriver)
-        return netns
-
-    def profile(self, **doc: Any) -> str:
-        spec = parse_profile_document(doc)
-        self.service.apply_profiles([spec])
-        return spec.name
-
-    def launch(self, vm: str, profile: str | None = None, kind: str = "netns") -> str:
-        """Define and launch ``vm`` with the ``kind`` driver; its IPv4 address."""
-        self.service.add_vm(VmRequest(self.session, vm, profile=profile))
-        info = self.service.launch_vm(self.session, vm, self.agent, kind).vm
-        assert info.ipv4
-        return info.ipv4
-
-    def destroy(self, vm: str) -> None:
-        """Stop ``vm`` (whichever driver runs it) and remove its network."""
-        self.service.destroy_vm(self.session, vm, self.agent)
-
-
-@contextlib.contextmanager
-def bench_session(default_doc: dict[str, Any]) -> Iterator[Bench]:
-    """A :class:`Bench` whose session is torn down when the block ends, failed or not."""
-    with tempfile.TemporaryDirectory(prefix="vnic-bench-") as tmp:
-        db = Database(f"sqlite:///{Path(tmp) / 'bench.db'}")
-        service = Service(db)
-        service.apply_profiles([parse_profile_document(default_doc)])
-        session = f"b{uuid.uuid4().hex[:8]}"
-        service.create_session(session, default_profile=default_doc["name"])
-        agent = local_agent("netns", state_dir=Path(tmp) / "agent")
-        try:
-            yield Bench(service, agent, session)
-        finally:
-            try:
-                service.session_down(session, agent)
-            finally:
-                db.dispose()
 
 
 def _row(
@@ -203,36 +144,6 @@ def fidelity(
     }
 
 
-def concurrent_udp(
-    session: str,
-    client: str,
-    server: str,
-    server_ip: str,
-    *,
-    tos_values: tuple[int, ...],
-    seconds: float,
-    offer: str = "10M",
-) -> list[Throughput]:
-    """One UDP flow per TOS value, all at once, each offering ``offer``; what each received."""
-    with ThreadPoolExecutor(len(tos_values)) as pool:
-        flows = [
-            pool.submit(
-                iperf3,
-                session,
-                client,
-                server,
-                server_ip,
-                seconds=seconds,
-                udp_rate=offer,
-                length=UDP_PAYLOAD,
-                tos=tos,
-                port=5301 + i,
-            )
-            for i, tos in enumerate(tos_values)
-        ]
-        return [f.result() for f in flows]
-
-
 def launch(count: int = 100, workers: int = 2) -> dict[str, Any]:
     """Launch ``count`` shaped VMs with ``workers`` processes (``vnic session up``); per-VM
     launch time, total, and time to read every vNIC's counters."""
@@ -299,8 +210,6 @@ def run(
     if driver not in DRIVERS:
         raise InvalidInput.one("driver", driver, "one of " + ", ".join(DRIVERS))
     if driver == "qemu":
-        from vnic.lab.bench import qemu as bench_qemu
-
         if which != "fidelity":
             result = bench_qemu.launch()
         else:
@@ -312,13 +221,13 @@ def run(
                     quick=quick, cells_wanted=cells or bench_qemu.CELLS
                 )
     elif which == "fidelity":
-        from vnic.lab.bench.impairments import CELLS, impairments
-
         result = {"benchmark": "fidelity"}
         if part in ("all", "rates"):
             result["rates"] = fidelity(seconds=1.5 if quick else 3.0)
         if part in ("all", "impairments"):
-            result["impairments"] = impairments(quick=quick, cells_wanted=cells or CELLS)
+            result["impairments"] = bench_impairments.impairments(
+                quick=quick, cells_wanted=cells or bench_impairments.CELLS
+            )
     else:
         result = launch()
     write(result, out)

@@ -1,0 +1,316 @@
+"""``vnic vm``: VMs in a session and their effective profiles."""
+
+from typing import Annotated, Any
+
+import typer
+
+from vnic.cli import render
+from vnic.cli.common import JsonFlag, dispatcher, emit_json, out, pairs, run, service
+
+app = typer.Typer(no_args_is_help=True, help="VMs in a session and their effective profiles.")
+
+
+@app.command("add")
+def vm_add(
+    session: str,
+    name: str,
+    role: Annotated[str | None, typer.Option("--role", help="Role, for assignment rules.")] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", help="Label KEY=VALUE. Repeatable.")
+    ] = None,
+    needs: Annotated[
+        list[str] | None, typer.Option("--need", help="Declared application need. Repeatable.")
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", help="Override: use this profile on top of the policy."),
+    ] = None,
+    sets: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one field, FIELD=VALUE (off removes). Repeatable."),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Define a VM in a session; its profile is resolved and its MAC allocated."""
+
+    def body() -> None:
+        from vnic.manager.results import VmRequest
+        from vnic.model.profile import parse_assignments
+
+        patch = parse_assignments(sets) if sets else None
+        result = service().add_vm(
+            VmRequest(
+                session=session,
+                name=name,
+                role=role,
+                labels=pairs(labels or [], "--label"),
+                needs=tuple(needs or ()),
+                profile=profile,
+                patch=patch,
+            )
+        )
+        if as_json:
+            from vnic.manager import views
+
+            emit_json(views.explain_json(result))
+        else:
+            out.print(f"vm {session}/{name}: added, MAC {result.vm.mac}", markup=False)
+
+    run(body)
+
+
+@app.command("launch")
+def vm_launch(
+    session: str,
+    name: str,
+    role: Annotated[
+        str | None, typer.Option("--role", help="Role, for assignment rules (new VMs).")
+    ] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", help="Label KEY=VALUE (new VMs). Repeatable.")
+    ] = None,
+    needs: Annotated[
+        list[str] | None,
+        typer.Option("--need", help="Declared application need (new VMs). Repeatable."),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Override profile (new VMs).")
+    ] = None,
+    sets: Annotated[
+        list[str] | None, typer.Option("--set", help="Override FIELD=VALUE (new VMs). Repeatable.")
+    ] = None,
+    driver: Annotated[
+        str, typer.Option("--driver", help="netns (a namespace) or qemu (a QEMU guest).")
+    ] = "netns",
+    as_json: JsonFlag = False,
+) -> None:
+    """Launch a VM: define it first if new, resolve its profile, configure its vNIC, start it."""
+
+    def body() -> None:
+        from vnic.errors import InvalidInput
+        from vnic.manager.results import VmRequest
+        from vnic.model.profile import parse_assignments
+
+        drv = dispatcher(driver)
+        svc = service()
+        known = {v.name for v in svc.list_vms(session)}
+        if name not in known:
+            patch = parse_assignments(sets) if sets else None
+            svc.add_vm(
+                VmRequest(
+                    session=session,
+                    name=name,
+                    role=role,
+                    labels=pairs(labels or [], "--label"),
+                    needs=tuple(needs or ()),
+                    profile=profile,
+                    patch=patch,
+                )
+            )
+        elif role or labels or needs or profile or sets:
+            raise InvalidInput.one(
+                "vm",
+                name,
+                "a new VM name: role, labels, needs and overrides are set when a VM is added",
+            )
+        try:
+            result = svc.launch_vm(session, name, drv, driver)
+        except BaseException:
+            if name not in known:
+                svc.remove_vm(session, name)  # a failed launch of a new VM defines nothing
+            raise
+        if as_json:
+            from vnic.manager import views
+
+            emit_json(views.explain_json(result))
+        else:
+            v = result.vm
+            out.print(
+                f"vm {session}/{name}: running, MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False
+            )
+
+    run(body)
+
+
+@app.command("exec", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def vm_exec(
+    session: str,
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="Command to run inside the VM (after --).")],
+    driver: Annotated[
+        str | None,
+        typer.Option("--driver", help="Driver kind (default: the one the VM was launched with)."),
+    ] = None,
+) -> None:
+    """Run a command inside a running VM; exits with the command's status.
+
+    In a netns VM the command runs inside it, with this terminal: it sees the VM's
+    processes, /proc and /etc/hosts, not the host's or other VMs'. In a QEMU
+    guest it runs through the guest agent, and its output arrives when it ends."""
+    from vnic.agent.core import local_agent
+
+    code = 0
+
+    def body() -> None:
+        nonlocal code
+        agent = local_agent()
+        drv = agent.driver(driver or agent.kind_of(session, name))
+        code = drv.exec(session, name, command).returncode
+
+    run(body)
+    raise typer.Exit(code)
+
+
+@app.command("link")
+def vm_link(
+    session: str,
+    name: str,
+    state: Annotated[str, typer.Argument(help="up or down")],
+) -> None:
+    """Set a QEMU guest's NIC link up or down (QMP set_link: the guest sees its carrier go)."""
+    from vnic.agent.core import local_agent
+    from vnic.drivers.qemu import QemuDriver
+    from vnic.errors import InvalidInput
+
+    def body() -> None:
+        if state not in ("up", "down"):
+            raise InvalidInput.one("state", state, "up or down")
+        agent = local_agent()
+        kind = agent.kind_of(session, name)
+        driver = agent.driver(kind)
+        if not isinstance(driver, QemuDriver):
+            raise InvalidInput.one(
+                "vm", f"{session}/{name}", f"a QEMU guest (it runs on the {kind} driver)"
+            )
+        driver.set_link(session, name, state == "up")
+        out.print(f"vm {session}/{name}: link {state}", markup=False)
+
+    run(body)
+
+
+@app.command("destroy")
+def vm_destroy(
+    session: str,
+    name: str,
+    driver: Annotated[str, typer.Option("--driver", help="Driver kind.")] = "netns",
+) -> None:
+    """Stop a VM and remove its network (the definition and MAC stay)."""
+
+    def body() -> None:
+        service().destroy_vm(session, name, dispatcher(driver))
+        out.print(f"vm {session}/{name}: destroyed", markup=False)
+
+    run(body)
+
+
+@app.command("list")
+def vm_list(session: str, as_json: JsonFlag = False) -> None:
+    """List the VMs of a session."""
+
+    def body() -> None:
+        vms = service().list_vms(session)
+        if as_json:
+            from vnic.manager import views
+
+            emit_json([views.vm_json(v) for v in vms])
+        else:
+            out.print(render.vms_table(vms))
+
+    run(body)
+
+
+@app.command("remove")
+def vm_remove(session: str, name: str) -> None:
+    """Remove a VM definition and release its MAC."""
+
+    def body() -> None:
+        service().remove_vm(session, name)
+        out.print(f"vm {session}/{name}: removed", markup=False)
+
+    run(body)
+
+
+@app.command("set")
+def vm_set(
+    session: str,
+    name: str,
+    assignments: Annotated[
+        list[str] | None,
+        typer.Argument(help="FIELD=VALUE: set in the VM's override (off removes an impairment)."),
+    ] = None,
+    unset: Annotated[
+        list[str] | None,
+        typer.Option("--unset", help="FIELD: drop from the override (the policy decides again)."),
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Override profile ('none' removes it).")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Change a VM's override; a running VM gets it live (only what changed, in place)."""
+
+    def body() -> None:
+        from vnic.errors import InvalidInput
+        from vnic.model.fields import FIELDS
+        from vnic.model.profile import parse_assignments, values_to_document
+
+        changes: dict[str, Any] = {}
+        patch = values_to_document(parse_assignments(assignments)) if assignments else {}
+        for path in unset or []:
+            if path not in FIELDS:
+                raise InvalidInput.one("--unset", path, "a profile field, e.g. egress.rate")
+            head, _, tail = path.partition(".")
+            if tail:
+                patch.setdefault(head, {})[tail] = None
+            else:
+                patch[head] = None
+        if patch:
+            changes["patch"] = patch
+        if profile is not None:
+            changes["profile"] = None if profile == "none" else profile
+        if not changes:
+            raise InvalidInput.one(
+                "FIELD=VALUE", "", "at least one assignment, --unset or --profile"
+            )
+        result, applied = service().update_vm_live(session, name, changes, dispatcher("netns"))
+        if as_json:
+            from vnic.manager import views
+
+            emit_json(
+                {**views.explain_json(result), "changes": [views.change_json(c) for c in applied]}
+            )
+            return
+        if result.vm.state != "running":
+            out.print(
+                f"vm {session}/{name}: override saved (not running: applies at launch)",
+                markup=False,
+            )
+        elif not applied:
+            out.print(f"vm {session}/{name}: no effective change", markup=False)
+        for line in render.change_lines(applied):
+            out.print(line, markup=False)
+
+    run(body)
+
+
+@app.command("explain")
+def vm_explain(
+    session: str,
+    name: str,
+    all_fields: Annotated[bool, typer.Option("--all", help="Also list fields nobody set.")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show a VM's effective profile and, for every field, the layer it came from."""
+
+    def body() -> None:
+        e = service().explain(session, name)
+        if as_json:
+            from vnic.manager import views
+
+            emit_json(views.explain_json(e))
+            return
+        from vnic.lab.explain import explanation_table
+
+        out.print(explanation_table(e, all_fields=all_fields))
+
+    run(body)
