@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.e2e.conftest import Client, Server, admin_token
-from vnic.agent.core import DesiredState
+from vnic.agent.state import DesiredState
 from vnic.dataplane import delayd
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.service import Service

@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import Client, Server, admin_token
-from vnic.agent.core import DesiredState
 from vnic.agent.hostlock import HostLock
+from vnic.agent.state import DesiredState
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.drivers.netns import NetnsDriver
