@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The README's second command: install what is missing, then lint, type-check
-# and run every test tier (unit, netns, e2e). Extra arguments go to pytest.
+# The README's second command: install what is missing, then lint, type-check,
+# check the layers' import contracts (docs/architecture.md) and run every test
+# tier (unit, netns, e2e). Extra arguments go to pytest.
 #
 # Delay and loss have two engines (netem, and vnic's own delay engine where
 # netem is missing), and each must be tested somewhere:
@@ -17,6 +18,8 @@ echo "== ruff"
 .venv/bin/ruff format --check src tests bench
 echo "== mypy"
 .venv/bin/mypy
+echo "== import-linter (the layers: docs/architecture.md)"
+.venv/bin/lint-imports
 echo "== pytest"
 .venv/bin/pytest tests "$@"
 

@@ -95,30 +95,24 @@ def vm_launch(
         svc = service()
         known = {v.name for v in svc.list_vms(session)}
         if name not in known:
-            patch = parse_assignments(sets) if sets else None
-            svc.add_vm(
-                VmRequest(
-                    session=session,
-                    name=name,
-                    role=role,
-                    labels=pairs(labels or [], "--label"),
-                    needs=tuple(needs or ()),
-                    profile=profile,
-                    patch=patch,
-                )
+            request = VmRequest(
+                session=session,
+                name=name,
+                role=role,
+                labels=pairs(labels or [], "--label"),
+                needs=tuple(needs or ()),
+                profile=profile,
+                patch=parse_assignments(sets) if sets else None,
             )
+            result = svc.add_and_launch(request, drv, driver)  # failed: defines nothing
         elif role or labels or needs or profile or sets:
             raise InvalidInput.one(
                 "vm",
                 name,
                 "a new VM name: role, labels, needs and overrides are set when a VM is added",
             )
-        try:
+        else:
             result = svc.launch_vm(session, name, drv, driver)
-        except BaseException:
-            if name not in known:
-                svc.remove_vm(session, name)  # a failed launch of a new VM defines nothing
-            raise
         if as_json:
             from vnic.manager import views
 
