@@ -3,35 +3,17 @@ that lacked it (one-step launch, rebuild for a change, drift and inventory empty
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
+from tests.unit.test_agent_api import request  # one launch request builder
 from vnic.agent.core import Agent
 from vnic.drivers.base import Driver
 from vnic.errors import DataplaneError, Unsupported
 from vnic.model.fields import FIELDS
 from vnic.model.launch import Capabilities, LaunchRequest
-from vnic.model.profile import build_profile, parse_assignments
-from vnic.model.resolve import Layer, complete
-from vnic.model.units import MacAddress
-
-
-def request(vm: str, rate: str = "20Mbit") -> LaunchRequest:
-    eff = complete([Layer("vm-patch", "", parse_assignments([f"egress.rate={rate}"]))])
-    return LaunchRequest(
-        session="lab",
-        network_id=7,
-        vm=vm,
-        mac=MacAddress.parse("02:00:00:00:00:07"),
-        ipv4=ipaddress.IPv4Interface("10.0.7.2/24"),
-        ipv6=ipaddress.IPv6Interface("fd76:6e00:7::2/64"),
-        profile=build_profile(eff.values),
-        values=dict(eff.values),
-        revisions={"p": 1},
-    )
 
 
 class Minimal(Driver):
