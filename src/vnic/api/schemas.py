@@ -19,10 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vnic.edge.errors import ErrorBody, FieldProblem
 from vnic.model.limits import ASSIGNMENT_RULES_MAX
-
-__all__ = ["ErrorBody", "FieldProblem"]  # the error schemas live with the error table
 
 Document = dict[str, Any]
 
@@ -31,9 +28,6 @@ class _Strict(BaseModel):
     # strict: no coercion at the door. Lax pydantic reads ``network_id: true`` as 1,
     # ``"1"`` as 1 and ``"yes"`` as True; a request says what it means or is refused.
     model_config = ConfigDict(extra="forbid", strict=True)
-
-
-# ----------------------------------------------------------------------------- errors
 
 
 # ----------------------------------------------------------------------------- profiles
