@@ -11,7 +11,6 @@ a VM's launch request, and the agent's host lock around a use case.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -270,18 +269,6 @@ class ServiceCore:
             values=dict(eff.values),
             revisions=dict(eff.revisions),
         )
-
-
-def _holding(driver: AgentPort) -> contextlib.AbstractContextManager[None]:
-    """``driver``'s gate, shared: this host's agent's host lock, or a remote agent's
-    client's lock over this process's threads (:meth:`AgentPort.gate`).
-
-    A use case that reads the database, has the agent act, and writes the
-    database holds it throughout: a reconcile (exclusive, in ``vnic serve`` or
-    any process on the host) then sees the database and the agent's desired
-    state both before or both after, never a launch half-recorded.
-    """
-    return driver.gate().shared()
 
 
 def _capabilities(driver: AgentPort) -> dict[str, Capabilities]:

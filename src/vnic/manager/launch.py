@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, InvalidInput, VnicError
-from vnic.manager.core import ServiceCore, _holding
+from vnic.manager.core import ServiceCore
 from vnic.manager.results import Explanation, LaunchOutcome
 from vnic.model.launch import LaunchRequest
 from vnic.model.profile import values_to_document
@@ -40,9 +40,12 @@ class Launching(ServiceCore):
         it fails: the VM is removed again).
 
         From the database read to the database write under the agent's gate, shared
-        (:func:`_holding`; this host's agent's is its host lock).
+        (:meth:`AgentPort.gate`; this host's agent's is its host lock): a reconcile
+        (exclusive, in ``vnic serve`` or any process on the host) then sees the
+        database and the agent's desired state both before or both after, never a
+        launch half-recorded.
         """
-        with _holding(driver):
+        with driver.gate().shared():
             with self.db.transaction() as s:
                 vm = self._vm_row(s, session, name)
                 if vm.state == "running":
@@ -120,7 +123,7 @@ class Launching(ServiceCore):
 
     def destroy_vm(self, session: str, name: str, driver: AgentPort) -> None:
         """Stop the VM and remove its network; its definition (and MAC) stays."""
-        with _holding(driver):
+        with driver.gate().shared():
             with self.db.transaction() as s:
                 self._vm_row(s, session, name)
             driver.destroy(session, name)
@@ -131,7 +134,7 @@ class Launching(ServiceCore):
 
     def session_down(self, session: str, driver: AgentPort) -> list[str]:
         """Stop every VM of the session and remove its network. Returns the VMs stopped."""
-        with _holding(driver):
+        with driver.gate().shared():
             with self.db.transaction() as s:
                 names = [v.name for v in self._session_row(s, session).vms]
             running = sorted(set(driver.running(session)) | set(names))

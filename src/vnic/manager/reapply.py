@@ -8,7 +8,7 @@ from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
 from vnic.errors import DataplaneError
-from vnic.manager.core import ServiceCore, _holding
+from vnic.manager.core import ServiceCore
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row, field_changes
 from vnic.model.launch import LaunchRequest
@@ -45,7 +45,7 @@ class Reapplying(ServiceCore):
         With ``source``, each change is written to the audit log under it and
         ``reason`` (runtime adjustments audit themselves, so they pass none).
         """
-        with _holding(driver):
+        with driver.gate().shared():
             return self._reapply(driver, session, vm, source, reason, strict)
 
     def _reapply(
