@@ -9,7 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-TIMED = ["python -c pass", 'python -c "import typer, rich"', "vnic --help", "vnic profile list"]
+TIMED = [
+    "python -c pass",
+    'python -c "import typer, rich"',
+    'python -c "import typer.rich_utils"',
+    'python -c "import sqlalchemy.orm"',
+    "vnic --help",
+    "vnic profile list",
+]
 
 
 def test_bench_startup_writes_medians_and_ratios(tmp_path: Path) -> None:

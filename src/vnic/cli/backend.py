@@ -18,13 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from vnic.manager.auth import TokenInfo, Tokens
 from vnic.manager.service import Service
 from vnic.store.db import Database
 
 if TYPE_CHECKING:
     from vnic.api.live import LiveOps
     from vnic.client.manager import ManagerClient, RemoteLive
+    from vnic.manager.auth import TokenInfo, Tokens
 
 #: Per-vNIC samples of a session as plain data (what ``vnic top`` shows).
 StatsSource = Callable[[str], list[dict[str, Any]]]
@@ -67,14 +67,19 @@ class Embedded:
     def service(self) -> Service:
         return self._service
 
+    def _tokens(self) -> Tokens:
+        from vnic.manager.auth import Tokens
+
+        return Tokens(self._service.db)
+
     def create_token(self, name: str, role: str) -> tuple[TokenInfo, str]:
-        return Tokens(self._service.db).create(name, role)
+        return self._tokens().create(name, role)
 
     def list_tokens(self) -> list[TokenInfo]:
-        return Tokens(self._service.db).list()
+        return self._tokens().list()
 
     def revoke_token(self, name: str) -> None:
-        Tokens(self._service.db).revoke(name)
+        self._tokens().revoke(name)
 
     def stats_source(self, session: str) -> StatsSource:
         from vnic.agent.core import local_agent
@@ -88,7 +93,7 @@ class Embedded:
         from vnic.manager.dispatch import Manager
 
         service = self._service
-        return LiveOps(Manager(service, Tokens(service.db), local_agent("netns")))
+        return LiveOps(Manager(service, self._tokens(), local_agent("netns")))
 
 
 class Remote:

@@ -1,10 +1,11 @@
 """What every ``vnic`` command module shares: the global options' state, the backend
 (embedded or a manager over HTTP), the consoles, ``--json`` output and :func:`run`.
 
-Import cost matters here: this module is imported by every command module when the
-CLI starts, so it imports only the standard library, typer and rich's console. The
-service, the database, the manager's client and the error types are imported the
-first time a command needs them (see :func:`backend` and :func:`run`).
+Import cost matters here: this module is imported when the CLI starts, so it imports
+only the standard library and typer. Rich's console is made on the first print (see
+:class:`LazyConsole`); the service, the database, the manager's client and the error
+types are imported the first time a command needs them (see :func:`backend` and
+:func:`run`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,40 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.console import Console
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from vnic.agent.port import AgentPort
     from vnic.cli.backend import Backend
     from vnic.client.manager import ManagerClient
     from vnic.manager.service import Service
 
+
+class LazyConsole:
+    """A rich :class:`~rich.console.Console` made on its first use: importing rich costs
+    about twice the interpreter's own start, and ``vnic --help`` prints nothing with it."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        """:meth:`rich.console.Console.print`."""
+        self.console.print(*objects, **options)
+
+
 # Off a terminal (pipes, CI logs) rich would wrap at 80 columns; tables are wider.
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = LazyConsole(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = LazyConsole(stderr=True, highlight=False, soft_wrap=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON for machines.")]
 

@@ -18,4 +18,4 @@ def demo(
     from vnic.manager.service import Service
     from vnic.store.db import Database
 
-    run(lambda: run_demo(Service(Database(database_url())), profiles_dir, out))
+    run(lambda: run_demo(Service(Database(database_url())), profiles_dir, out.console))

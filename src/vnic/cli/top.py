@@ -21,7 +21,9 @@ def top(
     """Live per-vNIC table of a session: rates against the profile, drops by cause, latency."""
 
     def body() -> None:
-        run_top(session, backend().stats_source(session), out, interval=interval, count=count)
+        run_top(
+            session, backend().stats_source(session), out.console, interval=interval, count=count
+        )
 
     run(body)
 

@@ -7,9 +7,12 @@ database). Reported per command: every wall time in seconds, their median and th
 ratio of the median to that of ``python -c pass`` (the same interpreter). No root needed.
 
 The commands: ``python -c pass``; ``python -c "import typer, rich"`` (the floor of any
-Typer CLI with rich help); ``vnic --help``; ``vnic profile list`` on a fresh SQLite
-database in a temporary ``VNIC_HOME``; ``tcset --help`` (tcconfig, another traffic
-shaping CLI) when it is installed. ``vnic`` runs as its console script does
+Typer CLI with rich output); ``python -c "import typer.rich_utils"`` (the floor of one
+with Typer's rich help, which ``vnic`` does not use for that reason); ``python -c
+"import sqlalchemy.orm"`` (the floor of any command that reads the database through
+SQLAlchemy's ORM, as ``vnic profile list`` does); ``vnic --help``; ``vnic profile list``
+on a fresh SQLite database in a temporary ``VNIC_HOME``; ``tcset --help`` (tcconfig,
+another traffic shaping CLI) when it is installed. ``vnic`` runs as its console script does
 (``from vnic.cli.app import main; main()``) with this interpreter, so the ``vnic`` found
 first on ``PATH`` does not matter.
 """
@@ -48,6 +51,8 @@ def commands() -> tuple[list[Command], list[dict[str, str]]]:
     found = [
         Command(BASELINE, (py, "-c", "pass")),
         Command('python -c "import typer, rich"', (py, "-c", "import typer, rich")),
+        Command('python -c "import typer.rich_utils"', (py, "-c", "import typer.rich_utils")),
+        Command('python -c "import sqlalchemy.orm"', (py, "-c", "import sqlalchemy.orm")),
         Command("vnic --help", (py, "-c", VNIC, "--help")),
         Command("vnic profile list", (py, "-c", VNIC, "profile", "list")),
     ]
