@@ -160,6 +160,13 @@ def test_capture_kills_the_process_group_at_the_deadline() -> None:
     assert wait_for(lambda: live_members(proc.pid) == []), live_members(proc.pid)
 
 
+def test_a_command_that_writes_without_end_meets_its_deadline() -> None:
+    proc = started("yes")
+    r = capture(proc, timeout=1, max_output=10)
+    assert r.timed_out and r.stdout == "y\n" * 5 and r.stdout_truncated
+    assert proc.poll() is not None
+
+
 def live_members(group: int) -> list[int]:
     """Processes of process group ``group`` that still run (killed ones wait, as zombies,
     for their new parent to reap them)."""

@@ -46,19 +46,21 @@ def capture(proc: subprocess.Popen[Any], *, timeout: float, max_output: int) -> 
                 selector.register(s.fileno(), selectors.EVENT_READ)
 
             def read(fd: int) -> bool:
-                """Read what ``fd`` holds now; False at its end."""
-                while True:
-                    try:
-                        chunk = os.read(fd, _CHUNK)
-                    except BlockingIOError:
-                        return True
-                    if not chunk:
-                        selector.unregister(fd)
-                        return False
-                    room = max_output + 1 - len(kept[fd])  # one more: enough to know it was cut
-                    if room > 0:
-                        kept[fd] += chunk[:room]
+                """Read one chunk of ``fd`` if it has one; False when it has none now."""
+                try:
+                    chunk = os.read(fd, _CHUNK)
+                except BlockingIOError:
+                    return False
+                if not chunk:
+                    selector.unregister(fd)
+                    return False
+                room = max_output + 1 - len(kept[fd])  # one more: enough to know it was cut
+                if room > 0:
+                    kept[fd] += chunk[:room]
+                return True
 
+            # One chunk per ready pipe and round, so a command that writes without end
+            # still meets its deadline.
             while selector.get_map():
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -67,8 +69,11 @@ def capture(proc: subprocess.Popen[Any], *, timeout: float, max_output: int) -> 
                 for key, _ in selector.select(min(left, _POLL)):
                     read(key.fd)
                 if proc.poll() is not None:
+                    # What it wrote before it ended (until the deadline: a child it left
+                    # may write on); pipes its children hold stay unread after.
                     for open_key in list(selector.get_map().values()):
-                        read(open_key.fd)  # what it wrote before it ended; pipes its children hold stay
+                        while time.monotonic() < deadline and read(open_key.fd):
+                            pass
                     break
         if not timed_out:
             try:
