@@ -153,6 +153,14 @@ EXPECT: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/sessions/{session}/vms/{vm}/launch"): Rule("vm", 200, params={"vm": "w"}),
     ("POST", "/v1/sessions/{session}/vms/{vm}/destroy"): Rule("vm", 200),
     ("GET", "/v1/sessions/{session}/vms/{vm}/explain"): Rule("read", 200),
+    ("POST", "/v1/sessions/{session}/vms/{vm}/exec"): Rule(
+        "admin", 200, body=lambda w: {"argv": ["hostname"], "timeout": 5}
+    ),
+    # The fake driver's VMs have no link to set: an admin gets the 422 naming the VM.
+    ("POST", "/v1/sessions/{session}/vms/{vm}/link"): Rule(
+        "admin", 422, body=lambda w: {"up": False}
+    ),
+    ("GET", "/v1/doctor"): Rule("admin", 200),
     # runtime adjustments, audit, controller, scenarios
     ("GET", "/v1/sessions/{session}/vms/{vm}/adjustments"): Rule("read", 200),
     ("PUT", "/v1/sessions/{session}/vms/{vm}/adjustments/{source}"): Rule(

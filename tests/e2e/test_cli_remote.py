@@ -1,5 +1,6 @@
 """The CLI against a running manager (--server) prints what it prints embedded, refuses
-bad input with the same message (one validation path), and is held to its token's role."""
+bad input with the same message (one validation path), and is held to its token's role;
+``vm exec``, ``vm link`` and ``doctor`` reach the manager's agent (admins only)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.e2e.conftest import Client, Server, admin_token, vnic
+from tests.netns.conftest import guest_leftovers
 from vnic.drivers.netns import NetnsDriver
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "profiles"
@@ -96,3 +100,120 @@ def test_cli_remote_matches_embedded(home: Path, tmp_path_factory, session_name:
             server.kill()
             NetnsDriver().teardown_session(session_name)
     assert vnic(embedded, "session", "list", "--json")
+
+
+def test_cli_remote_exec_link_and_doctor(home: Path, session_name: str) -> None:
+    """``vm exec``, ``vm link`` and ``doctor`` with --server act on the manager's agent, for
+    admins only."""
+    s = session_name
+    server = Server(home, "serve", "--latency-interval", "600", "--drift-interval", "600")
+    token = admin_token(home)
+    server.start()
+    admin = Client(server.url, token)
+    try:
+
+        def remote(*args: str, as_: str = token) -> subprocess.CompletedProcess[str]:
+            return cli(home, *args, server=server, token=as_)
+
+        admin("POST", "/v1/sessions", 201, json={"name": s})
+        admin("POST", f"/v1/sessions/{s}/vms", 201, json={"name": "a", "launch": True})
+        vm = admin("GET", f"/v1/sessions/{s}/vms/a")
+
+        r = remote("vm", "exec", s, "a", "--", "ip", "-o", "link")
+        assert r.returncode == 0, r.stderr
+        assert ": eth0@" in r.stdout and vm["mac"] in r.stdout, r.stdout
+        r = remote("vm", "exec", s, "a", "--", "sh", "-c", "echo out; echo err >&2; exit 3")
+        assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+        r = remote("vm", "exec", s, "a", "--timeout", "1", "--", "sleep", "3619")
+        assert r.returncode == 124 and "did not end within 1 s" in r.stderr, r.stderr
+        r = remote("vm", "exec", s, "a", "--timeout", "301", "--", "true")
+        assert r.returncode == 2 and "timeout: got 301" in r.stderr, r.stderr
+        r = remote("vm", "exec", s, "nope", "--", "true")
+        assert r.returncode == 2 and "does not exist" in r.stderr, r.stderr
+
+        r = remote("vm", "link", s, "a", "down")
+        assert r.returncode == 2, r.stdout
+        assert f"vm: got '{s}/a'; expected a QEMU guest (it runs on the netns driver)" in r.stderr
+
+        r = remote("doctor", "--json")
+        assert r.returncode == 0, r.stderr
+        report = json.loads(r.stdout)
+        assert set(report) == {
+            "kernel",
+            "tools_missing",
+            "drivers",
+            "delay_engine",
+            "qemu",
+            "vnics",
+        }
+        assert [d["kind"] for d in report["drivers"]] == ["netns", "qemu"]
+        assert (s, "a") in {(v["session"], v["vm"]) for v in report["vnics"]}
+        text = remote("doctor")
+        assert text.returncode == 0 and "delay and loss engine:" in text.stdout, text.stderr
+
+        # Owners and readers may not: 403, exit 2, nothing run.
+        for role in ("owner", "reader"):
+            secret = admin("POST", "/v1/tokens", 201, json={"name": role, "role": role})["secret"]
+            for args in (
+                ("vm", "exec", s, "a", "--", "touch", "/tmp/by-" + role),
+                ("vm", "link", s, "a", "up"),
+                ("doctor", "--json"),
+            ):
+                r = remote(*args, as_=secret)
+                assert r.returncode == 2 and "needs the admin role" in r.stderr, (role, args)
+            r = remote("vm", "exec", s, "a", "--", "ls", "/tmp")
+            assert "by-" + role not in r.stdout
+    finally:
+        try:
+            admin.http.post(f"/v1/sessions/{s}/down")
+        finally:
+            server.kill()
+            NetnsDriver().teardown_session(s)
+
+
+def test_cli_remote_link_and_exec_of_a_qemu_guest(home: Path, session_name: str) -> None:
+    """``vm link`` with --server takes a QEMU guest's carrier down and up (the guest sees
+    it), and ``vm exec`` runs in the guest through its agent."""
+    s = session_name
+    server = Server(home, "serve", "--latency-interval", "600", "--drift-interval", "600")
+    token = admin_token(home)
+    server.start()
+    admin = Client(server.url, token)
+    try:
+
+        def remote(*args: str) -> subprocess.CompletedProcess[str]:
+            return cli(home, *args, server=server, token=token)
+
+        def carrier() -> str:
+            r = remote("vm", "exec", s, "g", "--", "cat", "/sys/class/net/eth0/carrier")
+            assert r.returncode == 0, r.stderr
+            return r.stdout.strip()
+
+        admin("POST", "/v1/sessions", 201, json={"name": s})
+        body = {"name": "g", "launch": True, "driver": "qemu"}
+        admin("POST", f"/v1/sessions/{s}/vms", 201, json=body)
+        r = remote("vm", "exec", s, "g", "--", "uname", "-r")
+        assert r.returncode == 0 and "cloud-amd64" in r.stdout, r.stderr  # the guest's kernel
+        assert carrier() == "1"
+        r = remote("vm", "link", s, "g", "down")
+        assert r.returncode == 0 and "link down" in r.stdout, r.stderr
+        assert until(lambda: carrier() == "0")
+        r = remote("vm", "link", s, "g", "up")
+        assert r.returncode == 0 and "link up" in r.stdout, r.stderr
+        assert until(lambda: carrier() == "1")
+    finally:
+        try:
+            admin.http.delete(f"/v1/sessions/{s}", params={"force": True})
+        finally:
+            server.kill()
+    assert guest_leftovers(s) == []
+
+
+def until(check: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether ``check`` holds within ``seconds`` (asked again every 0.2 s)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -20,6 +20,17 @@ from vnic.manager.service import Service
 from vnic.store.db import Database
 from vnic.web import add_web_routes
 
+#: The host report of the unit tier's agent: the fake driver's, no kernel probe (the
+#: netns and e2e tiers get the real one).
+FAKE_DOCTOR: dict[str, Any] = {
+    "kernel": {"congestion_control": {}},
+    "tools_missing": [],
+    "drivers": [FakeDriver().capabilities().to_dict()],
+    "delay_engine": {"engine": "none", "why": "the fake driver shapes nothing"},
+    "qemu": {},
+    "vnics": [],
+}
+
 RATE_DOC: dict[str, Any] = {
     "name": "campus",
     "description": "a campus link",
@@ -46,7 +57,9 @@ class Api:
 def make_api(tmp_path: Path) -> Iterator[Api]:
     db = Database(f"sqlite:///{tmp_path / 'vnic.db'}")
     driver = FakeDriver(fail_on=["doomed"])
-    agent = Agent(tmp_path / "agent", {"fake": driver}, default="fake")
+    agent = Agent(
+        tmp_path / "agent", {"fake": driver}, default="fake", doctor=lambda: dict(FAKE_DOCTOR)
+    )
     manager = Manager(Service(db), Tokens(db), agent)
     tokens = Tokens(db)
     secrets = {

@@ -167,11 +167,16 @@ def test_a_profile_seed_must_be_a_non_negative_integer(vnic: Vnic) -> None:
     assert vnic.json("profile", "show", "s")["document"]["seed"] == 7
 
 
-def test_vm_link_names_a_bad_state_and_a_vm_that_is_no_guest(vnic: Vnic) -> None:
+def test_vm_link_and_exec_name_a_bad_state_and_a_vm_that_does_not_run(vnic: Vnic) -> None:
     bad = vnic("vm", "link", "lab", "g", "sideways", ok=False)
     assert bad.returncode == 2
     assert "state: got 'sideways'; expected up or down" in bad.stderr
-    # Unknown to this host's agent: the default driver (netns) runs it, which has no QMP.
+    # The VM must exist and run (a running netns VM is refused naming it: tests/e2e).
     none = vnic("vm", "link", "lab", "g", "down", ok=False)
-    assert none.returncode == 2
-    assert "vm: got 'lab/g'; expected a QEMU guest (it runs on the netns driver)" in none.stderr
+    assert none.returncode == 2 and "session 'lab' does not exist" in none.stderr
+    vnic("session", "create", "lab")
+    vnic("vm", "add", "lab", "g")
+    idle = vnic("vm", "link", "lab", "g", "down", ok=False)
+    assert idle.returncode == 2 and "VM lab/g is not running" in idle.stderr
+    idle = vnic("vm", "exec", "lab", "g", "--", "true", ok=False)
+    assert idle.returncode == 2 and "VM lab/g is not running" in idle.stderr

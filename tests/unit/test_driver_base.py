@@ -67,6 +67,8 @@ def test_defaults() -> None:
     assert d.inventory() == {}
     with pytest.raises(Unsupported, match="cannot run commands"):
         d.exec("lab", "a", ["true"])
+    with pytest.raises(Unsupported, match="cannot run commands"):
+        d.exec_captured("lab", "a", ["true"], timeout=1, max_output=10)
     with pytest.raises(Unsupported, match="cannot set the link"):
         d.set_link("lab", "a", up=False)
 

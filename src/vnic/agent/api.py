@@ -26,7 +26,8 @@ from vnic.agent.port import DesiredVm
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.edge.errors import ERRORS, error_response
 from vnic.edge.guard import guard_agent
-from vnic.errors import InvalidInput, Unauthenticated, VnicError
+from vnic.errors import FieldError, InvalidInput, Unauthenticated, VnicError, show_value
+from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT
 
 
 def agent_key(path: Path) -> str:
@@ -47,6 +48,22 @@ def _desired(doc: Any, path: str) -> DesiredVm:
     except InvalidInput as exc:
         raise exc.under(f"{path}.request" if path else "request") from None
     return DesiredVm(str(doc.get("driver") or "netns"), request)
+
+
+def _fields(doc: Any, required: set[str], optional: set[str]) -> dict[str, Any]:
+    """``doc`` as an object with the keys ``required`` and some of ``optional``, no other."""
+    if not isinstance(doc, dict):
+        raise InvalidInput.one("body", doc, "an object")
+    known = required | optional
+    problems = [
+        FieldError(str(k), show_value(doc[k]), "no such field: " + ", ".join(sorted(known)))
+        for k in doc
+        if k not in known
+    ]
+    problems += [FieldError(k, "missing", "a value") for k in sorted(required - doc.keys())]
+    if problems:
+        raise InvalidInput(problems)
+    return doc
 
 
 def _outcome(result: list[str] | VnicError) -> dict[str, Any]:
@@ -145,6 +162,35 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
     @app.get("/v1/sessions/{session}/stats")
     def stats(_: Auth, session: str) -> list[dict[str, Any]]:
         return agent.stats(session)
+
+    @app.post("/v1/vms/{session}/{vm}/exec")
+    def exec_in_vm(
+        _: Auth, session: str, vm: str, body: Annotated[dict[str, Any], Body()]
+    ) -> dict[str, Any]:
+        """Run ``argv`` in the VM, output captured; killed after ``timeout`` seconds (the
+        bounds: :mod:`vnic.model.command`). A plain ``def``: it runs in the thread pool,
+        for at most its timeout."""
+        doc = _fields(body, {"argv"}, {"timeout", "max_output"})
+        timeout = doc.get("timeout", TIMEOUT_DEFAULT)
+        max_output = doc.get("max_output", OUTPUT_DEFAULT)
+        result = agent.exec(session, vm, doc["argv"], timeout=timeout, max_output=max_output)
+        return result.to_dict()
+
+    @app.post("/v1/vms/{session}/{vm}/link", status_code=204)
+    def set_link(
+        _: Auth, session: str, vm: str, body: Annotated[dict[str, Any], Body()]
+    ) -> Response:
+        """Set a QEMU guest's NIC link up or down (``{"up": true}``)."""
+        up = _fields(body, {"up"}, set())["up"]
+        if not isinstance(up, bool):
+            raise InvalidInput.one("up", up, "true or false")
+        agent.set_link(session, vm, up)
+        return Response(status_code=204)
+
+    @app.get("/v1/doctor")
+    def doctor(_: Auth) -> dict[str, Any]:
+        """What this host can do (``vnic doctor --json``'s report)."""
+        return agent.doctor()
 
     @app.post("/v1/sync")
     def sync(_: Auth, body: Annotated[list[dict[str, Any]], Body()]) -> dict[str, Any]:

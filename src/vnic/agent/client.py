@@ -17,6 +17,7 @@ from vnic.agent.hostlock import HostLock
 from vnic.agent.port import AgentPort, DesiredVm, Gate, ReconcileReport, RepairEvent
 from vnic.agent.wire import request_from_wire, request_to_wire
 from vnic.errors import Unavailable, VnicError, error_from_body
+from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT, ExecResult, call_timeout
 from vnic.model.launch import Capabilities, LaunchRequest
 
 
@@ -160,6 +161,29 @@ class AgentClient(AgentPort):
         """The agent's run id and its drift repairs numbered above ``after``."""
         doc = self._call("GET", "/v1/repairs", params={"after": after}).json()
         return str(doc["run"]), [RepairEvent.from_dict(e) for e in doc["events"]]
+
+    def exec(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = TIMEOUT_DEFAULT,
+        max_output: int = OUTPUT_DEFAULT,
+    ) -> ExecResult:
+        """The agent runs the command (it checks the bounds); this call waits for its
+        timeout and a margin more (:func:`vnic.model.command.call_timeout`)."""
+        body = {"argv": list(argv), "timeout": timeout, "max_output": max_output}
+        path = f"/v1/vms/{session}/{vm}/exec"
+        answer = self._call("POST", path, json=body, timeout=call_timeout(timeout)).json()
+        return ExecResult.from_dict(answer)
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        self._call("POST", f"/v1/vms/{session}/{vm}/link", json={"up": up})
+
+    def doctor(self) -> dict[str, Any]:
+        report: dict[str, Any] = self._call("GET", "/v1/doctor").json()
+        return report
 
     def gate(self) -> Gate:
         """A readers-writer lock over this process's threads (one per client)."""

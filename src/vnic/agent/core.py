@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,9 +50,11 @@ from vnic.errors import (
     InvalidInput,
     NotFound,
     Unavailable,
+    Unsupported,
     VnicError,
     storage_error,
 )
+from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT, ExecResult, check_exec
 from vnic.model.launch import Capabilities, LaunchRequest
 
 if TYPE_CHECKING:
@@ -67,12 +69,20 @@ class Agent(AgentPort):
 
     ``drivers`` maps a kind to a driver; ``default`` is the kind used when a
     request names none. Launches of one session are serialised (they share
-    the session's switch); different sessions proceed side by side.
+    the session's switch); different sessions proceed side by side. ``doctor`` makes
+    the host's report (default :func:`vnic.agent.doctor.report`, which probes the
+    kernel; a test on the fake driver passes one that touches nothing).
     """
 
     def __init__(
-        self, state_dir: Path, drivers: Mapping[str, Driver], default: str = "netns"
+        self,
+        state_dir: Path,
+        drivers: Mapping[str, Driver],
+        default: str = "netns",
+        *,
+        doctor: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
+        self._doctor = doctor
         if default not in drivers:
             raise InvalidInput.one("driver", default, "one of " + ", ".join(sorted(drivers)))
         self.drivers = dict(drivers)
@@ -189,6 +199,58 @@ class Agent(AgentPort):
 
     def all_capabilities(self) -> list[Capabilities]:
         return [d.capabilities() for _, d in sorted(self.drivers.items())]
+
+    # Access to a VM, and the host's report.
+
+    def exec(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = TIMEOUT_DEFAULT,
+        max_output: int = OUTPUT_DEFAULT,
+    ) -> ExecResult:
+        """Run ``argv`` in the VM, output captured, killed at ``timeout`` (see
+        :meth:`AgentPort.exec`), by the driver that launched it. No lock is held: a
+        command may run for minutes, and a reconcile or a destroy must not wait for it
+        (a VM removed meanwhile ends the command with it)."""
+        items, seconds, size = check_exec(argv, timeout, max_output)
+        driver = self.driver(self.kind_of(session, vm))
+        return driver.exec_captured(session, vm, items, timeout=seconds, max_output=size)
+
+    def exec_attached(
+        self, session: str, vm: str, argv: Sequence[str], kind: str | None = None
+    ) -> int:
+        """Run ``argv`` in the VM with this process's terminal (stdin, stdout and stderr),
+        to its end, without a time limit (a QEMU guest's output arrives when it ends);
+        its exit status. By the driver ``kind`` (default: the one that launched it).
+
+        Not on the agent port: only an agent in the caller's process has the caller's
+        terminal (the embedded ``vnic vm exec``); a remote caller uses :meth:`exec`. The
+        bounds of :meth:`exec` do not apply: the caller is this host's root already."""
+        driver = self.driver(kind or self.kind_of(session, vm))
+        return driver.exec(session, vm, list(argv)).returncode
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        """Set a QEMU guest's NIC link (QMP ``set_link``); InvalidInput naming ``vm`` for a
+        VM whose driver has no link to set."""
+        kind = self.kind_of(session, vm)
+        driver = self.driver(kind)
+        try:
+            driver.set_link(session, vm, up)
+        except Unsupported:
+            raise InvalidInput.one(
+                "vm", f"{session}/{vm}", f"a QEMU guest (it runs on the {kind} driver)"
+            ) from None
+
+    def doctor(self) -> dict[str, Any]:
+        """The host's report (:func:`vnic.agent.doctor.report`, unless another was given)."""
+        if self._doctor is not None:
+            return self._doctor()
+        from vnic.agent.doctor import report
+
+        return report()
 
     def driver(self, kind: str | None = None) -> Driver:
         kind = kind or self.default

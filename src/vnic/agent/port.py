@@ -5,8 +5,9 @@ contract in ``pyproject.toml`` says so). Two classes implement it: the in-proces
 agent (:class:`vnic.agent.core.Agent`, ``vnic serve`` on one host) and the HTTP
 client of a remote one (:class:`vnic.agent.client.AgentClient`, ``vnic serve
 --agent URL``). The data crossing it is plain: launch requests and capabilities
-(:mod:`vnic.model.launch`), desired VMs, reconcile reports and repair events
-(here), each with a wire form the agent's HTTP API carries.
+(:mod:`vnic.model.launch`), a command's result (:mod:`vnic.model.command`), desired
+VMs, reconcile reports and repair events (here), each with a wire form the agent's HTTP
+API carries.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from vnic.errors import VnicError
+from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT, ExecResult
 from vnic.model.launch import Capabilities, LaunchRequest
 
 VmKey = tuple[str, str]
@@ -166,6 +168,30 @@ class AgentPort(Protocol):
     def repairs(self, after: int = 0) -> tuple[str, list[RepairEvent]]:
         """The agent's run id and its drift repairs numbered above ``after`` (the last
         ones it keeps, oldest first); ``("", [])`` with repair off."""
+
+    def exec(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = TIMEOUT_DEFAULT,
+        max_output: int = OUTPUT_DEFAULT,
+    ) -> ExecResult:
+        """Run ``argv`` in the VM (a netns VM: in its namespaces; a QEMU guest: through its
+        guest agent), without a terminal, its stdout and stderr captured, each cut at
+        ``max_output`` bytes; killed after ``timeout`` seconds (then ``timed_out`` and
+        ``returncode`` None). The bounds are :func:`vnic.model.command.check_exec`'s
+        (InvalidInput past them); :class:`~vnic.errors.Conflict` if the VM does not run."""
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        """Set a QEMU guest's NIC link up or down (the guest sees its carrier go);
+        InvalidInput naming ``vm`` for a VM of another driver."""
+
+    def doctor(self) -> dict[str, Any]:
+        """What the host can do (``vnic doctor --json``): the kernel probe, the tools
+        missing, the fields each driver honours, the delay engine chosen, what the qemu
+        driver's guests run with, and the delay engine of each vNIC running."""
 
     def gate(self) -> Gate:
         """The lock that keeps a reconcile from racing launches (see :class:`Gate`): the

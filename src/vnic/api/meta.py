@@ -1,5 +1,5 @@
 """The API's routes about the service itself (tag ``meta``): health, the agents' drivers,
-reconcile, and the Prometheus metrics.
+the agent's host report (doctor), reconcile, and the Prometheus metrics.
 
 Three routers, as :func:`vnic.api.app.create_app` mounts them at three places:
 health first, drivers and reconcile after the resources, metrics last (after
@@ -34,8 +34,8 @@ def health_router() -> APIRouter:
 
 
 def agents_router(manager: Manager) -> APIRouter:
-    """``/v1/drivers`` and ``/v1/reconcile``: what the agents can do, and bringing them
-    in line with the database."""
+    """``/v1/drivers``, ``/v1/doctor`` and ``/v1/reconcile``: what the agents can do, and
+    bringing them in line with the database."""
     router = APIRouter(route_class=StrictJsonRoute, tags=["meta"])
 
     @router.get("/v1/drivers", response_model=list[sc.DriverPublic])
@@ -45,6 +45,15 @@ def agents_router(manager: Manager) -> APIRouter:
             {"agent": manager.agent_name, **caps.to_dict()}
             for caps in manager.agent.all_capabilities()
         ]
+
+    @router.get("/v1/doctor", response_model=dict[str, Any])
+    def doctor(who: Caller) -> dict[str, Any]:
+        """What the agent's host can do, as ``vnic doctor --json`` prints it: the kernel
+        probe, tools missing, the fields each driver honours, the delay engine, what QEMU
+        guests run with, and each running vNIC's engine. Admins only (it describes the
+        host); it probes the kernel in a throwaway namespace, about a second."""
+        require_admin(who, "reading the host's report")
+        return manager.doctor()
 
     @router.post("/v1/reconcile", response_model=sc.ReconcilePublic)
     def reconcile(who: Caller) -> dict[str, Any]:

@@ -19,6 +19,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vnic.model.command import (
+    ARGV_BYTES_MAX,
+    ARGV_ITEMS_MAX,
+    OUTPUT_DEFAULT,
+    OUTPUT_MAX,
+    TIMEOUT_DEFAULT,
+    TIMEOUT_MAX,
+)
 from vnic.model.limits import ASSIGNMENT_RULES_MAX
 
 Document = dict[str, Any]
@@ -149,6 +157,38 @@ class VmUpdate(_Strict):
     patch: Document | None = Field(
         default=None, description="Merged into the override patch (RFC 7386: null removes)"
     )
+
+
+class VmExec(_Strict):
+    # The bounds are checked by the model (vnic.model.command), as for the CLI: here only
+    # the shape, and what they are, for the document.
+    argv: list[str] = Field(
+        description=f"The program and its arguments: 1 to {ARGV_ITEMS_MAX} items, at most "
+        f"{ARGV_BYTES_MAX} bytes in all, no NUL"
+    )
+    timeout: float = Field(
+        default=TIMEOUT_DEFAULT,
+        description=f"Seconds before the command is killed (more than 0, at most {TIMEOUT_MAX:g})",
+    )
+    max_output: int = Field(
+        default=OUTPUT_DEFAULT,
+        description=f"Bytes kept of each of stdout and stderr (0 to {OUTPUT_MAX})",
+    )
+
+
+class ExecResultPublic(BaseModel):
+    returncode: int | None = Field(
+        description="Exit status (-N: ended by signal N); null when killed at the timeout"
+    )
+    stdout: str
+    stderr: str
+    stdout_truncated: bool = Field(description="stdout was cut at max_output bytes")
+    stderr_truncated: bool = Field(description="stderr was cut at max_output bytes")
+    timed_out: bool = Field(description="The command was killed at its timeout")
+
+
+class VmLink(_Strict):
+    up: bool = Field(description="The NIC's link: true up, false down (the guest sees carrier)")
 
 
 class VmPublic(BaseModel):

@@ -1,5 +1,6 @@
 """The API's VM routes: list, define (and launch), read, change, remove, launch, destroy,
-explain, and a session's live counters."""
+explain, a command run in a VM and a guest's link (admins only), and a session's live
+counters."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from vnic.api.deps import Caller
 from vnic.edge.bodies import StrictJsonRoute
 from vnic.errors import FieldError, InvalidInput
 from vnic.manager import views
+from vnic.manager.auth import require_admin
 from vnic.manager.dispatch import Manager
 from vnic.manager.results import VmRequest
 from vnic.model.profile import document_to_values
@@ -104,6 +106,26 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
     def explain_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
         """The effective profile and, for every field, the layer it came from."""
         return views.explain_json(svc.explain(session, vm))
+
+    @router.post("/v1/sessions/{session}/vms/{vm}/exec", response_model=sc.ExecResultPublic)
+    def exec_in_vm(who: Caller, session: str, vm: str, body: sc.VmExec) -> dict[str, Any]:
+        """Run a command in a running VM, without a terminal; its stdout and stderr come
+        back when it ends (each cut at ``max_output`` bytes), and it is killed after
+        ``timeout`` seconds (``timed_out``, ``returncode`` null). Admins only: a command
+        in a VM reaches whatever the VM reaches. Holds a write slot while it runs."""
+        require_admin(who, "running a command in a VM")
+        result = manager.exec_in_vm(
+            session, vm, body.argv, timeout=body.timeout, max_output=body.max_output
+        )
+        return result.to_dict()
+
+    @router.post("/v1/sessions/{session}/vms/{vm}/link", status_code=204)
+    def set_link(who: Caller, session: str, vm: str, body: sc.VmLink) -> Response:
+        """Set a running QEMU guest's NIC link up or down (QMP ``set_link``: the guest
+        sees its carrier go). Admins only; a VM of another driver is refused (422)."""
+        require_admin(who, "setting a VM's link")
+        manager.set_link(session, vm, body.up)
+        return Response(status_code=204)
 
     @router.get("/v1/sessions/{session}/stats", response_model=list[dict[str, Any]])
     def session_stats(who: Caller, session: str) -> list[dict[str, Any]]:

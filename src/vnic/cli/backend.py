@@ -7,6 +7,15 @@ they have.
 :class:`~vnic.client.manager.ManagerClient` that mirrors it; tokens, live statistics
 and the runtime operations (:class:`~vnic.api.live.LiveOps`) are what the manager's
 client offers besides the service's methods, and :class:`Embedded` offers them too.
+So are a command run in a VM, a guest's link and the host's report (``vnic vm exec``,
+``vnic vm link``, ``vnic doctor``): :class:`Embedded` asks this host's agent through
+the agent port (the manager's use cases, :class:`~vnic.manager.dispatch.Manager`, on
+the embedded service), :class:`Remote` the manager's, which asks its agent.
+
+``vnic vm exec`` embedded keeps the caller's terminal: the command runs in this
+process's agent with this terminal and streams its output (``interactive``); only
+there is a terminal to give it. With ``--server`` the output is captured by the
+manager's agent and printed when the command ends.
 
 This module imports the service and SQLAlchemy, so :mod:`vnic.cli.common` imports it
 only when a command first needs its backend; the HTTP client (with ``--server``) and the
@@ -22,9 +31,14 @@ from vnic.manager.service import Service
 from vnic.store.db import Database
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from vnic.agent.port import AgentPort
     from vnic.api.live import LiveOps
     from vnic.client.manager import ManagerClient, RemoteLive
     from vnic.manager.auth import TokenInfo, Tokens
+    from vnic.manager.dispatch import Manager
+    from vnic.model.command import ExecResult
 
 #: Per-vNIC samples of a session as plain data (what ``vnic top`` shows).
 StatsSource = Callable[[str], list[dict[str, Any]]]
@@ -52,16 +66,50 @@ class Backend(Protocol):
         """The runtime operations: adjustments, audit log, controller, scenarios."""
         ...
 
+    def exec_in_vm(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        interactive: bool = False,
+        driver: str | None = None,
+    ) -> ExecResult:
+        """Run ``argv`` in the running VM; killed after ``timeout`` seconds. With
+        ``interactive`` and an agent in this process (embedded), the command gets this
+        terminal, its output is not captured (the result's is empty) and ``timeout`` does
+        not apply; otherwise its output is captured. ``driver``: the driver kind to run it
+        with (embedded only; default: the one that launched it)."""
+        ...
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        """Set the running QEMU guest's NIC link up or down."""
+        ...
+
+    def doctor(self) -> dict[str, Any]:
+        """The agent's host report (``vnic doctor --json``)."""
+        ...
+
 
 class Embedded:
     """No manager: the service on the database, its tokens, this host's agent."""
 
-    def __init__(self, service: Service) -> None:
-        self._service = service
+    def __init__(self, service: Service | None = None, database_url: str = "") -> None:
+        """On ``service``, or on the database at ``database_url``, opened when first used
+        (``vnic doctor`` needs none)."""
+        self._opened = service
+        self._database_url = database_url
 
     @classmethod
     def open(cls, database_url: str) -> Embedded:
-        return cls(Service(Database(database_url)))
+        return cls(database_url=database_url)
+
+    @property
+    def _service(self) -> Service:
+        if self._opened is None:
+            self._opened = Service(Database(self._database_url))
+        return self._opened
 
     @property
     def service(self) -> Service:
@@ -94,6 +142,48 @@ class Embedded:
 
         service = self._service
         return LiveOps(Manager(service, self._tokens(), local_agent("netns")))
+
+    def _manager(self, agent: AgentPort | None = None) -> Manager:
+        """The manager's use cases on ``agent`` (default: this host's)."""
+        from vnic.agent.core import local_agent
+        from vnic.manager.dispatch import Manager
+
+        agent = agent or local_agent("netns")
+        return Manager(self._service, Tokens(self._service.db), agent)
+
+    def exec_in_vm(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        interactive: bool = False,
+        driver: str | None = None,
+    ) -> ExecResult:
+        from vnic.agent.core import local_agent
+        from vnic.model.command import ExecResult
+
+        agent = local_agent("netns")
+        manager = self._manager(agent)
+        if not interactive:
+            if driver is not None:
+                from vnic.errors import InvalidInput
+
+                raise InvalidInput.one(
+                    "--driver", driver, "none: a captured command runs on the VM's own driver"
+                )
+            return manager.exec_in_vm(session, vm, argv, timeout=timeout)
+        manager.running_vm(session, vm)
+        return ExecResult(agent.exec_attached(session, vm, argv, driver))
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        self._manager().set_link(session, vm, up)
+
+    def doctor(self) -> dict[str, Any]:
+        from vnic.agent.core import local_agent
+
+        return local_agent("netns").doctor()
 
 
 class Remote:
@@ -128,3 +218,28 @@ class Remote:
         from vnic.client.manager import RemoteLive
 
         return RemoteLive(self._client)
+
+    def exec_in_vm(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float,
+        interactive: bool = False,
+        driver: str | None = None,
+    ) -> ExecResult:
+        # interactive: no terminal reaches the manager's agent; the output is captured.
+        if driver is not None:
+            from vnic.errors import InvalidInput
+
+            raise InvalidInput.one(
+                "--driver", driver, "none with --server: the VM runs on the driver it launched with"
+            )
+        return self._client.exec_in_vm(session, vm, argv, timeout=timeout)
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        self._client.set_link(session, vm, up)
+
+    def doctor(self) -> dict[str, Any]:
+        return self._client.doctor()

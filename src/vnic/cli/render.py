@@ -17,7 +17,6 @@ from rich.table import Table
 if TYPE_CHECKING:
     from vnic.manager.auth import TokenInfo
     from vnic.manager.results import ProfileInfo, RevisionInfo, SessionInfo, VmChange, VmInfo
-    from vnic.model.launch import Capabilities
 
 
 def shown(value: Any) -> str:
@@ -203,13 +202,14 @@ def top_table(session: str, stats: list[dict[str, Any]]) -> Table:
 # ----------------------------------------------------------------------------- doctor
 
 
-def kernel_table(found_by_group: Mapping[str, Any], congestion_control: Mapping[str, str]) -> Table:
-    """What the kernel probe found: per group, what is available and what is missing."""
+def kernel_table(found_by_group: Mapping[str, Any]) -> Table:
+    """What the kernel probe found (``doctor``'s ``kernel``): per group, what is available
+    and what is missing; the congestion control algorithms and how each is chosen."""
     table = Table("kind", "available", "missing")
+    congestion_control: Mapping[str, str] = found_by_group.get("congestion_control", {})
     for group, found in found_by_group.items():
-        if group == "congestion_control":
+        if group == "congestion_control" or not isinstance(found, Mapping):
             continue
-        assert isinstance(found, dict)
         table.add_row(
             group,
             " ".join(k for k, v in found.items() if v) or "-",
@@ -220,14 +220,16 @@ def kernel_table(found_by_group: Mapping[str, Any], congestion_control: Mapping[
     return table
 
 
-def driver_fields_table(capabilities: Sequence[Capabilities]) -> Table:
-    """Per driver: the fields it honours here, and those it cannot with what they need."""
+def driver_fields_table(capabilities: Sequence[Mapping[str, Any]]) -> Table:
+    """Per driver (``doctor``'s ``drivers``: each a capabilities document, ``kind``,
+    ``fields``, ``missing``): the fields it honours here, and those it cannot with what
+    they need."""
     fields = Table("driver", "honours", "cannot honour here (needs)", title_justify="left")
     for driver_caps in capabilities:
         fields.add_row(
-            driver_caps.kind,
-            "\n".join(sorted(driver_caps.fields)),
-            "\n".join(f"{k}: {v}" for k, v in sorted(driver_caps.missing.items())),
+            str(driver_caps["kind"]),
+            "\n".join(sorted(driver_caps["fields"])),
+            "\n".join(f"{k}: {v}" for k, v in sorted(driver_caps["missing"].items())),
             end_section=True,
         )
     return fields

@@ -1,11 +1,22 @@
 """``vnic vm``: VMs in a session and their effective profiles."""
 
+import sys
 from typing import Annotated, Any
 
 import typer
 
 from vnic.cli import render
-from vnic.cli.common import JsonFlag, dispatcher, emit_json, out, pairs, run, service
+from vnic.cli.common import (
+    JsonFlag,
+    backend,
+    dispatcher,
+    emit_json,
+    err,
+    out,
+    pairs,
+    run,
+    service,
+)
 
 app = typer.Typer(no_args_is_help=True, help="VMs in a session and their effective profiles.")
 
@@ -133,23 +144,51 @@ def vm_exec(
     command: Annotated[list[str], typer.Argument(help="Command to run inside the VM (after --).")],
     driver: Annotated[
         str | None,
-        typer.Option("--driver", help="Driver kind (default: the one the VM was launched with)."),
+        typer.Option(
+            "--driver",
+            help="Driver kind (default: the one the VM was launched with; not with --server).",
+        ),
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout",
+            help="Seconds before the command is killed (exit 124), at most 300; with --server "
+            "only: embedded, the command has this terminal until it ends.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Run a command inside a running VM; exits with the command's status.
 
-    In a netns VM the command runs inside it, with this terminal: it sees the VM's
-    processes, /proc and /etc/hosts, not the host's or other VMs'. In a QEMU
-    guest it runs through the guest agent, and its output arrives when it ends."""
-    from vnic.agent.core import local_agent
+    In a netns VM the command runs inside it: it sees the VM's processes, /proc and
+    /etc/hosts, not the host's or other VMs'. In a QEMU guest it runs through the guest
+    agent, and its output arrives when it ends.
 
+    Embedded, the command has this terminal. With --server it runs on the manager's
+    agent without one (stdin empty); its output (at most 256 KiB of each stream) is
+    printed when it ends, and it is killed after --timeout seconds (exit 124)."""
     code = 0
 
     def body() -> None:
         nonlocal code
-        agent = local_agent()
-        drv = agent.driver(driver or agent.kind_of(session, name))
-        code = drv.exec(session, name, command).returncode
+        result = backend().exec_in_vm(
+            session, name, command, timeout=timeout, interactive=True, driver=driver
+        )
+        sys.stdout.write(result.stdout)
+        sys.stdout.flush()
+        sys.stderr.write(result.stderr)
+        sys.stderr.flush()
+        for stream, cut in (
+            ("stdout", result.stdout_truncated),
+            ("stderr", result.stderr_truncated),
+        ):
+            if cut:
+                err.print(f"vnic: the command's {stream} was cut (output limit)", markup=False)
+        if result.timed_out:
+            err.print(
+                f"vnic: the command did not end within {timeout:g} s and was killed", markup=False
+            )
+        code = result.status
 
     run(body)
     raise typer.Exit(code)
@@ -162,21 +201,13 @@ def vm_link(
     state: Annotated[str, typer.Argument(help="up or down")],
 ) -> None:
     """Set a QEMU guest's NIC link up or down (QMP set_link: the guest sees its carrier go)."""
-    from vnic.agent.core import local_agent
-    from vnic.drivers.qemu import QemuDriver
-    from vnic.errors import InvalidInput
 
     def body() -> None:
+        from vnic.errors import InvalidInput
+
         if state not in ("up", "down"):
             raise InvalidInput.one("state", state, "up or down")
-        agent = local_agent()
-        kind = agent.kind_of(session, name)
-        driver = agent.driver(kind)
-        if not isinstance(driver, QemuDriver):
-            raise InvalidInput.one(
-                "vm", f"{session}/{name}", f"a QEMU guest (it runs on the {kind} driver)"
-            )
-        driver.set_link(session, name, state == "up")
+        backend().set_link(session, name, state == "up")
         out.print(f"vm {session}/{name}: link {state}", markup=False)
 
     run(body)

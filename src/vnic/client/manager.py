@@ -32,6 +32,7 @@ from vnic.manager.results import (
     VmInfo,
     VmRequest,
 )
+from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT, ExecResult, call_timeout
 from vnic.model.fields import parse_field
 from vnic.model.profile import ProfileSpec, build_profile, values_to_document
 from vnic.model.resolve import Effective, Source
@@ -260,6 +261,33 @@ class ManagerClient:
     def stats(self, session: str) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = self._call("GET", f"/v1/sessions/{session}/stats")
         return result
+
+    def exec_in_vm(
+        self,
+        session: str,
+        name: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = TIMEOUT_DEFAULT,
+        max_output: int = OUTPUT_DEFAULT,
+    ) -> ExecResult:
+        """Run ``argv`` in the running VM through the manager's agent, output captured,
+        killed after ``timeout`` seconds (admins only). The HTTP call waits longer than
+        that (:func:`vnic.model.command.call_timeout`; the client's own timeout is for
+        calls that run nothing)."""
+        body = {"argv": list(argv), "timeout": timeout, "max_output": max_output}
+        path = f"/v1/sessions/{session}/vms/{name}/exec"
+        answer = self._call("POST", path, json=body, timeout=call_timeout(timeout))
+        return ExecResult.from_dict(answer)
+
+    def set_link(self, session: str, name: str, up: bool) -> None:
+        """Set the running QEMU guest's NIC link up or down (admins only)."""
+        self._call("POST", f"/v1/sessions/{session}/vms/{name}/link", json={"up": up})
+
+    def doctor(self) -> dict[str, Any]:
+        """The manager's agent's host report, as ``vnic doctor --json`` prints it."""
+        report: dict[str, Any] = self._call("GET", "/v1/doctor")
+        return report
 
     # tokens
 

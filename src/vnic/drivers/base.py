@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from vnic.errors import Unsupported, VnicError
+from vnic.model.command import ExecResult
 from vnic.model.launch import Capabilities, LaunchRequest
 
 VmKey = tuple[str, str]
@@ -122,6 +123,14 @@ class Driver(ABC):
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the VM to completion (``kwargs`` as for :func:`subprocess.run`).
         Default: refused, the driver cannot run commands in its VMs."""
+        raise Unsupported(f"the {self.kind} driver cannot run commands in VM {session}/{vm}")
+
+    def exec_captured(
+        self, session: str, vm: str, argv: Sequence[str], *, timeout: float, max_output: int
+    ) -> ExecResult:
+        """Run ``argv`` in the VM, its output captured (at most ``max_output`` bytes kept of
+        each stream), killed after ``timeout`` seconds; the arguments are checked already
+        (:func:`vnic.model.command.check_exec`). Default: refused, as :meth:`exec`."""
         raise Unsupported(f"the {self.kind} driver cannot run commands in VM {session}/{vm}")
 
     def set_link(self, session: str, vm: str, up: bool) -> None:

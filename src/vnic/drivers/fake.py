@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from vnic.drivers.base import Driver
 from vnic.errors import Conflict, DataplaneError
+from vnic.model.command import ExecResult
 from vnic.model.fields import FIELDS
 from vnic.model.launch import Capabilities, LaunchRequest, check_supported
 
@@ -25,6 +26,8 @@ class FakeDriver(Driver):
         self.fail_on = set(fail_on)
         self.vms: dict[tuple[str, str], LaunchRequest] = {}
         self.launches = 0
+        #: Commands run by :meth:`exec_captured`: ``(session, vm, argv)``.
+        self.commands: list[tuple[str, str, tuple[str, ...]]] = []
         self._lock = threading.Lock()
 
     def capabilities(self) -> Capabilities:
@@ -69,6 +72,16 @@ class FakeDriver(Driver):
         for s, vm in self.vms:
             out.setdefault(s, set()).add(vm)
         return out
+
+    def exec_captured(
+        self, session: str, vm: str, argv: Sequence[str], *, timeout: float, max_output: int
+    ) -> ExecResult:
+        """Record the command; it "succeeds" with no output (nothing runs)."""
+        with self._lock:
+            if (session, vm) not in self.vms:
+                raise Conflict(f"VM {session}/{vm} is not running")
+            self.commands.append((session, vm, tuple(argv)))
+        return ExecResult(0)
 
     def drift(self, request: LaunchRequest) -> list[str]:
         have = self.vms.get((request.session, request.vm))

@@ -6,7 +6,8 @@ engine) composed with the netns VM side (:mod:`vnic.drivers.netns_vm`: the
 VM's namespace, its init, ``eth0`` and addresses, TCP settings), by
 :class:`~vnic.drivers.hosted.HostedDriver`, which also holds launch, destroy,
 inventory, drift (:mod:`vnic.dataplane.drift`) and live change
-(:mod:`vnic.drivers.live`). What this class adds is running commands in a VM.
+(:mod:`vnic.drivers.live`). What this class adds is running commands in a VM, with
+the caller's terminal or captured.
 
 ``capabilities_from_probe`` and ``choose_engine`` live in
 :mod:`vnic.drivers.planning` and are importable from here too.
@@ -21,6 +22,7 @@ from vnic.dataplane.probe import Probe
 from vnic.drivers.hosted import HostedDriver
 from vnic.drivers.netns_vm import NetnsVm
 from vnic.drivers.planning import EngineChoice, capabilities_from_probe, choose_engine
+from vnic.model.command import ExecResult
 
 __all__ = ["EngineChoice", "NetnsDriver", "capabilities_from_probe", "choose_engine"]
 
@@ -38,3 +40,10 @@ class NetnsDriver(HostedDriver):
         """Run ``argv`` in the VM (its network, PID, mount and UTS namespaces), to completion;
         ``kwargs`` as for :func:`subprocess.run`. :class:`Conflict` if the VM does not run."""
         return self._vm.exec(session, vm, argv, **kwargs)
+
+    def exec_captured(
+        self, session: str, vm: str, argv: Sequence[str], *, timeout: float, max_output: int
+    ) -> ExecResult:
+        """Run ``argv`` in the VM as :meth:`exec` does, without a terminal, its output
+        captured; killed with what it started in its process group at ``timeout``."""
+        return self._vm.exec_captured(session, vm, argv, timeout=timeout, max_output=max_output)

@@ -16,11 +16,13 @@ from collections.abc import Sequence
 
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import vminit
+from vnic.dataplane.capture import capture
 from vnic.dataplane.drift import vm_side_drift
 from vnic.dataplane.inventory import is_namespace, vm_namespaces, vm_namespaces_by_session
 from vnic.drivers.planning import egress_per_packet
 from vnic.drivers.vmside import VmSide
 from vnic.errors import Conflict, DataplaneError
+from vnic.model.command import ExecResult
 from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.plan.model import Plan
@@ -133,6 +135,27 @@ class NetnsVm(VmSide):
     ) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` in the VM (its network, PID, mount and UTS namespaces), to completion;
         ``kwargs`` as for :func:`subprocess.run`. :class:`Conflict` if the VM does not run."""
+        return nsops.run(self._running(session, vm), argv, **kwargs)
+
+    def exec_captured(
+        self, session: str, vm: str, argv: Sequence[str], *, timeout: float, max_output: int
+    ) -> ExecResult:
+        """Run ``argv`` in the VM as :meth:`exec` does, without a terminal (stdin empty), its
+        output captured and its process group killed at ``timeout``
+        (:func:`vnic.dataplane.capture.capture`)."""
+        proc = nsops.popen(
+            self._running(session, vm),
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        return capture(proc, timeout=timeout, max_output=max_output)
+
+    @staticmethod
+    def _running(session: str, vm: str) -> str:
+        """The VM's namespace; :class:`Conflict` if the VM does not run."""
         vm_ns = names.vm_netns(session, vm)
         if not nsops.exists(vm_ns):
             raise Conflict(f"VM {session}/{vm} is not running")
@@ -140,7 +163,7 @@ class NetnsVm(VmSide):
             raise Conflict(
                 f"VM {session}/{vm} has no running init (killed: drift, which repair relaunches)"
             )
-        return nsops.run(vm_ns, argv, **kwargs)
+        return vm_ns
 
 
 def tcp_settings(vm_ns: str, plan: Plan, networks: Sequence[Network]) -> None:

@@ -25,6 +25,7 @@ from vnic.dataplane.probe import Probe
 from vnic.drivers.hosted import HostedDriver
 from vnic.drivers.qemu_guest import QemuGuest
 from vnic.errors import Conflict, DataplaneError
+from vnic.model.command import ExecResult
 from vnic.plan import names
 from vnic.plan.guest import NIC_ID
 
@@ -57,6 +58,20 @@ class QemuDriver(HostedDriver):
             sys.stderr.write(proc.stderr)
             sys.stderr.flush()
         return proc
+
+    def exec_captured(
+        self, session: str, vm: str, argv: Sequence[str], *, timeout: float, max_output: int
+    ) -> ExecResult:
+        """Run ``argv`` in the guest through its agent, output captured (the guest agent
+        returns it when the command ends: at a timeout it is lost, the command killed)."""
+        run = self._running_guest(session, vm)
+        try:
+            proc = qemu.execute(run, argv, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return ExecResult(None, timed_out=True)
+        return ExecResult.captured(
+            proc.returncode, proc.stdout.encode(), proc.stderr.encode(), max_output
+        )
 
     def spawn(self, session: str, vm: str, argv: Sequence[str]) -> qemu.GuestProcess:
         """Start ``argv`` in the guest without waiting (see :class:`qemu.GuestProcess`)."""

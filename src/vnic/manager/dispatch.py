@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.port import AgentPort, DesiredVm, Gate, ReconcileReport, RepairEvent
+from vnic.errors import Conflict
 from vnic.manager.auth import Tokens
-from vnic.manager.results import VmChange
+from vnic.manager.results import VmChange, VmInfo
 from vnic.manager.rows import audit_row
 from vnic.manager.runtime import REASON_MAX, Runtime
 from vnic.manager.service import Service
+from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT, ExecResult
 
 if TYPE_CHECKING:
     from vnic.manager.live import LiveControl
@@ -92,6 +95,40 @@ class Manager:
         with self.gate.exclusive():
             desired = [DesiredVm(kind, request) for kind, request in self.service.desired()]
             return self.agent.sync(desired)
+
+    # Access to a running VM and to the host (admins only, the API says: a command in
+    # a VM reaches whatever the VM's network does).
+
+    def running_vm(self, session: str, vm: str) -> VmInfo:
+        """The VM's record; NotFound if it is not defined, Conflict if it does not run."""
+        info = self.service.get_vm(session, vm)
+        if info.state != "running":
+            raise Conflict(f"VM {session}/{vm} is not running (it is {info.state}): launch it")
+        return info
+
+    def exec_in_vm(
+        self,
+        session: str,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        timeout: float = TIMEOUT_DEFAULT,
+        max_output: int = OUTPUT_DEFAULT,
+    ) -> ExecResult:
+        """Run ``argv`` in a running VM through the agent, output captured, killed after
+        ``timeout`` seconds (:meth:`AgentPort.exec`, which checks the bounds). No gate:
+        a command may take minutes, and a reconcile must not wait for it."""
+        self.running_vm(session, vm)
+        return self.agent.exec(session, vm, argv, timeout=timeout, max_output=max_output)
+
+    def set_link(self, session: str, vm: str, up: bool) -> None:
+        """Set a running QEMU guest's NIC link up or down (:meth:`AgentPort.set_link`)."""
+        self.running_vm(session, vm)
+        self.agent.set_link(session, vm, up)
+
+    def doctor(self) -> dict[str, Any]:
+        """The agent's host report (:meth:`AgentPort.doctor`)."""
+        return self.agent.doctor()
 
     def record_repair(self, event: RepairEvent) -> None:
         """Write the agent's repair of a VM to the audit log (source ``agent``)."""
