@@ -136,12 +136,9 @@ class Embedded:
         return local_agent().stats
 
     def live(self) -> LiveOps:
-        from vnic.agent.core import local_agent
         from vnic.api.live import LiveOps
-        from vnic.manager.dispatch import Manager
 
-        service = self._service
-        return LiveOps(Manager(service, self._tokens(), local_agent("netns")))
+        return LiveOps(self._manager())
 
     def _manager(self, agent: AgentPort | None = None) -> Manager:
         """The manager's use cases on ``agent`` (default: this host's)."""
@@ -149,7 +146,7 @@ class Embedded:
         from vnic.manager.dispatch import Manager
 
         agent = agent or local_agent("netns")
-        return Manager(self._service, Tokens(self._service.db), agent)
+        return Manager(self._service, self._tokens(), agent)
 
     def exec_in_vm(
         self,
