@@ -10,15 +10,16 @@ the same fields.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 
 from vnic.agent.client import call
-from vnic.errors import FieldError, InvalidInput, VnicError
+from vnic.errors import FieldError, InvalidInput, Unavailable, VnicError
 from vnic.manager import views
 from vnic.manager.auth import TokenInfo
 from vnic.manager.results import (
@@ -90,6 +91,19 @@ def explanation(d: Mapping[str, Any]) -> Explanation:
 #: ``vnic --server URL session up`` launching 8 VMs at once meets it), asking again as
 #: each ``Retry-After`` says, before it reports the manager busy.
 BUSY_BUDGET = 120.0
+
+
+@contextlib.contextmanager
+def _launching(session: str, vm: str) -> Iterator[None]:
+    """A launch request whose answer did not come (time-out, lost connection): the manager
+    goes on with it, so the error says what may have happened and where to look."""
+    try:
+        yield
+    except Unavailable as exc:
+        raise Unavailable(
+            f"{exc}; the manager may still be launching {session}/{vm} (a launch that "
+            f"fails there defines nothing): see vnic vm list {session}"
+        ) from None
 
 
 class ManagerClient:
@@ -208,7 +222,8 @@ class ManagerClient:
         """Define and launch in one request; the manager removes the VM if the launch
         fails (:meth:`vnic.manager.service.Service.add_and_launch`)."""
         body = {**_vm_body(req), "launch": True, "driver": kind}
-        return explanation(self._call("POST", f"/v1/sessions/{req.session}/vms", json=body))
+        with _launching(req.session, req.name):
+            return explanation(self._call("POST", f"/v1/sessions/{req.session}/vms", json=body))
 
     def update_vm(self, session: str, name: str, changes: Mapping[str, Any]) -> Explanation:
         return explanation(self._call("PATCH", f"/v1/sessions/{session}/vms/{name}", json=changes))
@@ -217,9 +232,10 @@ class ManagerClient:
         self, session: str, name: str, driver: object = None, kind: str | None = None
     ) -> Explanation:
         body = {"driver": kind} if kind else None
-        return explanation(
-            self._call("POST", f"/v1/sessions/{session}/vms/{name}/launch", json=body)
-        )
+        with _launching(session, name):
+            return explanation(
+                self._call("POST", f"/v1/sessions/{session}/vms/{name}/launch", json=body)
+            )
 
     def launch_many(
         self,
