@@ -13,8 +13,8 @@ the agent port (the manager's use cases, :class:`~vnic.manager.dispatch.Manager`
 the embedded service), :class:`Remote` the manager's, which asks its agent.
 
 ``vnic vm exec`` embedded keeps the caller's terminal: the command runs in this
-process's agent with this terminal and streams its output (``interactive``); only
-there is a terminal to give it. With ``--server`` the output is captured by the
+process's agent with this terminal and streams its output; only there is a terminal
+to give it. With ``--server`` the output is captured by the
 manager's agent and printed when the command ends.
 
 This module imports the service and SQLAlchemy, so :mod:`vnic.cli.common` imports it
@@ -73,14 +73,13 @@ class Backend(Protocol):
         argv: Sequence[str],
         *,
         timeout: float,
-        interactive: bool = False,
         driver: str | None = None,
     ) -> ExecResult:
-        """Run ``argv`` in the running VM; killed after ``timeout`` seconds. With
-        ``interactive`` and an agent in this process (embedded), the command gets this
-        terminal, its output is not captured (the result's is empty) and ``timeout`` does
-        not apply; otherwise its output is captured. ``driver``: the driver kind to run it
-        with (embedded only; default: the one that launched it)."""
+        """Run ``argv`` in the running VM. Embedded, the command gets this terminal: its
+        output is not captured (the result's is empty) and ``timeout`` does not apply;
+        ``driver`` is the driver kind to run it with (default: the one that launched it).
+        With ``--server`` its output is captured and it is killed after ``timeout``
+        seconds; ``driver`` is refused there."""
         ...
 
     def set_link(self, session: str, vm: str, up: bool) -> None:
@@ -155,23 +154,13 @@ class Embedded:
         argv: Sequence[str],
         *,
         timeout: float,
-        interactive: bool = False,
         driver: str | None = None,
     ) -> ExecResult:
         from vnic.agent.core import local_agent
         from vnic.model.command import ExecResult
 
         agent = local_agent("netns")
-        manager = self._manager(agent)
-        if not interactive:
-            if driver is not None:
-                from vnic.errors import InvalidInput
-
-                raise InvalidInput.one(
-                    "--driver", driver, "none: a captured command runs on the VM's own driver"
-                )
-            return manager.exec_in_vm(session, vm, argv, timeout=timeout)
-        manager.running_vm(session, vm)
+        self._manager(agent).running_vm(session, vm)
         return ExecResult(agent.exec_attached(session, vm, argv, driver))
 
     def set_link(self, session: str, vm: str, up: bool) -> None:
@@ -223,10 +212,9 @@ class Remote:
         argv: Sequence[str],
         *,
         timeout: float,
-        interactive: bool = False,
         driver: str | None = None,
     ) -> ExecResult:
-        # interactive: no terminal reaches the manager's agent; the output is captured.
+        # No terminal reaches the manager's agent: the output is captured.
         if driver is not None:
             from vnic.errors import InvalidInput
 

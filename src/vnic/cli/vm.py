@@ -171,9 +171,7 @@ def vm_exec(
 
     def body() -> None:
         nonlocal code
-        result = backend().exec_in_vm(
-            session, name, command, timeout=timeout, interactive=True, driver=driver
-        )
+        result = backend().exec_in_vm(session, name, command, timeout=timeout, driver=driver)
         sys.stdout.write(result.stdout)
         sys.stdout.flush()
         sys.stderr.write(result.stderr)
