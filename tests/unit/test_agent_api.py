@@ -24,7 +24,7 @@ from vnic.model.units import MacAddress
 
 def request(vm: str, rate: str = "20Mbit") -> LaunchRequest:
     eff = complete([Layer("vm-patch", "", parse_assignments([f"egress.rate={rate}"]))])
-    return LaunchRequest(
+    return LaunchRequest.single(
         session="lab",
         network_id=7,
         vm=vm,

@@ -106,7 +106,13 @@ class AgentClient(AgentPort):
 
     def all_capabilities(self) -> list[Capabilities]:
         return [
-            Capabilities(c["kind"], frozenset(c["fields"]), dict(c["missing"]))
+            Capabilities(
+                c["kind"],
+                frozenset(c["fields"]),
+                dict(c["missing"]),
+                int(c.get("max_nics", 1)),
+                str(c.get("max_nics_why", "")),
+            )
             for c in self._call("GET", "/v1/capabilities").json()
         ]
 

@@ -258,7 +258,7 @@ class ServiceCore:
         if vm.mac is None or vm.host_index is None:  # pragma: no cover - set by add_vm
             raise Conflict(f"VM {vm.session.name}/{vm.name} has no MAC or address")
         ipv4, ipv6 = vm_addresses(vm.session.network_id, vm.host_index)
-        return LaunchRequest(
+        return LaunchRequest.single(
             session=vm.session.name,
             network_id=vm.session.network_id,
             vm=vm.name,

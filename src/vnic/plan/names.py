@@ -3,12 +3,15 @@
 Every object carries its session and VM, so cleanup deletes exactly what vnic
 made and a restarted agent can tell its objects from anyone else's:
 
-* session namespace ``vnic.<session>`` holding the bridge ``vbr0``;
-* VM namespace ``vnic.<session>.<vm>`` holding ``eth0``;
-* in the session namespace, per VM: the bridge port ``vh<id>`` (host end of
-  the VM's veth) and the IFB ``vi<id>``, both with the interface alias
-  ``vnic:<session>/<vm>``; ``<id>`` is 10 hex digits of a hash of the VM name
-  (interface names are limited to 15 bytes);
+* session namespace ``vnic.<session>`` holding one bridge per network: ``vbr0``
+  for ``default``, ``vb<hash>`` for the others (:func:`bridge_of`);
+* VM namespace ``vnic.<session>.<vm>`` holding ``eth0``, ``eth1``...;
+* in the session namespace, per vNIC: the bridge port ``vh<id>`` (host end of
+  the vNIC's veth) and the IFB ``vi<id>``, both with the interface alias
+  ``vnic:<session>/<unit>``; the *unit* is the VM's name for ``eth0`` and
+  ``<vm>.<nic>`` for the others (:func:`vnic.model.launch.link_unit`), and
+  ``<id>`` is 10 hex digits of a hash of the unit (interface names are limited
+  to 15 bytes);
 * when the vnic delay engine runs: the relay veth ``vx<id>`` (engine side)
   with its peer ``vy<id>`` on the bridge instead of the port, same alias.
 
@@ -25,6 +28,15 @@ from dataclasses import dataclass
 PREFIX = "vnic"
 BRIDGE = "vbr0"
 VM_IFNAME = "eth0"
+
+
+def bridge_of(network: str) -> str:
+    """The bridge of a session's network in the session namespace: ``vbr0`` for
+    ``default`` (the one bridge a session had before it had several networks), else
+    ``vb`` and 10 hex digits of a hash of the network's name."""
+    if network == "default":
+        return BRIDGE
+    return f"vb{hashlib.sha1(network.encode()).hexdigest()[:10]}"
 
 
 def session_netns(session: str) -> str:
@@ -67,8 +79,10 @@ class VmLinks:
     relay_port: str
 
     @classmethod
-    def of(cls, vm: str) -> VmLinks:
-        ident = _vm_id(vm)
+    def of(cls, unit: str) -> VmLinks:
+        """The links of the vNIC the host side knows as ``unit`` (the VM's name for
+        ``eth0``, ``VM.NIC`` for the others)."""
+        ident = _vm_id(unit)
         return cls(port=f"vh{ident}", ifb=f"vi{ident}", relay=f"vx{ident}", relay_port=f"vy{ident}")
 
     def all(self) -> tuple[str, ...]:
