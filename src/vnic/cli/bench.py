@@ -107,6 +107,31 @@ def bench_launch(
     _bench("launch", json_out, driver=driver)
 
 
+@app.command("nics")
+def bench_nics(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Shorter flows, 10-VM batches (a smoke run).")
+    ] = False,
+) -> None:
+    """Several vNICs per VM (root): each vNIC of a two-vNIC VM against its own rate and delay
+    while both carry traffic; launch time of 4 vNICs against 1, of 100 VMs × 2 vNICs
+    against 100 × 1."""
+    from vnic.lab.bench.nics import run as run_nics
+
+    def body() -> None:
+        result = run_nics(quick=quick)
+        for table in render_bench.nics_tables(result):
+            out.print(table)
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+    run(body)
+
+
 @app.command("change")
 def bench_change(
     json_out: Annotated[
