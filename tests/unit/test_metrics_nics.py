@@ -301,3 +301,24 @@ def test_the_monitor_probes_and_counts_drift_per_vnic() -> None:
         ("lab", "a", "eth2"): 0,
         ("lab", "b", "eth0"): 0,
     }
+
+
+def test_a_vnic_planned_on_another_s_links_reads_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver that builds eth0 only plans every slice on the VM's links: eth1 must not
+    report eth0's counters as its own."""
+
+    class EthZeroOnly(TwoNicDriver):
+        def plan_for(self, request: LaunchRequest) -> Plan:
+            own = names.VmLinks.of(request.vm)
+            engine = "netem" if request.nic == "eth1" else None  # eth1 has a delay
+            return compile_plan(request.profile, Devices(own.port, own.ifb), engine=engine)
+
+    monkeypatch.setattr(nsops, "listing", lambda: ["vnic.lab"])
+    monkeypatch.setattr(tc, "read_class_counters", lambda ns: kernel(1))
+    monkeypatch.setattr(counters, "read_guard_drops", lambda ns: {})
+    got = Collector(EthZeroOnly()).collect([A])
+    assert [(s.nic, s.egress.bytes, s.ingress.bytes) for s in got] == [
+        ("eth0", 1000, 2000),
+        ("eth1", 0, 0),
+        ("eth2", 0, 0),
+    ]

@@ -397,16 +397,23 @@ class Collector:
         links = kernel.read_link_counters(session_ns) if any(map(needs_links, plans)) else {}
         out = []
         for n, plan in zip(nics, plans, strict=True):
-            engine = self._engine(n) if plan.engine is not None else None
+            # A driver that plans every vNIC on the VM's own links (one that builds eth0
+            # only) would have this vNIC read eth0's objects: it has none of its own.
+            own = plan.devices.port == names.VmLinks.of(n.unit).port
+            engine = self._engine(n) if own and plan.engine is not None else None
             dirs = {}
             for d in DIRECTIONS:
-                raw = direction_reading(
-                    plan,
-                    d,
-                    counters,
-                    engine.directions.get(d, {}) if engine is not None else None,
-                    links,
-                    guards.get(n.unit, 0),
+                raw = (
+                    direction_reading(
+                        plan,
+                        d,
+                        counters,
+                        engine.directions.get(d, {}) if engine is not None else None,
+                        links,
+                        guards.get(n.unit, 0),
+                    )
+                    if own
+                    else Reading(0, 0, dict.fromkeys(DROP_CAUSES, 0))
                 )
                 dirs[d] = self._sample(n, d, raw, now)
             key = (n.session, n.vm, n.nic)
