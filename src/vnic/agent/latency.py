@@ -48,6 +48,8 @@ from vnic.plan import names
 #: A vNIC: (session, VM, vNIC name).
 Key = tuple[str, str, str]
 IPv4 = str | ipaddress.IPv4Address | ipaddress.IPv4Interface
+#: A target as a plain tuple: (session, vm, ipv4), optionally with the nic and network.
+TargetTuple = tuple[str, str, IPv4] | tuple[str, str, IPv4, str, str]
 
 ECHO_REQUEST, ECHO_REPLY = 8, 0
 #: Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS); the socket module does not export it.
@@ -156,7 +158,7 @@ class LatencyProbe:
 
     # ------------------------------------------------------------------ one measurement
 
-    def measure(self, targets: Iterable[Target | tuple[str, str, IPv4]]) -> dict[Key, float | None]:
+    def measure(self, targets: Iterable[Target | TargetTuple]) -> dict[Key, float | None]:
         """Round trip to every target in seconds, by (session, vm, nic); None where no
         reply came in time (no answer, lost, slower than ``timeout``, or its session
         namespace or network bridge is gone).
@@ -290,7 +292,7 @@ class LatencyProbe:
 
     def start(
         self,
-        targets: Callable[[], Iterable[Target | tuple[str, str, IPv4]]],
+        targets: Callable[[], Iterable[Target | TargetTuple]],
         interval: float = 10.0,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:

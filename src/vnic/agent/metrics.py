@@ -357,7 +357,8 @@ class Collector:
         latency = latency or {}
         by_session: dict[str, list[LaunchRequest]] = {}
         for r in requests:
-            by_session.setdefault(r.session, []).extend(r.per_nic())
+            # A one-vNIC request is its own slice: kept as is, the plan cache hits by identity.
+            by_session.setdefault(r.session, []).extend(r.per_nic() if len(r.nics) > 1 else (r,))
         present = set(nsops.listing())
         out: list[VnicSample] = []
         for session, nics in sorted(by_session.items()):
