@@ -1,9 +1,10 @@
 """Per-vNIC counters from the real kernel: two VMs each get a second vNIC ``eth1`` on a
 second network, built here by hand the way the data plane builds one (a veth whose host
 end, named from the unit ``VM.eth1``, sits on the network's own bridge with its IFB,
-shaping and guard from that vNIC's plan): a TCP flow over ``eth1`` shows in
-``eth1``'s series only, and so do the spoofed frames ``eth1``'s guard drops. The driver's ``plan_for`` is wrapped to plan a slice on its
-unit's links, as the multi-vNIC data plane does; everything else is the real code."""
+shaping and guard from that vNIC's plan): a TCP flow over ``eth1`` shows in ``eth1``'s
+series only, and so do the spoofed frames ``eth1``'s guard drops. The driver's
+``plan_for`` is wrapped to plan a slice on its unit's links, as the multi-vNIC data
+plane does; everything else is the real code."""
 
 from __future__ import annotations
 
