@@ -145,7 +145,7 @@ def expect_repaired(lab: Lab, vm: str, before: int) -> None:
     poll(f"{vm} repair audited", lambda: len(lab.repairs(vm)) > before)
     entry = lab.repairs(vm)[0]
     assert str(entry["reason"]).startswith("repaired"), entry
-    poll(f"{vm} drift metric back to 0", lambda: lab.metric("vnic_drift", vm) == 0)
+    poll(f"{vm} drift metric back to 0", lambda: lab.metric("vnic_drift", vm, ',nic="eth0"') == 0)
     repaired = lab.metric("vnic_repairs_total", vm, ',result="repaired"')
     assert repaired is not None and repaired >= 1
     lab.agree()

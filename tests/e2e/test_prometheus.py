@@ -112,6 +112,7 @@ def test_prometheus_sees_the_profile_rate_under_real_traffic(home: Path, session
         assert abs(result["t"].bits_per_second - RATE) / RATE < 0.05, result["t"]
         latency = query(prom_url, "vnic_latency_seconds")
         assert {s["metric"]["vm"] for s in latency} == {"a", "b"}
+        assert {s["metric"]["nic"] for s in latency} == {"eth0"}  # VMs of one vNIC
         assert all(0 < float(s["value"][1]) < 0.1 for s in latency), latency
     finally:
         if prom is not None:

@@ -118,16 +118,20 @@ def test_guests_and_a_netns_vm_share_a_session(home: Path, session_name: str) ->
         time.sleep(2.5)  # a latency round (1 s interval) has probed every VM
         text = admin.http.get("/metrics").text
         for vm in ("g1", "g2", "peer"):
-            assert f'vnic_bytes_total{{session="{s}",vm="{vm}",direction="egress"}}' in text
+            assert (
+                f'vnic_bytes_total{{session="{s}",vm="{vm}",nic="eth0",direction="egress"}}' in text
+            )
         sent = re.search(
-            rf'vnic_bytes_total{{session="{s}",vm="g1",direction="egress"}} (\d+)', text
+            rf'vnic_bytes_total{{session="{s}",vm="g1",nic="eth0",direction="egress"}} (\d+)', text
         )
         assert sent and int(sent.group(1)) > 3 * 30_000_000 / 8 * 0.5, "g1's sent bytes"
         assert (
-            f'vnic_profile_rate_bits_per_second{{session="{s}",vm="g1",direction="egress"}} 30000000'
-            in text
+            f'vnic_profile_rate_bits_per_second{{session="{s}",vm="g1",nic="eth0",'
+            'direction="egress"} 30000000' in text
         )
-        latency = re.search(rf'vnic_latency_seconds{{session="{s}",vm="g1"}} ([0-9.e-]+)', text)
+        latency = re.search(
+            rf'vnic_latency_seconds{{session="{s}",vm="g1",nic="eth0"}} ([0-9.e-]+)', text
+        )
         assert latency and 0 < float(latency.group(1)) < 0.5, "g1's measured latency"
         # The guest kernel's own count of what eth0 sent agrees with the host's (which
         # counts segmentation-offloaded frames with a header each: a few percent more).

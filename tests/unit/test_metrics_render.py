@@ -97,11 +97,12 @@ def test_families_typed_once_and_series_valid() -> None:
     assert len(of(series, "vnic_rate_bits_per_second")) == 2  # only where measured
     assert len(of(series, "vnic_profile_rate_bits_per_second")) == 2  # ingress is unlimited
     assert len(of(series, "vnic_latency_seconds")) == 1
-    assert ("vnic_drift", {"session": "lab", "vm": "a"}, 2.0) in series
+    assert ("vnic_drift", {"session": "lab", "vm": "a", "nic": "eth0"}, 2.0) in series
     assert ("vnic_vnics", {}, 2.0) in series
-    revision = ("vnic_profile_revision", {"session": "lab", "vm": "a", "profile": "campus"}, 3.0)
+    vnic = {"session": "lab", "vm": "a", "nic": "eth0"}
+    revision = ("vnic_profile_revision", {**vnic, "profile": "campus"}, 3.0)
     assert revision in series
-    egress = {"session": "lab", "vm": "a", "direction": "egress"}
+    egress = {**vnic, "direction": "egress"}
     assert ("vnic_bytes_total", egress, 1000.0) in series
     assert ("vnic_drops_total", {**egress, "cause": "emulated_loss"}, 0.0) in series
 

@@ -1,21 +1,24 @@
-"""The active latency probe: ICMP echo between each VM and its session switch.
+"""The active latency probe: ICMP echo between each vNIC and its network's switch.
 
-The session switch is the bridge ``vbr0`` in the session namespace; it speaks
-from the session's reserved ``.1`` address (see :func:`switch_address`),
-which the probe puts on the bridge the first time it probes a session (it
-goes away with the session namespace). The round trip crosses the VM's
-shaping both ways, so it includes the profile's egress and ingress delay.
+A network's switch is its bridge in the session namespace (``vbr0`` for
+``default``, :func:`vnic.plan.names.bridge_of`); it speaks from the network's
+reserved ``.1`` address (see :func:`switch_address`), which the probe puts on
+the bridge the first time it probes that network (it goes away with the
+session namespace). The round trip crosses the vNIC's shaping both ways, so it
+includes its profile's egress and ingress delay.
 
-Scale: no process per VM. One raw ICMP socket per session, opened inside the
-session namespace by the calling thread (which enters the namespace only to
-create it); every VM gets one echo request per round, and replies from all
-sessions are awaited together, matched by identifier, sequence number and
-source. Reply times are the kernel's receive timestamps, so a busy probe
-thread does not inflate what it measures.
+Scale: no process per VM. One raw ICMP socket per network of a session, bound
+to the network's bridge (so two networks with the same subnet cannot answer
+for each other) and opened inside the session namespace by the calling thread
+(which enters the namespace only to create it); every vNIC gets one echo
+request per round, and replies from all networks are awaited together,
+matched by identifier, sequence number and source. Reply times are the
+kernel's receive timestamps, so a busy probe thread does not inflate what it
+measures.
 
 Time bound: a call to :meth:`LatencyProbe.measure` takes at most
-``rounds * timeout`` seconds per batch of ``max_sockets`` sessions (plus the
-time to send), however many VMs do not answer. A raw socket, not an ICMP
+``rounds * timeout`` seconds per batch of ``max_sockets`` networks (plus the
+time to send), however many vNICs do not answer. A raw socket, not an ICMP
 datagram socket: ping sockets need ``net.ipv4.ping_group_range`` to admit the
 agent's group in every session namespace, and a fresh namespace admits none.
 """
@@ -39,10 +42,14 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.dataplane import namespaces as nsops
 from vnic.errors import DataplaneError
+from vnic.model.launch import DEFAULT_NETWORK, PRIMARY_NIC
 from vnic.plan import names
 
-Key = tuple[str, str]
+#: A vNIC: (session, VM, vNIC name).
+Key = tuple[str, str, str]
 IPv4 = str | ipaddress.IPv4Address | ipaddress.IPv4Interface
+#: A target as a plain tuple: (session, vm, ipv4), optionally with the nic and network.
+TargetTuple = tuple[str, str, IPv4] | tuple[str, str, IPv4, str, str]
 
 ECHO_REQUEST, ECHO_REPLY = 8, 0
 #: Linux's SO_TIMESTAMPNS (= SCM_TIMESTAMPNS); the socket module does not export it.
@@ -59,15 +66,22 @@ _calls = itertools.count(1)
 
 
 class Target(NamedTuple):
-    """A VM to probe: its session, name, and IPv4 address (interface or bare address)."""
+    """A vNIC to probe: its VM's session and name, its IPv4 address (interface or bare
+    address), its name (default ``eth0``) and its network (default ``default``)."""
 
     session: str
     vm: str
     ipv4: IPv4
+    nic: str = PRIMARY_NIC
+    network: str = DEFAULT_NETWORK
+
+    @property
+    def key(self) -> Key:
+        return (self.session, self.vm, self.nic)
 
 
 def switch_address(vm_ipv4: IPv4) -> ipaddress.IPv4Interface:
-    """The session switch's address: host ``.1`` of the VM's subnet (reserved for the
+    """A network switch's address: host ``.1`` of the vNIC's subnet (reserved for the
     session by :func:`vnic.plan.names.vm_addresses`). A bare address is taken to
     be in a /24, as every session subnet is (:func:`vnic.plan.names.session_ipv4`)."""
     if isinstance(vm_ipv4, ipaddress.IPv4Interface):
@@ -108,9 +122,10 @@ def parse_echo_reply(packet: bytes) -> tuple[int, int] | None:
 
 @dataclass
 class _Session:
-    """One session's probe socket and what it has in flight this round."""
+    """The probe socket of one network of a session, and what it has in flight this round."""
 
     name: str
+    network: str
     sock: socket.socket
     targets: list[Target]
     #: sequence number -> (target, monotonic send time, ns)
@@ -118,13 +133,13 @@ class _Session:
 
 
 class LatencyProbe:
-    """Round trip between VMs and their session switch, seconds.
+    """Round trip between vNICs and their network's switch, seconds.
 
     ``timeout``: seconds to wait for the replies of one round; ``rounds``:
-    echo requests per VM per call (the first also resolves the neighbour, an
-    ARP exchange through the VM's shaping that would double a delayed VM's
+    echo requests per vNIC per call (the first also resolves the neighbour, an
+    ARP exchange through the vNIC's shaping that would double a delayed vNIC's
     round trip, so the default two let the second measure the path alone);
-    ``max_sockets``: sessions probed at once (one socket each).
+    ``max_sockets``: networks probed at once (one socket each).
     """
 
     def __init__(self, *, timeout: float = 1.0, rounds: int = 2, max_sockets: int = 256) -> None:
@@ -133,8 +148,9 @@ class LatencyProbe:
         self.timeout = timeout
         self.rounds = rounds
         self.max_sockets = max_sockets
-        #: session namespace -> identity (inode) of the namespace whose bridge has its address
-        self._addressed: dict[str, int] = {}
+        #: (session namespace, bridge) -> identity (inode) of the namespace whose bridge
+        #: has its address
+        self._addressed: dict[tuple[str, str], int] = {}
         self._latest: dict[Key, float | None] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -142,21 +158,24 @@ class LatencyProbe:
 
     # ------------------------------------------------------------------ one measurement
 
-    def measure(self, targets: Iterable[Target | tuple[str, str, IPv4]]) -> dict[Key, float | None]:
-        """Round trip to every target in seconds; None where no reply came in time
-        (no answer, lost, slower than ``timeout``, or its session namespace is gone).
+    def measure(self, targets: Iterable[Target | TargetTuple]) -> dict[Key, float | None]:
+        """Round trip to every target in seconds, by (session, vm, nic); None where no
+        reply came in time (no answer, lost, slower than ``timeout``, or its session
+        namespace or network bridge is gone).
 
         Each target gets the result of the last round it answered.
         """
         wanted = [Target(*t) for t in targets]
-        out: dict[Key, float | None] = {(t.session, t.vm): None for t in wanted}
-        by_session: dict[str, list[Target]] = {}
+        out: dict[Key, float | None] = {t.key: None for t in wanted}
+        by_network: dict[tuple[str, str], list[Target]] = {}
         for t in wanted:
-            by_session.setdefault(t.session, []).append(t)
+            by_network.setdefault((t.session, t.network), []).append(t)
         present = set(nsops.listing())
-        self._addressed = {ns: i for ns, i in self._addressed.items() if ns in present}
+        self._addressed = {k: i for k, i in self._addressed.items() if k[0] in present}
         groups = [
-            (s, ts) for s, ts in sorted(by_session.items()) if names.session_netns(s) in present
+            (sn, ts)
+            for sn, ts in sorted(by_network.items())
+            if names.session_netns(sn[0]) in present
         ]
         for i in range(0, len(groups), self.max_sockets):
             out.update(self._batch(groups[i : i + self.max_sockets]))
@@ -164,14 +183,16 @@ class LatencyProbe:
             self._latest = dict(out)
         return out
 
-    def _batch(self, groups: Sequence[tuple[str, list[Target]]]) -> dict[Key, float | None]:
+    def _batch(
+        self, groups: Sequence[tuple[tuple[str, str], list[Target]]]
+    ) -> dict[Key, float | None]:
         out: dict[Key, float | None] = {}
         sessions: list[_Session] = []
         try:
-            for session, group in groups:
-                sock = self._open(session, group[0].ipv4)
+            for (session, network), group in groups:
+                sock = self._open(session, network, group[0].ipv4)
                 if sock is not None:
-                    sessions.append(_Session(session, sock, group, {}))
+                    sessions.append(_Session(session, network, sock, group, {}))
             ident = (os.getpid() + next(_calls)) & 0xFFFF
             for round_ in range(self.rounds):
                 for key, rtt in self._round(sessions, ident, round_).items():
@@ -181,15 +202,22 @@ class LatencyProbe:
                 s.sock.close()
         return out
 
-    def _open(self, session: str, vm_ipv4: IPv4) -> socket.socket | None:
-        """The session's probe socket, its switch address in place; None if the
-        session has no switch (yet, or any more)."""
+    def _open(self, session: str, network: str, vm_ipv4: IPv4) -> socket.socket | None:
+        """The probe socket of a session's network, bound to its bridge, the switch
+        address in place; None if the network has no bridge (yet, or any more)."""
         session_ns = names.session_netns(session)
+        bridge = names.bridge_of(network)
         try:
-            self._ensure_switch_address(session_ns, switch_address(vm_ipv4))
+            self._ensure_switch_address(session_ns, bridge, switch_address(vm_ipv4))
             with nsops.inside(session_ns):
                 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
         except (DataplaneError, OSError, NetlinkError):
+            return None
+        try:
+            # Requests leave, and replies are taken, through this network's bridge only.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, bridge.encode())
+        except OSError:
+            sock.close()
             return None
         sock.setblocking(False)
         try:  # past net.core.rmem_max, which would cap a plain SO_RCVBUF
@@ -199,14 +227,16 @@ class LatencyProbe:
         sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         return sock
 
-    def _ensure_switch_address(self, session_ns: str, address: ipaddress.IPv4Interface) -> None:
-        # Checked once per namespace instance (by its inode), not every round: a
-        # netlink round trip per session per round would dominate at scale.
+    def _ensure_switch_address(
+        self, session_ns: str, bridge: str, address: ipaddress.IPv4Interface
+    ) -> None:
+        # Checked once per bridge of a namespace instance (by its inode), not every
+        # round: a netlink round trip per network per round would dominate at scale.
         identity = os.stat(f"{nsops.RUN_DIR}/{session_ns}").st_ino
-        if self._addressed.get(session_ns) == identity:
+        if self._addressed.get((session_ns, bridge)) == identity:
             return
         with nsops.opened(session_ns) as ipr:
-            index = nsops.link_index(ipr, names.BRIDGE)
+            index = nsops.link_index(ipr, bridge)
             have = {
                 a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index, family=socket.AF_INET)
             }
@@ -221,7 +251,7 @@ class LatencyProbe:
                 except NetlinkError as exc:
                     if exc.code != errno.EEXIST:  # another prober added it meanwhile
                         raise
-        self._addressed[session_ns] = identity
+        self._addressed[(session_ns, bridge)] = identity
 
     def _round(self, sessions: Sequence[_Session], ident: int, round_: int) -> dict[Key, float]:
         """Send every target one echo request, then collect replies until all came
@@ -262,7 +292,7 @@ class LatencyProbe:
 
     def start(
         self,
-        targets: Callable[[], Iterable[Target | tuple[str, str, IPv4]]],
+        targets: Callable[[], Iterable[Target | TargetTuple]],
         interval: float = 10.0,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
@@ -320,4 +350,4 @@ def _drain(s: _Session, ident: int) -> list[tuple[Key, float]]:
         if source != _address(target):
             continue
         del s.sent[reply[1]]
-        out.append(((target.session, target.vm), max(arrived - sent_at, 0) / 1e9))
+        out.append((target.key, max(arrived - sent_at, 0) / 1e9))

@@ -1,8 +1,12 @@
 """Per-vNIC metrics: samples read from the kernel, rendered as Prometheus text.
 
-The pure part (:class:`DirectionSample`, :class:`VnicSample`, :func:`render`,
-:func:`direction_reading`) knows nothing of the kernel; :class:`Collector`
-fills samples from what the data plane counts. Per direction (the VM's: egress
+The pure part (:class:`DirectionSample`, :class:`VnicSample`, :func:`render`, and
+:func:`vnic.agent.counters.direction_reading`) knows nothing of the kernel;
+:class:`Collector` fills samples from what the data plane counts. A VM has one
+sample per vNIC (``eth0`` first), each read from that vNIC's own host-side objects:
+those of its one-vNIC slice (:meth:`LaunchRequest.per_nic`), named from the slice's
+unit (the VM's name for ``eth0``, so a VM with one vNIC reads what it always read).
+Per direction (the VM's: egress
 = sent by the VM, ingress = received by it):
 
 - bytes and packets (Ethernet frames, header included, as HTB counts them):
@@ -23,43 +27,46 @@ counters at zero again, and the collector then carries the previous total on
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vnic.dataplane import delayd, nft, tc
+from vnic.agent import counters as kernel
+from vnic.agent.counters import (
+    DROP_CAUSES,
+    LinkCounters,
+    Reading,
+    direction_reading,
+    needs_links,
+)
+from vnic.dataplane import delayd, tc
 from vnic.dataplane import namespaces as nsops
 from vnic.errors import DataplaneError
-from vnic.model.launch import LaunchRequest
+from vnic.model.launch import DEFAULT_NETWORK, PRIMARY_NIC, LaunchRequest
 from vnic.plan import names
-from vnic.plan.compile import guard_chain
 from vnic.plan.model import Plan
+
+__all__ = [
+    "DROP_CAUSES",
+    "FAMILIES",
+    "Collector",
+    "CountingDriver",
+    "DirectionSample",
+    "LinkCounters",
+    "NicKey",
+    "Reading",
+    "VnicSample",
+    "direction_reading",
+    "needs_links",
+    "render",
+]
 
 DIRECTIONS = ("egress", "ingress")
 
-#: Why packets of a vNIC were dropped on the host side (values of the ``cause`` label):
-#:
-#: - ``rate_limit``: the shaper's queue was full. The FIFO leaf under an HTB
-#:   class (sized from the bandwidth-delay product and the profile's ``queue``)
-#:   refused the packet because more was offered than the profile's rate
-#:   drains. Under netem without loss, netem's drops (its queue is then the
-#:   shaper's queue).
-#: - ``queue_overflow``: a delay line was full: the delay engine's held bytes
-#:   reached its limit, it could not take a frame in (its receive ring
-#:   overflowed), or it could not hand a frame to an unshaped device; with
-#:   netem at the root of an unshaped direction without loss, netem's drops.
-#: - ``emulated_loss``: the profile's loss model (random or Gilbert-Elliott)
-#:   dropped the packet on purpose. Under netem, every drop of a netem qdisc
-#:   whose direction has loss: netem counts its losses and its overflows in one
-#:   counter.
-#: - ``anti_spoofing``: frames from the VM whose source MAC, ARP sender or IP
-#:   source is not the VM's own, dropped by the nftables guard (egress only).
-DROP_CAUSES = ("rate_limit", "queue_overflow", "emulated_loss", "anti_spoofing")
-
-Key = tuple[str, str]
+#: A vNIC: (session, VM, vNIC name), e.g. ``("lab", "a", "eth1")``.
+NicKey = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
@@ -88,10 +95,14 @@ class VnicSample:
     revisions: Mapping[str, int]
     egress: DirectionSample
     ingress: DirectionSample
-    #: round trip VM <-> session switch, seconds (None: no answer or not measured yet)
+    #: round trip vNIC <-> its network's switch, seconds (None: no answer or not measured yet)
     latency_seconds: float | None = None
-    #: differences between desired and read-back kernel state (0 = as planned)
+    #: differences between desired and read-back kernel state of this vNIC (0 = as planned)
     drift: int = 0
+    #: the vNIC's name in the VM (``eth0``, ``eth1``...)
+    nic: str = PRIMARY_NIC
+    #: the session's network the vNIC is on
+    network: str = DEFAULT_NETWORK
 
     def direction(self, name: str) -> DirectionSample:
         return self.egress if name == "egress" else self.ingress
@@ -110,8 +121,8 @@ class Family:
     labels: tuple[str, ...]
 
 
-_VM = ("session", "vm")
-_DIR = ("session", "vm", "direction")
+_NIC = ("session", "vm", "nic")
+_DIR = ("session", "vm", "nic", "direction")
 
 #: Every family the agent exposes, in output order (docs/metrics.md documents each).
 FAMILIES: tuple[Family, ...] = (
@@ -144,20 +155,20 @@ FAMILIES: tuple[Family, ...] = (
     Family(
         "vnic_latency_seconds",
         "gauge",
-        "Round trip in seconds of the active probe between the VM and its session switch.",
-        _VM,
+        "Round trip in seconds of the active probe between the vNIC and its network's switch.",
+        _NIC,
     ),
     Family(
         "vnic_profile_revision",
         "gauge",
         "Revision of each profile the vNIC runs.",
-        (*_VM, "profile"),
+        (*_NIC, "profile"),
     ),
     Family(
         "vnic_drift",
         "gauge",
         "Differences between the desired and the read-back kernel state of the vNIC.",
-        _VM,
+        _NIC,
     ),
 )
 
@@ -201,7 +212,10 @@ def render(samples: Iterable[VnicSample], *, extra_lines: Iterable[str] = ()) ->
     revisions: list[str] = []
     drift: list[str] = []
     for s in samples:
-        base = f'session="{escape_label(s.session)}",vm="{escape_label(s.vm)}"'
+        base = (
+            f'session="{escape_label(s.session)}",vm="{escape_label(s.vm)}"'
+            f',nic="{escape_label(s.nic)}"'
+        )
         for d, ds in (("egress", s.egress), ("ingress", s.ingress)):
             lab = f'{{{base},direction="{d}"'
             nbytes.append(f"vnic_bytes_total{lab}}} {ds.bytes}")
@@ -239,157 +253,15 @@ def render(samples: Iterable[VnicSample], *, extra_lines: Iterable[str] = ()) ->
     return "\n".join(out)
 
 
-# ----------------------------------------------------------------------------- reading
-
-
-@dataclass(frozen=True)
-class LinkCounters:
-    """One device's link counters (``ip -s link``): bytes and packets each way."""
-
-    rx_bytes: int
-    rx_packets: int
-    tx_bytes: int
-    tx_packets: int
-
-
-@dataclass(frozen=True)
-class Reading:
-    """The raw kernel totals of one direction of one vNIC, as read this time."""
-
-    bytes: int
-    packets: int
-    drops: Mapping[str, int]
-
-
-def direction_reading(
-    plan: Plan,
-    direction: str,
-    counters: Mapping[tuple[str, int], tc.ClassCounters],
-    engine: Mapping[str, int] | None,
-    links: Mapping[str, LinkCounters],
-    guard_drops: int,
-) -> Reading:
-    """What one direction of a vNIC counted, from the readings of its session. Pure.
-
-    ``counters``: (device, HTB class minor) -> the leaf qdisc's counters (FIFO
-    or netem); ``engine``: the delay engine's counters of this direction (None
-    without an engine); ``links``: link counters by device name (only needed
-    for directions nothing shapes); ``guard_drops``: the VM's anti-spoofing
-    drops (counted on egress only).
-    """
-    dplan = plan.egress if direction == "egress" else plan.ingress
-    drops = dict.fromkeys(DROP_CAUSES, 0)
-    nbytes = packets = 0
-    counted = False
-    for leaf in dplan.leaves:
-        c = counters.get((leaf.device, leaf.class_minor))
-        if c is not None:
-            nbytes += c.bytes
-            packets += c.packets
-            drops["rate_limit"] += c.drops
-        counted = True
-    for q in dplan.netem:
-        # netem replaces the FIFO leaf (or sits at the root of an unshaped
-        # direction): it is the last queue, so its counters are the delivered ones.
-        c = counters.get((q.device, q.parent_minor))
-        if c is not None:
-            nbytes += c.bytes
-            packets += c.packets
-            if q.impairment.loss:
-                cause = "emulated_loss"  # netem counts losses and overflows together
-            elif q.parent_minor:
-                cause = "rate_limit"
-            else:
-                cause = "queue_overflow"
-            drops[cause] += c.drops
-        counted = True
-    if engine is not None:
-        drops["emulated_loss"] += engine.get("dropped_loss", 0)
-        drops["queue_overflow"] += engine.get("dropped_overflow", 0) + engine.get("socket_drops", 0)
-        if not dplan.leaves:
-            # A failed send into a shaped device is the leaf's own drop, already
-            # counted as rate_limit; only an unshaped device's refusal is new.
-            drops["queue_overflow"] += engine.get("dropped_send", 0)
-        if not counted:
-            nbytes, packets = engine.get("tx_bytes", 0), engine.get("tx_frames", 0)
-            counted = True
-    if not counted:
-        link = links.get(plan.devices.port)
-        if link is not None:
-            # The port's receive side is what the VM sent; its transmit side what it got.
-            if direction == "egress":
-                nbytes, packets = link.rx_bytes, link.rx_packets
-            else:
-                nbytes, packets = link.tx_bytes, link.tx_packets
-    if direction == "egress":
-        drops["anti_spoofing"] = guard_drops
-    return Reading(nbytes, packets, drops)
-
-
-def needs_links(plan: Plan) -> bool:
-    """Whether a direction of ``plan`` is counted by link counters (nothing shapes it)."""
-    return plan.engine is None and not (plan.egress.shaped and plan.ingress.shaped)
-
-
-def read_link_counters(session_ns: str) -> dict[str, LinkCounters]:
-    """Link counters of every device in the namespace, from one ``ip -s -j link show``."""
-    proc = nsops.run_inside(
-        session_ns, ["ip", "-s", "-j", "link", "show"], capture_output=True, timeout=30
-    )
-    if proc.returncode != 0:
-        raise DataplaneError(f"cannot read link counters in {session_ns}: {proc.stderr.strip()}")
-    out = {}
-    for link in json.loads(proc.stdout or "[]"):
-        stats = link.get("stats64") or link.get("stats") or {}
-        rx, tx = stats.get("rx", {}), stats.get("tx", {})
-        out[str(link.get("ifname"))] = LinkCounters(
-            int(rx.get("bytes", 0)),
-            int(rx.get("packets", 0)),
-            int(tx.get("bytes", 0)),
-            int(tx.get("packets", 0)),
-        )
-    return out
-
-
-def read_guard_drops(session_ns: str) -> dict[str, int]:
-    """Anti-spoofing drops per guard chain of a session, from one ``nft -j list table``."""
-    proc = nsops.run_inside(
-        session_ns,
-        ["nft", "-j", "list", "table", "bridge", nft.TABLE],
-        capture_output=True,
-        timeout=10,
-    )
-    if proc.returncode != 0:
-        return {}  # no VM of the session has a guard yet: nothing dropped
-    chains: dict[str, int] = {}
-    for item in json.loads(proc.stdout).get("nftables", []):
-        rule = item.get("rule")
-        if not rule or rule.get("comment") not in nft.DROP_REASONS:
-            continue
-        for expr in rule.get("expr", []):
-            if isinstance(expr, dict) and "counter" in expr:
-                chain = str(rule["chain"])
-                chains[chain] = chains.get(chain, 0) + int(expr["counter"]["packets"])
-    return chains
-
-
-def guard_drops_by_vm(chains: Mapping[str, int], vms: Iterable[str]) -> dict[str, int]:
-    """Each VM's anti-spoofing drops: its guard is on the port or on the relay's bridge end."""
-    out = {}
-    for vm in vms:
-        links = names.VmLinks.of(vm)
-        out[vm] = chains.get(guard_chain(links.port), 0) + chains.get(
-            guard_chain(links.relay_port), 0
-        )
-    return out
-
-
 # ----------------------------------------------------------------------------- collecting
 
 
 @runtime_checkable
 class CountingDriver(Protocol):
-    """What the collector needs of a driver (:class:`vnic.drivers.netns.NetnsDriver`)."""
+    """What the collector needs of a driver (:class:`vnic.drivers.netns.NetnsDriver`).
+
+    Both take one vNIC: ``plan_for`` its one-vNIC slice (whose devices are named from
+    the slice's unit), ``engine_stats`` its unit (the VM's name for ``eth0``)."""
 
     def plan_for(self, request: LaunchRequest) -> Plan: ...
 
@@ -400,13 +272,14 @@ class _Totals:
     """Kernel totals made monotone, and rates from them. Pure; the clock is passed in.
 
     A kernel counter that goes down was reset (its queue was rebuilt): the last
-    total is carried on as an offset, so what is reported never decreases.
+    total is carried on as an offset, so what is reported never decreases. Keys
+    start with (session, unit): one vNIC.
     """
 
     def __init__(self) -> None:
-        #: (session, vm, direction, counter) -> (last raw value, offset)
+        #: (session, unit, direction, counter) -> (last raw value, offset)
         self._raw: dict[tuple[str, str, str, str], tuple[int, int]] = {}
-        #: (session, vm, direction) -> (time, reported bytes) of the last collection
+        #: (session, unit, direction) -> (time, reported bytes) of the last collection
         self._last: dict[tuple[str, str, str], tuple[float, int]] = {}
 
     def total(self, key: tuple[str, str, str, str], raw: int) -> int:
@@ -425,14 +298,14 @@ class _Totals:
         return (nbytes - last[1]) * 8 / (now - last[0])
 
     def forget(self, keep: Callable[[str, str], bool]) -> None:
-        """Drop the state of vNICs for which ``keep(session, vm)`` is false."""
+        """Drop the state of vNICs for which ``keep(session, unit)`` is false."""
         self._raw = {k: v for k, v in self._raw.items() if keep(k[0], k[1])}
         self._last = {k: v for k, v in self._last.items() if keep(k[0], k[1])}
 
 
 class Collector:
     """Reads the counters of many vNICs: per session namespace one qdisc dump, one
-    nftables dump and (only if a VM has an unshaped direction) one link dump.
+    nftables dump and (only if a vNIC has an unshaped direction) one link dump.
 
     Keeps the previous reading of each vNIC to turn byte counters into rates and
     to carry totals over counter resets; ``clock`` (monotonic seconds) is
@@ -450,55 +323,59 @@ class Collector:
             )
         self.driver: CountingDriver = driver
         self.clock = clock
-        self._plans: dict[Key, tuple[LaunchRequest, Plan]] = {}
+        #: (session, unit) -> (the vNIC's one-vNIC slice, its plan)
+        self._plans: dict[tuple[str, str], tuple[LaunchRequest, Plan]] = {}
         self._totals = _Totals()
 
-    def plan(self, request: LaunchRequest) -> Plan:
-        """The request's plan, compiled once per distinct request."""
-        key = (request.session, request.vm)
+    def plan(self, nic: LaunchRequest) -> Plan:
+        """The plan of a one-vNIC slice, compiled once per distinct slice."""
+        key = (nic.session, nic.unit)
         cached = self._plans.get(key)
-        if cached is not None and (cached[0] is request or cached[0] == request):
+        if cached is not None and (cached[0] is nic or cached[0] == nic):
             return cached[1]
-        plan = self.driver.plan_for(request)
-        self._plans[key] = (request, plan)
+        plan = self.driver.plan_for(nic)
+        self._plans[key] = (nic, plan)
         return plan
 
     def collect(
         self,
         requests: Sequence[LaunchRequest],
         *,
-        drift: Mapping[Key, int] | None = None,
-        latency: Mapping[Key, float | None] | None = None,
+        drift: Mapping[NicKey, int] | None = None,
+        latency: Mapping[NicKey, float | None] | None = None,
     ) -> list[VnicSample]:
-        """A sample per request whose session namespace exists, in session then request order.
+        """A sample per vNIC of each request whose session namespace exists, in session,
+        then request, then vNIC order.
 
-        VMs of a session whose namespace is gone get no sample (their vNIC no
-        longer exists, and zeros would read as a counter reset); a VM whose own
-        namespace or engine is gone reports its last totals. ``drift`` and
-        ``latency`` (seconds) are keyed by (session, vm); missing = 0 / None.
+        VMs of a session whose namespace is gone get no sample (their vNICs no
+        longer exist, and zeros would read as a counter reset); a vNIC whose VM
+        namespace or engine is gone reports its last totals, and one whose objects
+        were never built (absent from every dump) reports zeros. ``drift`` and
+        ``latency`` (seconds) are keyed by (session, vm, nic); missing = 0 / None.
         """
         drift = drift or {}
         latency = latency or {}
         by_session: dict[str, list[LaunchRequest]] = {}
         for r in requests:
-            by_session.setdefault(r.session, []).append(r)
+            # A one-vNIC request is its own slice: kept as is, the plan cache hits by identity.
+            by_session.setdefault(r.session, []).extend(r.per_nic() if len(r.nics) > 1 else (r,))
         present = set(nsops.listing())
         out: list[VnicSample] = []
-        for session, reqs in sorted(by_session.items()):
+        for session, nics in sorted(by_session.items()):
             session_ns = names.session_netns(session)
             if session_ns not in present:
                 continue
             now = self.clock()
             try:
-                samples = self._session(session_ns, reqs, drift, latency, now)
+                samples = self._session(session_ns, nics, drift, latency, now)
             except DataplaneError:
                 continue  # the namespace went away while it was read
             out += samples
         # Forget the vNICs of these sessions that were not asked for (destroyed);
         # other sessions' state stays, since a caller may collect one session only.
-        wanted = {(r.session, r.vm) for r in requests}
+        wanted = {(n.session, n.unit) for nics in by_session.values() for n in nics}
         if any(k[0] in by_session and k not in wanted for k in self._plans):
-            self._totals.forget(lambda s, vm: s not in by_session or (s, vm) in wanted)
+            self._totals.forget(lambda s, unit: s not in by_session or (s, unit) in wanted)
             self._plans = {
                 k: v for k, v in self._plans.items() if k[0] not in by_session or k in wanted
             }
@@ -507,61 +384,74 @@ class Collector:
     def _session(
         self,
         session_ns: str,
-        reqs: Sequence[LaunchRequest],
-        drift: Mapping[Key, int],
-        latency: Mapping[Key, float | None],
+        nics: Sequence[LaunchRequest],
+        drift: Mapping[NicKey, int],
+        latency: Mapping[NicKey, float | None],
         now: float,
     ) -> list[VnicSample]:
-        plans = [self.plan(r) for r in reqs]
+        """Samples of ``nics`` (one-vNIC slices of the session's VMs) from one set of dumps."""
+        plans = [self.plan(n) for n in nics]
         counters = tc.read_class_counters(session_ns)
-        guards = guard_drops_by_vm(read_guard_drops(session_ns), [r.vm for r in reqs])
-        links = read_link_counters(session_ns) if any(map(needs_links, plans)) else {}
+        guards = kernel.guard_drops_by_unit(
+            kernel.read_guard_drops(session_ns), [n.unit for n in nics]
+        )
+        links = kernel.read_link_counters(session_ns) if any(map(needs_links, plans)) else {}
         out = []
-        for r, plan in zip(reqs, plans, strict=True):
-            engine = self._engine(r) if plan.engine is not None else None
+        for n, plan in zip(nics, plans, strict=True):
+            # A driver that plans every vNIC on the VM's own links (one that builds eth0
+            # only) would have this vNIC read eth0's objects: it has none of its own.
+            own = plan.devices.port == names.VmLinks.of(n.unit).port
+            engine = self._engine(n) if own and plan.engine is not None else None
             dirs = {}
             for d in DIRECTIONS:
-                raw = direction_reading(
-                    plan,
-                    d,
-                    counters,
-                    engine.directions.get(d, {}) if engine is not None else None,
-                    links,
-                    guards.get(r.vm, 0),
+                raw = (
+                    direction_reading(
+                        plan,
+                        d,
+                        counters,
+                        engine.directions.get(d, {}) if engine is not None else None,
+                        links,
+                        guards.get(n.unit, 0),
+                    )
+                    if own
+                    else Reading(0, 0, dict.fromkeys(DROP_CAUSES, 0))
                 )
-                dirs[d] = self._sample(r, d, raw, now)
-            key = (r.session, r.vm)
+                dirs[d] = self._sample(n, d, raw, now)
+            key = (n.session, n.vm, n.nic)
             out.append(
                 VnicSample(
-                    session=r.session,
-                    vm=r.vm,
-                    revisions=dict(r.revisions),
+                    session=n.session,
+                    vm=n.vm,
+                    revisions=dict(n.revisions),
                     egress=dirs["egress"],
                     ingress=dirs["ingress"],
                     latency_seconds=latency.get(key),
                     drift=drift.get(key, 0),
+                    nic=n.nic,
+                    network=n.network,
                 )
             )
         return out
 
-    def _engine(self, request: LaunchRequest) -> delayd.EngineStats | None:
+    def _engine(self, nic: LaunchRequest) -> delayd.EngineStats | None:
         try:
-            return self.driver.engine_stats(request.session, request.vm)
+            return self.driver.engine_stats(nic.session, nic.unit)
         except (OSError, ValueError):
             return None  # the engine stopped while its counters were read
 
     def _sample(
-        self, r: LaunchRequest, direction: str, raw: Reading, now: float
+        self, n: LaunchRequest, direction: str, raw: Reading, now: float
     ) -> DirectionSample:
         t = self._totals
-        nbytes = t.total((r.session, r.vm, direction, "bytes"), raw.bytes)
-        packets = t.total((r.session, r.vm, direction, "packets"), raw.packets)
-        drops = {c: t.total((r.session, r.vm, direction, c), raw.drops[c]) for c in DROP_CAUSES}
-        rate = r.profile.direction(direction).rate
+        unit = n.unit
+        nbytes = t.total((n.session, unit, direction, "bytes"), raw.bytes)
+        packets = t.total((n.session, unit, direction, "packets"), raw.packets)
+        drops = {c: t.total((n.session, unit, direction, c), raw.drops[c]) for c in DROP_CAUSES}
+        rate = n.profile.direction(direction).rate
         return DirectionSample(
             bytes=nbytes,
             packets=packets,
             drops=drops,
-            rate_bps=t.rate((r.session, r.vm, direction), now, nbytes),
+            rate_bps=t.rate((n.session, unit, direction), now, nbytes),
             profile_rate_bps=int(rate.value) if rate is not None else None,
         )

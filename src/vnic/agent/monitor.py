@@ -11,6 +11,12 @@ repair bounds; ``vnic_drift`` then shows what is left after the repairs.
 A read of every VM costs about 20 ms a VM on this 2-core machine, so the
 pause between two rounds also grows with it: the loop spends at most
 :data:`DUTY` of its time reading (20 VMs: a round every ~3.5 s).
+
+Everything is per vNIC: a VM with several has a sample, a latency and a drift
+count per vNIC (:data:`vnic.agent.metrics.NicKey`). The drivers report a VM's
+drift as one list; a difference is the vNIC's it names first (``eth1: ...``,
+see :func:`drift_by_nic`), and differences naming no vNIC are ``eth0``'s, which
+also carries what is per VM (its TCP settings come from ``eth0``'s profile).
 """
 
 from __future__ import annotations
@@ -19,15 +25,16 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
 from vnic.agent.latency import LatencyProbe, Target
-from vnic.agent.metrics import Collector, CountingDriver, VnicSample, render
+from vnic.agent.metrics import Collector, CountingDriver, NicKey, VnicSample, render
 from vnic.agent.port import DesiredVm, RepairEvent, VmKey
 from vnic.agent.repair import Repairer
 from vnic.drivers.base import Driver
 from vnic.drivers.registry import HOST_DRIVERS
+from vnic.model.launch import NIC_NAME, LaunchRequest
 
 log = logging.getLogger("vnic.agent")
 
@@ -36,8 +43,6 @@ LATENCY_INTERVAL = 10.0
 DRIFT_INTERVAL = 60.0
 #: Most of its time the drift loop may spend reading drift, with repair on.
 DUTY = 0.1
-
-Key = tuple[str, str]
 
 
 class Monitored(Protocol):
@@ -69,7 +74,8 @@ class Monitor:
         self.agent = agent
         self.latency_interval = latency_interval
         self.drift_interval = drift_interval
-        self.drift: dict[Key, int] = {}
+        #: differences left on each desired vNIC at the last drift check
+        self.drift: dict[NicKey, int] = {}
         #: Seconds the last round's drift read took (repairs not included).
         self.read_seconds = 0.0
         self.probe = LatencyProbe()
@@ -109,7 +115,8 @@ class Monitor:
         return render(self.samples(), extra_lines=extra)
 
     def stats(self, session: str) -> list[dict[str, Any]]:
-        return [dataclasses.asdict(s) for s in self.samples(session)]
+        """The session's samples as JSON, one document per VM (see :func:`stats_by_vm`)."""
+        return stats_by_vm(self.samples(session))
 
     def refresh_drift(self) -> None:
         """Read every desired vNIC back and count its differences from the request."""
@@ -140,18 +147,19 @@ class Monitor:
         return max(repairer.interval, spent * (1 - DUTY) / DUTY)
 
     def _count(self, found: dict[str, list[str]]) -> None:
-        self.drift = {
-            (vm.request.session, vm.request.vm): len(
-                found.get(f"{vm.request.session}/{vm.request.vm}", [])
-            )
-            for vm in self.agent.mine()
-        }
+        counts: dict[NicKey, int] = {}
+        for vm in self.agent.mine():
+            r = vm.request
+            for nic, n in drift_by_nic(r, found.get(f"{r.session}/{r.vm}", [])).items():
+                counts[(r.session, r.vm, nic)] = n
+        self.drift = counts
 
     def _targets(self) -> list[Target]:
         return [
-            Target(vm.request.session, vm.request.vm, vm.request.ipv4)
+            Target(vm.request.session, vm.request.vm, n.ipv4, n.name, n.network)
             for vm in self.agent.mine()
             if vm.driver in HOST_DRIVERS
+            for n in vm.request.nics
         ]
 
     def start(self) -> None:
@@ -180,6 +188,29 @@ class Monitor:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
+
+
+def drift_by_nic(request: LaunchRequest, differences: Iterable[str]) -> dict[str, int]:
+    """How many of a VM's ``differences`` belong to each of its vNICs (every vNIC listed,
+    0 included). A difference is the vNIC's it starts with (``eth1: ...`` or ``eth1 ...``,
+    a vNIC of this VM); the others, naming none, are the first vNIC's (``eth0``: a VM
+    of one vNIC, or what is per VM, like its TCP settings)."""
+    counts = dict.fromkeys((n.name for n in request.nics), 0)
+    first = request.nic
+    for line in differences:
+        head = line.split(":", 1)[0].split(" ", 1)[0]
+        counts[head if head in counts and NIC_NAME.fullmatch(head) else first] += 1
+    return counts
+
+
+def stats_by_vm(samples: Sequence[VnicSample]) -> list[dict[str, Any]]:
+    """The JSON of ``samples``, one document per VM in the order met: the first vNIC's
+    sample (``eth0``: the keys readers of one-vNIC VMs know, ``nic`` and ``network``
+    added), and ``nics``, every vNIC's sample in order (the first included)."""
+    by_vm: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for s in samples:
+        by_vm.setdefault((s.session, s.vm), []).append(dataclasses.asdict(s))
+    return [{**nics[0], "nics": nics} for nics in by_vm.values()]
 
 
 def _log(what: str) -> Callable[[Exception], None]:

@@ -164,38 +164,50 @@ def _drops(d: Mapping[str, Any]) -> str:
     return ", ".join(parts) or "0"
 
 
+def top_nics(stats: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Every vNIC's sample of ``stats`` (the agent's documents, one per VM: each lists
+    its vNICs under ``nics``; a document without, from an agent of the previous
+    release, is its VM's one vNIC ``eth0``), by VM, then in the VM's vNIC order."""
+    out: list[Mapping[str, Any]] = []
+    for s in sorted(stats, key=lambda s: str(s["vm"])):
+        out += s.get("nics") or [s]
+    return out
+
+
 def top_table(session: str, stats: list[dict[str, Any]]) -> Table:
-    """``vnic top``'s table: two rows per vNIC (egress, ingress), titled with the time."""
+    """``vnic top``'s table: one row per vNIC (``vm/nic``, its network), the rate measured
+    and the profile's each way, drops by cause each way; titled with the time."""
     t = Table(
-        "vm",
-        "dir",
-        "rate now",
-        "profile rate",
-        "bytes",
-        "packets",
-        "drops",
+        "vm/nic",
+        "network",
+        "out now",
+        "out profile",
+        "in now",
+        "in profile",
+        "out drops",
+        "in drops",
         "rtt",
         "rev",
         "drift",
         title=f"session {session} — {time.strftime('%H:%M:%S')}",
         title_justify="left",
     )
-    for s in sorted(stats, key=lambda s: str(s["vm"])):
-        for i, direction in enumerate(("egress", "ingress")):
-            d = s[direction]
-            rtt = s["latency_seconds"]
-            t.add_row(
-                s["vm"] if i == 0 else "",
-                direction,
-                _rate(d["rate_bps"]),
-                _rate(d["profile_rate_bps"]) if d["profile_rate_bps"] else "unlimited",
-                str(d["bytes"]),
-                str(d["packets"]),
-                _drops(d),
-                (f"{rtt * 1000:.2f} ms" if rtt is not None else "-") if i == 0 else "",
-                ",".join(f"{p} r{r}" for p, r in sorted(s["revisions"].items())) if i == 0 else "",
-                str(s["drift"]) if i == 0 else "",
-            )
+    for s in top_nics(stats):
+        e, i = s["egress"], s["ingress"]
+        rtt = s["latency_seconds"]
+        t.add_row(
+            f"{s['vm']}/{s.get('nic', 'eth0')}",
+            str(s.get("network", "default")),
+            _rate(e["rate_bps"]),
+            _rate(e["profile_rate_bps"]) if e["profile_rate_bps"] else "unlimited",
+            _rate(i["rate_bps"]),
+            _rate(i["profile_rate_bps"]) if i["profile_rate_bps"] else "unlimited",
+            _drops(e),
+            _drops(i),
+            f"{rtt * 1000:.2f} ms" if rtt is not None else "-",
+            ",".join(f"{p} r{r}" for p, r in sorted(s["revisions"].items())),
+            str(s["drift"]),
+        )
     return t
 
 

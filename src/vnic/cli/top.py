@@ -1,4 +1,5 @@
-"""``vnic top SESSION``: the live per-vNIC table, refreshed in place."""
+"""``vnic top SESSION``: the live per-vNIC table (a row per vNIC of every VM, with its
+network), refreshed in place."""
 
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ def top(
         int, typer.Option("--count", help="Updates to show, then exit (0: until Ctrl-C).")
     ] = 0,
 ) -> None:
-    """Live per-vNIC table of a session: rates against the profile, drops by cause, latency."""
+    """Live table of a session, a row per vNIC: rates against the profile, drops by cause,
+    latency."""
 
     def body() -> None:
         run_top(
