@@ -49,17 +49,25 @@ class QemuGuest(VmSide):
     def thing(self, session: str, vm: str) -> str:
         return f"QEMU guest {qemu.run_files(session, vm).directory}"
 
-    def plug(self, request: LaunchRequest, plan: Plan) -> None:
+    def plug(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
         """Run directory (marks the VM as a guest), tagged tap on the bridge, then QEMU: it
-        boots while the rest of the host side is built."""
+        boots while the rest of the host side is built. One vNIC (the driver's
+        ``max_nics``)."""
+        (plan,) = plans
         spec = spec_for(request, plan)
         qemu.image()  # built (or found) before anything is made, so a failure leaves nothing
         qemu.run_files(request.session, request.vm).directory.mkdir(parents=True)
         session_ns = names.session_netns(request.session)
-        nsops.plug_tap(session_ns, request.session, request.vm, relay=plan.engine is not None)
+        nsops.plug_tap(
+            session_ns,
+            request.session,
+            request.unit,
+            relay=plan.engine is not None,
+            bridge=plan.devices.bridge,
+        )
         qemu.start(session_ns, spec)
 
-    def settings(self, request: LaunchRequest, plan: Plan) -> None:
+    def settings(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
         """Nothing at this point: the guest applies its settings from its command line."""
 
     def wait_ready(self, request: LaunchRequest) -> None:
@@ -101,7 +109,7 @@ class QemuGuest(VmSide):
         driver alongside never takes its leftovers for its own."""
         qemu.remove_run_dir(session, vm)
 
-    def drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
+    def drift(self, request: LaunchRequest, plans: Sequence[Plan]) -> list[str]:
         """The MAC the guest's NIC filters on, read back through QMP."""
         run = qemu.run_files(request.session, request.vm)
         try:
