@@ -479,3 +479,28 @@ def _names_in(session_ns: str) -> set[str]:
         return set(session_links(session_ns))
     except DataplaneError:
         return set()  # not mounted yet
+
+
+def test_host_side_counters_are_per_vnic(multi: Multi) -> None:
+    """``drop_counters`` and ``engine_stats`` take a unit: eth1's are eth1's alone."""
+    s = multi.session()
+    a = vm(
+        s,
+        "a",
+        nic("eth0", "default", 2, WIDE),
+        nic("eth1", "data", 2, ["egress.rate=1Gbit", "egress.delay=1ms"]),
+    )
+    c = vm(s, "c", nic("eth0", "data", 4, WIDE))
+    multi.launch(a, c)
+    assert multi.driver.engine_stats(s, "a") is None  # eth0 has no delay
+    assert ping(s, "a", str(c.ipv4.ip), count=2)
+    stats = multi.driver.engine_stats(s, "a.eth1")
+    assert stats is not None and stats.directions["egress"]["rx_frames"] >= 2, stats
+    # eth1 sends with a MAC not its own (a static neighbour entry: no ARP needed).
+    multi.exec(
+        s, "a", "ip", "neigh", "replace", str(c.ipv4.ip), "lladdr", str(c.mac), "dev", "eth1"
+    )
+    multi.exec(s, "a", "ip", "link", "set", "eth1", "address", "02:66:66:66:66:66")
+    assert ping(s, "a", str(c.ipv4.ip), count=4, timeout=0.5) == []
+    assert multi.driver.drop_counters(s, "a.eth1")["spoof-mac"] >= 2
+    assert set(multi.driver.drop_counters(s, "a").values()) == {0}
