@@ -8,19 +8,23 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from vnic.dataplane.inventory import vm_of_tag, vm_of_unit
 from vnic.drivers import live, planning
+from vnic.drivers.netns import NetnsDriver
 from vnic.drivers.netns_vm import NetnsVm
 from vnic.drivers.qemu import QemuDriver
+from vnic.drivers.qemu_guest import spec_for
 from vnic.errors import Conflict, Unsupported
 from vnic.model.launch import LaunchRequest, NicRequest
 from vnic.model.profile import build_profile, parse_assignments
 from vnic.model.resolve import Layer, complete
 from vnic.model.units import MacAddress
 from vnic.plan import names
+from vnic.plan.guest import RunFiles, kernel_command_line, qemu_argv
 
 TCP = ["egress.rate=10Mbit", "tcp.congestion_control=reno", "tcp.sack=false"]
 
@@ -74,14 +78,36 @@ def test_how_many_vnics_each_driver_takes() -> None:
     netns = planning.capabilities("netns", None)
     assert netns.max_nics == 8 and "eth0..eth7" in netns.max_nics_why
     qemu = QemuDriver().capabilities()
-    assert (qemu.max_nics, qemu.max_nics_why) == (1, "multi-NIC QEMU guests are not built yet")
-    assert qemu.to_dict()["max_nics"] == 1
+    assert qemu.max_nics == 8 and "virtio NIC on a tap of its own" in qemu.max_nics_why
+    assert qemu.to_dict()["max_nics"] == 8
 
 
-def test_a_qemu_guest_with_two_vnics_is_refused_before_anything_is_touched() -> None:
+def test_a_vm_with_too_many_vnics_is_refused_before_anything_is_touched() -> None:
     # Refused by the count, before the image, the run directory or any namespace.
-    with pytest.raises(Unsupported, match=r"nics.*2 vNICs.*at most 1 on the qemu driver"):
-        QemuDriver().launch_begin(two())
+    nine = LaunchRequest("s", "a", tuple(nic(f"eth{i}", "default", 1, TCP) for i in range(9)))
+    for driver in (QemuDriver(), NetnsDriver()):
+        with pytest.raises(Unsupported, match=rf"nics.*9 vNICs.*at most 8 on the {driver.kind}"):
+            driver.launch_begin(nine)
+
+
+def test_a_two_nic_guest_gets_a_virtio_nic_per_vnic_on_its_tap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("VNIC_QEMU_ACCEL", "tcg")  # no trial boot: this test runs nothing
+    request = two()
+    spec = spec_for(request, planning.plans_for(request))
+    eth1 = request.nics[1]
+    tap1 = names.VmLinks.of("a.eth1").port
+    assert spec.tap == names.VmLinks.of("a").port
+    line = kernel_command_line(spec)
+    assert f"vnic.nic=eth1,{eth1.mac},{eth1.ipv4},{eth1.ipv6}" in line.split()
+    argv = qemu_argv(spec, Path("k"), Path("i"), RunFiles(Path("/r")))
+    assert f"tap,id=net1,ifname={tap1},script=no,downscript=no" in argv
+    assert f"virtio-net-pci,id=nic1,netdev=net1,mac={eth1.mac}" in argv
+    # eth0's NIC first: the guest names its NICs in that order.
+    assert argv.index(f"virtio-net-pci,id=nic0,netdev=net0,mac={request.mac}") < argv.index(
+        f"virtio-net-pci,id=nic1,netdev=net1,mac={eth1.mac}"
+    )
 
 
 def test_units_map_back_to_their_vm() -> None:

@@ -136,7 +136,10 @@ MAX_NICS_OF = {
         MAX_NICS,
         f"a VM's vNICs are eth0..eth{MAX_NICS - 1}, each a veth with its own shaping and guard",
     ),
-    "qemu": (1, "multi-NIC QEMU guests are not built yet"),
+    "qemu": (
+        MAX_NICS,
+        f"a guest's vNICs are eth0..eth{MAX_NICS - 1}, each a virtio NIC on a tap of its own",
+    ),
 }
 
 
