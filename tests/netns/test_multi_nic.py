@@ -504,3 +504,32 @@ def test_host_side_counters_are_per_vnic(multi: Multi) -> None:
     assert ping(s, "a", str(c.ipv4.ip), count=4, timeout=0.5) == []
     assert multi.driver.drop_counters(s, "a.eth1")["spoof-mac"] >= 2
     assert set(multi.driver.drop_counters(s, "a").values()) == {0}
+
+
+def test_agent_reconcile_repairs_drift_on_eth1(multi: Multi, tmp_path: Path) -> None:
+    """Reconcile works per VM: drift on any vNIC rebuilds the VM, with every vNIC."""
+    from vnic.agent.core import Agent
+
+    s = multi.session()
+    agent = Agent(tmp_path / "agent", {"netns": multi.driver})
+    a = vm(
+        s,
+        "a",
+        nic("eth0", "default", 2, ["egress.rate=30Mbit"]),
+        nic("eth1", "data", 2, ["egress.rate=40Mbit", "egress.delay=1ms"]),
+    )
+    c = vm(s, "c", nic("eth0", "data", 4, WIDE))
+    agent.launch(a)
+    agent.launch(c)
+    assert agent.drift() == {}
+    relay = names.VmLinks.of("a.eth1").relay
+    nsops.run(names.session_netns(s), ["ip", "link", "del", relay], check=True, timeout=10)
+    (problems,) = agent.drift().values()
+    assert any(p.startswith(f"eth1: relay {relay}") for p in problems), problems
+    report = agent.reconcile()
+    assert list(report.reapplied) == [f"{s}/a"] and not report.failed, report
+    assert report.drift == {}
+    assert ping(s, "a", str(c.ipv4.ip), count=2)
+    assert multi.driver.engine_stats(s, "a.eth1") is not None
+    agent.teardown_session(s)
+    assert left_of(s) == []
