@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.netns.conftest import guest_leftovers
-from tests.netns.test_multi_nic import WIDE, goodput_ratio, left_of, nic, vm
+from tests.netns.test_multi_nic import WIDE, goodput_ratio, left_of, nic, vm, with_sets
 from vnic.dataplane import qemu, vmexec
 from vnic.dataplane.inventory import session_links
 from vnic.drivers.netns import NetnsDriver
@@ -84,6 +84,18 @@ def test_a_two_nic_guest_has_a_shaped_nic_per_vnic(session: str) -> None:
     assert 0.95 <= goodput_ratio(up0.bits_per_second, 20e6) <= 1.03, up0
     assert 0.95 <= goodput_ratio(down1.bits_per_second, 40e6) <= 1.03, down1
     assert qemu_driver.drift(guest) == []
+
+    # A structural live change of eth1 alone (its delay engine comes, egress loss needs
+    # eth1's offloads off in the guest): eth0's tap and NIC are left as they were.
+    lossy = with_sets(guest, "eth1", ["egress.rate=40Mbit", "egress.loss=1%"])
+    lines = qemu_driver.reconfigure(guest, lossy)
+    assert lines and all(line.startswith("eth1: ") for line in lines), lines
+    assert qemu_driver.drift(lossy) == []
+    features = vmexec.run(s, "g", ["ethtool", "-k", "eth1"], timeout=30).stdout
+    assert "tcp-segmentation-offload: off" in features, features
+    features = vmexec.run(s, "g", ["ethtool", "-k", "eth0"], timeout=30).stdout
+    assert "tcp-segmentation-offload: on" in features, features
+    assert ping(s, "c", str(guest.nics[1].ipv4.ip), count=3)
 
     qemu_driver.destroy(s, "g")
     tags = {names.owner_tag(s, "g"), names.owner_tag(s, "g.eth1")}
