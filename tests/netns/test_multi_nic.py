@@ -105,6 +105,13 @@ def left_of(session: str) -> list[str]:
     return found
 
 
+@pytest.fixture(autouse=True)
+def delay_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Delay and loss go to the vnic delay engine here whatever the kernel has: the
+    tests check an engine per vNIC (its unit's files, process and relay)."""
+    monkeypatch.setenv("VNIC_ENGINE", "delayd")
+
+
 @pytest.fixture
 def multi() -> Iterator[Multi]:
     lab = Multi()
@@ -504,6 +511,12 @@ def test_host_side_counters_are_per_vnic(multi: Multi) -> None:
     assert ping(s, "a", str(c.ipv4.ip), count=4, timeout=0.5) == []
     assert multi.driver.drop_counters(s, "a.eth1")["spoof-mac"] >= 2
     assert set(multi.driver.drop_counters(s, "a").values()) == {0}
+    # The doctor's report has a row per vNIC: eth0 always, eth1 with its engine.
+    rows = {(r["vm"], r["nic"]): r for r in multi.driver.engines_in_use() if r["session"] == s}
+    assert rows[("a", "eth0")]["engine"] == "none"
+    assert rows[("a", "eth1")]["engine"] == "delayd"  # with stats, it is the engine's
+    assert rows[("a", "eth1")]["pid"] == stats.pid
+    assert ("c", "eth0") in rows and ("c", "eth1") not in rows
 
 
 def test_agent_reconcile_repairs_drift_on_eth1(multi: Multi, tmp_path: Path) -> None:

@@ -45,6 +45,7 @@ from vnic.model.launch import (
     LaunchRequest,
     check_nic_count,
     check_supported,
+    unit_vm,
 )
 from vnic.plan import names
 from vnic.plan.model import Plan
@@ -264,39 +265,50 @@ class HostedDriver(Driver):
         return hostside.drop_counters(session, vm)
 
     def engines_in_use(self) -> list[dict[str, object]]:
-        """Every VM on this host (of every kind: netns VMs and QEMU guests), what carries its
-        delay and loss and why, with counters."""
+        """Every vNIC on this host (of every kind of VM: netns VMs and QEMU guests), what
+        carries its delay and loss and why, with counters: a row per VM for its ``eth0``
+        (``nic``), and one for each other vNIC that has an engine or netem."""
         host = planning.choose_engine(self.probe)
         netem_by_session: dict[str, set[str]] = {}  # one qdisc dump per session, not per VM
+        engines = delayd.run_files()  # by session, the units with engine files
         report: list[dict[str, object]] = []
         vms = [(s, vm, t.kind) for t in TENANTS for s, vm in t.every_vm()]
         for session, vm, kind in sorted(vms):
-            stats = delayd.read_stats(session, vm)
-            links = names.VmLinks.of(vm)
-            detail: dict[str, object]
-            if stats is not None:
-                why = (
-                    host.reason
-                    if host.engine == "delayd"
-                    else ("egress.duplicate: netem duplicating on the egress IFB crashes Linux 6.1")
+            netem = _netem_in(session, netem_by_session)
+            for unit in names.vm_units(vm):
+                links = names.VmLinks.of(unit)
+                has = unit in engines.get(session, set()) or {links.port, links.ifb} & netem
+                if unit != vm and not has:
+                    continue
+                row = self._engine_row(host, session, unit, netem)
+                report.append(
+                    {"session": session, "vm": vm, "nic": unit_vm(unit)[1], "driver": kind, **row}
                 )
-                engine, detail = (
-                    "delayd",
-                    {
-                        "why": why,
-                        "pid": stats.pid,
-                        "cpu_seconds": stats.cpu_seconds,
-                        "counters": stats.directions,
-                    },
-                )
-            elif {links.port, links.ifb} & _netem_in(session, netem_by_session):
-                engine, detail = "netem", {"why": host.reason}
-            else:
-                engine, detail = "none", {"why": "its profile has no delay or loss"}
-            report.append(
-                {"session": session, "vm": vm, "driver": kind, "engine": engine, **detail}
-            )
         return report
+
+    @staticmethod
+    def _engine_row(
+        host: planning.EngineChoice, session: str, unit: str, netem: set[str]
+    ) -> dict[str, object]:
+        """What carries the delay and loss of the vNIC ``unit``, and why."""
+        stats = delayd.read_stats(session, unit)
+        links = names.VmLinks.of(unit)
+        if stats is not None:
+            why = (
+                host.reason
+                if host.engine == "delayd"
+                else ("egress.duplicate: netem duplicating on the egress IFB crashes Linux 6.1")
+            )
+            return {
+                "engine": "delayd",
+                "why": why,
+                "pid": stats.pid,
+                "cpu_seconds": stats.cpu_seconds,
+                "counters": stats.directions,
+            }
+        if {links.port, links.ifb} & netem:
+            return {"engine": "netem", "why": host.reason}
+        return {"engine": "none", "why": "its profile has no delay or loss"}
 
 
 def _nothing() -> None:
