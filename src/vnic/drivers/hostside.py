@@ -49,11 +49,10 @@ def ensure_session(session: str, networks: Collection[str] = ()) -> str:
 
 
 def apply(session_ns: str, request: LaunchRequest, plan: Plan, vm_step: Callable[[], None]) -> None:
-    """Apply ``plan`` to the links of ``request``'s vNIC (a one-vNIC request; made
-    already): the guard (started in the
-    background, reaped even on failure), ``vm_step`` (the VM's own settings), host-side
-    offloads, traffic control read back, netem, and the delay engine. Launch and a
-    structural live change both build the host side this way."""
+    """Apply ``plan`` to the links (made already) of the vNIC of the one-vNIC ``request``:
+    the guard (started in the background, reaped even on failure), ``vm_step`` (the VM's
+    own settings), host-side offloads, traffic control read back, netem, and the delay
+    engine. Launch and a structural live change both build the host side this way."""
     guard = nft.start_guard(session_ns, plan.guard) if plan.guard else None
     try:
         vm_step()
