@@ -19,6 +19,9 @@
 #   vnic.ipv4=ADDR/PREFIX  vnic.ipv6=ADDR/PREFIX  the NIC's addresses
 #   vnic.sysctl=KEY=VALUE[,KEY=VALUE...]          sysctls set before the NIC is up
 #   vnic.offload=off                              TSO/GSO off on eth0
+#   vnic.nic=NAME,MAC,ADDR4/PREFIX,ADDR6/PREFIX[,off]  one more NIC (eth1...):
+#                                                 found by its MAC, named NAME,
+#                                                 its addresses (off: no TSO/GSO)
 # and prints "vnic-guest: ready" on the console once the NIC is up and the agent
 # is about to start. Run as root on Debian 12. Concurrent runs wait on a lock.
 set -euo pipefail
@@ -142,12 +145,13 @@ mount -t tmpfs tmpfs /tmp
 modprobe -a virtio_pci virtio_net virtio_console tcp_bbr || say "modprobe failed"
 hostname vnic-guest
 ip link set lo up
-IP4="" IP6="" SYSCTLS=""
+IP4="" IP6="" SYSCTLS="" NICS=""
 for word in $(cat /proc/cmdline); do
   case "$word" in
     vnic.ipv4=*) IP4=${word#vnic.ipv4=} ;;
     vnic.ipv6=*) IP6=${word#vnic.ipv6=} ;;
     vnic.sysctl=*) SYSCTLS=${word#vnic.sysctl=} ;;
+    vnic.nic=*) NICS="$NICS ${word#vnic.nic=}" ;;
   esac
 done
 # Addresses are unique by construction (vnic allocates them): no duplicate
@@ -167,6 +171,29 @@ ip link set eth0 up
 if grep -qw vnic.offload=off /proc/cmdline; then
   ethtool -K eth0 tso off gso off || say "turning offload off failed"
 fi
+# The other NICs, each found by its MAC (the kernel names NICs in probe order,
+# which follows QEMU's, but the MAC is what vnic knows) and named as vnic says.
+nic_by_mac() {
+  for dev in /sys/class/net/*; do
+    [ "$(cat "$dev/address" 2>/dev/null)" = "$1" ] && { echo "${dev##*/}"; return; }
+  done
+}
+for spec in $NICS; do
+  IFS=, read -r name mac ip4 ip6 offload <<SPEC
+$spec
+SPEC
+  dev=""
+  for _ in $(seq 50); do dev=$(nic_by_mac "$mac"); [ -n "$dev" ] && break; sleep 0.05; done
+  [ -n "$dev" ] || { say "no NIC with MAC $mac for $name"; continue; }
+  [ "$dev" = "$name" ] || ip link set dev "$dev" name "$name" || say "cannot name $dev $name"
+  echo 0 >"/proc/sys/net/ipv6/conf/$name/accept_dad"
+  ip addr add "$ip4" dev "$name"
+  ip -6 addr add "$ip6" dev "$name"
+  ip link set "$name" up
+  if [ "$offload" = off ]; then
+    ethtool -K "$name" tso off gso off || say "turning offload off on $name failed"
+  fi
+done
 QGA=""
 for port in /sys/class/virtio-ports/*; do
   [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && QGA=/dev/${port##*/}

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.netns.conftest import Lab
+from tests.netns.helpers import with_nic
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.manager.results import VmRequest
@@ -129,7 +130,7 @@ def test_drift_many_says_what_drift_says_of_each_vm(
     ghost = replace(by_key[(s2, "y")], vm="ghost")
     requests.append(ghost)
     # y: asked for with another profile than it was launched with.
-    requests[keys.index((s2, "y"))] = replace(by_key[(s2, "y")], profile=by_key[(s2, "x")].profile)
+    requests[keys.index((s2, "y"))] = with_nic(by_key[(s2, "y")], profile=by_key[(s2, "x")].profile)
 
     many = lab.driver.drift_many(requests)
     assert many == one_by_one(lab, requests)

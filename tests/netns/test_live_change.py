@@ -8,12 +8,12 @@ import json
 import statistics
 import subprocess
 import time
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from tests.netns.conftest import Lab
+from tests.netns.helpers import with_nic
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_class_counters
@@ -37,7 +37,7 @@ def with_profile(request: LaunchRequest, **doc: Any) -> LaunchRequest:
     spec = parse_profile_document({"name": "live", **doc})
     values = {k: v for k, v in request.values.items() if v is not None}
     eff = complete([Layer("session-default", "live", {**values, **spec.values})])
-    return replace(request, profile=eff.profile, values=eff.values)
+    return with_nic(request, profile=eff.profile, values=eff.values)
 
 
 def in_session(session: str, *argv: str) -> str:

@@ -15,13 +15,13 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
 from tests.netns.conftest import Lab, launch_in_child, leftovers
+from tests.netns.helpers import with_nic
 from vnic.dataplane import delayd
 from vnic.dataplane import namespaces as nsops
 from vnic.manager.results import VmRequest
@@ -184,7 +184,7 @@ def test_drift_is_empty_after_launch_and_names_each_change(lab: Lab) -> None:
     # ingress classes no longer match it.
     lab.profile(name="slower", egress={"delay": "10ms"}, ingress={"rate": "30Mbit"})
     lab.launch(s, "x", profile="slower")
-    changed = replace(wanted["b"], profile=requests(lab)["x"].profile)
+    changed = with_nic(wanted["b"], profile=requests(lab)["x"].profile)
     drift = lab.driver.drift(changed)
     assert "delay engine egress delay: expected 10000000, found 5000000" in drift, drift
     assert any(d.endswith("rate: expected 30Mbit, found 20Mbit") for d in drift), drift

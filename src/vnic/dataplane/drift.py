@@ -1,10 +1,10 @@
 """Reading a vNIC back and naming each difference from its plan: read-only.
 
-The host side (:func:`host_side_drift`: the VM's links, classes, qdiscs, delay
+The host side (:func:`host_side_drift`: one vNIC's links, classes, qdiscs, delay
 engine and guard in its session namespace, read once per session through a
 :class:`SessionView`) and a netns VM's own side (:func:`vm_side_drift`:
-``eth0``, addresses, route congestion control and sysctls inside its
-namespace). Each difference is one short sentence naming the object, what the
+each vNIC's interface and addresses, route congestion control and sysctls
+inside its namespace). Each difference is one short sentence naming the object, what the
 plan expects and what was found.
 """
 
@@ -81,40 +81,26 @@ class SessionView:
         return self.qdiscs.get(device, {})
 
 
-def host_side_drift(view: SessionView, vm: str, plan: Plan) -> list[str]:
-    """The VM's links, classes, qdiscs, delay engine and guard in its session namespace."""
-    present, problems = _link_drift(view.links, view.session, vm, plan)
+def host_side_drift(view: SessionView, unit: str, plan: Plan) -> list[str]:
+    """The links, classes, qdiscs, delay engine and guard of the vNIC ``unit`` in its
+    session namespace."""
+    present, problems = _link_drift(view.links, view.session, unit, plan)
     problems += compare_classes(plan, view.classes, present)
     problems += compare_qdiscs(plan, view.qdiscs_of, present)
-    problems += _engine_drift(view.session, vm, plan, view.engines)
+    problems += _engine_drift(view.session, unit, plan, view.engines)
     problems += _guard_drift(view.table, plan)
     return problems
 
 
 def vm_side_drift(vm_ns: str, request: LaunchRequest, plan: Plan) -> list[str]:
-    """``eth0``'s MAC, state and addresses, the routes' congestion control and the plan's
-    sysctls, inside the VM: one netlink socket, and the sysctl files read in one visit."""
+    """Each vNIC's interface (``eth0``, ``eth1``...: its MAC, state and addresses), the
+    congestion control of every vNIC's routes and the sysctls of ``plan`` (``eth0``'s:
+    the VM's TCP settings are per VM), inside the VM: one netlink socket, and the sysctl
+    files read in one visit."""
     problems = []
     with nsops.opened(vm_ns) as vns:
-        link = _link_named(vns, names.VM_IFNAME)
-        if link is None:
-            problems.append(f"{names.VM_IFNAME} in {vm_ns}: expected present, found missing")
-        else:
-            mac = str(link.get_attr("IFLA_ADDRESS"))
-            if mac != str(request.mac):
-                problems.append(f"{names.VM_IFNAME} MAC: expected {request.mac}, found {mac}")
-            if not link["flags"] & IFF_UP:
-                problems.append(f"{names.VM_IFNAME} state: expected up, found down")
-            have = {
-                f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
-                for a in vns.get_addr(index=link["index"])
-            }
-            for want in (request.ipv4, request.ipv6):
-                if str(want) not in have:
-                    problems.append(
-                        f"{names.VM_IFNAME} address: expected {want}, found "
-                        + (", ".join(sorted(have)) or "none")
-                    )
+        for nic in request.nics:
+            problems += _nic_drift(vns, vm_ns, nic.name, str(nic.mac), (nic.ipv4, nic.ipv6))
         if plan.congestion_control is not None:
             problems += _congctl_drift(vns, request, plan.congestion_control)
     if not plan.sysctls:
@@ -126,6 +112,30 @@ def vm_side_drift(vm_ns: str, request: LaunchRequest, plan: Plan) -> list[str]:
         for s, value in found
         if value != s.value
     ]
+
+
+def _nic_drift(
+    vns: Any, vm_ns: str, ifname: str, mac: str, addresses: Sequence[object]
+) -> list[str]:
+    """One vNIC's interface in the VM: present, its MAC, up, its addresses."""
+    link = _link_named(vns, ifname)
+    if link is None:
+        return [f"{ifname} in {vm_ns}: expected present, found missing"]
+    problems = []
+    found = str(link.get_attr("IFLA_ADDRESS"))
+    if found != mac:
+        problems.append(f"{ifname} MAC: expected {mac}, found {found}")
+    if not link["flags"] & IFF_UP:
+        problems.append(f"{ifname} state: expected up, found down")
+    have = {
+        f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}" for a in vns.get_addr(index=link["index"])
+    }
+    for want in addresses:
+        if str(want) not in have:
+            problems.append(
+                f"{ifname} address: expected {want}, found " + (", ".join(sorted(have)) or "none")
+            )
+    return problems
 
 
 def _link_named(ipr: Any, name: str) -> Any:
@@ -163,7 +173,8 @@ def _congctl_drift(vns: Any, request: LaunchRequest, algorithm: str) -> list[str
         if network not in best or metric < best[network][0]:
             best[network] = (metric, str(algo))
     problems = []
-    for net in (request.ipv4.network, request.ipv6.network):
+    nets = [net for n in request.nics for net in (n.ipv4.network, n.ipv6.network)]
+    for net in dict.fromkeys(nets):
         found = best.get(str(net), (0, "no route"))[1]
         if found != algorithm:
             problems.append(f"route {net} congctl: expected {algorithm}, found {found}")
@@ -171,21 +182,22 @@ def _congctl_drift(vns: Any, request: LaunchRequest, algorithm: str) -> list[str
 
 
 def _link_drift(
-    links: Mapping[str, Link], session: str, vm: str, plan: Plan
+    links: Mapping[str, Link], session: str, unit: str, plan: Plan
 ) -> tuple[set[str], list[str]]:
-    """The VM's links in the session namespace (``links``, by name) against the plan: which
+    """The vNIC's links in the session namespace (``links``, by name) against the plan: which
     exist, and each difference (missing, unexpected, untagged, down, on the wrong master)."""
-    vm_links = names.VmLinks.of(vm)
-    tag = names.owner_tag(session, vm)
+    vm_links = names.VmLinks.of(unit)
+    tag = names.owner_tag(session, unit)
+    bridge_name = plan.devices.bridge
     relay = plan.engine is not None
     want = (
         {vm_links.port, vm_links.relay, vm_links.relay_port}
         if relay
         else {vm_links.port, vm_links.ifb}
     )
-    bridge = links.get(names.BRIDGE)
+    bridge = links.get(bridge_name)
     problems = (
-        [] if bridge is not None else [f"bridge {names.BRIDGE}: expected present, found missing"]
+        [] if bridge is not None else [f"bridge {bridge_name}: expected present, found missing"]
     )
     present = set()
     for name, role in (
@@ -209,9 +221,9 @@ def _link_drift(
         if not link.up:
             problems.append(f"{role} {name} state: expected up, found down")
         on_bridge = name == plan.devices.bridge_port
-        if on_bridge and (bridge is None or link.master != names.BRIDGE):
+        if on_bridge and (bridge is None or link.master != bridge_name):
             problems.append(
-                f"{role} {name} master: expected {names.BRIDGE}, found {link.master or 'none'}"
+                f"{role} {name} master: expected {bridge_name}, found {link.master or 'none'}"
             )
         elif not on_bridge and link.master:
             problems.append(f"{role} {name} master: expected none, found {link.master}")
@@ -219,20 +231,20 @@ def _link_drift(
 
 
 def _engine_drift(
-    session: str, vm: str, plan: Plan, engines: Mapping[str, list[str] | None]
+    session: str, unit: str, plan: Plan, engines: Mapping[str, list[str] | None]
 ) -> list[str]:
-    """Whether the delay engine runs as the plan says, with the arguments it would get.
+    """Whether the vNIC's delay engine runs as the plan says, with the arguments it would get.
 
-    ``engines``: the session's VMs with an engine pid file, with the arguments
-    of the engine running for each (see :func:`delayd.session_engines`).
+    ``engines``: the session's vNICs (units) with an engine pid file, with the
+    arguments of the engine running for each (see :func:`delayd.session_engines`).
     """
-    running = engines.get(vm)
+    running = engines.get(unit)
     if plan.engine is None:
         return [] if running is None else ["delay engine: expected none, found one running"]
     if running is None:
-        left = " (its pid file names no live engine)" if vm in engines else ""
+        left = " (its pid file names no live engine)" if unit in engines else ""
         return [f"delay engine: expected running, found not running{left}"]
-    expected = delayd.expected_arguments(session, vm, plan.engine)
+    expected = delayd.expected_arguments(session, unit, plan.engine)
     if running == expected:
         return []
     problems = []

@@ -18,6 +18,7 @@ from vnic.dataplane import delayd, nft
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_qdiscs
 from vnic.errors import DataplaneError
+from vnic.model.launch import NIC_NAME, PRIMARY_NIC, unit_vm
 from vnic.plan import names
 
 #: Session and VM names (see :mod:`vnic.model.session`); anything else is not vnic's.
@@ -58,10 +59,21 @@ def parse_netns(name: str) -> tuple[str, str | None] | None:
 
 
 def vm_of_tag(tag: str, session: str) -> str | None:
-    """The VM named by owner tag ``tag`` if it is one of ``session``'s VMs, else None."""
+    """The VM named by owner tag ``tag`` if it is one of ``session``'s VMs (the tag of any of
+    its vNICs: ``vnic:<session>/<vm>`` or ``vnic:<session>/<vm>.ethN``), else None."""
     prefix = names.owner_tag(session, "x")[:-1]
-    vm = tag[len(prefix) :] if tag.startswith(prefix) else ""
-    return vm if _NAME.fullmatch(vm) else None
+    return vm_of_unit(tag[len(prefix) :] if tag.startswith(prefix) else "")
+
+
+def vm_of_unit(unit: str) -> str | None:
+    """The VM of a host-side unit (``vm`` or ``vm.ethN``, see
+    :func:`vnic.model.launch.link_unit`), or None if ``unit`` is not one."""
+    vm, nic = unit_vm(unit)
+    if not _NAME.fullmatch(vm) or not NIC_NAME.fullmatch(nic):
+        return None
+    if nic == PRIMARY_NIC and "." in unit:
+        return None  # eth0's unit is the VM's name alone
+    return vm
 
 
 @dataclass(frozen=True)
@@ -142,10 +154,11 @@ def session_objects(only: str | None = None) -> dict[str, set[str]]:
                 raise
             continue  # removed while we looked (a teardown running alongside)
         out[session].update(vm for vm in (vm_of_tag(t, session) for t in tags) if vm)
-    engines = delayd.engine_processes().values()
-    for session, vms in [*delayd.run_files().items(), *((s, {vm}) for s, vm in engines)]:
+    engines = delayd.engine_processes().values()  # keyed by unit, as their run files
+    for session, units in [*delayd.run_files().items(), *((s, {u}) for s, u in engines)]:
         if only in (None, session):
-            out.setdefault(session, set()).update(vms)
+            vms = {vm_of_unit(u) for u in units}
+            out.setdefault(session, set()).update(vm for vm in vms if vm)
     return out
 
 

@@ -282,17 +282,24 @@ def run_inside(name: str, argv: Sequence[str], **kwargs: Any) -> subprocess.Comp
 # ----------------------------------------------------------------------------- session and VM links
 
 
-def ensure_session(ns_name: str, session: str) -> None:
-    """The session namespace with its bridge, created if missing."""
+def ensure_session(ns_name: str, session: str, bridges: Sequence[str] = (BRIDGE,)) -> None:
+    """The session namespace with the bridge ``vbr0`` and each of ``bridges`` (one per
+    network, see :func:`vnic.plan.names.bridge_of`), each created if missing and tagged
+    with the session. A bridge carries no address and the namespace routes nothing
+    between bridges: each network is an L2 segment of its own."""
     if not exists(ns_name):
         create(ns_name)
+    made = False
     with opened(ns_name) as ns:
-        if find_link(ns, BRIDGE) is not None:
-            return
-        # New, or left without its bridge by a killed launch: finish it.
-        ns.link("add", ifname=BRIDGE, kind="bridge")
-        ns.link("set", index=link_index(ns, BRIDGE), ifalias=owner_tag(session), state="up")
-    _bridge_without_ip_hooks(ns_name)
+        for bridge in dict.fromkeys((BRIDGE, *bridges)):
+            if find_link(ns, bridge) is not None:
+                continue
+            # New, or left without its bridge by a killed launch: finish it.
+            ns.link("add", ifname=bridge, kind="bridge")
+            ns.link("set", index=link_index(ns, bridge), ifalias=owner_tag(session), state="up")
+            made = True
+    if made:
+        _bridge_without_ip_hooks(ns_name)
 
 
 #: br_netfilter's switches: when on (its per-namespace default), every bridged
@@ -324,8 +331,12 @@ def plug_vm(
     addresses: Sequence[ipaddress.IPv4Interface | ipaddress.IPv6Interface],
     *,
     relay: bool = False,
+    ifname: str = VM_IFNAME,
+    bridge: str = BRIDGE,
 ) -> VmLinks:
-    """Make the VM's veth (``eth0`` inside ``vm_ns``, the port in the session) and its IFB.
+    """Make one vNIC's veth (``ifname`` inside ``vm_ns``, the port in the session) and its
+    IFB, the port on ``bridge``. ``vm`` is the vNIC's unit (the VM's name for ``eth0``,
+    ``VM.NIC`` for the others): its links' names and owner tag come from it.
 
     With ``relay`` (the delay engine runs), the port stays off the bridge and
     a relay veth pair joins it instead: the engine is then the only way
@@ -334,12 +345,10 @@ def plug_vm(
     links = VmLinks.of(vm)
     with opened(session_ns) as ns:
         _check_free(ns, session_ns, links)
-        ns.link(
-            "add", ifname=links.port, kind="veth", peer={"ifname": VM_IFNAME, "net_ns_fd": vm_ns}
-        )
-        _attach_port(ns, session_ns, owner_tag(session, vm), links, relay)
+        ns.link("add", ifname=links.port, kind="veth", peer={"ifname": ifname, "net_ns_fd": vm_ns})
+        _attach_port(ns, session_ns, owner_tag(session, vm), links, relay, bridge)
     with opened(vm_ns) as vns:
-        eth = link_index(vns, VM_IFNAME)
+        eth = link_index(vns, ifname)
         vns.link("set", index=eth, address=mac, state="up")
         for addr in addresses:
             vns.addr(
@@ -352,7 +361,9 @@ def plug_vm(
     return links
 
 
-def plug_tap(session_ns: str, session: str, vm: str, *, relay: bool = False) -> VmLinks:
+def plug_tap(
+    session_ns: str, session: str, vm: str, *, relay: bool = False, bridge: str = BRIDGE
+) -> VmLinks:
     """Make a QEMU guest's tap device as the VM's port (with its IFB, or the relay pair with
     ``relay``), tagged, on the session bridge as :func:`plug_vm` does for a veth.
 
@@ -374,7 +385,7 @@ def plug_tap(session_ns: str, session: str, vm: str, *, relay: bool = False) -> 
     if proc.returncode != 0:
         raise DataplaneError(f"cannot make tap {links.port} in {session_ns}: {proc.stderr.strip()}")
     with opened(session_ns) as ns:
-        _attach_port(ns, session_ns, owner_tag(session, vm), links, relay)
+        _attach_port(ns, session_ns, owner_tag(session, vm), links, relay, bridge)
     return links
 
 
@@ -384,11 +395,13 @@ def _check_free(ns: Any, session_ns: str, links: VmLinks) -> None:
         raise DataplaneError(f"links {', '.join(taken)} already exist in {session_ns}")
 
 
-def _attach_port(ns: Any, session_ns: str, tag: str, links: VmLinks, relay: bool) -> None:
+def _attach_port(
+    ns: Any, session_ns: str, tag: str, links: VmLinks, relay: bool, bridge_name: str
+) -> None:
     """Tag the VM's port and put it on the bridge with an IFB, or (``relay``) keep it off
     the bridge and put a relay veth pair there instead."""
     port = link_index(ns, links.port)
-    bridge = link_index(ns, BRIDGE)
+    bridge = link_index(ns, bridge_name)
     if relay:
         ns.link("add", ifname=links.relay, kind="veth", peer={"ifname": links.relay_port})
         for name in (links.port, links.relay):
@@ -402,9 +415,12 @@ def _attach_port(ns: Any, session_ns: str, tag: str, links: VmLinks, relay: bool
     ns.link("set", index=on_bridge, master=bridge, ifalias=tag, state="up")
 
 
-def replug_host_side(session_ns: str, session: str, vm: str, *, relay: bool) -> VmLinks:
-    """Rebuild the VM's links in the session namespace for ``relay`` (the delay engine runs)
-    or not, keeping the port and with it ``eth0`` inside the VM (its addresses and sockets).
+def replug_host_side(
+    session_ns: str, session: str, vm: str, *, relay: bool, bridge: str = BRIDGE
+) -> VmLinks:
+    """Rebuild the links of the vNIC of unit ``vm`` in the session namespace for ``relay``
+    (the delay engine runs) or not, keeping the port and with it the VM's interface
+    (its addresses and sockets); what goes on ``bridge`` is the port or the relay port.
 
     The port's qdiscs go (the caller applies the new plan), the IFB or relay pair of
     the old layout is deleted, and the new one made as :func:`plug_vm` makes it.
@@ -420,7 +436,7 @@ def replug_host_side(session_ns: str, session: str, vm: str, *, relay: bool) -> 
             index = find_link(ns, name)
             if index is not None:
                 ns.link("del", index=index)
-        bridge = link_index(ns, BRIDGE)
+        bridge_index = link_index(ns, bridge)
         if relay:
             ns.link("set", index=port, master=0)
             ns.link("add", ifname=links.relay, kind="veth", peer={"ifname": links.relay_port})
@@ -430,7 +446,7 @@ def replug_host_side(session_ns: str, session: str, vm: str, *, relay: bool) -> 
             ns.link(
                 "set",
                 index=link_index(ns, links.relay_port),
-                master=bridge,
+                master=bridge_index,
                 ifalias=tag,
                 state="up",
             )
@@ -439,7 +455,7 @@ def replug_host_side(session_ns: str, session: str, vm: str, *, relay: bool) -> 
             sysctl(session_ns, f"net.ipv4.conf.{links.port}.arp_ignore", "0")
             ns.link("add", ifname=links.ifb, kind="ifb")
             ns.link("set", index=link_index(ns, links.ifb), ifalias=tag, state="up")
-            ns.link("set", index=port, master=bridge, ifalias=tag, state="up")
+            ns.link("set", index=port, master=bridge_index, ifalias=tag, state="up")
     return links
 
 
@@ -495,9 +511,12 @@ def unplug_vm(session_ns: str, session: str, vm: str) -> None:
 
 
 def set_route_congctl(
-    vm_ns: str, network: ipaddress.IPv4Network | ipaddress.IPv6Network, algorithm: str | None
+    vm_ns: str,
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    algorithm: str | None,
+    device: str = VM_IFNAME,
 ) -> None:
-    """Per-route congestion control for ``network`` on ``eth0`` (reaches algorithms the
+    """Per-route congestion control for ``network`` on ``device`` (reaches algorithms the
     namespace sysctl may not select, such as cubic); None takes the per-route choice away."""
     family = "-6" if network.version == 6 else "-4"
     # "replace" matches the kernel's own prefix route only with the same metric:
@@ -513,7 +532,7 @@ def set_route_congctl(
             "replace",
             str(network),
             "dev",
-            VM_IFNAME,
+            device,
             "proto",
             "kernel",
             *metric,

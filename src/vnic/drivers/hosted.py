@@ -8,10 +8,12 @@ with :class:`~vnic.drivers.netns_vm.NetnsVm`, the qemu driver with
 session's bridge; :data:`TENANTS` lists the kinds, so that a driver leaves the
 other kind's VMs alone and the session's network stays while any is left.
 
-Launch = session namespace and bridge (if new) -> the VM and its port (its
-start overlapping the rest) -> the host side of the compiled plan, with the
-VM's own settings in the middle -> wait for the VM. Any failure removes what
-this launch created and re-raises.
+Launch = session namespace and the bridges of the VM's networks (if new) ->
+the VM and one port per vNIC (its start overlapping the rest) -> per vNIC the
+host side of its compiled plan (one plan per one-vNIC slice of the request,
+named by its unit), with the VM's own settings in the middle -> wait for the
+VM. Any failure removes everything of the VM (all its vNICs) and re-raises; a
+bridge it made stays, empty, until the session's teardown.
 
 For a host agent that restarts (possibly after SIGKILL in the middle of a
 launch): :meth:`HostedDriver.inventory` finds every VM with anything on the
@@ -37,7 +39,14 @@ from vnic.drivers.netns_vm import NetnsVm
 from vnic.drivers.qemu_guest import QemuGuest
 from vnic.drivers.vmside import VmSide
 from vnic.errors import Conflict, DataplaneError, VnicError
-from vnic.model.launch import Capabilities, LaunchRequest, check_supported
+from vnic.model.launch import (
+    PRIMARY_NIC,
+    Capabilities,
+    LaunchRequest,
+    check_nic_count,
+    check_supported,
+    unit_vm,
+)
 from vnic.plan import names
 from vnic.plan.model import Plan
 
@@ -58,8 +67,13 @@ class HostedDriver(Driver):
         return planning.capabilities(self.kind, self.probe)
 
     def plan_for(self, request: LaunchRequest) -> Plan:
-        """The host-side plan of ``request`` on this host (see :func:`planning.plan_for`)."""
+        """The host-side plan of ``request``'s first vNIC on this host (see
+        :func:`planning.plan_for`; a one-vNIC slice gives its vNIC's)."""
         return planning.plan_for(request, self.probe)
+
+    def plans_for(self, request: LaunchRequest) -> list[Plan]:
+        """The host-side plan of each vNIC of ``request``, in order."""
+        return [self.plan_for(one) for one in request.per_nic()]
 
     # ------------------------------------------------------------------ launch and destroy
 
@@ -76,17 +90,23 @@ class HostedDriver(Driver):
         table): the agent runs this under the session's lock, and :meth:`launch_finish`
         (the wait for the VM) outside it, so launches in one session overlap.
         On failure nothing is left and the error is raised."""
-        check_supported(self.capabilities(), request.values)
+        caps = self.capabilities()
+        check_nic_count(caps, len(request.nics))
+        for nic in request.nics:
+            check_supported(caps, nic.values)
         session, vm = request.session, request.vm
         if self.vm_side.exists(session, vm):
             raise Conflict(
                 f"VM {session}/{vm} is already running ({self.vm_side.thing(session, vm)})"
             )
-        plan = self.plan_for(request)
-        session_ns = hostside.ensure_session(session)
+        plans = self.plans_for(request)
+        session_ns = hostside.ensure_session(session, [n.network for n in request.nics])
         try:
-            self.vm_side.plug(request, plan)
-            hostside.apply(session_ns, request, plan, lambda: self.vm_side.settings(request, plan))
+            self.vm_side.plug(request, plans)
+            for i, (one, plan) in enumerate(zip(request.per_nic(), plans, strict=True)):
+                # The VM's own settings (TCP, every vNIC's offloads) once, with the first.
+                step = (lambda: self.vm_side.settings(request, plans)) if i == 0 else _nothing
+                hostside.apply(session_ns, one, plan, step)
         except BaseException:
             self.destroy(session, vm)
             raise
@@ -101,10 +121,12 @@ class HostedDriver(Driver):
         """Remove everything of the VM, whatever state a killed launch (or destroy) left.
 
         Idempotent, and ordered so that each step still finds what it removes:
-        the engine first (by its pid file, then by its owner tag for one whose
-        pid was never recorded), then the VM itself (a netns VM's namespace
-        takes ``eth0`` and with it the port), then the guard and the remaining
-        links, and last what marks the VM as its kind's.
+        the engines first (by their pid files, then by their owner tags for one
+        whose pid was never recorded), then the VM itself (a netns VM's namespace
+        takes ``eth0``, ``eth1``... and with them the ports), then the guards and
+        the remaining links, and last what marks the VM as its kind's. Every vNIC
+        the VM may have is covered, found by its unit's names and tags
+        (:func:`vnic.plan.names.vm_units`): no request is needed.
         """
         hostside.stop_engines(session, vm)
         self.vm_side.remove(session, vm)
@@ -212,15 +234,18 @@ class HostedDriver(Driver):
         if not self.vm_side.present(session, vm):
             return missing
         try:
-            plan = self.plan_for(request)
-            problems = self.vm_side.drift(request, plan)
+            plans = self.plans_for(request)
+            problems = self.vm_side.drift(request, plans)
             session_ns = names.session_netns(session)
             if not is_namespace(session_ns):
                 return [
                     *problems,
                     f"session namespace {session_ns}: expected present, found missing",
                 ]
-            return problems + host_side_drift(view, vm, plan)
+            for one, plan in zip(request.per_nic(), plans, strict=True):
+                found = host_side_drift(view, one.unit, plan)
+                problems += found if one.nic == PRIMARY_NIC else [f"{one.nic}: {p}" for p in found]
+            return problems
         except (OSError, NetlinkError, DataplaneError):
             if self.vm_side.present(session, vm):
                 raise
@@ -229,47 +254,65 @@ class HostedDriver(Driver):
     # ------------------------------------------------------------------ counters and reports
 
     def engine_stats(self, session: str, vm: str) -> delayd.EngineStats | None:
-        """Counters of the VM's delay engine, or None when it has none."""
+        """Counters of a vNIC's delay engine, or None when it has none. ``vm`` is the vNIC's
+        unit: the VM's name for its ``eth0``, ``VM.ethN`` for another
+        (:func:`vnic.model.launch.link_unit`)."""
         return hostside.engine_stats(session, vm)
 
     def drop_counters(self, session: str, vm: str) -> dict[str, int]:
-        """Frames from the VM dropped on the host side, by reason (spoof-mac, spoof-ipv4, ...)."""
+        """Frames from a vNIC dropped on the host side, by reason (spoof-mac, spoof-ipv4,
+        ...). ``vm`` is the vNIC's unit, as for :meth:`engine_stats`."""
         return hostside.drop_counters(session, vm)
 
     def engines_in_use(self) -> list[dict[str, object]]:
-        """Every VM on this host (of every kind: netns VMs and QEMU guests), what carries its
-        delay and loss and why, with counters."""
+        """Every vNIC on this host (of every kind of VM: netns VMs and QEMU guests), what
+        carries its delay and loss and why, with counters: a row per VM for its ``eth0``
+        (``nic``), and one for each other vNIC that has an engine or netem."""
         host = planning.choose_engine(self.probe)
         netem_by_session: dict[str, set[str]] = {}  # one qdisc dump per session, not per VM
+        engines = delayd.run_files()  # by session, the units with engine files
         report: list[dict[str, object]] = []
         vms = [(s, vm, t.kind) for t in TENANTS for s, vm in t.every_vm()]
         for session, vm, kind in sorted(vms):
-            stats = delayd.read_stats(session, vm)
-            links = names.VmLinks.of(vm)
-            detail: dict[str, object]
-            if stats is not None:
-                why = (
-                    host.reason
-                    if host.engine == "delayd"
-                    else ("egress.duplicate: netem duplicating on the egress IFB crashes Linux 6.1")
+            netem = _netem_in(session, netem_by_session)
+            for unit in names.vm_units(vm):
+                links = names.VmLinks.of(unit)
+                has = unit in engines.get(session, set()) or {links.port, links.ifb} & netem
+                if unit != vm and not has:
+                    continue
+                row = self._engine_row(host, session, unit, netem)
+                report.append(
+                    {"session": session, "vm": vm, "nic": unit_vm(unit)[1], "driver": kind, **row}
                 )
-                engine, detail = (
-                    "delayd",
-                    {
-                        "why": why,
-                        "pid": stats.pid,
-                        "cpu_seconds": stats.cpu_seconds,
-                        "counters": stats.directions,
-                    },
-                )
-            elif {links.port, links.ifb} & _netem_in(session, netem_by_session):
-                engine, detail = "netem", {"why": host.reason}
-            else:
-                engine, detail = "none", {"why": "its profile has no delay or loss"}
-            report.append(
-                {"session": session, "vm": vm, "driver": kind, "engine": engine, **detail}
-            )
         return report
+
+    @staticmethod
+    def _engine_row(
+        host: planning.EngineChoice, session: str, unit: str, netem: set[str]
+    ) -> dict[str, object]:
+        """What carries the delay and loss of the vNIC ``unit``, and why."""
+        stats = delayd.read_stats(session, unit)
+        links = names.VmLinks.of(unit)
+        if stats is not None:
+            why = (
+                host.reason
+                if host.engine == "delayd"
+                else ("egress.duplicate: netem duplicating on the egress IFB crashes Linux 6.1")
+            )
+            return {
+                "engine": "delayd",
+                "why": why,
+                "pid": stats.pid,
+                "cpu_seconds": stats.cpu_seconds,
+                "counters": stats.directions,
+            }
+        if {links.port, links.ifb} & netem:
+            return {"engine": "netem", "why": host.reason}
+        return {"engine": "none", "why": "its profile has no delay or loss"}
+
+
+def _nothing() -> None:
+    return  # the VM's own settings are applied with its first vNIC only
 
 
 def _netem_in(session: str, seen: dict[str, set[str]]) -> set[str]:

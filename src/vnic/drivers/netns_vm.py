@@ -2,10 +2,12 @@
 
 Plug = the VM's namespace, its init (:mod:`vnic.dataplane.vminit`: the VM's
 processes get their own PID, mount and UTS namespaces; started at once and
-waited for at the end of the launch) and a veth into the bridge with its
-addresses; then the plan's TCP settings and egress offloads inside the
-namespace. Drift reads ``eth0``, its addresses, the routes' congestion control
-and the sysctls back (:func:`vnic.dataplane.drift.vm_side_drift`).
+waited for at the end of the launch) and per vNIC a veth (``eth0``, ``eth1``...
+inside) into its network's bridge with its MAC and addresses; then the TCP
+settings (per VM, from ``eth0``'s plan, the congestion control on every vNIC's
+routes) and each vNIC's egress offloads inside the namespace. Drift reads each
+vNIC's interface, its addresses, the routes' congestion control and the
+sysctls back (:func:`vnic.dataplane.drift.vm_side_drift`).
 """
 
 from __future__ import annotations
@@ -49,31 +51,40 @@ class NetnsVm(VmSide):
     def thing(self, session: str, vm: str) -> str:
         return f"namespace {names.vm_netns(session, vm)}"
 
-    def plug(self, request: LaunchRequest, plan: Plan) -> None:
-        """Namespace, init, veth into the bridge with the VM's MAC and addresses, IFB or relay."""
+    def plug(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
+        """Namespace, init, and per vNIC a veth into its network's bridge with its MAC and
+        addresses, with its IFB or relay."""
         vm_ns = names.vm_netns(request.session, request.vm)
         nsops.create(vm_ns)
         # The init starts now and is waited for at the end (wait_ready): its start-up
         # overlaps the rest of the launch, which does not need it.
         self._starting[(request.session, request.vm)] = vminit.start(
-            request.session, request.vm, vm_ns, [request.ipv4, request.ipv6]
-        )
-        nsops.plug_vm(
-            names.session_netns(request.session),
-            vm_ns,
             request.session,
             request.vm,
-            str(request.mac),
-            [request.ipv4, request.ipv6],
-            relay=plan.engine is not None,
+            vm_ns,
+            [a for n in request.nics for a in (n.ipv4, n.ipv6)],
         )
+        for one, plan in zip(request.per_nic(), plans, strict=True):
+            nsops.plug_vm(
+                names.session_netns(request.session),
+                vm_ns,
+                request.session,
+                one.unit,
+                str(one.mac),
+                [one.ipv4, one.ipv6],
+                relay=plan.engine is not None,
+                ifname=one.nic,
+                bridge=plan.devices.bridge,
+            )
 
-    def settings(self, request: LaunchRequest, plan: Plan) -> None:
-        """The plan's TCP settings and egress offloads inside the VM, at launch."""
+    def settings(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
+        """The TCP settings (``eth0``'s plan's, on every vNIC's routes) and each vNIC's
+        egress offloads inside the VM, at launch."""
         vm_ns = names.vm_netns(request.session, request.vm)
-        tcp_settings(vm_ns, plan, [request.ipv4.network, request.ipv6.network])
-        if egress_per_packet(plan):
-            self.set_offloads(request, on=False)
+        tcp_settings(vm_ns, plans[0], routes_of(request))
+        for one, plan in zip(request.per_nic(), plans, strict=True):
+            if egress_per_packet(plan):
+                self.set_offloads(one, on=False)
 
     def wait_ready(self, request: LaunchRequest) -> None:
         """Wait until the init has set up the VM's processes' namespaces (its network is
@@ -85,17 +96,13 @@ class NetnsVm(VmSide):
             raise DataplaneError(f"the init of VM {request.session}/{request.vm} is not running")
 
     def set_offloads(self, request: LaunchRequest, *, on: bool) -> None:
-        nsops.set_offloads(names.vm_netns(request.session, request.vm), names.VM_IFNAME, on=on)
+        nsops.set_offloads(names.vm_netns(request.session, request.vm), request.nic, on=on)
 
     def set_sysctl(self, request: LaunchRequest, key: str, value: str) -> None:
         nsops.sysctl(names.vm_netns(request.session, request.vm), key, value)
 
     def set_congestion_control(self, request: LaunchRequest, algo: str | None) -> None:
-        congestion_control(
-            names.vm_netns(request.session, request.vm),
-            algo,
-            (request.ipv4.network, request.ipv6.network),
-        )
+        congestion_control(names.vm_netns(request.session, request.vm), algo, routes_of(request))
 
     def remove(self, session: str, vm: str) -> None:
         """Stop the init, and with it every process of the VM; then remove the namespace,
@@ -107,13 +114,15 @@ class NetnsVm(VmSide):
         nsops.remove(names.vm_netns(session, vm))
         vminit.remove_run_dir(session, vm)
 
-    def drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
+    def drift(self, request: LaunchRequest, plans: Sequence[Plan]) -> list[str]:
         problems = []
         if not vminit.running(request.session, request.vm):
             problems.append(
                 f"init of VM {request.session}/{request.vm}: expected running, found not running"
             )
-        return problems + vm_side_drift(names.vm_netns(request.session, request.vm), request, plan)
+        return problems + vm_side_drift(
+            names.vm_netns(request.session, request.vm), request, plans[0]
+        )
 
     def vms(self, only: str | None = None) -> dict[str, set[str]]:
         """VM namespaces (mounted or not) and init run directories."""
@@ -166,22 +175,32 @@ class NetnsVm(VmSide):
         return vm_ns
 
 
-def tcp_settings(vm_ns: str, plan: Plan, networks: Sequence[Network]) -> None:
-    """The plan's TCP sysctls and congestion control in the VM's namespace."""
+#: A route of a VM's own: a vNIC's subnet and the vNIC's interface.
+Route = tuple[Network, str]
+
+
+def routes_of(request: LaunchRequest) -> list[Route]:
+    """The subnet routes of every vNIC of the VM (IPv4 and IPv6, on its interface)."""
+    return [(net, n.name) for n in request.nics for net in (n.ipv4.network, n.ipv6.network)]
+
+
+def tcp_settings(vm_ns: str, plan: Plan, routes: Sequence[Route]) -> None:
+    """The plan's TCP sysctls and congestion control (on every route of ``routes``) in the
+    VM's namespace."""
     for s in plan.sysctls:
         nsops.sysctl(vm_ns, s.key, s.value)
     if plan.congestion_control is not None:
-        congestion_control(vm_ns, plan.congestion_control, networks)
+        congestion_control(vm_ns, plan.congestion_control, routes)
 
 
-def congestion_control(vm_ns: str, algo: str | None, networks: Sequence[Network]) -> None:
+def congestion_control(vm_ns: str, algo: str | None, routes: Sequence[Route]) -> None:
     """``algo`` for the VM's TCP; None: the host's default, and no per-route choice."""
     if algo is None:
         with open("/proc/sys/net/ipv4/tcp_congestion_control") as f:
             host_default = f.read().strip()  # this thread is in the host's namespace
         nsops.sysctl(vm_ns, "net.ipv4.tcp_congestion_control", host_default)
-        for net in networks:
-            nsops.set_route_congctl(vm_ns, net, None)
+        for net, device in routes:
+            nsops.set_route_congctl(vm_ns, net, None, device)
         return
     allowed = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_allowed_congestion_control").split()
     available = nsops.read_sysctl(vm_ns, "net.ipv4.tcp_available_congestion_control").split()
@@ -194,5 +213,5 @@ def congestion_control(vm_ns: str, algo: str | None, networks: Sequence[Network]
     # The namespace default may only pick from the host's allowed list; a
     # per-route congctl reaches every available algorithm, so set it on
     # the session's routes either way.
-    for net in networks:
-        nsops.set_route_congctl(vm_ns, net, algo)
+    for net, device in routes:
+        nsops.set_route_congctl(vm_ns, net, algo, device)

@@ -8,13 +8,14 @@ here for the host and the profile.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import dataclass
 
 from vnic.dataplane.probe import Probe, netem_available
 from vnic.errors import InvalidInput
-from vnic.model.launch import Capabilities, LaunchRequest
+from vnic.model.launch import MAX_NICS, PRIMARY_NIC, Capabilities, LaunchRequest
 from vnic.model.profile import Profile
 from vnic.plan import names
 from vnic.plan.compile import ENGINES, compile_plan, impaired
@@ -129,43 +130,75 @@ def choose_engine(probe: Probe | None = None, profile: Profile | None = None) ->
     return EngineChoice("netem", "the kernel has sch_netem")
 
 
+#: How many vNICs a VM of each host-side kind may have, and why no more.
+MAX_NICS_OF = {
+    "netns": (
+        MAX_NICS,
+        f"a VM's vNICs are eth0..eth{MAX_NICS - 1}, each a veth with its own shaping and guard",
+    ),
+    "qemu": (
+        MAX_NICS,
+        f"a guest's vNICs are eth0..eth{MAX_NICS - 1}, each a virtio NIC on a tap of its own",
+    ),
+}
+
+
 def capabilities(kind: str, probe: Probe | None) -> Capabilities:
     """What a host-side driver of ``kind`` honours: from ``probe`` when there is one, else
-    every field it can build (the kernel is not asked)."""
+    every field it can build (the kernel is not asked); how many vNICs from
+    :data:`MAX_NICS_OF` (one for a kind it does not list)."""
     caps = (
         capabilities_from_probe(probe)
         if probe is not None
         else Capabilities(KIND, HONOURED | IMPAIRMENTS, _LATER)
     )
-    return Capabilities(kind, caps.fields, caps.missing)
+    most, why = MAX_NICS_OF.get(kind, (1, "the driver builds one vNIC per VM"))
+    return Capabilities(kind, caps.fields, caps.missing, max_nics=most, max_nics_why=why)
 
 
 def plan_for(request: LaunchRequest, probe: Probe | None = None) -> Plan:
-    """The host-side plan of ``request``: its profile compiled for the VM's links and
-    identity, with the engine :func:`choose_engine` picks when the profile impairs."""
-    links = names.VmLinks.of(request.vm)
+    """The host-side plan of ``request``'s first vNIC (of a one-vNIC slice from
+    :meth:`LaunchRequest.per_nic`: its only one): its profile compiled for the links,
+    owner tag and seed of the vNIC's unit and its network's bridge, with the engine
+    :func:`choose_engine` picks when the profile impairs.
+
+    The VM's TCP settings (sysctls, congestion control) are per VM and come from
+    ``eth0``'s profile: the plan of any other vNIC has none.
+    """
+    unit = request.unit
+    links = names.VmLinks.of(unit)
     identity = Identity(
         mac=str(request.mac),
         ipv4=str(request.ipv4.ip),
         ipv6=str(request.ipv6.ip),
-        tag=names.owner_tag(request.session, request.vm),
+        tag=names.owner_tag(request.session, unit),
     )
     engine = choose_engine(probe, request.profile).engine if impaired(request.profile) else None
-    devices = Devices(port=links.port, ifb=links.ifb)
+    bridge = names.bridge_of(request.network)
+    devices = Devices(port=links.port, ifb=links.ifb, bridge=bridge)
     if engine == "delayd":
-        devices = Devices(links.port, links.ifb, links.relay, links.relay_port)
-    return compile_plan(
+        devices = Devices(links.port, links.ifb, links.relay, links.relay_port, bridge)
+    plan = compile_plan(
         request.profile,
         devices,
         identity,
         engine=engine,
-        seed=default_seed(request.session, request.vm),
+        seed=default_seed(request.session, unit),
     )
+    if request.nic != PRIMARY_NIC:
+        plan = dataclasses.replace(plan, sysctls=(), congestion_control=None)
+    return plan
 
 
-def default_seed(session: str, vm: str) -> int:
-    """The seed a VM's random choices use when its profile sets none: stable per session and VM."""
-    digest = hashlib.sha256(names.owner_tag(session, vm).encode()).digest()
+def plans_for(request: LaunchRequest, probe: Probe | None = None) -> list[Plan]:
+    """The plan of each vNIC of ``request``, in order (see :func:`plan_for`)."""
+    return [plan_for(one, probe) for one in request.per_nic()]
+
+
+def default_seed(session: str, unit: str) -> int:
+    """The seed a vNIC's random choices use when its profile sets none: stable per session
+    and unit (the VM's name for ``eth0``, so a VM keeps the seed it had)."""
+    digest = hashlib.sha256(names.owner_tag(session, unit).encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
 
 

@@ -2,16 +2,17 @@
 
 * plug makes the guest's run directory (it marks the VM as a guest from before
   its host side is built until after it is removed, see :meth:`QemuGuest.claims`),
-  a persistent, tagged tap on the bridge, and starts QEMU in the session
-  namespace with the allocated MAC (it boots the image of
+  per vNIC a persistent, tagged tap (the vNIC's port, named from its unit) on
+  its network's bridge, and starts QEMU in the session namespace with one
+  virtio NIC per tap and the vNIC's MAC (it boots the image of
   ``scripts/vm/build-image.sh`` while the host side is built);
-  :meth:`QemuGuest.wait_ready` returns once the guest's init reports eth0 up
-  with its addresses;
+  :meth:`QemuGuest.wait_ready` returns once the guest's init reports its NICs
+  up with their addresses;
 * the profile's TCP settings and the egress offload switch go on the guest
   kernel's command line at launch, and through the QEMU guest agent on a live
   change (the guest has its own kernel: every available congestion control
   algorithm can be chosen by sysctl, no per-route trick needed);
-* drift reads back, through QMP, the MAC the guest's NIC really filters on.
+* drift reads back, through QMP, the MAC each of the guest's NICs really filters on.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from vnic.drivers.vmside import VmSide
 from vnic.errors import DataplaneError
 from vnic.model.launch import LaunchRequest
 from vnic.plan import names
-from vnic.plan.guest import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, NIC_ID, GuestSpec
+from vnic.plan.guest import DEFAULT_CPUS, DEFAULT_MEMORY_MIB, GuestNic, GuestSpec, nic_id
 from vnic.plan.model import Plan
 
 #: The guest kernel's default congestion control (Debian's kernels build cubic in).
@@ -49,17 +50,24 @@ class QemuGuest(VmSide):
     def thing(self, session: str, vm: str) -> str:
         return f"QEMU guest {qemu.run_files(session, vm).directory}"
 
-    def plug(self, request: LaunchRequest, plan: Plan) -> None:
-        """Run directory (marks the VM as a guest), tagged tap on the bridge, then QEMU: it
-        boots while the rest of the host side is built."""
-        spec = spec_for(request, plan)
+    def plug(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
+        """Run directory (marks the VM as a guest), a tagged tap per vNIC on its network's
+        bridge, then QEMU: it boots while the rest of the host side is built."""
+        spec = spec_for(request, plans)
         qemu.image()  # built (or found) before anything is made, so a failure leaves nothing
         qemu.run_files(request.session, request.vm).directory.mkdir(parents=True)
         session_ns = names.session_netns(request.session)
-        nsops.plug_tap(session_ns, request.session, request.vm, relay=plan.engine is not None)
+        for one, plan in zip(request.per_nic(), plans, strict=True):
+            nsops.plug_tap(
+                session_ns,
+                request.session,
+                one.unit,
+                relay=plan.engine is not None,
+                bridge=plan.devices.bridge,
+            )
         qemu.start(session_ns, spec)
 
-    def settings(self, request: LaunchRequest, plan: Plan) -> None:
+    def settings(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
         """Nothing at this point: the guest applies its settings from its command line."""
 
     def wait_ready(self, request: LaunchRequest) -> None:
@@ -81,7 +89,7 @@ class QemuGuest(VmSide):
 
     def set_offloads(self, request: LaunchRequest, *, on: bool) -> None:
         state = "on" if on else "off"
-        self._guest_exec(request, ["ethtool", "-K", names.VM_IFNAME, "tso", state, "gso", state])
+        self._guest_exec(request, ["ethtool", "-K", request.nic, "tso", state, "gso", state])
 
     def set_sysctl(self, request: LaunchRequest, key: str, value: str) -> None:
         self._guest_exec(request, ["sysctl", "-q", "-w", f"{key}={value}"])
@@ -101,17 +109,21 @@ class QemuGuest(VmSide):
         driver alongside never takes its leftovers for its own."""
         qemu.remove_run_dir(session, vm)
 
-    def drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
-        """The MAC the guest's NIC filters on, read back through QMP."""
+    def drift(self, request: LaunchRequest, plans: Sequence[Plan]) -> list[str]:
+        """The MAC each of the guest's NICs filters on, read back through QMP (a NIC of a
+        vNIC other than ``eth0`` named by it)."""
         run = qemu.run_files(request.session, request.vm)
-        try:
-            filters = qemu.qmp(run, "query-rx-filter", name=NIC_ID)
-        except DataplaneError as exc:
-            return [f"QMP of guest {request.session}/{request.vm}: {exc}"]
-        mac = str(filters[0].get("main-mac", "")) if filters else ""
-        if mac != str(request.mac):
-            return [f"guest NIC MAC: expected {request.mac}, found {mac or 'none'}"]
-        return []
+        problems: list[str] = []
+        for i, nic in enumerate(request.nics):
+            try:
+                filters = qemu.qmp(run, "query-rx-filter", name=nic_id(i))
+            except DataplaneError as exc:
+                return [*problems, f"QMP of guest {request.session}/{request.vm}: {exc}"]
+            mac = str(filters[0].get("main-mac", "")) if filters else ""
+            if mac != str(nic.mac):
+                what = "guest NIC" if i == 0 else f"{nic.name}: guest NIC"
+                problems.append(f"{what} MAC: expected {nic.mac}, found {mac or 'none'}")
+        return problems
 
     def vms(self, only: str | None = None) -> dict[str, set[str]]:
         """Guests with a run directory or a QEMU process carrying their tag. (A guest's
@@ -135,8 +147,21 @@ class QemuGuest(VmSide):
         return [(s, vm) for s, guests in qemu.guests().items() for vm in guests]
 
 
-def spec_for(request: LaunchRequest, plan: Plan) -> GuestSpec:
-    """The guest's QEMU settings for ``request`` compiled to ``plan``."""
+def spec_for(request: LaunchRequest, plans: Sequence[Plan]) -> GuestSpec:
+    """The guest's QEMU settings for ``request`` compiled to ``plans`` (one per vNIC; the
+    TCP settings are the first's, per VM)."""
+    plan = plans[0]
+    more = tuple(
+        GuestNic(
+            name=one.nic,
+            tap=p.devices.port,
+            mac=str(one.mac),
+            ipv4=str(one.ipv4),
+            ipv6=str(one.ipv6),
+            offload=not egress_per_packet(p),
+        )
+        for one, p in zip(request.per_nic()[1:], plans[1:], strict=True)
+    )
     sysctls = [(s.key, s.value) for s in plan.sysctls]
     if plan.congestion_control is not None:
         sysctls.append((_TCP_SYSCTL["congestion_control"], plan.congestion_control))
@@ -152,4 +177,5 @@ def spec_for(request: LaunchRequest, plan: Plan) -> GuestSpec:
         accel=qemu.accelerator().name,
         memory_mib=int(os.environ.get("VNIC_QEMU_MEMORY") or DEFAULT_MEMORY_MIB),
         cpus=int(os.environ.get("VNIC_QEMU_CPUS") or DEFAULT_CPUS),
+        more=more,
     )

@@ -6,11 +6,18 @@ A :class:`~vnic.drivers.hosted.HostedDriver` composes the shared host side
 (:class:`~vnic.drivers.qemu_guest.QemuGuest`). The VM side makes the VM and
 its port into the session's bridge, applies the settings that live in the VM
 (TCP, egress offloads), reads them back, and finds its VMs on the host.
+
+A method taking ``plans`` gets the whole VM's request and one plan per vNIC,
+in the request's order (:func:`vnic.drivers.planning.plans_for`); one that
+acts on one vNIC (:meth:`VmSide.set_offloads`) gets that vNIC's one-vNIC
+request; the VM's TCP settings take the whole request (they are per VM,
+from ``eth0``'s plan, on every vNIC's routes).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 from vnic.model.launch import LaunchRequest
 from vnic.plan.model import Plan
@@ -39,13 +46,14 @@ class VmSide(ABC):
         """What the VM is, in messages (``namespace vnic.s.a``...)."""
 
     @abstractmethod
-    def plug(self, request: LaunchRequest, plan: Plan) -> None:
-        """Make the VM and its port into the session's bridge (the host side's IFB or
-        relay with it); its start may go on while the host side is built."""
+    def plug(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
+        """Make the VM and one port per vNIC into its network's bridge (the host side's
+        IFB or relay with each); its start may go on while the host side is built."""
 
     @abstractmethod
-    def settings(self, request: LaunchRequest, plan: Plan) -> None:
-        """The plan's settings inside the VM, at launch (TCP, egress offloads)."""
+    def settings(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
+        """The plans' settings inside the VM, at launch (TCP from the first, egress
+        offloads per vNIC)."""
 
     @abstractmethod
     def wait_ready(self, request: LaunchRequest) -> None:
@@ -53,7 +61,8 @@ class VmSide(ABC):
 
     @abstractmethod
     def set_offloads(self, request: LaunchRequest, *, on: bool) -> None:
-        """TSO/GSO of the VM's own interface (VM egress is segmented there)."""
+        """TSO/GSO of the VM's own interface of the one-vNIC ``request`` (VM egress is
+        segmented there)."""
 
     @abstractmethod
     def set_sysctl(self, request: LaunchRequest, key: str, value: str) -> None:
@@ -74,8 +83,9 @@ class VmSide(ABC):
         return  # a default, not an abstract method: most drivers need nothing here
 
     @abstractmethod
-    def drift(self, request: LaunchRequest, plan: Plan) -> list[str]:
-        """How the running VM itself differs from the request (empty: not at all)."""
+    def drift(self, request: LaunchRequest, plans: Sequence[Plan]) -> list[str]:
+        """How the running VM itself differs from the request (empty: not at all); a
+        difference of a vNIC other than ``eth0`` names it."""
 
     @abstractmethod
     def vms(self, only: str | None = None) -> dict[str, set[str]]:

@@ -1,12 +1,14 @@
 """What one QEMU guest is started with: its command line, derived from a launch request. Pure.
 
 The guest boots the kernel and initramfs of ``scripts/vm/build-image.sh``
-directly (no disk, no firmware menu), with one virtio-net NIC on a tap device
-in its session namespace, a virtio-serial port for the QEMU guest agent, a QMP
+directly (no disk, no firmware menu), with one virtio-net NIC per vNIC, each on
+its own tap device in its session namespace (``nic0`` on ``net0`` for ``eth0``,
+``nic1`` on ``net1`` for ``eth1``...), a virtio-serial port for the QEMU guest agent, a QMP
 socket, and its serial console in a file. Its init reads the NIC's addresses,
 the profile's TCP sysctls and whether segmentation offload is off from the
 kernel command line (``vnic.ipv4=``, ``vnic.ipv6=``, ``vnic.sysctl=``,
-``vnic.offload=``), so a launch needs no round trip through the guest agent.
+``vnic.offload=``; ``vnic.nic=NAME,MAC,IPV4,IPV6[,off]`` for each vNIC after
+``eth0``), so a launch needs no round trip through the guest agent.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ AGENT_PORT = "org.qemu.guest_agent.0"
 #: and of the tap back end it is connected to.
 NIC_ID = "nic0"
 NETDEV_ID = "net0"
+
+
+def nic_id(index: int) -> str:
+    """The QEMU id of the guest's NIC of vNIC ``index`` (0: ``eth0``, :data:`NIC_ID`)."""
+    return f"nic{index}"
+
+
 #: The line the guest's init prints on its console once eth0 is up.
 READY_MARK = "vnic-guest: ready"
 
@@ -55,13 +64,27 @@ class RunFiles:
 
 
 @dataclass(frozen=True)
+class GuestNic:
+    """A vNIC of a guest after ``eth0``: its name in the guest, its tap in the session
+    namespace, its MAC and addresses, and whether TSO/GSO stay on (``offload``)."""
+
+    name: str
+    tap: str
+    mac: str
+    ipv4: str
+    ipv6: str
+    offload: bool = True
+
+
+@dataclass(frozen=True)
 class GuestSpec:
     """Everything a guest is started with.
 
     ``tap``: the tap device in the session namespace. ``sysctls``: (key, value)
     set by the guest's init before the NIC comes up. ``offload``: False turns
     TSO/GSO off on the guest's eth0 (per-packet impairments of its egress).
-    ``accel``: ``kvm`` or ``tcg``. ``memory_mib``: guest RAM.
+    ``accel``: ``kvm`` or ``tcg``. ``memory_mib``: guest RAM. ``more``: the
+    vNICs after ``eth0``, in order.
     """
 
     session: str
@@ -76,6 +99,7 @@ class GuestSpec:
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = DEFAULT_CPUS
     extra_append: Sequence[str] = field(default_factory=tuple)
+    more: tuple[GuestNic, ...] = ()
 
     @property
     def owner(self) -> str:
@@ -99,6 +123,10 @@ def kernel_command_line(spec: GuestSpec) -> str:
         words.append("vnic.sysctl=" + ",".join(f"{k}={v}" for k, v in spec.sysctls))
     if not spec.offload:
         words.append("vnic.offload=off")
+    for nic in spec.more:
+        words.append(
+            f"vnic.nic={nic.name},{nic.mac},{nic.ipv4},{nic.ipv6}" + ("" if nic.offload else ",off")
+        )
     return " ".join([*words, *spec.extra_append])
 
 
@@ -113,6 +141,18 @@ def qemu_argv(
     with ``panic=-1``: a guest that panics ends its QEMU instead of looping.
     """
     cpu = "host" if spec.accel == "kvm" else "max"
+    # Each further vNIC's NIC right after eth0's: the guest names NICs in PCI probe
+    # order (its init still finds each by MAC).
+    more_nics = [
+        word
+        for i, nic in enumerate(spec.more, start=1)
+        for word in (
+            "-netdev",
+            f"tap,id=net{i},ifname={nic.tap},script=no,downscript=no",
+            "-device",
+            f"virtio-net-pci,id={nic_id(i)},netdev=net{i},mac={nic.mac}",
+        )
+    ]
     return [
         binary,
         "-name",
@@ -142,6 +182,7 @@ def qemu_argv(
         f"tap,id={NETDEV_ID},ifname={spec.tap},script=no,downscript=no",
         "-device",
         f"virtio-net-pci,id={NIC_ID},netdev={NETDEV_ID},mac={spec.mac}",
+        *more_nics,
         "-device",
         "virtio-serial-pci",
         "-chardev",

@@ -27,12 +27,15 @@ class Devices:
     redirected to and shaped on. ``relay``/``relay_port``: the veth pair the
     vnic delay engine writes VM egress into (``relay``) and whose other end
     sits on the bridge (``relay_port``); empty when the engine is not used.
+    ``bridge``: the bridge of the vNIC's network in the session namespace
+    (``vbr0`` for ``default``, see :func:`vnic.plan.names.bridge_of`).
     """
 
     port: str
     ifb: str
     relay: str = ""
     relay_port: str = ""
+    bridge: str = "vbr0"
 
     @property
     def bridge_port(self) -> str:

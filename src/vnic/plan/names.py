@@ -25,6 +25,8 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
+from vnic.model.launch import MAX_NICS, link_unit
+
 PREFIX = "vnic"
 BRIDGE = "vbr0"
 VM_IFNAME = "eth0"
@@ -63,6 +65,13 @@ def parse_vm_netns(name: str, session: str) -> str | None:
     if rest and "." not in rest:
         return rest
     return None
+
+
+def vm_units(vm: str) -> tuple[str, ...]:
+    """The units every vNIC a VM may have is known by on the host side (``eth0`` first:
+    the VM's own name), so that removal finds a VM's objects by their names and tags
+    without being told which vNICs it had."""
+    return tuple(link_unit(vm, f"eth{i}") for i in range(MAX_NICS))
 
 
 def _vm_id(vm: str) -> str:
