@@ -9,17 +9,19 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vnic.agent.core import Agent
+from vnic.dataplane import delayd, qemu, vminit
 from vnic.dataplane import namespaces as nsops
-from vnic.dataplane import qemu
 from vnic.drivers.netns import NetnsDriver
 from vnic.manager.results import Explanation, VmRequest
 from vnic.manager.service import Service
+from vnic.model.launch import LaunchRequest
 from vnic.model.profile import parse_assignments, parse_profile_document
 from vnic.model.session import AssignmentRule
 from vnic.plan import names
@@ -148,3 +150,48 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
         lab.teardown()
         left = [n for s in lab.sessions for n in leftovers(s)]
         assert left == [], f"namespaces left behind: {left}"
+
+
+@dataclass
+class Multi:
+    """The netns driver and the sessions a test made (torn down after it)."""
+
+    driver: NetnsDriver = field(default_factory=NetnsDriver)
+    sessions: list[str] = field(default_factory=list)
+
+    def session(self) -> str:
+        name = f"m{uuid.uuid4().hex[:8]}"
+        self.sessions.append(name)
+        return name
+
+    def launch(self, *requests: LaunchRequest) -> None:
+        for request in requests:
+            self.driver.launch(request)
+
+    def exec(self, session: str, vm: str, *argv: str, ok: bool = True) -> str:
+        proc = self.driver.exec(session, vm, list(argv), capture_output=True, timeout=30)
+        if ok:
+            assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+
+def left_of(session: str) -> list[str]:
+    """Everything of ``session`` still on the host: namespaces, engine processes and run
+    files, init run directories."""
+    found = leftovers(session)
+    found += [f"engine pid {p}" for p, (s, _) in delayd.engine_processes().items() if s == session]
+    found += [f"engine files {u}" for u in delayd.run_files().get(session, set())]
+    found += [f"init run dir {v}" for v in vminit.run_dirs().get(session, set())]
+    return found
+
+
+@pytest.fixture
+def multi() -> Iterator[Multi]:
+    lab = Multi()
+    try:
+        yield lab
+    finally:
+        for session in lab.sessions:
+            lab.driver.teardown_session(session)
+        left = [x for s in lab.sessions for x in left_of(s)]
+        assert left == [], f"left behind: {left}"

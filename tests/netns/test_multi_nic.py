@@ -16,22 +16,20 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from tests.netns.conftest import leftovers
+from tests.netns.conftest import Multi, left_of
+from tests.netns.helpers import NETWORK_IDS, WIDE, nic, vm, with_sets
 from vnic.dataplane import delayd, nft, vminit
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.inventory import session_links
 from vnic.dataplane.tc import read_class_counters
-from vnic.drivers.netns import NetnsDriver
 from vnic.errors import Conflict, DataplaneError
 from vnic.lab.measure import TCP_GOODPUT, iperf3, ping
-from vnic.model.launch import LaunchRequest, NicRequest, link_unit
+from vnic.model.launch import LaunchRequest, link_unit
 from vnic.model.profile import build_profile, parse_assignments
 from vnic.model.resolve import Layer, complete
 from vnic.model.units import MacAddress
@@ -40,88 +38,12 @@ from vnic.plan.compile import DEFAULT_MINOR
 
 pytestmark = pytest.mark.root
 
-#: The network ids of the two networks of every session here.
-NETWORK_IDS = {"default": 301, "data": 302}
-WIDE = ["egress.rate=1Gbit", "ingress.rate=1Gbit"]
-
-
-def nic(name: str, network: str, host: int, sets: list[str]) -> NicRequest:
-    """A vNIC on ``network`` with host index ``host`` and the profile ``sets`` gives."""
-    network_id = NETWORK_IDS[network]
-    ipv4, ipv6 = names.vm_addresses(network_id, host)
-    eff = complete([Layer("vm-patch", "", parse_assignments(sets))])
-    mac = MacAddress.parse(f"02:00:{network_id >> 8:02x}:{network_id & 0xFF:02x}:{host:02x}:01")
-    return NicRequest(
-        name, network, network_id, mac, ipv4, ipv6, build_profile(eff.values), dict(eff.values)
-    )
-
-
-def vm(session: str, name: str, *nics: NicRequest) -> LaunchRequest:
-    return LaunchRequest(session, name, nics)
-
-
-def with_sets(request: LaunchRequest, nic_name: str, sets: list[str]) -> LaunchRequest:
-    """``request`` with vNIC ``nic_name``'s profile made from ``sets`` (all else kept)."""
-    eff = complete([Layer("vm-patch", "", parse_assignments(sets))])
-    nics = tuple(
-        replace(n, profile=build_profile(eff.values), values=dict(eff.values))
-        if n.name == nic_name
-        else n
-        for n in request.nics
-    )
-    return replace(request, nics=nics)
-
-
-@dataclass
-class Multi:
-    """The netns driver and the sessions a test made (torn down after it)."""
-
-    driver: NetnsDriver = field(default_factory=NetnsDriver)
-    sessions: list[str] = field(default_factory=list)
-
-    def session(self) -> str:
-        name = f"m{uuid.uuid4().hex[:8]}"
-        self.sessions.append(name)
-        return name
-
-    def launch(self, *requests: LaunchRequest) -> None:
-        for request in requests:
-            self.driver.launch(request)
-
-    def exec(self, session: str, vm: str, *argv: str, ok: bool = True) -> str:
-        proc = self.driver.exec(session, vm, list(argv), capture_output=True, timeout=30)
-        if ok:
-            assert proc.returncode == 0, proc.stderr
-        return proc.stdout
-
-
-def left_of(session: str) -> list[str]:
-    """Everything of ``session`` still on the host: namespaces, engine processes and run
-    files, init run directories."""
-    found = leftovers(session)
-    found += [f"engine pid {p}" for p, (s, _) in delayd.engine_processes().items() if s == session]
-    found += [f"engine files {u}" for u in delayd.run_files().get(session, set())]
-    found += [f"init run dir {v}" for v in vminit.run_dirs().get(session, set())]
-    return found
-
 
 @pytest.fixture(autouse=True)
 def delay_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     """Delay and loss go to the vnic delay engine here whatever the kernel has: the
     tests check an engine per vNIC (its unit's files, process and relay)."""
     monkeypatch.setenv("VNIC_ENGINE", "delayd")
-
-
-@pytest.fixture
-def multi() -> Iterator[Multi]:
-    lab = Multi()
-    try:
-        yield lab
-    finally:
-        for session in lab.sessions:
-            lab.driver.teardown_session(session)
-        left = [x for s in lab.sessions for x in left_of(s)]
-        assert left == [], f"left behind: {left}"
 
 
 def goodput_ratio(measured: float, rate: float) -> float:
