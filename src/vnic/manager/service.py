@@ -20,6 +20,7 @@ from typing import Any
 
 from vnic.agent.port import AgentPort
 from vnic.manager.launch import Launching
+from vnic.manager.networks import Networks
 from vnic.manager.profiles import Profiles
 from vnic.manager.reapply import Reapplying
 from vnic.manager.results import ApplyResult, Explanation, VmChange, VmRequest
@@ -28,7 +29,7 @@ from vnic.manager.vms import Vms
 from vnic.model.profile import ProfileSpec
 
 
-class Service(Profiles, Sessions, Vms, Launching, Reapplying):
+class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying):
     """Profiles, sessions and VMs over one :class:`~vnic.store.db.Database`.
 
     ``clock`` is injectable (see :class:`~vnic.manager.core.ServiceCore`).
