@@ -95,30 +95,16 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f("ix_vm_nics_vm_id"), ["vm_id"], unique=False)
 
     conn = op.get_bind()
-    networks = sa.table(
-        "networks",
-        sa.column("session_id", sa.Integer),
-        sa.column("name", sa.String),
-        sa.column("network_id", sa.Integer),
-        sa.column("ipv4", sa.String),
-        sa.column("ipv6", sa.String),
-        sa.column("default_profile_id", sa.Integer),
-        sa.column("created_at", sa.DateTime(timezone=True)),
-    )
-    for sid, network_id, created in conn.execute(
-        sa.text("SELECT id, network_id, created_at FROM sessions ORDER BY id")
-    ):
+    for sid, network_id in conn.execute(sa.text("SELECT id, network_id FROM sessions")).all():
         v4, v6 = _subnets(network_id)
+        # created_at copied in SQL: the session's, in whatever form the database keeps it.
         conn.execute(
-            networks.insert().values(
-                session_id=sid,
-                name="default",
-                network_id=network_id,
-                ipv4=v4,
-                ipv6=v6,
-                default_profile_id=None,  # the session's default applies, as before
-                created_at=created,
-            )
+            sa.text(
+                "INSERT INTO networks (session_id, name, network_id, ipv4, ipv6, created_at)"
+                " SELECT id, 'default', network_id, :v4, :v6, created_at FROM sessions"
+                " WHERE id = :sid"
+            ),
+            {"v4": v4, "v6": v6, "sid": sid},
         )
     conn.execute(
         sa.text(
