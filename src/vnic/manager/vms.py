@@ -57,7 +57,9 @@ class Vms(ServiceCore):
             if any(v.name == name for v in session.vms):
                 raise Conflict(f"VM {name!r} already exists in session {session.name!r}")
             networks = {n.name: n for n in session.networks}
-            nics: list[NicRow] = []
+            # Every lookup first: a vNIC row tied to its network before the VM is in the
+            # session would be flushed half-made by the next query.
+            found: list[tuple[NetworkRow, ProfileRow | None]] = []
             for i, spec in enumerate(specs):
                 where = f"nics[{i}]" if req.nics else ""
                 net = networks.get(spec.network)
@@ -67,7 +69,9 @@ class Vms(ServiceCore):
                         spec.network,
                         f"a network of session {session.name!r} ({', '.join(networks)})",
                     )
-                override_row = self._nic_override(s, session, spec, where)
+                found.append((net, self._nic_override(s, session, spec, where)))
+            nics: list[NicRow] = []
+            for i, (spec, (net, override_row)) in enumerate(zip(specs, found, strict=True)):
                 nic = NicRow(
                     name=nic_name(i),
                     position=i,
