@@ -153,3 +153,33 @@ def test_vm_create_refusals_for_vnics_name_the_field(lab: Api) -> None:
         assert r.status_code == 422, r.text
         assert [e["field"] for e in r.json()["fields"]] == [where], r.text
     assert ok(lab, "reader", "GET", VMS, 200) == []
+
+
+def test_a_runtime_adjustment_of_one_vnic_through_the_api(lab: Api) -> None:
+    ok(lab, "admin", "POST", NETS, 201, json={"name": "data"})
+    ok(
+        lab,
+        "alice",
+        "POST",
+        VMS,
+        201,
+        json={"name": "a", "launch": True, "nics": [{}, {"network": "data"}]},
+    )
+    adj = f"{VMS}/a/adjustments/user"
+    body = {"set": {"egress.rate": "4Mbit"}, "reason": "slow eth1", "nic": "eth1"}
+    answer = ok(lab, "alice", "PUT", adj, 200, json=body)
+    assert answer["fields"]["egress.rate"] == {"old": "20Mbit", "new": "4Mbit"}
+    assert [c["nic"] for c in answer["changes"]] == ["eth1"]
+    eth0, eth1 = lab.driver.vms[("lab", "a")].nics
+    assert (str(eth0.profile.egress.rate), str(eth1.profile.egress.rate)) == ("20Mbit", "4Mbit")
+    (listed,) = ok(lab, "reader", "GET", f"{VMS}/a/adjustments", 200)
+    assert (listed["nic"], listed["source"]) == ("eth1", "user")
+    (entry,) = ok(lab, "reader", "GET", "/v1/audit", 200, params={"session": "lab"})
+    assert (entry["vm"], entry["nic"], entry["new"]["egress.rate"]) == ("a", "eth1", "4Mbit")
+    # Clearing eth0's (it has none) changes nothing; eth1's brings its rate back.
+    assert ok(lab, "alice", "DELETE", adj, 200)["fields"] == {}
+    cleared = ok(lab, "alice", "DELETE", adj, 200, params={"nic": "eth1"})
+    assert cleared["fields"]["egress.rate"] == {"old": "4Mbit", "new": "20Mbit"}
+    assert str(lab.driver.vms[("lab", "a")].nics[1].profile.egress.rate) == "20Mbit"
+    r = lab.call("alice", "PUT", adj, json={**body, "nic": "eth9"})
+    assert r.status_code == 422 and r.json()["fields"][0]["field"] == "nic"

@@ -396,8 +396,9 @@ class RemoteLive:
         path = f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"
         return dict(self._call("PUT", path, json=doc))
 
-    def clear(self, session: str, vm: str, source: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"))
+    def clear(self, session: str, vm: str, source: str, nic: str = "eth0") -> dict[str, Any]:
+        path = f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"
+        return dict(self._call("DELETE", path, params={"nic": nic}))
 
     def adjustments(self, session: str, vm: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/sessions/{session}/vms/{vm}/adjustments"))
