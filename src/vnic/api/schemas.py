@@ -315,6 +315,8 @@ class DriverPublic(BaseModel):
     kind: str
     fields: list[str]
     missing: dict[str, str]
+    max_nics: int = Field(default=1, description="How many vNICs one VM may have on it")
+    max_nics_why: str = Field(default="", description="Why no more")
 
 
 class TokenCreate(_Strict):
