@@ -150,10 +150,10 @@ class ManagerClient:
         docs = [s.to_document() for s in specs]
         answer = self._call("POST", "/v1/import/profiles", json=docs)
         results = [ApplyResult(r["name"], r["action"], r["revision"]) for r in answer]
-        seen: dict[tuple[str, str], VmChange] = {}
+        seen: dict[tuple[str, str, str], VmChange] = {}
         for r in answer:
             for c in r.get("changes", []):
-                seen[(c["session"], c["vm"])] = views.change_from_json(c)
+                seen[(c["session"], c["vm"], c.get("nic") or "eth0")] = views.change_from_json(c)
         return results, list(seen.values())
 
     def update_vm_live(
