@@ -18,6 +18,8 @@ from vnic.manager.results import VmRequest
 from vnic.manager.runtime import Runtime
 from vnic.manager.service import Service
 from vnic.model.launch import LaunchRequest
+from vnic.model.network import NicSpec
+from vnic.model.profile import parse_assignments
 from vnic.model.units import MacAddress
 from vnic.plan.names import vm_addresses
 from vnic.store import db as dbmod
@@ -132,5 +134,44 @@ def test_upgrade_from_0004_keeps_every_session_vm_mac_address_and_override(db_ur
         d = service.add_vm(VmRequest("lab", "d")).vm
         assert d.ipv4 == str(vm_addresses(7, 3)[0].ip)
         assert d.mac not in (a.mac, b.mac, c.mac)
+    finally:
+        database.dispose()
+
+
+def test_downgrade_to_0004_keeps_eth0_and_drops_the_other_vnics(db_url: str) -> None:
+    database = Database(db_url, migrate=False)
+    try:
+        _previous_schema_rows(database)
+        dbmod.upgrade(database.engine)
+        service = Service(database)
+        service.add_network("lab", "data")
+        service.add_vm(VmRequest("lab", "e", nics=[NicSpec("default"), NicSpec("data")]))
+        Runtime(service).adjust(
+            "lab", "e", source="user", reason="x", values=parse_assignments(["egress.rate=1Mbit"]),
+            nic="eth1",
+        )  # fmt: skip
+        e = service.get_vm("lab", "e")
+        database.dispose()
+        dbmod.downgrade(database.engine, "0004")
+        with database.engine.connect() as conn:
+            vms = conn.execute(
+                text("SELECT v.name, v.host_index, v.override_patch, m.mac FROM vms v"
+                     " JOIN mac_allocations m ON m.vm_id = v.id ORDER BY v.name")
+            ).all()  # fmt: skip
+            adjustments = conn.execute(text("SELECT vm_id, source FROM runtime_adjustments")).all()
+        assert [(n, h, m) for n, h, _, m in vms] == [
+            ("a", 2, MAC_A),
+            ("b", 5, MAC_B),
+            ("c", 2, MAC_B + 1),
+            ("e", 3, MacAddress.parse(str(e.mac)).value),
+        ]
+        assert (
+            json.loads(vms[0][2]) == {"egress": {"delay": "10ms"}}
+            if isinstance(vms[0][2], str)
+            else vms[0][2] == {"egress": {"delay": "10ms"}}
+        )
+        assert adjustments == [(1, "user")]  # eth1's went with eth1
+        dbmod.upgrade(database.engine)  # and up again
+        assert [v.name for v in Service(database).list_vms("lab")] == ["a", "b", "e"]
     finally:
         database.dispose()

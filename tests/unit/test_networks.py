@@ -354,3 +354,22 @@ def test_a_launch_carries_every_vnic_and_a_live_change_of_one_touches_only_it(
     # The desired state of the agents carries both vNICs.
     ((_, desired),) = svc.desired()
     assert [n.name for n in desired.nics] == ["eth0", "eth1"]
+
+
+def test_profiles_used_by_a_network_or_a_vnic_name_those_uses(svc: Service) -> None:
+    svc.add_network("lab", "data", default_profile="own-macs")
+    two_nics(svc, "a", profile="storage")
+    users = {p.name: list(p.users) for p in svc.list_profiles()}
+    assert users["own-macs"] == ["network lab/data (default profile)"]
+    assert users["storage"] == ["vm lab/a/eth1 (override)"]
+    with pytest.raises(InUse, match="vm lab/a/eth1"):
+        svc.delete_profile("storage")
+    # storage sets no MAC range, so eth1's comes from its network's default, own-macs; a
+    # new revision of own-macs that would take eth1's MAC out of it is refused, naming it.
+    eth1_mac = svc.get_vm("lab", "a").nics[1].mac
+    assert eth1_mac is not None and eth1_mac.startswith("02:aa:")
+    moved = {"name": "own-macs", "egress": {"rate": "7Mbit"}}
+    moved["mac_range"] = "02:bb:00:00:00:00-02:bb:00:00:00:0f"
+    with pytest.raises(InvalidInput, match=f"lab/a/eth1.*{eth1_mac}"):
+        svc.apply_profiles([parse_profile_document(moved)])
+    assert svc.get_profile("own-macs").revision == 1
