@@ -78,6 +78,9 @@ def test_vm_with_several_vnics_set_one_and_explain_every_one(vnic: Vnic) -> None
     assert delay == {"value": "5ms", "source": {"layer": "vm-patch", "detail": "override"}}
     text = vnic("vm", "explain", "lab", "a").stdout
     assert "lab/a/eth0" in text and "lab/a/eth1" in text and "network data" in text
+    one = vnic.json("vm", "explain", "lab", "a/eth1")
+    assert one["name"] == "eth1" and one["effective"] == e["nics"][1]["effective"]
+    assert "lab/a/eth0" not in vnic("vm", "explain", "lab", "a/eth1").stdout
     # A network in use cannot go, and the error names the vNIC.
     proc = vnic("session", "network", "remove", "lab", "data", ok=False)
     assert proc.returncode != 0 and "lab/a/eth1" in proc.stderr

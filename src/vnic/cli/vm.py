@@ -359,19 +359,28 @@ def vm_set(
 @app.command("explain")
 def vm_explain(
     session: str,
-    name: str,
+    name: Annotated[str, typer.Argument(help="VM, or VM/NIC for one vNIC.")],
     all_fields: Annotated[bool, typer.Option("--all", help="Also list fields nobody set.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show every vNIC's effective profile and, for every field, the layer it came from
-    (a VM of one vNIC: its table, as before VMs had several)."""
+    """Show every vNIC's effective profile (VM/NIC: that vNIC's) and, for every field,
+    the layer it came from (a VM of one vNIC: its table, as before VMs had several)."""
 
     def body() -> None:
-        e = service().explain(session, name)
+        vm, _, nic = name.partition("/")
+        e = service().explain(session, vm)
+        if nic and nic not in e.nics:
+            from vnic.errors import NotFound
+
+            raise NotFound(f"vNIC of VM {session}/{vm}", nic, list(e.nics))
         if as_json:
             from vnic.manager import views
 
-            emit_json(views.explain_json(e))
+            doc = views.explain_json(e)
+            emit_json(next(n for n in doc["nics"] if n["name"] == nic) if nic else doc)
+            return
+        if nic:
+            out.print(render.nic_explanation_table(e, nic, all_fields=all_fields))
             return
         if len(e.nics) <= 1:
             from vnic.lab.explain import explanation_table
