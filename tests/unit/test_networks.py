@@ -143,6 +143,10 @@ def test_network_refusals_name_the_field_and_change_nothing(svc: Service) -> Non
     with pytest.raises(InvalidInput, match="choose one with ipv4") as info:
         svc.add_network("lab", "x", network_id=65536 + 1)  # 10.0.1.0/24, as lab's default
     assert info.value.paths == ["ipv4"]
+    # A session's network id must not be another session's network's either.
+    with pytest.raises(Conflict, match="network_id 900 is already used by network other/far"):
+        svc.create_session("fourth", network_id=900)
+    assert [s.name for s in svc.list_sessions()] == ["lab", "other"]
     assert snapshot(svc) == before
 
 
