@@ -66,8 +66,8 @@ class Rule:
 @dataclass
 class World:
     """Objects one call acts on: a profile in use, one unused, a session owned by
-    alice with a running VM ``v`` (an adjustment, a scenario) and a defined VM ``w``,
-    and a reader token."""
+    alice with networks ``data`` and ``spare-net`` (unused), a running VM ``v`` (eth1
+    on ``data``, an adjustment, a scenario) and a defined VM ``w``, and a reader token."""
 
     tag: str
 
@@ -142,6 +142,15 @@ EXPECT: dict[tuple[str, str], Rule] = {
     ("GET", "/v1/sessions/{session}/live"): Rule("read", 200, query={"events": "1"}),
     ("GET", "/v1/sessions/{session}/stats"): Rule("read", 200),
     ("GET", "/v1/sessions/{session}/vm-profiles"): Rule("read", 200),
+    # networks
+    ("GET", "/v1/sessions/{session}/networks"): Rule("read", 200),
+    ("POST", "/v1/sessions/{session}/networks"): Rule(
+        "admin", 201, body=lambda w: {"name": new_name(w)}
+    ),
+    ("GET", "/v1/sessions/{session}/networks/{name}"): Rule("read", 200, params={"name": "data"}),
+    ("DELETE", "/v1/sessions/{session}/networks/{name}"): Rule(
+        "admin", 204, params={"name": "spare-net"}
+    ),
     # VMs
     ("GET", "/v1/sessions/{session}/vms"): Rule("read", 200),
     ("POST", "/v1/sessions/{session}/vms"): Rule("vm", 201, body=lambda w: {"name": new_name(w)}),
@@ -153,6 +162,11 @@ EXPECT: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/sessions/{session}/vms/{vm}/launch"): Rule("vm", 200, params={"vm": "w"}),
     ("POST", "/v1/sessions/{session}/vms/{vm}/destroy"): Rule("vm", 200),
     ("GET", "/v1/sessions/{session}/vms/{vm}/explain"): Rule("read", 200),
+    ("GET", "/v1/sessions/{session}/vms/{vm}/nics"): Rule("read", 200),
+    ("GET", "/v1/sessions/{session}/vms/{vm}/nics/{nic}"): Rule("read", 200),
+    ("PATCH", "/v1/sessions/{session}/vms/{vm}/nics/{nic}"): Rule(
+        "vm", 200, body=lambda w: {"patch": {"egress": {"rate": "8Mbit"}}}, params={"nic": "eth1"}
+    ),
     ("POST", "/v1/sessions/{session}/vms/{vm}/exec"): Rule(
         "admin", 200, body=lambda w: {"argv": ["hostname"], "timeout": 5}
     ),
@@ -197,7 +211,7 @@ def path_values(method: str, template: str, rule: Rule, w: World) -> dict[str, s
         name = w.token
     else:
         name = w.session  # /v1/sessions/{name}...; scenarios override it with "sc"
-    values = {"name": name, "session": w.session, "vm": "v", "source": "user"}
+    values = {"name": name, "session": w.session, "vm": "v", "source": "user", "nic": "eth0"}
     for key, value in rule.params.items():
         values[key] = w.spare if value == "spare" else value
     return values
@@ -239,7 +253,10 @@ class Site:
         body = {"name": w.session, "default_profile": w.profile, "owner": "alice"}
         ok("POST", "/v1/sessions", 201, json=body)
         vms = f"/v1/sessions/{w.session}/vms"
-        ok("POST", vms, 201, json={"name": "v", "launch": True})
+        for net in ("data", "spare-net"):
+            ok("POST", f"/v1/sessions/{w.session}/networks", 201, json={"name": net})
+        v = {"name": "v", "launch": True, "nics": [{}, {"network": "data"}]}
+        ok("POST", vms, 201, json=v)
         ok("POST", vms, 201, json={"name": "w"})
         adjust = {"set": {"egress.rate": "5Mbit"}, "reason": "attack suite"}
         ok("PUT", f"{vms}/v/adjustments/user", 200, json=adjust)
@@ -255,6 +272,7 @@ class Site:
             "/v1/export/profiles",
             "/v1/sessions",
             vms,
+            f"/v1/sessions/{w.session}/networks",
             f"{vms}/v/adjustments",
             "/v1/tokens",
             f"/v1/sessions/{w.session}/controller",

@@ -217,3 +217,49 @@ def until(check: Callable[[], bool], seconds: float = 30.0) -> bool:
             return False
         time.sleep(0.2)
     return True
+
+
+def test_cli_remote_networks_and_vnics_match_embedded(home: Path, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+    """``session network ...``, ``vm add --nic``, ``vm set VM/NIC`` and ``vm explain``
+    through --server print and refuse what they do embedded (nothing launched: the
+    kernel side of several vNICs is the data plane's tests)."""
+    embedded = tmp_path_factory.mktemp("embedded-nics")
+    server = Server(home, "serve")
+    token = admin_token(home)
+    server.start()
+    admin = Client(server.url, token)
+    try:
+
+        def both(*args: str) -> subprocess.CompletedProcess[str]:
+            remote = cli(home, *args, server=server, token=token)
+            local = cli(embedded, *args)
+            assert (remote.returncode, remote.stdout, remote.stderr) == (
+                local.returncode,
+                local.stdout,
+                local.stderr,
+            ), args
+            return remote
+
+        assert both("profile", "apply", "-f", str(EXAMPLES)).returncode == 0
+        assert both("session", "create", "nets", "-p", "lan").returncode == 0
+        r = both("session", "network", "add", "nets", "data", "--id", "777", "--profile", "wan-dsl")
+        assert r.returncode == 0 and "network id 777" in r.stdout, r.stderr
+        r = both("session", "network", "add", "nets", "again", "--id", "777")
+        assert r.returncode == 2 and "network_id: got 777" in r.stderr
+        r = both("vm", "add", "nets", "a", "--nic", "net=default", "--nic", "net=data")
+        assert r.returncode == 0 and "eth1 on data" in r.stdout, r.stderr
+        r = both("vm", "add", "nets", "b", "--nic", "net=nope")
+        assert r.returncode == 2 and "nics[0].network" in r.stderr
+        assert both("vm", "set", "nets", "a/eth1", "egress.rate=3Mbit").returncode == 0
+        assert both("vm", "explain", "nets", "a", "--json").returncode == 0
+        shown = json.loads(
+            cli(home, "vm", "explain", "nets", "a", "--json", server=server, token=token).stdout
+        )
+        assert shown == admin("GET", "/v1/sessions/nets/vms/a/explain")
+        assert shown["nics"][1]["effective"]["fields"]["egress.rate"]["value"] == "3Mbit"
+        assert both("vm", "list", "nets").returncode == 0
+        assert both("session", "network", "list", "nets", "--json").returncode == 0
+        r = both("session", "network", "remove", "nets", "data")
+        assert r.returncode == 2 and "nets/a/eth1" in r.stderr
+    finally:
+        server.kill()

@@ -386,6 +386,7 @@ def test_reader_sees_metrics_and_drivers(api: Api) -> None:
     drivers = api.call("reader", "GET", "/v1/drivers").json()
     assert drivers[0]["agent"] == "local" and drivers[0]["kind"] == "fake"
     assert "egress.rate" in drivers[0]["fields"]
+    assert drivers[0]["max_nics"] == 8 and drivers[0]["max_nics_why"]
     assert api.client.get("/metrics").status_code == 401
 
 

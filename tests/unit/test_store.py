@@ -24,6 +24,8 @@ from vnic.store.db import Database
 from vnic.store.models import Base, MacAllocationRow, ProfileRevisionRow
 
 TABLES = {
+    "networks",
+    "vm_nics",
     "profiles",
     "profile_revisions",
     "sessions",

@@ -28,6 +28,7 @@ from vnic.api.common import vm_writer
 from vnic.api.deps import TOKEN_COOKIE
 from vnic.api.live import live_router
 from vnic.api.meta import agents_router, health_router, metrics_router
+from vnic.api.networks import networks_router
 from vnic.api.profiles import profiles_router
 from vnic.api.sessions import sessions_router
 from vnic.api.tokens import tokens_router
@@ -106,6 +107,7 @@ def create_app(
     app.include_router(profiles_router(manager))
     app.include_router(sessions_router(manager, writer))
     app.include_router(vms_router(manager, writer))
+    app.include_router(networks_router(manager, writer))
     app.include_router(agents_router(manager))
     app.include_router(tokens_router(manager))
     app.include_router(live_router(manager, writer))

@@ -43,6 +43,7 @@ class AdjustmentSet(BaseModel):
         default=None, alias="for", description="Lifetime, e.g. 60s; omitted = until removed"
     )
     reason: str = Field(default="set by hand", description="Why (kept in the audit log)")
+    nic: str = Field(default="eth0", description="The vNIC adjusted (eth0..eth7)")
 
 
 def adjustment_json(a: AdjustmentInfo) -> dict[str, Any]:
@@ -53,6 +54,7 @@ def adjustment_json(a: AdjustmentInfo) -> dict[str, Any]:
         "reason": a.reason,
         "profile": a.profile,
         "set": dict(a.values),
+        "nic": a.nic,
         "expires_at": a.expires_at,
         "created_at": views.utc(a.created_at),
     }
@@ -64,6 +66,7 @@ def audit_json(e: AuditEntry) -> dict[str, Any]:
         "at": views.utc(e.at),
         "session": e.session,
         "vm": e.vm,
+        "nic": e.nic,
         "source": e.source,
         "reason": e.reason,
         "old": dict(e.old),
@@ -98,6 +101,7 @@ class LiveOps:
             profile=body.profile,
             expires_at=expiry(body.for_, self.manager.service.clock()),
             driver=self.manager.agent,
+            nic=body.nic,
         )
         applied = self.manager.reapply(session=session, vm=vm, strict=True)
         return {
@@ -105,8 +109,10 @@ class LiveOps:
             "changes": [views.change_json(c) for c in applied],
         }
 
-    def clear(self, session: str, vm: str, source: str) -> dict[str, Any]:
-        changed = self.manager.runtime.clear(session, vm, parse_source(source), "removed by hand")
+    def clear(self, session: str, vm: str, source: str, nic: str = "eth0") -> dict[str, Any]:
+        changed = self.manager.runtime.clear(
+            session, vm, parse_source(source), "removed by hand", nic=nic
+        )
         self.manager.reapply(session=session, vm=vm, strict=True)
         return {"fields": {p: {"old": o, "new": n} for p, (o, n) in changed.items()}}
 
@@ -165,7 +171,8 @@ def live_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
     def put_adjustment(
         who: Caller, session: str, vm: str, source: str, body: AdjustmentSet
     ) -> dict[str, Any]:
-        """Set ``source``'s adjustment (``user`` by hand); applied live, audited."""
+        """Set ``source``'s adjustment of vNIC ``nic`` (default eth0; ``user`` by hand);
+        applied live, audited."""
         vm_writer(who, session, "adjusting a VM")
         return ops.adjust(session, vm, source, body)
 
@@ -174,9 +181,12 @@ def live_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         response_model=dict[str, Any],
         tags=["adjustments"],
     )
-    def delete_adjustment(who: Caller, session: str, vm: str, source: str) -> dict[str, Any]:
+    def delete_adjustment(
+        who: Caller, session: str, vm: str, source: str, nic: Annotated[str, Query()] = "eth0"
+    ) -> dict[str, Any]:
+        """Remove ``source``'s adjustment of vNIC ``nic`` (default eth0)."""
         vm_writer(who, session, "adjusting a VM")
-        return ops.clear(session, vm, source)
+        return ops.clear(session, vm, source, nic)
 
     @router.get("/v1/audit", response_model=list[dict[str, Any]], tags=["adjustments"])
     def audit(

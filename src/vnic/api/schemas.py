@@ -53,6 +53,7 @@ class VmChangePublic(BaseModel):
     fields: dict[str, FieldChangePublic] = Field(description="Changed fields, old and new")
     kernel: list[str] = Field(description="One line per kernel object changed in place")
     error: str | None = Field(default=None, description="Why the change did not reach the VM")
+    nic: str = Field(default="eth0", description="The vNIC changed (one entry per vNIC)")
 
 
 def _changes() -> Any:
@@ -120,6 +121,7 @@ class SessionPublic(BaseModel):
     overrides_allowed: bool
     owner: str | None
     vms: list[str]
+    networks: list[str] = Field(default_factory=list, description="Its networks, default first")
     created_at: datetime
 
 
@@ -127,7 +129,44 @@ class SessionChanged(SessionPublic):
     changes: list[VmChangePublic] = _changes()
 
 
+# ----------------------------------------------------------------------------- networks
+
+
+class NetworkCreate(_Strict):
+    name: str
+    network_id: int | None = Field(
+        default=None, description="VNI 1..16777215, unique across all networks; default lowest free"
+    )
+    ipv4: str | None = Field(
+        default=None, description="IPv4 subnet (CIDR, /8../24); default derived from network_id"
+    )
+    ipv6: str | None = Field(
+        default=None, description="IPv6 subnet (CIDR, /8../120); default derived from network_id"
+    )
+    default_profile: str | None = Field(
+        default=None, description="Default profile of its vNICs; default: the session's"
+    )
+
+
+class NetworkPublic(BaseModel):
+    session: str
+    name: str
+    network_id: int
+    ipv4: str
+    ipv6: str
+    default_profile: str | None
+    nics: list[str] = Field(description="The vNICs on it, as VM/NIC")
+
+
 # ----------------------------------------------------------------------------- VMs
+
+
+class NicCreate(_Strict):
+    network: str = Field(default="default", description="A network of the VM's session")
+    profile: str | None = Field(default=None, description="The vNIC's override profile")
+    patch: Document | None = Field(
+        default=None, description="The vNIC's override fields, a profile document"
+    )
 
 
 class VmCreate(_Strict):
@@ -135,8 +174,16 @@ class VmCreate(_Strict):
     role: str | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     needs: list[str] = Field(default_factory=list)
-    profile: str | None = Field(default=None, description="Override profile")
-    patch: Document | None = Field(default=None, description="Override fields, a profile document")
+    profile: str | None = Field(
+        default=None, description="Override profile (of eth0; not with nics)"
+    )
+    patch: Document | None = Field(
+        default=None, description="Override fields, a profile document (of eth0; not with nics)"
+    )
+    nics: list[NicCreate] | None = Field(
+        default=None,
+        description="The vNICs, eth0 first (at most 8); default: eth0 on default",
+    )
     launch: bool = Field(default=False, description="Launch the VM right away")
     driver: str | None = Field(
         default=None, description="Driver to launch with (netns, qemu); default: the agent's"
@@ -146,6 +193,13 @@ class VmCreate(_Strict):
 class VmLaunch(_Strict):
     driver: str | None = Field(
         default=None, description="Driver to launch with (netns, qemu); default: the agent's"
+    )
+
+
+class NicUpdate(_Strict):
+    profile: str | None = None
+    patch: Document | None = Field(
+        default=None, description="Merged into the vNIC's override patch (RFC 7386: null removes)"
     )
 
 
@@ -191,21 +245,33 @@ class VmLink(_Strict):
     up: bool = Field(description="The NIC's link: true up, false down (the guest sees carrier)")
 
 
+class NicPublic(BaseModel):
+    name: str
+    network: str
+    network_id: int
+    mac: str | None
+    ipv4: str | None
+    ipv6: str | None
+    override_profile: str | None
+    override_patch: Document | None
+
+
 class VmPublic(BaseModel):
     session: str
     name: str
     role: str | None
     labels: dict[str, str]
     needs: list[str]
-    override_profile: str | None
-    override_patch: Document | None
-    mac: str | None
-    ipv4: str | None
-    ipv6: str | None
+    override_profile: str | None = Field(description="eth0's")
+    override_patch: Document | None = Field(description="eth0's")
+    mac: str | None = Field(description="eth0's")
+    ipv4: str | None = Field(description="eth0's")
+    ipv6: str | None = Field(description="eth0's")
     state: str
     driver: str | None = Field(
         default=None, description="Driver the running VM was launched with (netns, qemu)"
     )
+    nics: list[NicPublic] = Field(default_factory=list, description="Every vNIC, eth0 first")
 
 
 class SourcePublic(BaseModel):
@@ -223,9 +289,18 @@ class EffectivePublic(BaseModel):
     fields: dict[str, FieldPublic]
 
 
+class NicExplained(NicPublic):
+    effective: EffectivePublic
+
+
 class ExplanationPublic(BaseModel):
     vm: VmPublic
-    effective: EffectivePublic
+    effective: EffectivePublic = Field(description="eth0's")
+    nics: list[NicExplained] = Field(default_factory=list, description="Every vNIC's, eth0 first")
+
+
+class NicChanged(NicExplained):
+    changes: list[VmChangePublic] = _changes()
 
 
 class ExplanationChanged(ExplanationPublic):
@@ -240,6 +315,8 @@ class DriverPublic(BaseModel):
     kind: str
     fields: list[str]
     missing: dict[str, str]
+    max_nics: int = Field(default=1, description="How many vNICs one VM may have on it")
+    max_nics_why: str = Field(default="", description="Why no more")
 
 
 class TokenCreate(_Strict):

@@ -17,6 +17,7 @@ from vnic.manager import views
 from vnic.manager.auth import require_admin
 from vnic.manager.dispatch import Manager
 from vnic.manager.results import VmRequest
+from vnic.model.network import NicSpec
 from vnic.model.profile import document_to_values
 
 
@@ -47,6 +48,10 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
             needs=tuple(body.needs),
             profile=body.profile,
             patch=_patch_values(body.patch),
+            nics=[
+                NicSpec(n.network, n.profile, _patch_values(n.patch, f"nics[{i}].patch"))
+                for i, n in enumerate(body.nics or [])
+            ],
         )
         if body.launch:
             result = svc.add_and_launch(req, manager.agent, body.driver, hold=manager.gate.shared)
@@ -136,11 +141,11 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
     return router
 
 
-def _patch_values(doc: Any) -> dict[str, Any] | None:
+def _patch_values(doc: Any, path: str = "patch") -> dict[str, Any] | None:
     if doc is None:
         return None
     errors: list[FieldError] = []
     values = document_to_values(doc, errors)
     if errors:
-        raise InvalidInput([e.under("patch") for e in errors])
+        raise InvalidInput([e.under(path) for e in errors])
     return values or None

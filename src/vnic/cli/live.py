@@ -53,7 +53,7 @@ def _read_one(file: str, what: str) -> Any:
 
 def vm_adjust(
     session: str,
-    name: str,
+    name: Annotated[str, typer.Argument(help="VM, or VM/NIC for one vNIC (VM alone: eth0).")],
     assignments: Annotated[
         list[str] | None, typer.Argument(help="FIELD=VALUE: fields the adjustment sets.")
     ] = None,
@@ -78,15 +78,18 @@ def vm_adjust(
     ] = "user",
     as_json: cli.JsonFlag = False,
 ) -> None:
-    """Adjust a VM at runtime: the top resolution layer, with an expiry, audited and live."""
+    """Adjust a vNIC at runtime (eth0 unless VM/NIC): the top resolution layer, with an
+    expiry, audited and live."""
 
     def body() -> None:
         from vnic.api.live import AdjustmentSet
         from vnic.model.profile import parse_assignments, values_to_document
 
         ops = live()
+        vm, _, nic = name.partition("/")
+        nic = nic or "eth0"
         if clear:
-            result = ops.clear(session, name, source)
+            result = ops.clear(session, vm, source, nic)
         else:
             values = parse_assignments(assignments) if assignments else {}
             request = AdjustmentSet.model_validate(
@@ -95,9 +98,10 @@ def vm_adjust(
                     "profile": profile,
                     "for": for_,
                     "reason": reason,
+                    "nic": nic,
                 }
             )
-            result = ops.adjust(session, name, source, request)
+            result = ops.adjust(session, vm, source, request)
         if as_json:
             cli.emit_json(result)
             return

@@ -16,7 +16,15 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from vnic.manager.auth import TokenInfo
-    from vnic.manager.results import ProfileInfo, RevisionInfo, SessionInfo, VmChange, VmInfo
+    from vnic.manager.results import (
+        Explanation,
+        NetworkInfo,
+        ProfileInfo,
+        RevisionInfo,
+        SessionInfo,
+        VmChange,
+        VmInfo,
+    )
 
 
 def shown(value: Any) -> str:
@@ -79,6 +87,7 @@ def sessions_table(infos: Sequence[SessionInfo]) -> Table:
 def session_lines(info: SessionInfo) -> Iterator[str]:
     """A session's header, owner, overrides and rules, one line each."""
     yield f"session {info.name}  network id {info.network_id}"
+    yield f"  networks: {', '.join(info.networks)}"
     yield f"  default profile: {info.policy.default_profile or '-'}"
     yield f"  owner: {info.owner or '-'} (besides admins)"
     yield f"  overrides: {'allowed' if info.policy.overrides_allowed else 'forbidden'}"
@@ -86,27 +95,80 @@ def session_lines(info: SessionInfo) -> Iterator[str]:
         yield f"  rule #{i + 1}: {r.describe()} -> {r.profile}"
 
 
+def _override(profile: str | None, patch: Any) -> str:
+    text = profile or ""
+    if patch:
+        text = (text + " + " if text else "") + "patch"
+    return text or "-"
+
+
 def vms_table(vms: Sequence[VmInfo]) -> Table:
-    table = Table("vm", "role", "labels", "mac", "override", "state")
+    """One row per VM (mac and override: eth0's) and a ``nics`` column: every vNIC as
+    ``NIC@NETWORK``."""
+    table = Table("vm", "role", "labels", "mac", "override", "nics", "state")
     for v in vms:
-        override = v.override_profile or ""
-        if v.override_patch:
-            override = (override + " + " if override else "") + "patch"
         table.add_row(
             v.name,
             v.role or "-",
             ",".join(f"{k}={val}" for k, val in v.labels.items()),
             v.mac or "-",
-            override or "-",
+            _override(v.override_profile, v.override_patch),
+            " ".join(f"{n.name}@{n.network}" for n in v.nics) or "-",
             f"{v.state} ({v.driver})" if v.driver else v.state,
         )
+    return table
+
+
+def nics_table(vm: VmInfo) -> Table:
+    """A VM's vNICs: network, MAC, addresses, override."""
+    table = Table("nic", "network", "network id", "mac", "ipv4", "ipv6", "override")
+    for n in vm.nics:
+        table.add_row(
+            n.name,
+            n.network,
+            str(n.network_id),
+            n.mac or "-",
+            n.ipv4 or "-",
+            n.ipv6 or "-",
+            _override(n.override_profile, n.override_patch),
+        )
+    return table
+
+
+def networks_table(infos: Sequence[NetworkInfo]) -> Table:
+    table = Table("network", "network id", "ipv4", "ipv6", "default profile", "vnics")
+    for n in infos:
+        table.add_row(
+            n.name,
+            str(n.network_id),
+            n.ipv4,
+            n.ipv6,
+            n.default_profile or "(session's)",
+            " ".join(n.nics) or "-",
+        )
+    return table
+
+
+def nic_explanation_table(e: Explanation, nic: str, *, all_fields: bool = False) -> Table:
+    """The effective profile of vNIC ``nic`` of ``e``: every field, its value and layer
+    (fields nobody set left out unless ``all_fields``)."""
+    eff = e.nics[nic]
+    info = next((n for n in e.vm.nics if n.name == nic), None)
+    revs = ", ".join(f"{n} r{r}" for n, r in sorted(eff.revisions.items())) or "built-in only"
+    where = f"network {info.network}  mac {info.mac}  {info.ipv4}" if info else ""
+    title = f"{e.vm.session}/{e.vm.name}/{nic}  {where}  profiles: {revs}"
+    table = Table("field", "value", "source", title=title, title_justify="left")
+    for path, value, source in eff.rows():
+        if value == "-" and not all_fields and source.layer == "unset":
+            continue
+        table.add_row(path, value, str(source))
     return table
 
 
 def change_lines(changes: Sequence[VmChange]) -> Iterator[str]:
     """One line per changed field of each running VM, then what the kernel got."""
     for c in changes:
-        label = f"vm {c.session}/{c.vm}"
+        label = f"vm {c.session}/{c.vm}" + ("" if c.nic == "eth0" else f"/{c.nic}")
         if c.error:
             yield f"{label}: NOT changed: {c.error}"
             continue

@@ -154,3 +154,84 @@ def session_delete(
         out.print(f"session {name}: deleted{extra}", markup=False)
 
     run(body)
+
+
+network_app = typer.Typer(
+    no_args_is_help=True,
+    help="A session's networks: default, and others its VMs' vNICs may join.",
+)
+app.add_typer(network_app, name="network")
+
+
+@network_app.command("add")
+def network_add(
+    session: str,
+    name: str,
+    network_id: Annotated[
+        int | None,
+        typer.Option(
+            "--id",
+            help="Network id (VNI 1..16777215, unique across sessions); default: lowest free.",
+        ),
+    ] = None,
+    ipv4: Annotated[
+        str | None,
+        typer.Option("--ipv4", help="IPv4 subnet (CIDR, /8../24); default: from the network id."),
+    ] = None,
+    ipv6: Annotated[
+        str | None,
+        typer.Option("--ipv6", help="IPv6 subnet (CIDR, /8../120); default: from the network id."),
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile", "-p", help="Default profile of its vNICs; default: the session's."
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Add a network to a session (a bridge of its own in the session's namespace)."""
+
+    def body() -> None:
+        info = service().add_network(
+            session, name, network_id=network_id, ipv4=ipv4, ipv6=ipv6, default_profile=profile
+        )
+        if as_json:
+            from vnic.manager import views
+
+            emit_json(views.network_json(info))
+        else:
+            out.print(
+                f"network {session}/{info.name}: added (network id {info.network_id}, "
+                f"{info.ipv4}, {info.ipv6})",
+                markup=False,
+            )
+
+    run(body)
+
+
+@network_app.command("list")
+def network_list(session: str, as_json: JsonFlag = False) -> None:
+    """List a session's networks and the vNICs on each."""
+
+    def body() -> None:
+        infos = service().list_networks(session)
+        if as_json:
+            from vnic.manager import views
+
+            emit_json([views.network_json(n) for n in infos])
+            return
+        out.print(render.networks_table(infos))
+
+    run(body)
+
+
+@network_app.command("remove")
+def network_remove(session: str, name: str) -> None:
+    """Remove a network no vNIC uses (never default)."""
+
+    def body() -> None:
+        service().remove_network(session, name)
+        out.print(f"network {session}/{name}: removed", markup=False)
+
+    run(body)

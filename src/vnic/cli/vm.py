@@ -21,6 +21,13 @@ from vnic.cli.common import (
 app = typer.Typer(no_args_is_help=True, help="VMs in a session and their effective profiles.")
 
 
+def nic_specs(texts: list[str] | None) -> list[Any]:
+    """The vNICs of ``--nic`` options, eth0 first (none: the VM's eth0 on default)."""
+    from vnic.model.network import parse_nic_cli
+
+    return [parse_nic_cli(text, i) for i, text in enumerate(texts or [])]
+
+
 @app.command("add")
 def vm_add(
     session: str,
@@ -40,9 +47,19 @@ def vm_add(
         list[str] | None,
         typer.Option("--set", help="Override one field, FIELD=VALUE (off removes). Repeatable."),
     ] = None,
+    nics: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--nic",
+            help="A vNIC 'net=NETWORK,profile=P,set=FIELD=VALUE' (each key optional), eth0 first."
+            " Repeatable. Without it: eth0 on default, overridden by --profile/--set;"
+            " with it, --profile/--set are refused (say them per vNIC).",
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Define a VM in a session; its profile is resolved and its MAC allocated."""
+    """Define a VM in a session: every vNIC's profile is resolved, its MAC and address
+    allocated."""
 
     def body() -> None:
         from vnic.manager.results import VmRequest
@@ -58,6 +75,7 @@ def vm_add(
                 needs=tuple(needs or ()),
                 profile=profile,
                 patch=patch,
+                nics=nic_specs(nics),
             )
         )
         if as_json:
@@ -66,6 +84,10 @@ def vm_add(
             emit_json(views.explain_json(result))
         else:
             out.print(f"vm {session}/{name}: added, MAC {result.vm.mac}", markup=False)
+            for n in result.vm.nics[1:]:
+                out.print(
+                    f"  {n.name} on {n.network}: MAC {n.mac}, {n.ipv4}, {n.ipv6}", markup=False
+                )
 
     run(body)
 
@@ -89,6 +111,15 @@ def vm_launch(
     ] = None,
     sets: Annotated[
         list[str] | None, typer.Option("--set", help="Override FIELD=VALUE (new VMs). Repeatable.")
+    ] = None,
+    nics: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--nic",
+            help="A vNIC 'net=NETWORK,profile=P,set=FIELD=VALUE' (each key optional), eth0 first (new VMs)."
+            " Repeatable. Without it: eth0 on default, overridden by --profile/--set;"
+            " with it, --profile/--set are refused (say them per vNIC).",
+        ),
     ] = None,
     driver: Annotated[
         str, typer.Option("--driver", help="netns (a namespace) or qemu (a QEMU guest).")
@@ -114,9 +145,10 @@ def vm_launch(
                 needs=tuple(needs or ()),
                 profile=profile,
                 patch=parse_assignments(sets) if sets else None,
+                nics=nic_specs(nics),
             )
             result = svc.add_and_launch(request, drv, driver)  # failed: defines nothing
-        elif role or labels or needs or profile or sets:
+        elif role or labels or needs or profile or sets or nics:
             raise InvalidInput.one(
                 "vm",
                 name,
@@ -133,6 +165,10 @@ def vm_launch(
             out.print(
                 f"vm {session}/{name}: running, MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False
             )
+            for n in v.nics[1:]:
+                out.print(
+                    f"  {n.name} on {n.network}: MAC {n.mac}, {n.ipv4}, {n.ipv6}", markup=False
+                )
 
     run(body)
 
@@ -256,10 +292,10 @@ def vm_remove(session: str, name: str) -> None:
 @app.command("set")
 def vm_set(
     session: str,
-    name: str,
+    name: Annotated[str, typer.Argument(help="VM, or VM/NIC for one vNIC (VM alone: eth0).")],
     assignments: Annotated[
         list[str] | None,
-        typer.Argument(help="FIELD=VALUE: set in the VM's override (off removes an impairment)."),
+        typer.Argument(help="FIELD=VALUE: set in the vNIC's override (off removes an impairment)."),
     ] = None,
     unset: Annotated[
         list[str] | None,
@@ -270,7 +306,8 @@ def vm_set(
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Change a VM's override; a running VM gets it live (only what changed, in place)."""
+    """Change a vNIC's override (eth0 unless VM/NIC); a running VM gets it live (only what
+    changed, in place)."""
 
     def body() -> None:
         from vnic.errors import InvalidInput
@@ -295,7 +332,10 @@ def vm_set(
             raise InvalidInput.one(
                 "FIELD=VALUE", "", "at least one assignment, --unset or --profile"
             )
-        result, applied = service().update_vm_live(session, name, changes, dispatcher("netns"))
+        vm, _, nic = name.partition("/")
+        result, applied = service().update_vm_live(
+            session, vm, changes, dispatcher("netns"), nic=nic or "eth0"
+        )
         if as_json:
             from vnic.manager import views
 
@@ -319,21 +359,36 @@ def vm_set(
 @app.command("explain")
 def vm_explain(
     session: str,
-    name: str,
+    name: Annotated[str, typer.Argument(help="VM, or VM/NIC for one vNIC.")],
     all_fields: Annotated[bool, typer.Option("--all", help="Also list fields nobody set.")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Show a VM's effective profile and, for every field, the layer it came from."""
+    """Show every vNIC's effective profile (VM/NIC: that vNIC's) and, for every field,
+    the layer it came from (a VM of one vNIC: its table, as before VMs had several)."""
 
     def body() -> None:
-        e = service().explain(session, name)
+        vm, _, nic = name.partition("/")
+        e = service().explain(session, vm)
+        if nic and nic not in e.nics:
+            from vnic.errors import NotFound
+
+            raise NotFound(f"vNIC of VM {session}/{vm}", nic, list(e.nics))
         if as_json:
             from vnic.manager import views
 
-            emit_json(views.explain_json(e))
+            doc = views.explain_json(e)
+            emit_json(next(n for n in doc["nics"] if n["name"] == nic) if nic else doc)
             return
-        from vnic.lab.explain import explanation_table
+        if nic:
+            out.print(render.nic_explanation_table(e, nic, all_fields=all_fields))
+            return
+        if len(e.nics) <= 1:
+            from vnic.lab.explain import explanation_table
 
-        out.print(explanation_table(e, all_fields=all_fields))
+            out.print(explanation_table(e, all_fields=all_fields))
+            return
+        out.print(render.nics_table(e.vm))
+        for nic in e.nics:
+            out.print(render.nic_explanation_table(e, nic, all_fields=all_fields))
 
     run(body)

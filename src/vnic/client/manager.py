@@ -26,6 +26,8 @@ from vnic.manager.results import (
     ApplyResult,
     Explanation,
     LaunchOutcome,
+    NetworkInfo,
+    NicInfo,
     ProfileInfo,
     RevisionInfo,
     SessionInfo,
@@ -69,22 +71,38 @@ def session_info(d: Mapping[str, Any]) -> SessionInfo:
         vms=d["vms"],
         created_at=_time(d["created_at"]),
         owner=d.get("owner"),
+        networks=list(d.get("networks") or ["default"]),
     )
 
 
+def network_info(d: Mapping[str, Any]) -> NetworkInfo:
+    return NetworkInfo(**{k: d[k] for k in NetworkInfo.__dataclass_fields__ if k in d})
+
+
+def nic_info(d: Mapping[str, Any]) -> NicInfo:
+    return NicInfo(**{k: d[k] for k in NicInfo.__dataclass_fields__ if k in d})
+
+
 def vm_info(d: Mapping[str, Any]) -> VmInfo:
-    return VmInfo(**{k: d[k] for k in VmInfo.__dataclass_fields__ if k in d})
+    fields = {k: d[k] for k in VmInfo.__dataclass_fields__ if k in d and k != "nics"}
+    return VmInfo(**fields, nics=[nic_info(n) for n in d.get("nics") or []])
 
 
-def explanation(d: Mapping[str, Any]) -> Explanation:
+def effective(d: Mapping[str, Any]) -> Effective:
+    """An :class:`Effective` from its JSON (:meth:`Effective.to_dict`)."""
     values: dict[str, Any] = {}
     sources: dict[str, Source] = {}
-    for path, f in d["effective"]["fields"].items():
+    for path, f in d["fields"].items():
         sources[path] = Source(f["source"]["layer"], f["source"]["detail"])
         if f["value"] is not None:
             values[path] = parse_field(path, f["value"])
-    effective = Effective(build_profile(values), values, sources, d["effective"]["revisions"])
-    return Explanation(vm_info(d["vm"]), effective)
+    return Effective(build_profile(values), values, sources, d["revisions"])
+
+
+def explanation(d: Mapping[str, Any]) -> Explanation:
+    first = effective(d["effective"])
+    nics = {n["name"]: effective(n["effective"]) for n in d.get("nics") or []}
+    return Explanation(vm_info(d["vm"]), first, nics or {"eth0": first})
 
 
 #: Seconds a call waits out the manager's 429s (requests in flight are bounded there:
@@ -132,17 +150,30 @@ class ManagerClient:
         docs = [s.to_document() for s in specs]
         answer = self._call("POST", "/v1/import/profiles", json=docs)
         results = [ApplyResult(r["name"], r["action"], r["revision"]) for r in answer]
-        seen: dict[tuple[str, str], VmChange] = {}
+        seen: dict[tuple[str, str, str], VmChange] = {}
         for r in answer:
             for c in r.get("changes", []):
-                seen[(c["session"], c["vm"])] = views.change_from_json(c)
+                seen[(c["session"], c["vm"], c.get("nic") or "eth0")] = views.change_from_json(c)
         return results, list(seen.values())
 
     def update_vm_live(
-        self, session: str, name: str, changes: Mapping[str, Any], driver: object = None
+        self,
+        session: str,
+        name: str,
+        changes: Mapping[str, Any],
+        driver: object = None,
+        nic: str = "eth0",
     ) -> tuple[Explanation, list[VmChange]]:
-        answer = self._call("PATCH", f"/v1/sessions/{session}/vms/{name}", json=changes)
-        return explanation(answer), [views.change_from_json(c) for c in answer.get("changes", [])]
+        """The VM's PATCH (eth0, as before), or with another ``nic`` that vNIC's; the
+        answer is the VM's explanation either way."""
+        vm = f"/v1/sessions/{session}/vms/{name}"
+        if nic == "eth0":
+            answer = self._call("PATCH", vm, json=changes)
+            changed = answer.get("changes", [])
+        else:
+            changed = self._call("PATCH", f"{vm}/nics/{nic}", json=changes).get("changes", [])
+            answer = self._call("GET", f"{vm}/explain")
+        return explanation(answer), [views.change_from_json(c) for c in changed]
 
     def list_profiles(self) -> list[ProfileInfo]:
         return [profile_info(p) for p in self._call("GET", "/v1/profiles")]
@@ -208,6 +239,39 @@ class ManagerClient:
     def session_down(self, session: str, driver: object = None) -> list[str]:
         stopped: list[str] = self._call("POST", f"/v1/sessions/{session}/down")
         return stopped
+
+    # networks
+
+    def add_network(
+        self,
+        session: str,
+        name: str,
+        *,
+        network_id: int | None = None,
+        ipv4: str | None = None,
+        ipv6: str | None = None,
+        default_profile: str | None = None,
+    ) -> NetworkInfo:
+        body = {
+            "name": name,
+            "network_id": network_id,
+            "ipv4": ipv4,
+            "ipv6": ipv6,
+            "default_profile": default_profile,
+        }
+        return network_info(self._call("POST", f"/v1/sessions/{session}/networks", json=body))
+
+    def list_networks(self, session: str) -> list[NetworkInfo]:
+        return [network_info(n) for n in self._call("GET", f"/v1/sessions/{session}/networks")]
+
+    def get_network(self, session: str, name: str) -> NetworkInfo:
+        return network_info(self._call("GET", f"/v1/sessions/{session}/networks/{name}"))
+
+    def remove_network(self, session: str, name: str) -> None:
+        self._call("DELETE", f"/v1/sessions/{session}/networks/{name}")
+
+    def list_nics(self, session: str, vm: str) -> list[NicInfo]:
+        return [nic_info(n) for n in self._call("GET", f"/v1/sessions/{session}/vms/{vm}/nics")]
 
     # VMs
 
@@ -332,8 +396,9 @@ class RemoteLive:
         path = f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"
         return dict(self._call("PUT", path, json=doc))
 
-    def clear(self, session: str, vm: str, source: str) -> dict[str, Any]:
-        return dict(self._call("DELETE", f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"))
+    def clear(self, session: str, vm: str, source: str, nic: str = "eth0") -> dict[str, Any]:
+        path = f"/v1/sessions/{session}/vms/{vm}/adjustments/{source}"
+        return dict(self._call("DELETE", path, params={"nic": nic}))
 
     def adjustments(self, session: str, vm: str) -> list[dict[str, Any]]:
         return list(self._call("GET", f"/v1/sessions/{session}/vms/{vm}/adjustments"))
@@ -377,4 +442,13 @@ def _vm_body(req: VmRequest) -> dict[str, Any]:
         "needs": list(req.needs),
         "profile": req.profile,
         "patch": values_to_document(req.patch) if req.patch else None,
+        "nics": [
+            {
+                "network": n.network,
+                "profile": n.profile,
+                "patch": values_to_document(n.patch) if n.patch else None,
+            }
+            for n in req.nics
+        ]
+        or None,
     }

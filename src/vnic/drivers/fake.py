@@ -1,6 +1,7 @@
 """An in-memory driver for service and API tests: it records what it was asked to run.
 
-It honours every profile field and touches nothing outside this object, so
+It honours every profile field and up to :data:`MAX_NICS` vNICs per VM (a
+VM's record is its whole request, every vNIC), and touches nothing outside this object, so
 tests of the manager, the API and the agent's bookkeeping run without root.
 It is never the only test of a feature: the netns tests run the same paths
 against the kernel.
@@ -15,7 +16,14 @@ from vnic.drivers.base import Driver
 from vnic.errors import Conflict, DataplaneError
 from vnic.model.command import ExecResult
 from vnic.model.fields import FIELDS
-from vnic.model.launch import Capabilities, LaunchRequest, check_supported
+from vnic.model.launch import (
+    MAX_NICS,
+    PRIMARY_NIC,
+    Capabilities,
+    LaunchRequest,
+    check_nic_count,
+    check_supported,
+)
 
 
 class FakeDriver(Driver):
@@ -31,10 +39,21 @@ class FakeDriver(Driver):
         self._lock = threading.Lock()
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(self.kind, frozenset(FIELDS))
+        return Capabilities(
+            self.kind,
+            frozenset(FIELDS),
+            max_nics=MAX_NICS,
+            max_nics_why="the fake driver records any vNIC a VM may have",
+        )
+
+    def _check(self, request: LaunchRequest) -> None:
+        caps = self.capabilities()
+        check_nic_count(caps, len(request.nics))
+        for nic in request.nics:
+            check_supported(caps, nic.values)
 
     def launch(self, request: LaunchRequest) -> None:
-        check_supported(self.capabilities(), request.values)
+        self._check(request)
         if request.vm in self.fail_on:
             raise DataplaneError(f"fake driver: launch of {request.vm!r} fails on purpose")
         with self._lock:
@@ -45,15 +64,22 @@ class FakeDriver(Driver):
             self.launches += 1
 
     def reconfigure(self, previous: LaunchRequest, request: LaunchRequest) -> list[str]:
-        """Take ``request`` in place of ``previous``; return the field paths that changed."""
-        check_supported(self.capabilities(), request.values)
+        """Take ``request`` in place of ``previous``; return the field paths that changed
+        (``eth1: egress.rate changed`` for a vNIC other than eth0)."""
+        self._check(request)
         if request.vm in self.fail_on:
             raise DataplaneError(f"fake driver: change of {request.vm!r} fails on purpose")
         with self._lock:
             self.vms[(request.session, request.vm)] = request
-        changed = set(previous.values) ^ set(request.values)
-        changed |= {p for p in previous.values if request.values.get(p, p) != previous.values[p]}
-        return [f"{p} changed" for p in FIELDS if p in changed]
+        before = {n.name: n.values for n in previous.nics}
+        out = []
+        for nic in request.nics:
+            old, new = before.get(nic.name, {}), nic.values
+            changed = set(old) ^ set(new)
+            changed |= {p for p in old if new.get(p, p) != old[p]}
+            prefix = "" if nic.name == PRIMARY_NIC else f"{nic.name}: "
+            out += [f"{prefix}{p} changed" for p in FIELDS if p in changed]
+        return out
 
     def destroy(self, session: str, vm: str) -> None:
         with self._lock:

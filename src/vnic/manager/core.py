@@ -11,6 +11,7 @@ a VM's launch request, and the agent's host lock around a use case.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -20,16 +21,22 @@ from sqlalchemy.orm import Session
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, FieldError, InvalidInput, NotFound, Unsupported
-from vnic.manager.results import SessionInfo, VmInfo
+from vnic.manager.results import Explanation, NicInfo, SessionInfo, VmInfo
 from vnic.manager.rows import VM_RESOLVE_LOADS, aware, unexpired
-from vnic.model.launch import Capabilities, LaunchRequest, check_supported
-from vnic.model.profile import document_to_values, parse_name, parse_patch
+from vnic.model.launch import (
+    PRIMARY_NIC,
+    Capabilities,
+    LaunchRequest,
+    NicRequest,
+    check_supported,
+)
+from vnic.model.network import nic_addresses
+from vnic.model.profile import document_to_values, parse_name, parse_patch, values_to_document
 from vnic.model.resolve import Adjustment, Effective, ProfileRef, resolve
 from vnic.model.session import AssignmentRule, Policy, VmFacts
 from vnic.model.units import MacAddress
-from vnic.plan.names import vm_addresses
 from vnic.store.db import Database
-from vnic.store.models import ProfileRevisionRow, ProfileRow, SessionRow, VmRow
+from vnic.store.models import NicRow, ProfileRevisionRow, ProfileRow, SessionRow, VmRow
 
 
 def _now() -> datetime:
@@ -125,6 +132,7 @@ class ServiceCore:
             vms=[v.name for v in row.vms],
             created_at=row.created_at,
             owner=row.owner,
+            networks=[n.name for n in row.networks],
         )
 
     def _vm_row(self, s: Session, session: str, name: str) -> VmRow:
@@ -140,29 +148,35 @@ class ServiceCore:
         vm: VmRow,
         at: datetime | None = None,
         cache: dict[Any, Any] | None = None,
+        nic: NicRow | None = None,
     ) -> Effective:
-        """The VM's effective profile now (or ``at``: which adjustments count).
+        """The effective profile of the VM's vNIC ``nic`` (None: eth0) now (or ``at``:
+        which adjustments count).
 
-        ``cache``: shared by the calls of one transaction that resolve many VMs, so
+        ``cache``: shared by the calls of one transaction that resolve many vNICs, so
         each session's policy and each set of profiles is loaded once.
         """
+        nic = nic if nic is not None else primary_nic(vm)
         session = vm.session
         cache = {} if cache is None else cache
         policy = cache.get(("policy", session.id))
         if policy is None:
             policy = cache[("policy", session.id)] = self._policy(session)
         now = at or self.clock()
-        active = [a for a in vm.adjustments if unexpired(a, now)]
+        active = [a for a in vm.adjustments if a.nic == nic.name and unexpired(a, now)]
+        network = nic.network
+        network_profile = network.default_profile.name if network.default_profile else None
         wanted = {
             *policy.profile_names(),
-            *([vm.override_profile.name] if vm.override_profile else []),
+            *([network_profile] if network_profile else []),
+            *([nic.override_profile.name] if nic.override_profile else []),
             *(a.profile for a in active if a.profile),
         }
         key = ("refs", frozenset(wanted))
         refs = cache.get(key)
         if refs is None:
             refs = cache[key] = self._refs(s, wanted)
-        patch = parse_patch(vm.override_patch) if vm.override_patch else None
+        patch = parse_patch(nic.override_patch) if nic.override_patch else None
         adjustments = [
             Adjustment(
                 parse_patch(a.patch),
@@ -174,32 +188,80 @@ class ServiceCore:
             for a in active
         ]
         return resolve(
-            vm=VmFacts(vm.name, vm.role, dict(vm.labels), tuple(vm.needs)),
+            vm=VmFacts(vm.name, vm.role, dict(vm.labels), tuple(vm.needs), network.name),
             policy=policy,
             profiles=refs,
-            vm_profile=vm.override_profile.name if vm.override_profile else None,
+            vm_profile=nic.override_profile.name if nic.override_profile else None,
             vm_patch=patch,
             adjustments=adjustments,
             now=now,
+            network_profile=network_profile,
         )
 
+    def _resolve_nics(
+        self,
+        s: Session,
+        vm: VmRow,
+        at: datetime | None = None,
+        cache: dict[Any, Any] | None = None,
+    ) -> dict[str, Effective]:
+        """The effective profile of every vNIC of the VM, by name, eth0 first."""
+        cache = {} if cache is None else cache
+        return {n.name: self._resolve(s, vm, at, cache, n) for n in vm.nics}
+
     @staticmethod
-    def _vm_info(vm: VmRow) -> VmInfo:
-        addresses = vm_addresses(vm.session.network_id, vm.host_index) if vm.host_index else None
+    def _nic_row(vm: VmRow, name: str) -> NicRow:
+        for nic in vm.nics:
+            if nic.name == name:
+                return nic
+        raise NotFound(f"vNIC of VM {vm.session.name}/{vm.name}", name, [n.name for n in vm.nics])
+
+    @staticmethod
+    def _nic_info(nic: NicRow) -> NicInfo:
+        net = nic.network
+        addresses = (
+            nic_addresses(
+                ipaddress.IPv4Network(net.ipv4), ipaddress.IPv6Network(net.ipv6), nic.host_index
+            )
+            if nic.host_index
+            else None
+        )
+        return NicInfo(
+            name=nic.name,
+            network=net.name,
+            network_id=net.network_id,
+            mac=str(MacAddress(nic.mac.mac)) if nic.mac else None,
+            ipv4=str(addresses[0].ip) if addresses else None,
+            ipv6=str(addresses[1].ip) if addresses else None,
+            override_profile=nic.override_profile.name if nic.override_profile else None,
+            override_patch=nic.override_patch,
+        )
+
+    @classmethod
+    def _vm_info(cls, vm: VmRow) -> VmInfo:
+        nics = [cls._nic_info(n) for n in vm.nics]
+        first = nics[0] if nics else None
         return VmInfo(
             session=vm.session.name,
             name=vm.name,
             role=vm.role,
             labels=dict(vm.labels),
             needs=list(vm.needs),
-            override_profile=vm.override_profile.name if vm.override_profile else None,
-            override_patch=vm.override_patch,
-            mac=str(MacAddress(vm.mac.mac)) if vm.mac else None,
+            override_profile=first.override_profile if first else None,
+            override_patch=first.override_patch if first else None,
+            mac=first.mac if first else None,
             state=vm.state,
-            ipv4=str(addresses[0].ip) if addresses else None,
-            ipv6=str(addresses[1].ip) if addresses else None,
+            ipv4=first.ipv4 if first else None,
+            ipv6=first.ipv6 if first else None,
             driver=(vm.applied or {}).get("driver") if vm.state == "running" else None,
+            nics=nics,
         )
+
+    def _explanation(
+        self, s: Session, vm: VmRow, cache: dict[Any, Any] | None = None
+    ) -> Explanation:
+        effs = self._resolve_nics(s, vm, cache=cache)
+        return Explanation(self._vm_info(vm), effs[primary_nic(vm).name], effs)
 
     def _running(
         self,
@@ -208,9 +270,10 @@ class ServiceCore:
         vm: str | None = None,
         *,
         running_only: bool = True,
-    ) -> Iterator[tuple[VmRow, Effective]]:
+    ) -> Iterator[tuple[VmRow, dict[str, Effective]]]:
         """Running VMs (every VM without ``running_only``; of ``session``, and ``vm``) with
-        their effective profiles, resolved with each policy and profile set loaded once."""
+        the effective profiles of their vNICs, resolved with each policy and profile set
+        loaded once."""
         query = select(VmRow).options(*VM_RESOLVE_LOADS)
         if running_only:
             query = query.where(VmRow.state == "running")
@@ -220,55 +283,111 @@ class ServiceCore:
             query = query.where(VmRow.name == vm)
         cache: dict[Any, Any] = {}
         for row in s.scalars(query):
-            yield row, self._resolve(s, row, cache=cache)
+            yield row, self._resolve_nics(s, row, cache=cache)
 
     def _recheck(self, s: Session, vms: Iterable[VmRow], driver: AgentPort | None = None) -> None:
-        """Re-resolve ``vms``; refuse if one gets an invalid profile or loses its MAC's range,
-        or (with ``driver``) if one runs on a driver that cannot honour its new profile."""
+        """Re-resolve every vNIC of ``vms``; refuse if one gets an invalid profile or loses
+        its MAC's range, or (with ``driver``) if its VM runs on a driver that cannot
+        honour its new profile."""
         errors: list[FieldError] = []
         caps = _capabilities(driver) if driver is not None else {}
         cache: dict[Any, Any] = {}
         for vm in vms:
-            label = f"{vm.session.name}/{vm.name}"
-            try:
-                eff = self._resolve(s, vm, cache=cache)
-            except InvalidInput as exc:
-                errors.extend(
-                    FieldError(e.path, f"{e.value} for VM {label}", e.expected) for e in exc.errors
-                )
-                continue
-            kind = (vm.applied or {}).get("driver")
-            if vm.state == "running" and kind in caps:
+            for nic in vm.nics:
+                label = nic_label(vm, nic.name)
                 try:
-                    check_supported(caps[kind], eff.values)
-                except Unsupported as exc:
-                    errors.append(FieldError("profile", f"VM {label}", str(exc)))
-            if vm.mac is not None and MacAddress(vm.mac.mac) not in eff.profile.mac_range:
-                errors.append(
-                    FieldError(
-                        "mac_range",
-                        f"{eff.profile.mac_range} for VM {label}",
-                        f"a range that still holds its MAC {MacAddress(vm.mac.mac)}",
+                    eff = self._resolve(s, vm, cache=cache, nic=nic)
+                except InvalidInput as exc:
+                    errors.extend(
+                        FieldError(e.path, f"{e.value} for VM {label}", e.expected)
+                        for e in exc.errors
                     )
-                )
+                    continue
+                kind = (vm.applied or {}).get("driver")
+                if vm.state == "running" and kind in caps:
+                    try:
+                        check_supported(caps[kind], eff.values)
+                    except Unsupported as exc:
+                        errors.append(FieldError("profile", f"VM {label}", str(exc)))
+                if nic.mac is not None and MacAddress(nic.mac.mac) not in eff.profile.mac_range:
+                    errors.append(
+                        FieldError(
+                            "mac_range",
+                            f"{eff.profile.mac_range} for VM {label}",
+                            f"a range that still holds its MAC {MacAddress(nic.mac.mac)}",
+                        )
+                    )
         if errors:
             raise InvalidInput(errors)
 
-    def _launch_request(self, vm: VmRow, eff: Effective) -> LaunchRequest:
-        if vm.mac is None or vm.host_index is None:  # pragma: no cover - set by add_vm
-            raise Conflict(f"VM {vm.session.name}/{vm.name} has no MAC or address")
-        ipv4, ipv6 = vm_addresses(vm.session.network_id, vm.host_index)
-        return LaunchRequest.single(
-            session=vm.session.name,
-            network_id=vm.session.network_id,
-            vm=vm.name,
-            mac=MacAddress(vm.mac.mac),
-            ipv4=ipv4,
-            ipv6=ipv6,
-            profile=eff.profile,
-            values=dict(eff.values),
-            revisions=dict(eff.revisions),
-        )
+    def _launch_request(self, vm: VmRow, effs: Mapping[str, Effective]) -> LaunchRequest:
+        """The VM's launch request: every vNIC with its network, MAC, addresses and
+        effective profile (``effs``, by vNIC name), eth0 first."""
+        nics = []
+        for nic in vm.nics:
+            if nic.mac is None or nic.host_index is None:  # pragma: no cover - set by add_vm
+                raise Conflict(f"vNIC {nic_label(vm, nic.name)} has no MAC or address")
+            net = nic.network
+            ipv4, ipv6 = nic_addresses(
+                ipaddress.IPv4Network(net.ipv4), ipaddress.IPv6Network(net.ipv6), nic.host_index
+            )
+            eff = effs[nic.name]
+            nics.append(
+                NicRequest(
+                    name=nic.name,
+                    network=net.name,
+                    network_id=net.network_id,
+                    mac=MacAddress(nic.mac.mac),
+                    ipv4=ipv4,
+                    ipv6=ipv6,
+                    profile=eff.profile,
+                    values=dict(eff.values),
+                    revisions=dict(eff.revisions),
+                )
+            )
+        return LaunchRequest(vm.session.name, vm.name, tuple(nics))
+
+
+def primary_nic(vm: VmRow) -> NicRow:
+    """The VM's first vNIC (eth0); every VM has one."""
+    if not vm.nics:  # pragma: no cover - add_vm gives every VM its eth0
+        raise Conflict(f"VM {vm.session.name}/{vm.name} has no vNIC")
+    return vm.nics[0]
+
+
+def nic_label(vm: VmRow, nic: str) -> str:
+    """``session/vm`` for eth0 (as before VMs had several vNICs), ``session/vm/ethN``
+    for the others."""
+    base = f"{vm.session.name}/{vm.name}"
+    return base if nic == PRIMARY_NIC else f"{base}/{nic}"
+
+
+def applied_state(kind: str, effs: Mapping[str, Effective]) -> dict[str, Any]:
+    """What a VM runs, for ``VmRow.applied``: eth0's revisions and values at the top
+    (as before VMs had several vNICs) and every vNIC's under ``nics``."""
+    first = next(iter(effs.values()))
+    return {
+        "driver": kind,
+        "revisions": dict(first.revisions),
+        "values": values_to_document(first.values),
+        "nics": {
+            name: {"revisions": dict(e.revisions), "values": values_to_document(e.values)}
+            for name, e in effs.items()
+        },
+    }
+
+
+def applied_nic(applied: Mapping[str, Any] | None, nic: str) -> Mapping[str, Any]:
+    """What ``applied`` says vNIC ``nic`` runs (eth0 of a VM launched by the previous
+    release: the top-level revisions and values)."""
+    applied = applied or {}
+    nics = applied.get("nics")
+    if isinstance(nics, Mapping) and isinstance(nics.get(nic), Mapping):
+        found: Mapping[str, Any] = nics[nic]
+        return found
+    if nic == PRIMARY_NIC:
+        return {"revisions": applied.get("revisions") or {}, "values": applied.get("values") or {}}
+    return {}
 
 
 def _capabilities(driver: AgentPort) -> dict[str, Capabilities]:

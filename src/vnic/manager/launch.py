@@ -17,10 +17,9 @@ from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, InvalidInput, VnicError
-from vnic.manager.core import ServiceCore
+from vnic.manager.core import ServiceCore, applied_state
 from vnic.manager.results import Explanation, LaunchOutcome
-from vnic.model.launch import LaunchRequest
-from vnic.model.profile import values_to_document
+from vnic.model.launch import PRIMARY_NIC, LaunchRequest, check_nic_count
 from vnic.store.db import Database
 from vnic.store.models import VmRow
 
@@ -31,7 +30,9 @@ class Launching(ServiceCore):
     def launch_vm(
         self, session: str, name: str, driver: AgentPort, kind: str | None = None
     ) -> Explanation:
-        """Resolve the VM's profile, hand the launch request to ``driver``, record what runs.
+        """Resolve the VM's vNICs' profiles, hand the launch request to ``driver``, record
+        what runs. A VM with more vNICs than the driver takes
+        (:attr:`Capabilities.max_nics`) is refused before anything is touched.
 
         ``driver`` is the agent (:class:`~vnic.agent.port.AgentPort`); ``kind`` picks
         one of its drivers (``netns``, ``qemu``); None: the agent's default. The
@@ -50,20 +51,19 @@ class Launching(ServiceCore):
                 vm = self._vm_row(s, session, name)
                 if vm.state == "running":
                     raise Conflict(f"VM {session}/{name} is already running")
-                eff = self._resolve(s, vm)
-                request = self._launch_request(vm, eff)
-            driver.launch(request, kind)  # an unknown kind is the agent's InvalidInput
+                effs = self._resolve_nics(s, vm)
+                request = self._launch_request(vm, effs)
             used = kind or driver.kind
+            caps = {c.kind: c for c in driver.all_capabilities()}
+            if used in caps:  # an unknown kind is the agent's InvalidInput, below
+                check_nic_count(caps[used], len(request.nics))
+            driver.launch(request, kind)
             try:
                 with self.db.transaction() as s:
                     vm = self._vm_row(s, session, name)
                     vm.state = "running"
-                    vm.applied = {
-                        "driver": used,
-                        "revisions": dict(eff.revisions),
-                        "values": values_to_document(eff.values),
-                    }
-                    return Explanation(self._vm_info(vm), eff)
+                    vm.applied = applied_state(used, effs)
+                    return Explanation(self._vm_info(vm), effs[PRIMARY_NIC], effs)
             except BaseException:
                 driver.destroy(session, name)  # not recorded as running: must not run
                 raise
@@ -75,7 +75,7 @@ class Launching(ServiceCore):
             out = []
             for vm in s.scalars(select(VmRow).where(VmRow.state == "running")):
                 kind = str((vm.applied or {}).get("driver", "netns"))
-                out.append((kind, self._launch_request(vm, self._resolve(s, vm))))
+                out.append((kind, self._launch_request(vm, self._resolve_nics(s, vm))))
             return out
 
     def mark_stopped(self, session: str, name: str) -> None:

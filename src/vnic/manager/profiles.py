@@ -16,10 +16,19 @@ from vnic.manager.results import ApplyResult, ProfileInfo, RevisionInfo
 from vnic.manager.rows import VM_RESOLVE_LOADS
 from vnic.model.documents import merge_patch
 from vnic.model.fields import DEFAULT_MAC_RANGE
+from vnic.model.launch import PRIMARY_NIC
 from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import ProfileSpec, parse_profile_document
 from vnic.model.units import MacAddress, MacRange
-from vnic.store.models import AssignmentRuleRow, ProfileRevisionRow, ProfileRow, SessionRow, VmRow
+from vnic.store.models import (
+    AssignmentRuleRow,
+    NetworkRow,
+    NicRow,
+    ProfileRevisionRow,
+    ProfileRow,
+    SessionRow,
+    VmRow,
+)
 
 
 class Profiles(ServiceCore):
@@ -162,11 +171,15 @@ class Profiles(ServiceCore):
                 select(AssignmentRuleRow).where(AssignmentRuleRow.profile_id == row.id)
             )
         }
+        sessions |= set(
+            s.scalars(select(NetworkRow.session_id).where(NetworkRow.default_profile_id == row.id))
+        )
         loaded = select(VmRow).options(*VM_RESOLVE_LOADS)
         vms = list(s.scalars(loaded.where(VmRow.session_id.in_(sessions)))) if sessions else []
+        overriding = select(NicRow.vm_id).where(NicRow.override_profile_id == row.id)
         vms += [
             v
-            for v in s.scalars(loaded.where(VmRow.override_profile_id == row.id))
+            for v in s.scalars(loaded.where(VmRow.id.in_(overriding)))
             if v.session_id not in sessions
         ]
         return vms
@@ -276,25 +289,35 @@ class Profiles(ServiceCore):
     @staticmethod
     def _users_by_profile(s: Session, only: int | None = None) -> dict[int, list[str]]:
         """profile id -> what uses it (sorted), for one profile or (``only=None``) all, in
-        three queries whatever their number."""
+        four queries whatever their number."""
         by_default = select(SessionRow.name, SessionRow.default_profile_id)
         by_rule = select(
             SessionRow.name, AssignmentRuleRow.position, AssignmentRuleRow.profile_id
         ).join(SessionRow, SessionRow.id == AssignmentRuleRow.session_id)
-        by_override = select(SessionRow.name, VmRow.name, VmRow.override_profile_id).join(
-            SessionRow, SessionRow.id == VmRow.session_id
+        by_override = (
+            select(SessionRow.name, VmRow.name, NicRow.name, NicRow.override_profile_id)
+            .join(VmRow, VmRow.id == NicRow.vm_id)
+            .join(SessionRow, SessionRow.id == VmRow.session_id)
+        )
+        by_network = select(SessionRow.name, NetworkRow.name, NetworkRow.default_profile_id).join(
+            SessionRow, SessionRow.id == NetworkRow.session_id
         )
         if only is not None:
             by_default = by_default.where(SessionRow.default_profile_id == only)
             by_rule = by_rule.where(AssignmentRuleRow.profile_id == only)
-            by_override = by_override.where(VmRow.override_profile_id == only)
+            by_override = by_override.where(NicRow.override_profile_id == only)
+            by_network = by_network.where(NetworkRow.default_profile_id == only)
         users: dict[int, list[str]] = {}
         for name, pid in s.execute(by_default):
             if pid is not None:
                 users.setdefault(pid, []).append(f"session {name} (default profile)")
         for name, position, pid in s.execute(by_rule):
             users.setdefault(pid, []).append(f"session {name} (rule #{position + 1})")
-        for session, vm, pid in s.execute(by_override):
+        for session, vm, nic, pid in s.execute(by_override):
             if pid is not None:
-                users.setdefault(pid, []).append(f"vm {session}/{vm} (override)")
+                label = f"{session}/{vm}" if nic == PRIMARY_NIC else f"{session}/{vm}/{nic}"
+                users.setdefault(pid, []).append(f"vm {label} (override)")
+        for session, network, pid in s.execute(by_network):
+            if pid is not None:
+                users.setdefault(pid, []).append(f"network {session}/{network} (default profile)")
         return {pid: sorted(names) for pid, names in users.items()}

@@ -8,13 +8,16 @@ from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
 from vnic.errors import DataplaneError
-from vnic.manager.core import ServiceCore
+from vnic.manager.core import ServiceCore, applied_nic, applied_state
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row, field_changes
-from vnic.model.launch import LaunchRequest
+from vnic.model.launch import PRIMARY_NIC, LaunchRequest
 from vnic.model.profile import values_to_document
 from vnic.model.resolve import Effective
 from vnic.store.models import VmRow
+
+#: One changed vNIC of a running VM: its name, new effective profile, changed fields.
+_NicDiff = tuple[str, Effective, dict[str, tuple[Any, Any]]]
 
 
 class Reapplying(ServiceCore):
@@ -58,14 +61,22 @@ class Reapplying(ServiceCore):
         strict: bool,
     ) -> list[VmChange]:
         with self.db.reading() as s:
-            pending: list[tuple[Effective, LaunchRequest, dict[str, tuple[Any, Any]]]] = []
+            # One entry per running VM with a changed vNIC: the whole request goes to the
+            # agent (the driver changes only what differs), one VmChange per changed vNIC.
+            pending: list[tuple[dict[str, Effective], LaunchRequest, list[_NicDiff]]] = []
             ids: dict[tuple[str, str], int] = {}
-            for row, eff in self._running(s, session, vm):
-                applied = row.applied or {}
-                fields = field_changes(applied.get("values") or {}, values_to_document(eff.values))
-                if not fields and dict(applied.get("revisions") or {}) == dict(eff.revisions):
+            for row, effs in self._running(s, session, vm):
+                diffs: list[_NicDiff] = []
+                for name, eff in effs.items():
+                    applied = applied_nic(row.applied, name)
+                    fields = field_changes(
+                        applied.get("values") or {}, values_to_document(eff.values)
+                    )
+                    if fields or dict(applied.get("revisions") or {}) != dict(eff.revisions):
+                        diffs.append((name, eff, fields))
+                if not diffs:
                     continue
-                pending.append((eff, self._launch_request(row, eff), fields))
+                pending.append((effs, self._launch_request(row, effs), diffs))
                 ids[(row.session.name, row.name)] = row.id
         if not pending:
             return []
@@ -75,34 +86,49 @@ class Reapplying(ServiceCore):
         now = self.clock()
         with self.db.transaction() as s:
             rows = {r.id: r for r in s.scalars(select(VmRow).where(VmRow.id.in_(ids.values())))}
-            for eff, request, fields in pending:
+            for effs, request, diffs in pending:
                 outcome = outcomes.get((request.session, request.vm))
                 error = str(outcome) if isinstance(outcome, BaseException) else None
                 kernel = [] if error or not isinstance(outcome, list) else list(outcome)
-                sources = {path: str(eff.sources.get(path, "")) for path in fields}
-                change = VmChange(
-                    request.session, request.vm, fields, sources, kernel, error, eff.revisions
-                )
-                changes.append(change)
+                for name, eff, fields in diffs:
+                    sources = {path: str(eff.sources.get(path, "")) for path in fields}
+                    changes.append(
+                        VmChange(
+                            request.session,
+                            request.vm,
+                            fields,
+                            sources,
+                            kernel,
+                            error,
+                            eff.revisions,
+                            nic=name,
+                        )
+                    )
                 if error:
                     continue
                 current = rows.get(ids[(request.session, request.vm)])
                 if current is None:
                     continue  # removed while the change ran
-                current.applied = {
-                    "driver": (current.applied or {}).get("driver", driver.kind),
-                    "revisions": dict(eff.revisions),
-                    "values": values_to_document(eff.values),
-                }
-                if fields and source is not None:
-                    s.add(audit_row(now, request.session, request.vm, source, reason, fields))
+                current.applied = applied_state(
+                    (current.applied or {}).get("driver", driver.kind), effs
+                )
+                if source is None:
+                    continue
+                for name, _, fields in diffs:
+                    if fields:
+                        s.add(
+                            audit_row(
+                                now, request.session, request.vm, source, reason, fields, name
+                            )
+                        )
         failed = [c for c in changes if c.error]
         if strict and failed:
             raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
         return changes
 
     def running_effective(self, session: str) -> dict[str, Effective]:
-        """The effective profile of each running VM of ``session``, by name, in one
-        transaction (what the controller compares its samples with)."""
+        """The effective profile of each running VM of ``session`` (its eth0's: the
+        controller's samples are per VM), by name, in one transaction (what the
+        controller compares its samples with)."""
         with self.db.reading() as s:
-            return {row.name: eff for row, eff in self._running(s, session)}
+            return {row.name: effs[PRIMARY_NIC] for row, effs in self._running(s, session)}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from vnic.model.network import NicSpec
 from vnic.model.resolve import Effective
 from vnic.model.session import Policy
 
@@ -44,6 +45,20 @@ class ApplyResult:
 
 
 @dataclass(frozen=True)
+class NetworkInfo:
+    """One network of a session. ``default_profile``: its own (None: the session's
+    applies); ``nics``: the vNICs on it, as ``VM/NIC``."""
+
+    session: str
+    name: str
+    network_id: int
+    ipv4: str
+    ipv6: str
+    default_profile: str | None = None
+    nics: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     name: str
     network_id: int
@@ -51,6 +66,21 @@ class SessionInfo:
     vms: Sequence[str]
     created_at: datetime
     owner: str | None = None
+    networks: Sequence[str] = ("default",)
+
+
+@dataclass(frozen=True)
+class NicInfo:
+    """One vNIC of a VM: its network, identity and its own override."""
+
+    name: str
+    network: str
+    network_id: int
+    mac: str | None
+    ipv4: str | None
+    ipv6: str | None
+    override_profile: str | None = None
+    override_patch: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,12 +98,18 @@ class VmInfo:
     ipv6: str | None = None
     #: The driver a running VM was launched with (netns, qemu); None while defined.
     driver: str | None = None
+    #: Every vNIC, eth0 first (``mac``, ``ipv4``, ``ipv6``, ``override_*`` above are eth0's).
+    nics: Sequence[NicInfo] = ()
 
 
 @dataclass(frozen=True)
 class Explanation:
+    """A VM's effective profile: ``effective`` is eth0's, ``nics`` maps every vNIC's
+    name to its own (eth0 first)."""
+
     vm: VmInfo
     effective: Effective
+    nics: Mapping[str, Effective] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,8 +118,9 @@ class VmChange:
 
     ``fields`` maps each changed field path to ``(old, new)`` in document form
     (None = unset); ``sources`` names the layer each new value came from;
-    ``kernel`` has one line per kernel object the driver changed; ``error`` is
-    set when the driver refused or failed (the VM then runs what it ran before).
+    ``kernel`` has one line per kernel object the driver changed (in the VM's
+    change of all its vNICs); ``error`` is set when the driver refused or failed
+    (the VM then runs what it ran before).
     """
 
     session: str
@@ -93,11 +130,19 @@ class VmChange:
     kernel: Sequence[str] = ()
     error: str | None = None
     revisions: Mapping[str, int] = field(default_factory=dict)
+    #: The vNIC changed (one VmChange per changed vNIC of a VM).
+    nic: str = "eth0"
 
 
 @dataclass(frozen=True)
 class VmRequest:
-    """A request to add a VM: facts for the rules plus an optional override."""
+    """A request to add a VM: facts for the rules plus an optional override.
+
+    Without ``nics`` the VM gets ``eth0`` on ``default`` with ``profile``/``patch`` as
+    its override. With ``nics`` (eth0 first) each vNIC has its own network and
+    override, and ``profile``/``patch`` must be unset (refused: one place says what a
+    vNIC gets).
+    """
 
     session: str
     name: str
@@ -106,6 +151,7 @@ class VmRequest:
     needs: Sequence[str] = ()
     profile: str | None = None
     patch: Mapping[str, Any] | None = None
+    nics: Sequence[NicSpec] = ()
 
 
 @dataclass(frozen=True)

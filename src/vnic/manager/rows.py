@@ -13,13 +13,14 @@ from typing import Any
 from sqlalchemy.orm import selectinload
 
 from vnic.model.fields import FIELDS
-from vnic.store.models import AdjustmentRow, AuditRow, VmRow
+from vnic.store.models import AdjustmentRow, AuditRow, NicRow, VmRow
 
 #: What resolving many VMs reads of each, loaded in one query per relation, not per VM.
 VM_RESOLVE_LOADS = (
     selectinload(VmRow.adjustments),
-    selectinload(VmRow.mac),
-    selectinload(VmRow.override_profile),
+    selectinload(VmRow.nics).selectinload(NicRow.mac),
+    selectinload(VmRow.nics).selectinload(NicRow.override_profile),
+    selectinload(VmRow.nics).selectinload(NicRow.network),
 )
 
 
@@ -50,11 +51,14 @@ def audit_row(
     source: str,
     reason: str,
     fields: Mapping[str, tuple[Any, Any]],
+    nic: str | None = None,
 ) -> AuditRow:
+    """An audit entry; ``nic`` is recorded when it is not eth0 (None: eth0 or the VM)."""
     return AuditRow(
         at=at,
         session=session,
         vm=vm,
+        nic=nic if nic and nic != "eth0" else None,
         source=source,
         reason=reason,
         old={p: old for p, (old, _) in fields.items()},

@@ -24,7 +24,9 @@ from vnic.errors import InvalidInput
 from vnic.manager.rows import audit_row, aware, field_changes
 from vnic.manager.service import Service
 from vnic.model import limits
+from vnic.model.launch import PRIMARY_NIC
 from vnic.model.limits import check_text
+from vnic.model.network import parse_nic_name
 from vnic.model.profile import NAME_EXPECTED, parse_name, values_to_document
 from vnic.store.models import AdjustmentRow, AuditRow, SessionRow, VmRow
 
@@ -45,6 +47,7 @@ class AdjustmentInfo:
     values: Mapping[str, Any]
     expires_at: datetime | None
     created_at: datetime
+    nic: str = PRIMARY_NIC
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,8 @@ class AuditEntry:
     reason: str
     old: Mapping[str, Any]
     new: Mapping[str, Any]
+    #: The vNIC changed when not eth0 (None: eth0, or the whole VM).
+    nic: str | None = None
 
 
 class Runtime:
@@ -77,9 +82,11 @@ class Runtime:
         expires_at: datetime | None = None,
         audit: bool = True,
         driver: AgentPort | None = None,
+        nic: str = PRIMARY_NIC,
     ) -> dict[str, tuple[Any, Any]]:
-        """Set ``source``'s adjustment of the VM (typed ``values`` on top of ``profile``'s);
-        return the fields whose effective value changed, ``path -> (old, new)``.
+        """Set ``source``'s adjustment of the VM's vNIC ``nic`` (typed ``values`` on top of
+        ``profile``'s); return the fields of that vNIC whose effective value changed,
+        ``path -> (old, new)``.
 
         Refused, with nothing changed, when the VM would get an invalid effective
         profile, the profile does not exist, or (with ``driver``) the VM runs on a
@@ -91,37 +98,52 @@ class Runtime:
         svc = self.service
         with svc.db.transaction() as s:
             row = svc._vm_row(s, session, vm)
+            target = svc._nic_row(row, parse_nic_name(nic))
             if profile is not None:
                 svc._existing_profile(s, profile, "profile")
 
             def put() -> None:
-                current = next((a for a in row.adjustments if a.source == source), None)
+                current = next(
+                    (a for a in row.adjustments if a.source == source and a.nic == target.name),
+                    None,
+                )
                 if current is None:
-                    current = AdjustmentRow(vm_id=row.id, source=source, created_at=svc.clock())
+                    current = AdjustmentRow(
+                        vm_id=row.id, nic=target.name, source=source, created_at=svc.clock()
+                    )
                     row.adjustments.append(current)
                 current.patch = values_to_document(dict(values or {}))
                 current.profile = profile
                 current.reason = reason[:REASON_MAX]
                 current.expires_at = expires_at
 
-            changed = self._changed(s, row, put, check=lambda: svc._recheck(s, [row], driver))
+            changed = self._changed(
+                s, row, put, target.name, check=lambda: svc._recheck(s, [row], driver)
+            )
             if changed and audit:
-                s.add(audit_row(svc.clock(), session, vm, source, reason[:REASON_MAX], changed))
+                s.add(
+                    audit_row(
+                        svc.clock(), session, vm, source, reason[:REASON_MAX], changed, target.name
+                    )
+                )
             return changed
 
-    def clear(self, session: str, vm: str, source: str, reason: str = "") -> dict[str, Any]:
-        """Remove ``source``'s adjustment of the VM (nothing when it has none); return the
-        fields whose effective value changed."""
+    def clear(
+        self, session: str, vm: str, source: str, reason: str = "", nic: str = PRIMARY_NIC
+    ) -> dict[str, Any]:
+        """Remove ``source``'s adjustment of the VM's vNIC ``nic`` (nothing when it has
+        none); return the fields whose effective value changed."""
         svc = self.service
         with svc.db.transaction() as s:
             row = svc._vm_row(s, session, vm)
-            current = [a for a in row.adjustments if a.source == source]
+            target = svc._nic_row(row, parse_nic_name(nic))
+            current = [a for a in row.adjustments if a.source == source and a.nic == target.name]
             if not current:
                 return {}
-            changed = self._changed(s, row, lambda: _delete(s, current))
+            changed = self._changed(s, row, lambda: _delete(s, current), target.name)
             if changed:
                 why = reason or f"{source}'s adjustment removed"
-                s.add(audit_row(svc.clock(), session, vm, source, why, changed))
+                s.add(audit_row(svc.clock(), session, vm, source, why, changed, target.name))
             return changed
 
     def expire(self) -> list[tuple[str, str]]:
@@ -136,21 +158,22 @@ class Runtime:
                     AdjustmentRow.expires_at.is_not(None), AdjustmentRow.expires_at <= now
                 )
             ).all()
-            for vm_id in sorted({a.vm_id for a in due}):
+            for vm_id, nic in sorted({(a.vm_id, a.nic) for a in due}):
                 row = s.get(VmRow, vm_id)
                 assert row is not None
-                mine = [a for a in due if a.vm_id == vm_id]
-                # What the VM had with them (resolution ignores expired layers by time,
+                mine = [a for a in due if a.vm_id == vm_id and a.nic == nic]
+                # What the vNIC had with them (resolution ignores expired layers by time,
                 # so resolve as of just before the earliest expiry).
                 earliest = min(aware(a.expires_at) or now for a in mine)
                 changed = self._changed(
-                    s, row, functools.partial(_delete, s, mine), before_at=earliest - _TICK
+                    s, row, functools.partial(_delete, s, mine), nic, before_at=earliest - _TICK
                 )
                 session = row.session.name
                 if changed:
                     sources = ", ".join(sorted(a.source for a in mine))
-                    s.add(audit_row(now, session, row.name, sources, "expired", changed))
-                affected.append((session, row.name))
+                    s.add(audit_row(now, session, row.name, sources, "expired", changed, nic))
+                if (session, row.name) not in affected:
+                    affected.append((session, row.name))
         return affected
 
     def _changed(
@@ -158,21 +181,23 @@ class Runtime:
         s: Session,
         row: VmRow,
         change: Callable[[], object],
+        nic: str = PRIMARY_NIC,
         *,
         check: Callable[[], None] | None = None,
         before_at: datetime | None = None,
     ) -> dict[str, tuple[Any, Any]]:
-        """Make ``change`` to the VM's adjustments; return the fields whose effective value
-        it changed (effective as of ``before_at`` before it). ``check`` runs on the
-        changed state first and may refuse it."""
+        """Make ``change`` to the VM's adjustments; return the fields of vNIC ``nic``
+        whose effective value it changed (effective as of ``before_at`` before it).
+        ``check`` runs on the changed state first and may refuse it."""
         svc = self.service
-        before = values_to_document(svc._resolve(s, row, at=before_at).values)
+        target = svc._nic_row(row, nic)
+        before = values_to_document(svc._resolve(s, row, at=before_at, nic=target).values)
         change()
         s.flush()
         s.expire(row, ["adjustments"])
         if check is not None:
             check()
-        return field_changes(before, values_to_document(svc._resolve(s, row).values))
+        return field_changes(before, values_to_document(svc._resolve(s, row, nic=target).values))
 
     def adjustments(self, session: str, vm: str | None = None) -> list[AdjustmentInfo]:
         svc = self.service
@@ -189,6 +214,7 @@ class Runtime:
                     values=dict(a.patch),
                     expires_at=aware(a.expires_at),
                     created_at=aware(a.created_at) or a.created_at,
+                    nic=a.nic,
                 )
                 for row in rows
                 for a in row.adjustments
@@ -216,6 +242,7 @@ class Runtime:
                     r.reason,
                     dict(r.old),
                     dict(r.new),
+                    r.nic,
                 )
                 for r in s.scalars(query)
             ]

@@ -20,6 +20,7 @@ from typing import Any
 
 from vnic.agent.port import AgentPort
 from vnic.manager.launch import Launching
+from vnic.manager.networks import Networks
 from vnic.manager.profiles import Profiles
 from vnic.manager.reapply import Reapplying
 from vnic.manager.results import ApplyResult, Explanation, VmChange, VmRequest
@@ -28,7 +29,7 @@ from vnic.manager.vms import Vms
 from vnic.model.profile import ProfileSpec
 
 
-class Service(Profiles, Sessions, Vms, Launching, Reapplying):
+class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying):
     """Profiles, sessions and VMs over one :class:`~vnic.store.db.Database`.
 
     ``clock`` is injectable (see :class:`~vnic.manager.core.ServiceCore`).
@@ -46,14 +47,21 @@ class Service(Profiles, Sessions, Vms, Launching, Reapplying):
         return results, self.reapply(driver, source="user", reason=reason)
 
     def update_vm_live(
-        self, session: str, name: str, changes: Mapping[str, Any], driver: AgentPort
+        self,
+        session: str,
+        name: str,
+        changes: Mapping[str, Any],
+        driver: AgentPort,
+        nic: str = "eth0",
     ) -> tuple[Explanation, list[VmChange]]:
-        """:meth:`update_vm`, then the change live on the VM if it runs (errors raised)."""
+        """:meth:`update_vm` (of vNIC ``nic``'s override), then the change live on the VM
+        if it runs (errors raised); only the vNICs whose profile changed are touched."""
         # update_vm's explanation is the one after the change: reapply sends what it
         # resolved and changes no record but what runs.
-        result = self.update_vm(session, name, changes, driver)
+        result = self.update_vm(session, name, changes, driver, nic=nic)
+        reason = "VM override" if nic == "eth0" else f"vNIC {nic} override"
         applied = self.reapply(
-            driver, session=session, vm=name, source="user", reason="VM override", strict=True
+            driver, session=session, vm=name, source="user", reason=reason, strict=True
         )
         return result, applied
 

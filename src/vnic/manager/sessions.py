@@ -12,6 +12,7 @@ from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, Exhausted, InUse
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import SessionInfo
+from vnic.model.launch import DEFAULT_NETWORK
 from vnic.model.profile import parse_name
 from vnic.model.session import (
     NETWORK_ID_MAX,
@@ -20,7 +21,20 @@ from vnic.model.session import (
     parse_network_id,
     parse_session_name,
 )
-from vnic.store.models import AssignmentRuleRow, SessionRow
+from vnic.plan.names import session_ipv4, session_ipv6
+from vnic.store.models import AssignmentRuleRow, NetworkRow, SessionRow
+
+
+def default_network(network_id: int, created_at: Any) -> NetworkRow:
+    """A session's network ``default``: the session's network id and the subnets
+    derived from it (as before sessions had several networks)."""
+    return NetworkRow(
+        name=DEFAULT_NETWORK,
+        network_id=network_id,
+        ipv4=str(session_ipv4(network_id)),
+        ipv6=str(session_ipv6(network_id)),
+        created_at=created_at,
+    )
 
 
 class Sessions(ServiceCore):
@@ -49,10 +63,10 @@ class Sessions(ServiceCore):
             rule_rows = self._rule_rows(s, rules)
             if network_id is None:
                 network_id = self._free_network_id(s)
-            elif (
-                s.scalar(select(SessionRow).where(SessionRow.network_id == network_id)) is not None
-            ):
-                raise Conflict(f"network_id {network_id} is already used by another session")
+            else:
+                owner_of = self._network_id_owner(s, network_id)
+                if owner_of is not None:
+                    raise Conflict(f"network_id {network_id} is already used by {owner_of}")
             row = SessionRow(
                 name=name,
                 network_id=network_id,
@@ -62,6 +76,7 @@ class Sessions(ServiceCore):
                 created_at=self.clock(),
             )
             row.rules.extend(rule_rows)
+            row.networks.append(default_network(network_id, self.clock()))
             s.add(row)
             s.flush()
             return self._session_info(row)
@@ -106,12 +121,24 @@ class Sessions(ServiceCore):
             self._recheck(s, row.vms, driver)
             return self._session_info(row)
 
-    def _free_network_id(self, s: Session) -> int:
+    @staticmethod
+    def _free_network_id(s: Session) -> int:
+        """The lowest network id no session and no network uses."""
         used = set(s.scalars(select(SessionRow.network_id)))
+        used |= set(s.scalars(select(NetworkRow.network_id)))
         for candidate in range(NETWORK_ID_MIN, NETWORK_ID_MAX + 1):
             if candidate not in used:
                 return candidate
-        raise Exhausted("no free network id left")  # pragma: no cover - 16 million sessions
+        raise Exhausted("no free network id left")  # pragma: no cover - 16 million networks
+
+    @staticmethod
+    def _network_id_owner(s: Session, network_id: int) -> str | None:
+        """Who uses ``network_id`` (``network SESSION/NAME`` or ``session NAME``), if anyone."""
+        net = s.scalar(select(NetworkRow).where(NetworkRow.network_id == network_id))
+        if net is not None:
+            return f"network {net.session.name}/{net.name}"
+        name = s.scalar(select(SessionRow.name).where(SessionRow.network_id == network_id))
+        return f"session {name}" if name is not None else None
 
     def list_sessions(self) -> list[SessionInfo]:
         with self.db.reading() as s:

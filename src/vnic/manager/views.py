@@ -13,6 +13,8 @@ from vnic.manager.auth import TokenInfo
 from vnic.manager.results import (
     ApplyResult,
     Explanation,
+    NetworkInfo,
+    NicInfo,
     ProfileInfo,
     RevisionInfo,
     SessionInfo,
@@ -56,7 +58,33 @@ def session_json(s: SessionInfo) -> dict[str, Any]:
         "overrides_allowed": s.policy.overrides_allowed,
         "owner": s.owner,
         "vms": list(s.vms),
+        "networks": list(s.networks),
         "created_at": utc(s.created_at),
+    }
+
+
+def network_json(n: NetworkInfo) -> dict[str, Any]:
+    return {
+        "session": n.session,
+        "name": n.name,
+        "network_id": n.network_id,
+        "ipv4": n.ipv4,
+        "ipv6": n.ipv6,
+        "default_profile": n.default_profile,
+        "nics": list(n.nics),
+    }
+
+
+def nic_json(n: NicInfo) -> dict[str, Any]:
+    return {
+        "name": n.name,
+        "network": n.network,
+        "network_id": n.network_id,
+        "mac": n.mac,
+        "ipv4": n.ipv4,
+        "ipv6": n.ipv6,
+        "override_profile": n.override_profile,
+        "override_patch": n.override_patch,
     }
 
 
@@ -74,11 +102,25 @@ def vm_json(v: VmInfo) -> dict[str, Any]:
         "ipv6": v.ipv6,
         "state": v.state,
         "driver": v.driver,
+        "nics": [nic_json(n) for n in v.nics],
     }
 
 
 def explain_json(e: Explanation) -> dict[str, Any]:
-    return {"vm": vm_json(e.vm), "effective": e.effective.to_dict()}
+    """``effective`` is eth0's (as before VMs had several vNICs); ``nics`` has every
+    vNIC's, eth0 first, each with its identity."""
+    by_name = {n.name: n for n in e.vm.nics}
+    return {
+        "vm": vm_json(e.vm),
+        "effective": e.effective.to_dict(),
+        "nics": [
+            {
+                **(nic_json(by_name[name]) if name in by_name else {"name": name}),
+                "effective": eff.to_dict(),
+            }
+            for name, eff in e.nics.items()
+        ],
+    }
 
 
 def change_json(c: VmChange) -> dict[str, Any]:
@@ -91,6 +133,7 @@ def change_json(c: VmChange) -> dict[str, Any]:
         },
         "kernel": list(c.kernel),
         "error": c.error,
+        "nic": c.nic,
     }
 
 
@@ -104,6 +147,7 @@ def change_from_json(d: dict[str, Any]) -> VmChange:
         sources={p: str(f.get("source", "")) for p, f in fields.items()},
         kernel=list(d.get("kernel") or []),
         error=d.get("error"),
+        nic=str(d.get("nic") or "eth0"),
     )
 
 

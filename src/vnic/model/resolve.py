@@ -1,9 +1,11 @@
 """Resolution: which value every field of a VM's vNIC gets, and where it came from.
 
-For each field, lowest to highest::
+For each field of one vNIC, lowest to highest::
 
-    built-in default < session default profile < first matching assignment rule
-        < VM override (a profile, then a per-field patch) < runtime adjustments
+    built-in default < default profile (the vNIC's network's own, else the session's)
+        < first matching assignment rule (rules may match the vNIC's network)
+        < the vNIC's override (a profile, then a per-field patch)
+        < the vNIC's runtime adjustments
 
 A layer that leaves a field unset inherits it; ``OFF`` removes what lower
 layers set; a value replaces. Fields still unset after all layers get the
@@ -193,12 +195,15 @@ def resolve(
     vm_patch: Mapping[str, Any] | None = None,
     adjustments: Sequence[Adjustment] = (),
     now: datetime | None = None,
+    network_profile: str | None = None,
 ) -> Effective:
-    """Resolve a VM's effective profile.
+    """Resolve the effective profile of one vNIC (``vm.network``: its network).
 
-    ``profiles`` must hold every profile the policy and ``vm_profile`` name
-    (the caller loads them; a missing one is a KeyError, a programming error).
-    Expired adjustments (``expires_at <= now``) are ignored.
+    ``network_profile``: the network's own default profile, which takes the place
+    of the session's. ``vm_profile``/``vm_patch``/``adjustments`` are the vNIC's.
+    ``profiles`` must hold every profile the policy, ``network_profile`` and
+    ``vm_profile`` name (the caller loads them; a missing one is a KeyError, a
+    programming error). Expired adjustments (``expires_at <= now``) are ignored.
     """
     layers: list[Layer] = []
     revisions: dict[str, int] = {}
@@ -207,7 +212,10 @@ def resolve(
         layers.append(Layer(kind, detail, ref.values))
         revisions[ref.name] = ref.revision
 
-    if policy.default_profile:
+    if network_profile:
+        ref = profiles[network_profile]
+        use(SESSION_DEFAULT, f"network {vm.network}: {ref}", ref)
+    elif policy.default_profile:
         ref = profiles[policy.default_profile]
         use(SESSION_DEFAULT, str(ref), ref)
     hit = policy.first_match(vm)

@@ -81,12 +81,14 @@ def parse_network_id(value: Any, path: str = "network_id") -> int:
 
 @dataclass(frozen=True)
 class VmFacts:
-    """What rules may match a VM on: its name, role, labels and declared application needs."""
+    """What rules may match a vNIC on: its VM's name, role, labels and declared
+    application needs, and the vNIC's network (None: matched as ``default``)."""
 
     name: str
     role: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
+    network: str | None = None
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ class AssignmentRule:
 
     ``name`` is a shell glob on the VM name; ``role`` must equal the VM's role;
     every ``labels`` pair must be on the VM; every ``needs`` entry must be among
-    the VM's declared needs. A rule with no condition matches every VM.
+    the VM's declared needs; ``network`` must be the vNIC's network. A rule with no
+    condition matches every vNIC of every VM.
     """
 
     profile: str
@@ -103,9 +106,12 @@ class AssignmentRule:
     role: str | None = None
     labels: Mapping[str, str] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
+    network: str | None = None
 
     def matches(self, vm: VmFacts) -> bool:
         if self.name is not None and not fnmatch.fnmatchcase(vm.name, self.name):
+            return False
+        if self.network is not None and (vm.network or "default") != self.network:
             return False
         if self.role is not None and vm.role != self.role:
             return False
@@ -119,6 +125,8 @@ class AssignmentRule:
             parts.append(f"name={self.name}")
         if self.role is not None:
             parts.append(f"role={self.role}")
+        if self.network is not None:
+            parts.append(f"network={self.network}")
         parts += [f"label.{k}={v}" for k, v in sorted(self.labels.items())]
         parts += [f"needs={n}" for n in self.needs]
         return ",".join(parts) or "any"
@@ -129,6 +137,8 @@ class AssignmentRule:
             doc["name"] = self.name
         if self.role is not None:
             doc["role"] = self.role
+        if self.network is not None:
+            doc["network"] = self.network
         if self.labels:
             doc["labels"] = dict(sorted(self.labels.items()))
         if self.needs:
@@ -140,7 +150,7 @@ class AssignmentRule:
         if not isinstance(doc, dict):
             raise InvalidInput.one(path, doc, "a rule mapping with profile and match keys")
         errors: list[FieldError] = []
-        allowed = {"profile", "name", "role", "labels", "needs"}
+        allowed = {"profile", "name", "role", "network", "labels", "needs"}
         for key in sorted(set(doc) - allowed):
             errors.append(
                 FieldError(f"{path}.{key}", "unknown key", "one of " + ", ".join(sorted(allowed)))
@@ -154,6 +164,13 @@ class AssignmentRule:
             v = doc.get(key)
             if v is not None and (not isinstance(v, str) or not v or len(v) > 64):
                 errors.append(FieldError(f"{path}.{key}", show_value(v), "text of 1-64 characters"))
+        network = doc.get("network")
+        if network is not None and (not isinstance(network, str) or not _NAME.fullmatch(network)):
+            errors.append(
+                FieldError(
+                    f"{path}.network", show_value(network), f"a network name of {VM_NAME_EXPECTED}"
+                )
+            )
         labels: dict[str, str] = {}
         try:
             labels = parse_labels(doc.get("labels"), f"{path}.labels")
@@ -175,18 +192,21 @@ class AssignmentRule:
             role=doc.get("role"),
             labels=labels,
             needs=tuple(needs),
+            network=network,
         )
 
     @classmethod
     def parse_cli(cls, text: str, path: str = "--rule") -> AssignmentRule:
-        """Read ``profile=P,name=GLOB,role=R,label.K=V,needs=N`` (CLI form)."""
+        """Read ``profile=P,name=GLOB,role=R,network=NET,label.K=V,needs=N`` (CLI form)."""
         doc: dict[str, Any] = {}
         for part in (p for p in text.split(",") if p.strip()):
             key, eq, value = part.partition("=")
             key, value = key.strip(), value.strip()
             if not eq:
                 raise InvalidInput.one(
-                    path, text, "profile=P followed by name=GLOB, role=R, label.K=V, needs=N"
+                    path,
+                    text,
+                    "profile=P followed by name=GLOB, role=R, network=NET, label.K=V, needs=N",
                 )
             if key.startswith("label."):
                 doc.setdefault("labels", {})[key[6:]] = value

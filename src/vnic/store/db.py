@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The newest migration. Checked against the migration scripts by a test; kept
 #: here so that a command on a current database does not load Alembic at all.
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 #: Advisory lock key for MAC allocation and MAC-range checks ("vnic" in ASCII).
 ALLOCATION_LOCK_KEY = 0x766E6963
 
@@ -116,7 +116,7 @@ def upgrade(engine: Engine, target: str = "head") -> None:
     from alembic import command
 
     cfg = alembic_config(engine)
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, target)
 
@@ -125,9 +125,33 @@ def downgrade(engine: Engine, target: str) -> None:
     from alembic import command
 
     cfg = alembic_config(engine)
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, target)
+
+
+@contextlib.contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection in one transaction for migrations. On SQLite, with foreign keys off
+    while it runs: Alembic changes a table there by copying it and dropping the old
+    one, and dropping a table deletes its rows first, which with foreign keys on
+    cascades to every row referring to them (a session's VMs, a VM's MACs). The
+    references are checked before the commit instead."""
+    with engine.connect() as conn:
+        sqlite = engine.dialect.name == "sqlite"
+        raw: Any = conn.connection.dbapi_connection if sqlite else None
+        if raw is not None:
+            raw.execute("PRAGMA foreign_keys=OFF")  # outside a transaction: else a no-op
+        try:
+            with conn.begin():
+                yield conn
+                if raw is not None:
+                    broken = conn.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"migration left broken references: {broken[:5]}")
+        finally:
+            if raw is not None:
+                raw.execute("PRAGMA foreign_keys=ON")
 
 
 class Database:

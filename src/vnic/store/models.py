@@ -105,6 +105,37 @@ class SessionRow(Base):
     vms: Mapped[list[VmRow]] = relationship(
         back_populates="session", cascade="all, delete-orphan", order_by="VmRow.name"
     )
+    networks: Mapped[list[NetworkRow]] = relationship(
+        back_populates="session", cascade="all, delete-orphan", order_by="NetworkRow.id"
+    )
+
+
+class NetworkRow(Base):
+    """One network of a session: a bridge in the session namespace, its subnets and an
+    optional default profile of its own. ``default`` (every session has it) has the
+    session's ``network_id`` and the subnets derived from it. ``network_id`` is unique
+    across every network of every session (a VXLAN VNI on the wire)."""
+
+    __tablename__ = "networks"
+    __table_args__ = (UniqueConstraint("session_id", "name", name="uq_networks_session_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    session_id: Mapped[int] = mapped_column(
+        ForeignKey("sessions.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(32))
+    network_id: Mapped[int] = mapped_column(Integer, unique=True)
+    # Subnets as text (ipaddress' form, e.g. "10.0.1.0/24").
+    ipv4: Mapped[str] = mapped_column(String(18))
+    ipv6: Mapped[str] = mapped_column(String(43))
+    default_profile_id: Mapped[int | None] = mapped_column(
+        ForeignKey("profiles.id", ondelete="RESTRICT"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    session: Mapped[SessionRow] = relationship(back_populates="networks")
+    default_profile: Mapped[ProfileRow | None] = relationship()
+    nics: Mapped[list[NicRow]] = relationship(back_populates="network", order_by="NicRow.id")
 
 
 class AssignmentRuleRow(Base):
@@ -128,10 +159,7 @@ class AssignmentRuleRow(Base):
 
 class VmRow(Base):
     __tablename__ = "vms"
-    __table_args__ = (
-        UniqueConstraint("session_id", "name", name="uq_vms_session_name"),
-        UniqueConstraint("session_id", "host_index", name="uq_vms_session_host_index"),
-    )
+    __table_args__ = (UniqueConstraint("session_id", "name", name="uq_vms_session_name"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[int] = mapped_column(
@@ -141,26 +169,54 @@ class VmRow(Base):
     role: Mapped[str | None] = mapped_column(String(64), nullable=True)
     labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     needs: Mapped[list[str]] = mapped_column(JSON, default=list)
-    override_profile_id: Mapped[int | None] = mapped_column(
-        ForeignKey("profiles.id", ondelete="RESTRICT"), nullable=True
-    )
-    # Per-field patch, as a canonical profile document without name.
-    override_patch: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # defined -> (launching -> running -> stopping) ; the data plane issue adds the rest.
-    # The VM's address in its session's subnets (2..254), allocated lowest free.
-    host_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="defined")
-    # What the data plane runs: {"revisions": {profile: rev}, "values": document}.
+    # What the data plane runs: {"driver", "revisions": {profile: rev}, "values": document}
+    # of eth0, and "nics": {nic: {"revisions", "values"}} of every vNIC.
     applied: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     session: Mapped[SessionRow] = relationship(back_populates="vms")
-    override_profile: Mapped[ProfileRow | None] = relationship()
-    mac: Mapped[MacAllocationRow | None] = relationship(
-        back_populates="vm", cascade="all, delete-orphan", uselist=False
+    nics: Mapped[list[NicRow]] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", order_by="NicRow.position"
     )
     adjustments: Mapped[list[AdjustmentRow]] = relationship(
         back_populates="vm", cascade="all, delete-orphan", order_by="AdjustmentRow.id"
+    )
+
+
+class NicRow(Base):
+    """One vNIC of a VM (``eth0`` at position 0, ...): its network, address and override.
+
+    ``host_index`` is its address in its network's subnets (2..254), unique within the
+    network; ``override_patch`` is a canonical profile document without name.
+    """
+
+    __tablename__ = "vm_nics"
+    __table_args__ = (
+        UniqueConstraint("vm_id", "name", name="uq_vm_nics_vm_name"),
+        UniqueConstraint("network_id", "host_index", name="uq_vm_nics_network_host_index"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(8))
+    position: Mapped[int] = mapped_column(Integer)
+    # RESTRICT: a network its vNICs use cannot go (the service names them first).
+    network_id: Mapped[int] = mapped_column(
+        ForeignKey("networks.id", ondelete="RESTRICT"), index=True
+    )
+    host_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    override_profile_id: Mapped[int | None] = mapped_column(
+        ForeignKey("profiles.id", ondelete="RESTRICT"), nullable=True
+    )
+    override_patch: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    vm: Mapped[VmRow] = relationship(back_populates="nics")
+    network: Mapped[NetworkRow] = relationship(back_populates="nics")
+    override_profile: Mapped[ProfileRow | None] = relationship()
+    mac: Mapped[MacAllocationRow | None] = relationship(
+        back_populates="nic", cascade="all, delete-orphan", uselist=False
     )
 
 
@@ -170,27 +226,29 @@ class MacAllocationRow(Base):
     __tablename__ = "mac_allocations"
 
     mac: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), unique=True)
+    nic_id: Mapped[int] = mapped_column(ForeignKey("vm_nics.id", ondelete="CASCADE"), unique=True)
     allocated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
-    vm: Mapped[VmRow] = relationship(back_populates="mac")
+    nic: Mapped[NicRow] = relationship(back_populates="mac")
 
 
 class AdjustmentRow(Base):
     """A runtime adjustment of a VM's profile (a resolution layer with an expiry).
 
-    One per VM and ``source`` ("user", "rule:NAME", "feedback", "scenario:NAME"):
+    One per vNIC (``nic``, ``eth0`` by default) and ``source`` ("user", "rule:NAME",
+    "feedback", "scenario:NAME"):
     a source's newer decision replaces its older one instead of piling up.
     ``profile`` names a profile whose values the layer holds under ``patch``.
     """
 
     __tablename__ = "runtime_adjustments"
     __table_args__ = (
-        UniqueConstraint("vm_id", "source", name="uq_runtime_adjustments_vm_id_source"),
+        UniqueConstraint("vm_id", "nic", "source", name="uq_runtime_adjustments_vm_nic_source"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    nic: Mapped[str] = mapped_column(String(8), default="eth0", server_default="eth0")
     source: Mapped[str] = mapped_column(String(96), default="user", server_default="user")
     profile: Mapped[str | None] = mapped_column(String(64), nullable=True)
     patch: Mapped[dict[str, Any]] = mapped_column(JSON)
@@ -226,6 +284,8 @@ class AuditRow(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     session: Mapped[str] = mapped_column(String(32), index=True)
     vm: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The vNIC changed, when not eth0 (None: eth0, or the whole VM).
+    nic: Mapped[str | None] = mapped_column(String(8), nullable=True)
     source: Mapped[str] = mapped_column(String(96))
     reason: Mapped[str] = mapped_column(Text)
     old: Mapped[dict[str, Any]] = mapped_column(JSON)
