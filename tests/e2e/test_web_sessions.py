@@ -175,3 +175,48 @@ def test_a_page_that_answers_late_does_not_replace_a_newer_page(web: Web) -> Non
         raise AssertionError("the profiles page, answered late, replaced the sessions page")
     assert page.locator('tr[data-session="late"]').count() == 1
     context.close()
+
+
+def test_session_page_shows_networks_and_every_vnic(web: Web, session_name: str) -> None:  # noqa: F811
+    """A VM with two vNICs on two networks: the session page lists both networks and a
+    row per vNIC with its own profile, explain answers per vNIC, and the live view draws a
+    card per vNIC with its own limit."""
+    admin = web.admin
+    s = session_name
+    for name, rate in (("p20", "20Mbit"), ("p40", "40Mbit")):
+        admin("POST", "/v1/profiles", 201, json={
+            "name": name, "egress": {"rate": rate}, "ingress": {"rate": rate},
+        })  # fmt: skip
+    admin("POST", "/v1/sessions", 201, json={"name": s, "default_profile": "p20"})
+    admin(
+        "POST", f"/v1/sessions/{s}/networks", 201, json={"name": "data", "default_profile": "p40"}
+    )
+    admin("POST", f"/v1/sessions/{s}/vms", 201, json={
+        "name": "a", "nics": [{"network": "default"}, {"network": "data"}], "launch": True,
+    })  # fmt: skip
+    try:
+        page = web.page()
+        page.goto(f"{web.url}/#/sessions/{s}")
+        wait_rendered(page, f"/sessions/{s}")
+        assert page.locator("table.networks tr[data-network]").count() == 2
+        assert "p40" in page.inner_text('table.networks tr[data-network="data"]')
+        assert "p20 r1" in page.inner_text('tr[data-vm="a"] td.profile')
+        eth1 = 'tr.nic-row[data-of-vm="a"][data-nic="eth1"]'
+        assert "p40 r1" in page.inner_text(f"{eth1} td.profile")
+        assert "data" in page.inner_text(eth1)
+        assert "40Mbit / 40Mbit" in page.inner_text(eth1)
+        page.click(f'{eth1} button[data-action="explain"]')
+        rate_row = page.locator('table.explain[data-nic="eth1"] tr[data-explain="egress.rate"]')
+        rate_row.wait_for()
+        assert "40Mbit" in rate_row.inner_text() and "network data" in rate_row.inner_text()
+        screenshot(page, "session-nics")
+
+        page.goto(f"{web.url}/#/sessions/{s}/live")
+        wait_rendered(page, f"/sessions/{s}/live")
+        for nic, limit in (("eth0", 20e6), ("eth1", 40e6)):
+            card = f'.live-card[data-vm="a"][data-nic="{nic}"]'
+            page.wait_for_selector(f"{card}[data-samples]")
+            assert float(page.get_attribute(card, "data-egress-limit-bps") or 0) == limit
+    finally:
+        web.admin.http.delete(f"/v1/sessions/{s}", params={"force": True})
+        NetnsDriver().teardown_session(s)

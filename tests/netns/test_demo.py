@@ -28,12 +28,18 @@ def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stderr
         out = proc.stdout
-        assert "rule (#1 role=server -> server r1)" in out
+        assert "rule (#1 role=server,network=default -> server r1)" in out
         assert "vm-profile (mobile r1)" in out
         ratios = [float(m) for m in re.findall(r"│ (\d\.\d{3}) +│\n", out)]
-        assert len(ratios) == 8, out  # 3 netns VMs and the QEMU guest, both ways
+        # 3 netns VMs (web with two vNICs) and the QEMU guest, both ways
+        assert len(ratios) == 10, out
         assert re.search(r"launched demo/lab: QEMU guest \((tcg|kvm)\), network ready", out), out
-        assert "│ lab (qemu)" in out
+        assert "│ lab/eth0 (qemu)" in out
+        # web's second vNIC is on storage, shaped by that network's own default profile.
+        assert re.search(
+            r"launched demo/web: eth0 on default: .*; eth1 on storage: MAC 02:00:00:d3:", out
+        ), out
+        assert re.search(r"│ web/eth1 +│ storage +│ session-default \(network storage", out), out
         # The demo's rates (2-200 Mbit/s) are ones the shaper meets within a few percent.
         assert all(0.9 <= r <= 1.05 for r in ratios), ratios
         # The live change: the flow goes on through it, its rate follows 20 -> 40 Mbit/s.

@@ -154,8 +154,8 @@
     return form;
   }
 
-  async function explainBox(name, vm) {
-    const e = await api("GET", `${base(name)}/vms/${enc(vm)}/explain`);
+  async function explainBox(name, vm, nic = "eth0") {
+    const e = await api("GET", `${base(name)}/vms/${enc(vm)}/nics/${enc(nic)}`);
     const rows = Object.entries(e.effective.fields).map(([path, f]) =>
       el("tr", {"data-explain": path, class: f.source.layer === "unset" ? "unset" : null},
         el("td", {}, el("code", {}, path)),
@@ -163,18 +163,42 @@
           ? JSON.stringify(f.value) : String(f.value)),
         el("td", {}, el("span", {class: `tag layer-${f.source.layer}`}, f.source.layer)),
         el("td", {class: "muted"}, f.source.detail)));
-    return el("table", {class: "explain"},
-      el("thead", {}, el("tr", {}, ["Field", "Value", "From", "Detail"].map((h) => el("th", {}, h)))),
-      el("tbody", {}, rows));
+    return el("div", {},
+      el("p", {class: "muted"}, `${vm}/${e.name} on network ${e.network}`),
+      el("table", {class: "explain", "data-nic": e.name},
+        el("thead", {}, el("tr", {}, ["Field", "Value", "From", "Detail"].map((h) => el("th", {}, h)))),
+        el("tbody", {}, rows)));
+  }
+
+  /** The headline of a vNIC's effective profile: its profile and rate each way. */
+  function headline(p) {
+    const profile = p.profile ? `${p.profile} r${p.revisions[p.profile]}` : "none";
+    const rates = [p.values["egress.rate"], p.values["ingress.rate"]]
+      .map((r) => r || "unlimited").join(" / ");
+    return {profile, rates};
+  }
+
+  /** A row of a VM's further vNIC (eth1...) under the VM's own row, with its explain. */
+  function nicRow(name, vm, nic, show) {
+    const {profile, rates} = headline(nic);
+    return el("tr", {class: "nic-row", "data-of-vm": vm.name, "data-nic": nic.name},
+      el("td", {class: "muted"}, "↳"),
+      el("td", {}, el("code", {}, nic.name), " ", el("span", {class: "tag"}, nic.network)),
+      el("td", {}, ""),
+      el("td", {}, el("code", {}, nic.mac || "–")),
+      el("td", {}, [nic.ipv4, nic.ipv6].filter(Boolean).join(" ") || "–"),
+      el("td", {class: "profile"}, profile),
+      el("td", {}, rates),
+      el("td", {class: "actions"},
+        el("button", {"data-action": "explain", onclick: () => show(`explain:${nic.name}`)},
+          "Explain")));
   }
 
   function vmRow(name, item, profiles, canRun, overridesAllowed) {
     const vm = item.vm;
     const running = vm.state === "running";
-    const profile = item.profile
-      ? `${item.profile} r${item.revisions[item.profile]}` : "none";
-    const rates = [item.values["egress.rate"], item.values["ingress.rate"]]
-      .map((r) => r || "unlimited").join(" / ");
+    const {profile, rates} = headline(item);
+    const nics = item.nics && item.nics.length ? item.nics : [{name: "eth0", network: "default"}];
     const detail = el("tr", {class: "detail", hidden: true},
       el("td", {colspan: 8}));
     const show = async (what) => {
@@ -184,8 +208,8 @@
         return;
       }
       cell.dataset.what = what;
-      cell.replaceChildren(what === "explain"
-        ? await explainBox(name, vm.name)
+      cell.replaceChildren(what.startsWith("explain")
+        ? await explainBox(name, vm.name, what.split(":")[1] || "eth0")
         : overrideForm(name, vm, await profiles()));
       detail.hidden = false;
     };
@@ -210,8 +234,9 @@
       }}, "Remove"));
     }
     const overridden = vm.override_profile || vm.override_patch;
-    const row = el("tr", {"data-vm": vm.name, "data-state": vm.state},
-      el("td", {}, vm.name, vm.role ? el("span", {class: "tag"}, vm.role) : null),
+    const row = el("tr", {"data-vm": vm.name, "data-state": vm.state, "data-nic": nics[0].name},
+      el("td", {}, vm.name, vm.role ? el("span", {class: "tag"}, vm.role) : null,
+        nics.length > 1 ? el("span", {class: "tag"}, `${nics[0].name} ${nics[0].network}`) : null),
       el("td", {class: "state"}, el("span", {class: `state ${vm.state}`}, vm.state)),
       el("td", {}, vm.driver || "–"),
       el("td", {}, el("code", {}, vm.mac || "–")),
@@ -219,12 +244,23 @@
       el("td", {class: "profile"}, profile, overridden ? el("span", {class: "tag"}, "override") : null),
       el("td", {}, rates),
       actions);
-    return [row, detail];
+    return [row, ...nics.slice(1).map((n) => nicRow(name, vm, n, show)), detail];
+  }
+
+  function networksTable(networks) {
+    return el("table", {class: "networks"},
+      el("thead", {}, el("tr", {}, ["Network", "Id (VNI)", "IPv4", "IPv6", "Default profile"]
+        .map((h) => el("th", {}, h)))),
+      el("tbody", {}, networks.map((n) => el("tr", {"data-network": n.name},
+        el("td", {}, n.name), el("td", {}, String(n.network_id)),
+        el("td", {}, el("code", {}, n.ipv4)), el("td", {}, el("code", {}, n.ipv6)),
+        el("td", {}, n.default_profile || "the session's")))));
   }
 
   vnic.route(/^\/sessions\/([^/]+)$/, async (main, name) => {
-    const [s, vms] = await Promise.all([
-      api("GET", base(name)), api("GET", `${base(name)}/vm-profiles`)]);
+    const [s, vms, networks] = await Promise.all([
+      api("GET", base(name)), api("GET", `${base(name)}/vm-profiles`),
+      api("GET", `${base(name)}/networks`)]);
     let loaded = null; // the profiles list, fetched when a form first needs it
     const profiles = async () => (loaded = loaded || await api("GET", "/v1/profiles"));
     const canRun = vnic.canRunVms();
@@ -240,7 +276,9 @@
         el("a", {class: "button", href: `#/audit?session=${enc(name)}`}, "Audit log"),
         el("span", {class: "muted"}, `${vms.length} VMs, ${running} running`)),
       policy(s),
-      el("h2", {}, "VMs"),
+      el("h2", {}, "Networks"),
+      networksTable(networks),
+      el("h2", {}, "VMs (a row per vNIC)"),
       vms.length ? table : el("p", {class: "muted"}, "No VMs yet."));
     if (canRun) main.append(addForm(name, await profiles()));
   });
@@ -251,7 +289,7 @@
   const SPAN = 60; // seconds of history in the charts
 
   /** One vNIC's card: charts and latest values, updated by `push(sample, t)`. */
-  function liveCard(vm, configured) {
+  function liveCard(vm, configured, nic = "eth0", network = "default") {
     const hist = {egress: [], ingress: [], latency: [], drops: []};
     let prevDrops = null;
     let prevT = null;
@@ -264,8 +302,9 @@
     };
     const nums = configured ? configured.numbers : {};
     const delay = (nums["egress.delay"] || 0) + (nums["ingress.delay"] || 0);
-    const card = el("section", {class: "card live-card", "data-vm": vm},
-      el("h3", {}, vm, configured && configured.profile
+    const card = el("section", {class: "card live-card", "data-vm": vm, "data-nic": nic},
+      el("h3", {}, `${vm}/${nic}`, el("span", {class: "tag"}, network),
+        configured && configured.profile
         ? el("span", {class: "tag"}, configured.profile) : null),
       el("div", {class: "readings"},
         el("div", {}, "out ", text.egress), el("div", {}, "in ", text.ingress),
@@ -349,10 +388,12 @@
 
   vnic.route(/^\/sessions\/([^/]+)\/live$/, async (main, name) => {
     // The configured rate and delay of each VM (refetched when an unknown VM starts).
+    // Keyed "vm/nic": a card per vNIC.
     let configured = {};
     const configure = async () => {
-      configured = Object.fromEntries(
-        (await api("GET", `${base(name)}/vm-profiles`)).map((v) => [v.vm.name, v]));
+      configured = Object.fromEntries((await api("GET", `${base(name)}/vm-profiles`))
+        .flatMap((v) => (v.nics && v.nics.length ? v.nics : [{...v, name: "eth0"}])
+          .map((n) => [`${v.vm.name}/${n.name}`, {...n, vm: v.vm.name}])));
     };
     await configure();
     const grid = el("div", {class: "charts", id: "live-cards"});
@@ -375,16 +416,20 @@
         {hour12: false})} (${event.vnics.length} running)`;
       main.dataset.events = String(events);
       const seen = new Set();
-      for (const sample of event.vnics) {
-        seen.add(sample.vm);
-        let c = cards.get(sample.vm);
+      // One document per VM; its vNICs under nics (an agent of the previous release: none).
+      const samples = event.vnics.flatMap((doc) => doc.nics && doc.nics.length
+        ? doc.nics : [{...doc, nic: "eth0"}]);
+      for (const sample of samples) {
+        const key = `${sample.vm}/${sample.nic || "eth0"}`;
+        seen.add(key);
+        let c = cards.get(key);
         if (!c) {
-          if (!configured[sample.vm]) await configure().catch(() => null);
-          if (cards.has(sample.vm)) c = cards.get(sample.vm); // drawn while we waited
+          if (!configured[key]) await configure().catch(() => null);
+          if (cards.has(key)) c = cards.get(key); // drawn while we waited
         }
         if (!c) {
-          c = liveCard(sample.vm, configured[sample.vm]);
-          cards.set(sample.vm, c);
+          c = liveCard(sample.vm, configured[key], sample.nic || "eth0", sample.network);
+          cards.set(key, c);
           grid.append(c.card);
         }
         c.push(sample, event.t);
