@@ -82,7 +82,7 @@ def test_cli_remote_matches_embedded(home: Path, tmp_path_factory, session_name:
             token=token,
         )
         assert top.returncode == 0, top.stderr
-        assert " a " in top.stdout and "egress" in top.stdout and "1Gbit" in top.stdout
+        assert " a/eth0 " in top.stdout and "out profile" in top.stdout and "1Gbit" in top.stdout
 
         # An owner token may not touch profiles: refused by the manager, exit 2.
         owner = admin("POST", "/v1/tokens", 201, json={"name": "carol", "role": "owner"})["secret"]

@@ -5,13 +5,15 @@ each shaped to its own profile (iperf3), drift per NIC, and nothing left after."
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.netns.conftest import guest_leftovers
-from tests.netns.test_multi_nic import WIDE, goodput_ratio, left_of, nic, vm, with_sets
+from tests.netns.conftest import guest_leftovers, left_of
+from tests.netns.helpers import WIDE, nic, vm, with_sets
+from tests.netns.test_multi_nic import goodput_ratio
 from vnic.dataplane import qemu, vmexec
 from vnic.dataplane.inventory import session_links
 from vnic.drivers.netns import NetnsDriver
@@ -97,7 +99,28 @@ def test_a_two_nic_guest_has_a_shaped_nic_per_vnic(session: str) -> None:
     assert "tcp-segmentation-offload: on" in features, features
     assert ping(s, "c", str(guest.nics[1].ipv4.ip), count=3)
 
+    # One vNIC's carrier down and up again (QMP set_link on its own NIC): the guest sees
+    # eth1 go, eth0 stays up.
+    def carrier(name: str) -> str:
+        got = vmexec.run(s, "g", ["cat", f"/sys/class/net/{name}/carrier"], timeout=30)
+        return got.stdout.strip()
+
+    qemu_driver.set_link(s, "g", False, "eth1")
+    assert until(lambda: carrier("eth1") == "0") and carrier("eth0") == "1"
+    qemu_driver.set_link(s, "g", True, "eth1")
+    assert until(lambda: carrier("eth1") == "1")
+
     qemu_driver.destroy(s, "g")
     tags = {names.owner_tag(s, "g"), names.owner_tag(s, "g.eth1")}
     assert not tags & {x.alias for x in session_links(names.session_netns(s)).values()}
     assert guest_leftovers(s) == []
+
+
+def until(check: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether ``check`` holds within ``seconds`` (asked again every 0.2 s)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

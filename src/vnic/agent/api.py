@@ -28,6 +28,7 @@ from vnic.edge.errors import ERRORS, error_response
 from vnic.edge.guard import guard_agent
 from vnic.errors import FieldError, InvalidInput, Unauthenticated, VnicError, show_value
 from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT
+from vnic.model.launch import NIC_NAME, PRIMARY_NIC
 
 
 def agent_key(path: Path) -> str:
@@ -180,11 +181,15 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
     def set_link(
         _: Auth, session: str, vm: str, body: Annotated[dict[str, Any], Body()]
     ) -> Response:
-        """Set a QEMU guest's NIC link up or down (``{"up": true}``)."""
-        up = _fields(body, {"up"}, set())["up"]
+        """Set a QEMU guest's vNIC link up or down (``{"up": true, "nic": "eth1"}``; ``nic``
+        default eth0)."""
+        doc = _fields(body, {"up"}, {"nic"})
+        up, nic = doc["up"], doc.get("nic", PRIMARY_NIC)
         if not isinstance(up, bool):
             raise InvalidInput.one("up", up, "true or false")
-        agent.set_link(session, vm, up)
+        if not isinstance(nic, str) or not NIC_NAME.fullmatch(nic):
+            raise InvalidInput.one("nic", nic, "a vNIC name eth0 .. eth7")
+        agent.set_link(session, vm, up, nic)
         return Response(status_code=204)
 
     @app.get("/v1/doctor")

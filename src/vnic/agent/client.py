@@ -184,8 +184,8 @@ class AgentClient(AgentPort):
         answer = self._call("POST", path, json=body, timeout=call_timeout(timeout)).json()
         return ExecResult.from_dict(answer)
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        self._call("POST", f"/v1/vms/{session}/{vm}/link", json={"up": up})
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        self._call("POST", f"/v1/vms/{session}/{vm}/link", json={"up": up, "nic": nic})
 
     def doctor(self) -> dict[str, Any]:
         report: dict[str, Any] = self._call("GET", "/v1/doctor").json()

@@ -232,13 +232,18 @@ class Agent(AgentPort):
         driver = self.driver(kind or self.kind_of(session, vm))
         return driver.exec(session, vm, list(argv)).returncode
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        """Set a QEMU guest's NIC link (QMP ``set_link``); InvalidInput naming ``vm`` for a
-        VM whose driver has no link to set."""
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        """Set the link of a QEMU guest's vNIC ``nic`` (QMP ``set_link``); InvalidInput naming
+        ``vm`` for a VM whose driver has no link to set, NotFound for a vNIC it lacks."""
         kind = self.kind_of(session, vm)
         driver = self.driver(kind)
+        desired = self.state.get((session, vm))
+        if desired is not None and nic not in [n.name for n in desired.request.nics]:
+            raise NotFound(
+                f"vNIC of VM {session}/{vm}", nic, [n.name for n in desired.request.nics]
+            )
         try:
-            driver.set_link(session, vm, up)
+            driver.set_link(session, vm, up, nic)
         except Unsupported:
             raise InvalidInput.one(
                 "vm", f"{session}/{vm}", f"a QEMU guest (it runs on the {kind} driver)"

@@ -184,7 +184,7 @@ class AgentPort(Protocol):
         ``returncode`` None). The bounds are :func:`vnic.model.command.check_exec`'s
         (InvalidInput past them); :class:`~vnic.errors.Conflict` if the VM does not run."""
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
         """Set a QEMU guest's NIC link up or down (the guest sees its carrier go);
         InvalidInput naming ``vm`` for a VM of another driver."""
 

@@ -243,6 +243,7 @@ class ExecResultPublic(BaseModel):
 
 class VmLink(_Strict):
     up: bool = Field(description="The NIC's link: true up, false down (the guest sees carrier)")
+    nic: str = Field(default="eth0", description="The vNIC (eth0..eth7)")
 
 
 class NicPublic(BaseModel):

@@ -129,7 +129,7 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         """Set a running QEMU guest's NIC link up or down (QMP ``set_link``: the guest
         sees its carrier go). Admins only; a VM of another driver is refused (422)."""
         require_admin(who, "setting a VM's link")
-        manager.set_link(session, vm, body.up)
+        manager.set_link(session, vm, body.up, body.nic)
         return Response(status_code=204)
 
     @router.get("/v1/sessions/{session}/stats", response_model=list[dict[str, Any]])

@@ -82,8 +82,8 @@ class Backend(Protocol):
         seconds; ``driver`` is refused there."""
         ...
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        """Set the running QEMU guest's NIC link up or down."""
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        """Set the link of the running QEMU guest's vNIC ``nic`` up or down."""
         ...
 
     def doctor(self) -> dict[str, Any]:
@@ -163,8 +163,8 @@ class Embedded:
         self._manager(agent).running_vm(session, vm)
         return ExecResult(agent.exec_attached(session, vm, argv, driver))
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        self._manager().set_link(session, vm, up)
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        self._manager().set_link(session, vm, up, nic)
 
     def doctor(self) -> dict[str, Any]:
         from vnic.agent.core import local_agent
@@ -223,8 +223,8 @@ class Remote:
             )
         return self._client.exec_in_vm(session, vm, argv, timeout=timeout)
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        self._client.set_link(session, vm, up)
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        self._client.set_link(session, vm, up, nic)
 
     def doctor(self) -> dict[str, Any]:
         return self._client.doctor()

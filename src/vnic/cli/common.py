@@ -177,3 +177,16 @@ def pairs(items: Sequence[str], option: str) -> dict[str, str]:
             raise InvalidInput.one(option, item, "KEY=VALUE")
         found[key.strip()] = value.strip()
     return found
+
+
+def vm_and_nic(name: str) -> tuple[str, str]:
+    """``VM`` or ``VM/NIC`` as the commands take it: ``(vm, nic)``, eth0 when no vNIC is
+    named; an InvalidInput naming ``name`` for a vNIC name that is not eth0..eth7."""
+    from vnic.model.launch import NIC_NAME, PRIMARY_NIC
+
+    vm, slash, nic = name.partition("/")
+    if slash and not NIC_NAME.fullmatch(nic):
+        from vnic.errors import InvalidInput
+
+        raise InvalidInput.one("name", name, "VM or VM/NIC with a vNIC eth0 .. eth7")
+    return vm, nic or PRIMARY_NIC

@@ -86,8 +86,7 @@ def vm_adjust(
         from vnic.model.profile import parse_assignments, values_to_document
 
         ops = live()
-        vm, _, nic = name.partition("/")
-        nic = nic or "eth0"
+        vm, nic = cli.vm_and_nic(name)
         if clear:
             result = ops.clear(session, vm, source, nic)
         else:

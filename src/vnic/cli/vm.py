@@ -16,6 +16,7 @@ from vnic.cli.common import (
     pairs,
     run,
     service,
+    vm_and_nic,
 )
 
 app = typer.Typer(no_args_is_help=True, help="VMs in a session and their effective profiles.")
@@ -231,17 +232,18 @@ def vm_exec(
 @app.command("link")
 def vm_link(
     session: str,
-    name: str,
+    name: Annotated[str, typer.Argument(help="VM, or VM/NIC for one vNIC (VM alone: eth0).")],
     state: Annotated[str, typer.Argument(help="up or down")],
 ) -> None:
-    """Set a QEMU guest's NIC link up or down (QMP set_link: the guest sees its carrier go)."""
+    """Set a QEMU guest's vNIC link up or down (QMP set_link: the guest sees its carrier go)."""
 
     def body() -> None:
         from vnic.errors import InvalidInput
 
         if state not in ("up", "down"):
             raise InvalidInput.one("state", state, "up or down")
-        backend().set_link(session, name, state == "up")
+        vm, nic = vm_and_nic(name)
+        backend().set_link(session, vm, state == "up", nic)
         out.print(f"vm {session}/{name}: link {state}", markup=False)
 
     run(body)
@@ -332,9 +334,9 @@ def vm_set(
             raise InvalidInput.one(
                 "FIELD=VALUE", "", "at least one assignment, --unset or --profile"
             )
-        vm, _, nic = name.partition("/")
+        vm, nic = vm_and_nic(name)
         result, applied = service().update_vm_live(
-            session, vm, changes, dispatcher("netns"), nic=nic or "eth0"
+            session, vm, changes, dispatcher("netns"), nic=nic
         )
         if as_json:
             from vnic.manager import views
@@ -367,9 +369,10 @@ def vm_explain(
     the layer it came from (a VM of one vNIC: its table, as before VMs had several)."""
 
     def body() -> None:
-        vm, _, nic = name.partition("/")
+        vm, nic = vm_and_nic(name)
+        named = "/" in name
         e = service().explain(session, vm)
-        if nic and nic not in e.nics:
+        if named and nic not in e.nics:
             from vnic.errors import NotFound
 
             raise NotFound(f"vNIC of VM {session}/{vm}", nic, list(e.nics))
@@ -377,9 +380,9 @@ def vm_explain(
             from vnic.manager import views
 
             doc = views.explain_json(e)
-            emit_json(next(n for n in doc["nics"] if n["name"] == nic) if nic else doc)
+            emit_json(next(n for n in doc["nics"] if n["name"] == nic) if named else doc)
             return
-        if nic:
+        if named:
             out.print(render.nic_explanation_table(e, nic, all_fields=all_fields))
             return
         if len(e.nics) <= 1:

@@ -360,9 +360,10 @@ class ManagerClient:
         answer = self._call("POST", path, json=body, timeout=call_timeout(timeout))
         return ExecResult.from_dict(answer)
 
-    def set_link(self, session: str, name: str, up: bool) -> None:
-        """Set the running QEMU guest's NIC link up or down (admins only)."""
-        self._call("POST", f"/v1/sessions/{session}/vms/{name}/link", json={"up": up})
+    def set_link(self, session: str, name: str, up: bool, nic: str = "eth0") -> None:
+        """Set the link of the running QEMU guest's vNIC ``nic`` up or down (admins only)."""
+        body = {"up": up, "nic": nic}
+        self._call("POST", f"/v1/sessions/{session}/vms/{name}/link", json=body)
 
     def doctor(self) -> dict[str, Any]:
         """The manager's agent's host report, as ``vnic doctor --json`` prints it."""

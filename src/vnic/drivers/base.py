@@ -133,7 +133,7 @@ class Driver(ABC):
         (:func:`vnic.model.command.check_exec`). Default: refused, as :meth:`exec`."""
         raise Unsupported(f"the {self.kind} driver cannot run commands in VM {session}/{vm}")
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        """Set the VM's NIC link up or down (the VM sees its carrier go).
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        """Set the link of the VM's vNIC ``nic`` up or down (the VM sees its carrier go).
         Default: refused, the driver cannot."""
         raise Unsupported(f"the {self.kind} driver cannot set the link of VM {session}/{vm}")

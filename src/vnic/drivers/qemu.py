@@ -27,7 +27,7 @@ from vnic.drivers.qemu_guest import QemuGuest
 from vnic.errors import Conflict, DataplaneError
 from vnic.model.command import ExecResult
 from vnic.plan import names
-from vnic.plan.guest import NIC_ID
+from vnic.plan.guest import NIC_ID, nic_id
 
 
 class QemuDriver(HostedDriver):
@@ -82,9 +82,11 @@ class QemuDriver(HostedDriver):
             raise Conflict(f"VM {session}/{vm} is not running as a QEMU guest")
         return qemu.run_files(session, vm)
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        """Set the guest NIC's link up or down (QMP ``set_link``): the guest sees carrier go."""
-        qemu.qmp(self._running_guest(session, vm), "set_link", name=NIC_ID, up=up)
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        """Set the link of the guest's NIC of vNIC ``nic`` up or down (QMP ``set_link``):
+        the guest sees carrier go. The vNIC is checked by the agent (its desired state)."""
+        index = int(nic.removeprefix("eth"))
+        qemu.qmp(self._running_guest(session, vm), "set_link", name=nic_id(index), up=up)
 
     def status(self, session: str, vm: str) -> dict[str, Any]:
         """The guest as QMP and the guest agent see it: run state, accelerator, the MAC its NIC

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.port import AgentPort, DesiredVm, Gate, ReconcileReport, RepairEvent
-from vnic.errors import Conflict
+from vnic.errors import Conflict, NotFound
 from vnic.manager.auth import Tokens
 from vnic.manager.results import VmChange, VmInfo
 from vnic.manager.rows import audit_row
@@ -121,10 +121,14 @@ class Manager:
         self.running_vm(session, vm)
         return self.agent.exec(session, vm, argv, timeout=timeout, max_output=max_output)
 
-    def set_link(self, session: str, vm: str, up: bool) -> None:
-        """Set a running QEMU guest's NIC link up or down (:meth:`AgentPort.set_link`)."""
-        self.running_vm(session, vm)
-        self.agent.set_link(session, vm, up)
+    def set_link(self, session: str, vm: str, up: bool, nic: str = "eth0") -> None:
+        """Set the link of a running QEMU guest's vNIC ``nic`` up or down
+        (:meth:`AgentPort.set_link`); NotFound for a vNIC the VM does not have."""
+        info = self.running_vm(session, vm)
+        known = [n.name for n in info.nics]
+        if nic not in known:
+            raise NotFound(f"vNIC of VM {session}/{vm}", nic, known)
+        self.agent.set_link(session, vm, up, nic)
 
     def doctor(self) -> dict[str, Any]:
         """The agent's host report (:meth:`AgentPort.doctor`)."""
