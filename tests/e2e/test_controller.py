@@ -5,7 +5,7 @@
   the session's limits, refused beyond them, refused when it names another VM;
 - a scenario timeline changes the kernel on time;
 - a rule on eth1 of two-vNIC VMs fires on eth1's traffic and shapes eth1 only, while
-  eth0 carries as much;
+  eth0 carries as much; a VM's feedback naming eth1 changes eth1's kernel rate only;
 - every change leaves the fields it does not name as they were, and is audited.
 """
 
@@ -301,5 +301,37 @@ def test_a_rule_on_eth1_shapes_eth1_on_its_traffic_and_leaves_eth0(
         assert (entry["old"]["egress.rate"], entry["new"]["egress.rate"]) == ("10Mbit", "20Mbit")
         watched = {r["vnic"] for r in state["rules"]}
         assert watched == {"a/eth1", "b/eth1"}, state
+    finally:
+        stop(server, admin, session_name)
+
+
+def test_feedback_naming_eth1_changes_eth1_in_the_kernel_only(
+    home: Path, session_name: str
+) -> None:
+    limits = {
+        "feedback": {
+            "fields": ["egress.rate"],
+            "max": {"egress.rate": "30Mbit"},
+            "max_duration": "10m",
+            "per_minute": 20,
+        }
+    }
+    server, admin = start(home, session_name, limits, data=True)
+    try:
+        s = session_name
+        net = admin("GET", f"/v1/sessions/{s}")["network_id"]
+        status, answer = ask(s, "a", net, "GET", None)
+        assert status == 200 and [n["nic"] for n in answer["nics"]] == ["eth0", "eth1"], answer
+        status, answer = ask(s, "a", net, "POST", {"nic": "eth1", "set": {"egress.rate": "25Mbit"}})
+        assert status == 200 and answer["nic"] == "eth1", answer
+        assert egress_rate_bps(s, "a", "eth1") == 25 * MBIT
+        assert egress_rate_bps(s, "a") == 10 * MBIT
+        status, answer = ask(s, "a", net, "POST", {"nic": "eth3", "set": {"egress.rate": "5Mbit"}})
+        assert status == 422 and answer["fields"][0]["field"] == "nic", answer
+        (entry,) = admin("GET", "/v1/audit", params={"session": s, "vm": "a"})
+        assert (entry["source"], entry["nic"]) == ("feedback", "eth1")
+        status, _ = ask(s, "a", net, "DELETE", {"nic": "eth1"})
+        assert status == 200
+        assert egress_rate_bps(s, "a", "eth1") == 10 * MBIT
     finally:
         stop(server, admin, session_name)
