@@ -4,6 +4,8 @@
 - an application inside a VM asks the feedback endpoint for more bandwidth: granted within
   the session's limits, refused beyond them, refused when it names another VM;
 - a scenario timeline changes the kernel on time;
+- a rule on eth1 of two-vNIC VMs fires on eth1's traffic and shapes eth1 only, while
+  eth0 carries as much; a VM's feedback naming eth1 changes eth1's kernel rate only;
 - every change leaves the fields it does not name as they were, and is audited.
 """
 
@@ -20,21 +22,28 @@ from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.tc import read_classes
 from vnic.drivers.netns import NetnsDriver
 from vnic.lab import measure
+from vnic.model.launch import PRIMARY_NIC, link_unit
 from vnic.plan import names
 
 MBIT = 1_000_000
 
 
-def egress_rate_bps(session: str, vm: str) -> int:
-    """The rate of the VM's egress HTB root class, read from the kernel (bit/s)."""
+def egress_rate_bps(session: str, vm: str, nic: str = PRIMARY_NIC) -> int:
+    """The rate of the vNIC's egress HTB root class, read from the kernel (bit/s)."""
     with nsops.opened(names.session_netns(session)) as ns:
-        classes = read_classes(ns, names.VmLinks.of(vm).ifb)
+        classes = read_classes(ns, names.VmLinks.of(link_unit(vm, nic)).ifb)
     return int(classes[1].rate) * 8
 
 
 def start(
-    home: Path, session: str, controller: dict[str, Any] | None = None
+    home: Path,
+    session: str,
+    controller: dict[str, Any] | None = None,
+    *,
+    data: bool = False,
 ) -> tuple[Server, Client]:
+    """``vnic serve`` with session ``session`` and VMs a and b; ``data``: with network
+    ``data`` too, and each VM with a second vNIC (eth1) on it."""
     server = Server(home, "serve", "--controller-interval", "0.5", "--latency-interval", "2")
     token = admin_token(home)
     server.start()
@@ -42,10 +51,15 @@ def start(
     profile = {"name": "base", "egress": {"rate": "10Mbit"}, "ingress": {"rate": "50Mbit"}}
     admin("POST", "/v1/profiles", 201, json=profile)
     admin("POST", "/v1/sessions", 201, json={"name": session, "default_profile": "base"})
+    if data:
+        admin("POST", f"/v1/sessions/{session}/networks", 201, json={"name": "data"})
     if controller is not None:
         admin("PUT", f"/v1/sessions/{session}/controller", json=controller)
     for vm in ("a", "b"):
-        admin("POST", f"/v1/sessions/{session}/vms", 201, json={"name": vm, "launch": True})
+        body: dict[str, Any] = {"name": vm, "launch": True}
+        if data:
+            body["nics"] = [{}, {"network": "data"}]
+        admin("POST", f"/v1/sessions/{session}/vms", 201, json=body)
     return server, admin
 
 
@@ -231,5 +245,93 @@ def test_scenario_timeline_changes_the_kernel_on_time(home: Path, session_name: 
         done = admin("POST", f"/v1/sessions/{s}/scenarios/steps/stop")
         assert done["steps_applied"] == 3 and done["slip_p99_ms"] < 50, done
         assert egress_rate_bps(s, "b") == 10 * MBIT
+    finally:
+        stop(server, admin, session_name)
+
+
+def test_a_rule_on_eth1_shapes_eth1_on_its_traffic_and_leaves_eth0(
+    home: Path, session_name: str
+) -> None:
+    rule = {
+        "name": "busy-data",
+        "nic": "eth1",
+        "metric": "egress.utilisation",
+        "above": "80%",
+        "for": "0.5s",
+        "cooldown": "60s",
+        "action": {"scale": {"field": "egress.rate", "factor": 2, "ceiling": "20Mbit"}},
+    }
+    server, admin = start(home, session_name, {"rules": [rule]}, data=True)
+    try:
+        s = session_name
+        before = admin("GET", f"/v1/sessions/{s}/vms/a/explain")
+        eth0_b, eth1_b = (n["ipv4"] for n in admin("GET", f"/v1/sessions/{s}/vms/b")["nics"])
+        assert egress_rate_bps(s, "a", "eth1") == egress_rate_bps(s, "a") == 10 * MBIT
+        # Both vNICs of a saturated at once, each towards b's vNIC on the same network:
+        # only the rule's scope, eth1, decides which one is scaled.
+        results: dict[str, Any] = {}
+
+        def flow(nic: str, ip: str, port: int) -> None:
+            results[nic] = measure.iperf3(s, "a", "b", ip, seconds=3, omit=0, port=port)
+
+        flows = [
+            threading.Thread(target=flow, args=("eth0", eth0_b, 5201)),
+            threading.Thread(target=flow, args=("eth1", eth1_b, 5202)),
+        ]
+        for t in flows:
+            t.start()
+        fired = False
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and not fired:
+            fired = egress_rate_bps(s, "a", "eth1") == 20 * MBIT
+            time.sleep(0.1)
+        for t in flows:
+            t.join(timeout=30)
+        state = admin("GET", f"/v1/sessions/{s}/controller/state")
+        assert fired, state
+        assert set(results) == {"eth0", "eth1"}, "a flow failed"
+        assert egress_rate_bps(s, "a") == 10 * MBIT  # eth0, as busy, untouched
+        assert egress_rate_bps(s, "b", "eth1") == 10 * MBIT  # b's eth1 only acknowledged
+        after = admin("GET", f"/v1/sessions/{s}/vms/a/explain")
+        assert after["nics"][0] == before["nics"][0]  # eth0: every field and layer
+        source = after["nics"][1]["effective"]["fields"]["egress.rate"]["source"]
+        assert source["layer"] == "runtime" and source["detail"].startswith("rule:busy-data: ")
+        (entry,) = admin("GET", "/v1/audit", params={"session": s})
+        assert (entry["vm"], entry["nic"], entry["source"]) == ("a", "eth1", "rule:busy-data")
+        assert (entry["old"]["egress.rate"], entry["new"]["egress.rate"]) == ("10Mbit", "20Mbit")
+        watched = {r["vnic"] for r in state["rules"]}
+        assert watched == {"a/eth1", "b/eth1"}, state
+    finally:
+        stop(server, admin, session_name)
+
+
+def test_feedback_naming_eth1_changes_eth1_in_the_kernel_only(
+    home: Path, session_name: str
+) -> None:
+    limits = {
+        "feedback": {
+            "fields": ["egress.rate"],
+            "max": {"egress.rate": "30Mbit"},
+            "max_duration": "10m",
+            "per_minute": 20,
+        }
+    }
+    server, admin = start(home, session_name, limits, data=True)
+    try:
+        s = session_name
+        net = admin("GET", f"/v1/sessions/{s}")["network_id"]
+        status, answer = ask(s, "a", net, "GET", None)
+        assert status == 200 and [n["nic"] for n in answer["nics"]] == ["eth0", "eth1"], answer
+        status, answer = ask(s, "a", net, "POST", {"nic": "eth1", "set": {"egress.rate": "25Mbit"}})
+        assert status == 200 and answer["nic"] == "eth1", answer
+        assert egress_rate_bps(s, "a", "eth1") == 25 * MBIT
+        assert egress_rate_bps(s, "a") == 10 * MBIT
+        status, answer = ask(s, "a", net, "POST", {"nic": "eth3", "set": {"egress.rate": "5Mbit"}})
+        assert status == 422 and answer["fields"][0]["field"] == "nic", answer
+        (entry,) = admin("GET", "/v1/audit", params={"session": s, "vm": "a"})
+        assert (entry["source"], entry["nic"]) == ("feedback", "eth1")
+        status, _ = ask(s, "a", net, "DELETE", {"nic": "eth1"})
+        assert status == 200
+        assert egress_rate_bps(s, "a", "eth1") == 10 * MBIT
     finally:
         stop(server, admin, session_name)

@@ -13,7 +13,7 @@ from vnic.controller.engine import APPLY, REVERT, Controller, Decision
 from vnic.controller.rules import Rule, parse_rule
 from vnic.model.units import Duration, Rate
 
-KEY = ("s1", "web-1")
+KEY = ("s1", "web-1", "eth0")
 
 
 class Clock:
@@ -265,7 +265,7 @@ def test_vanished_vms_are_forgotten() -> None:
 def test_rules_are_kept_per_vm() -> None:
     clock = Clock()
     c = Controller([rule(**{"for": "1s"})], clock)
-    other = ("s1", "web-2")
+    other = ("s1", "web-2", "eth0")
     cur = {KEY: {"egress.rate": Rate(10**7)}, other: {"egress.rate": Rate(10**7)}}
     c.observe({KEY: {"egress.utilisation": 0.95}, other: {"egress.utilisation": 0.1}}, cur)
     clock.now += 1
@@ -280,8 +280,8 @@ def test_scope_by_glob_and_profile() -> None:
     clock = Clock()
     r = rule(vms="web-*", profile="lan", **{"for": "0s"})
     c = Controller([r], clock)
-    db = ("s1", "db-1")
-    wan = ("s1", "web-2")
+    db = ("s1", "db-1", "eth0")
+    wan = ("s1", "web-2", "eth0")
     samples = {k: {"egress.utilisation": 0.95} for k in (KEY, db, wan)}
     cur = {k: {"egress.rate": Rate(10**7)} for k in samples}
     got = c.observe(samples, cur, {KEY: {"base", "lan"}, db: {"lan"}, wan: {"wan"}})
@@ -338,3 +338,71 @@ def test_leaving_the_scope_reverts_a_fired_rule_with_revert() -> None:
     assert [(d.kind, d.vm) for d in got] == [(REVERT, "web-1")]
     assert "no longer in the rule's scope" in got[0].reason
     assert c.observe(sample, cur, {KEY: {"wan"}}) == []
+
+
+ETH1 = ("s1", "web-1", "eth1")
+
+
+def test_a_rule_without_nic_watches_eth0_only() -> None:
+    clock = Clock()
+    c = Controller([rule(**{"for": "0s"})], clock)
+    cur = {k: {"egress.rate": Rate(10**7)} for k in (KEY, ETH1)}
+    # eth1 saturated, eth0 idle: nothing fires (the rule is eth0's, as before).
+    assert (
+        c.observe({KEY: {"egress.utilisation": 0.1}, ETH1: {"egress.utilisation": 0.99}}, cur) == []
+    )
+    assert [s["vnic"] for s in c.state()] == ["web-1/eth0"]
+
+
+def test_a_rule_on_eth1_decides_for_eth1_with_its_own_sample_and_value() -> None:
+    clock = Clock()
+    action = {"scale": {"field": "egress.rate", "factor": 2}}
+    c = Controller([rule(nic="eth1", action=action, **{"for": "1s"})], clock)
+    cur = {KEY: {"egress.rate": Rate(10**7)}, ETH1: {"egress.rate": Rate(3 * 10**6)}}
+    both = {KEY: {"egress.utilisation": 0.99}, ETH1: {"egress.utilisation": 0.95}}
+    assert c.observe(both, cur) == []
+    clock.now += 1
+    (d,) = c.observe(both, cur)
+    assert (d.vm, d.nic, d.kind, d.source) == ("web-1", "eth1", APPLY, "rule:busy")
+    assert d.patch == {"egress.rate": Rate(6 * 10**6)}  # eth1's 3Mbit doubled, not eth0's
+    assert d.to_dict()["nic"] == "eth1"
+    (s,) = c.state()
+    assert (s["vm"], s["nic"], s["vnic"], s["armed"]) == ("web-1", "eth1", "web-1/eth1", False)
+
+
+def test_a_glob_keeps_one_state_per_vnic() -> None:
+    clock = Clock()
+    c = Controller([rule(nic="eth*", **{"for": "1s"})], clock)
+    cur = {k: {"egress.rate": Rate(10**7)} for k in (KEY, ETH1)}
+    c.observe({KEY: {"egress.utilisation": 0.95}, ETH1: {"egress.utilisation": 0.1}}, cur)
+    clock.now += 1
+    got = c.observe({KEY: {"egress.utilisation": 0.95}, ETH1: {"egress.utilisation": 0.99}}, cur)
+    assert [d.nic for d in got] == ["eth0"]  # eth1's wait only began now
+    clock.now += 1
+    got = c.observe({KEY: {"egress.utilisation": 0.95}, ETH1: {"egress.utilisation": 0.99}}, cur)
+    assert [d.nic for d in got] == ["eth1"]
+    assert sorted(s["vnic"] for s in c.state()) == ["web-1/eth0", "web-1/eth1"]
+
+
+def test_a_rule_on_a_network_needs_the_vnics_network() -> None:
+    clock = Clock()
+    c = Controller([rule(network="data", revert=True, **{"for": "0s"})], clock)
+    samples = {KEY: {"egress.utilisation": 0.95}, ETH1: {"egress.utilisation": 0.95}}
+    cur = {k: {"egress.rate": Rate(10**7)} for k in samples}
+    assert c.observe(samples, cur) == []  # networks unknown: the rule applies to none
+    got = c.observe(samples, cur, networks={KEY: "default", ETH1: "data"})
+    assert [(d.nic, d.kind) for d in got] == [("eth1", APPLY)]
+    clock.now += 1
+    # eth1 no longer on the network the rule names: reverted, naming the vNIC
+    got = c.observe(samples, cur, networks={KEY: "default", ETH1: "other"})
+    assert [(d.nic, d.kind) for d in got] == [("eth1", REVERT)]
+    assert got[0].reason.startswith("web-1/eth1 is no longer in the rule's scope")
+
+
+def test_a_vanished_vnic_is_forgotten_and_its_vm_kept() -> None:
+    clock = Clock()
+    c = Controller([rule(nic="eth*")], clock)
+    cur = {k: {"egress.rate": Rate(10**7)} for k in (KEY, ETH1)}
+    c.observe({KEY: {"egress.utilisation": 0.95}, ETH1: {"egress.utilisation": 0.95}}, cur)
+    c.observe({KEY: {"egress.utilisation": 0.95}}, cur)
+    assert [s["vnic"] for s in c.state()] == ["web-1/eth0"]

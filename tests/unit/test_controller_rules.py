@@ -122,6 +122,8 @@ def test_set_action_reads_dotted_and_nested_fields_with_the_profile_parsers() ->
             "repeat": True,
             "cooldown": "1h",
         },
+        {**BOOST, "nic": "eth[12]", "network": "data"},
+        {**BOOST, "nic": "eth1"},
     ],
 )
 def test_round_trip_is_canonical(doc: dict[str, Any]) -> None:
@@ -207,6 +209,12 @@ def test_canonical_document_spells_units() -> None:
         ),
         ({"action": {"profile": "no good"}}, "rules[3].action.profile", "letters"),
         ({"action": {"profile": "p"}, "repeat": True}, "rules[3].repeat", "scale action"),
+        ({"nic": "eth9"}, "rules[3].nic", "eth0..eth7"),
+        ({"nic": "wlan*"}, "rules[3].nic", "glob of them"),
+        ({"nic": 1}, "rules[3].nic", "vNIC name"),
+        ({"nic": "eth 1"}, "rules[3].nic", "vNIC name"),
+        ({"network": "Data Net"}, "rules[3].network", "network name"),
+        ({"network": ["data"]}, "rules[3].network", "network name"),
     ],
 )
 def test_errors_name_path_value_and_expectation(
@@ -286,3 +294,26 @@ def test_scope_by_glob_and_profile() -> None:
     assert not rule.applies_to("web-1", None)
     unscoped = parse_rule({k: v for k, v in BOOST.items() if k != "vms"})
     assert unscoped.applies_to("anything", None)
+
+
+def test_scope_by_vnic_and_network() -> None:
+    bare = {k: v for k, v in BOOST.items() if k != "vms"}
+    # Naming neither nic nor network: eth0 only, as before VMs had several vNICs.
+    old = parse_rule(bare)
+    assert old.applies_to("web-1", None, "eth0", "default")
+    assert not old.applies_to("web-1", None, "eth1", "default")
+    eth1 = parse_rule({**bare, "nic": "eth1"})
+    assert eth1.applies_to("web-1", None, "eth1", "data")
+    assert eth1.applies_to("web-1", None, "eth1", None)  # the network does not matter
+    assert not eth1.applies_to("web-1", None, "eth0", "data")
+    every = parse_rule({**bare, "nic": "eth*"})
+    assert all(every.applies_to("w", None, f"eth{i}", "any") for i in range(8))
+    data = parse_rule({**bare, "network": "data"})
+    assert data.applies_to("w", None, "eth0", "data")  # any vNIC on that network
+    assert data.applies_to("w", None, "eth3", "data")
+    assert not data.applies_to("w", None, "eth1", "default")
+    assert not data.applies_to("w", None, "eth1", None)  # network unknown: not applied
+    both = parse_rule({**bare, "nic": "eth[23]", "network": "data"})
+    assert both.applies_to("w", None, "eth2", "data")
+    assert not both.applies_to("w", None, "eth1", "data")
+    assert not both.applies_to("w", None, "eth2", "default")

@@ -127,6 +127,18 @@ def test_a_well_formed_request_reaches_the_decider(endpoint: Any) -> None:
     assert decider.malformed_calls == []
 
 
+def test_a_delete_or_get_naming_a_vnic_brings_its_body(endpoint: Any) -> None:
+    """``curl -X DELETE -d '{"nic": "eth1"}'``: the vNIC a hand-back is about."""
+    _, decider, port = endpoint
+    for method in (b"DELETE", b"GET"):
+        raw = post(b'{"nic": "eth1"}').replace(b"POST", method, 1)
+        assert parsed(exchange(port, raw))[0] == 200
+    assert decider.calls == [
+        ("lab", "a", "DELETE", {"nic": "eth1"}),
+        ("lab", "a", "GET", {"nic": "eth1"}),
+    ]
+
+
 @pytest.mark.parametrize(
     ("raw", "status", "field"),
     [

@@ -188,3 +188,23 @@ def test_defaults() -> None:
     assert p.enabled and p.fields == () and p.per_minute == 6 and p.max_duration is None
     got = p.check("a", {"set": {"egress.rate": "1mbit"}}, 0.0)
     assert isinstance(got, Refusal) and "allowed: none" in got.reason
+
+
+def test_a_request_names_one_of_the_vms_vnics() -> None:
+    p = policy(per_minute=4)
+    ask = {"set": {"egress.rate": "20mbit"}}
+    nics = ("eth0", "eth1")
+    grant = p.check("web", {**ask, "nic": "eth1"}, 0.0, nics)
+    assert isinstance(grant, Grant) and grant.nic == "eth1"
+    assert p.check("web", ask, 0.0, nics) == Grant({"egress.rate": Rate(20_000_000)}, None, 600.0)
+    for nic, expected in (
+        ("eth2", "a vNIC of VM web: eth0, eth1"),
+        ("eth9", "a vNIC name eth0..eth7"),
+    ):
+        with pytest.raises(InvalidInput) as exc:
+            p.check("web", {**ask, "nic": nic}, 0.0, nics)
+        assert [(e.path, e.expected) for e in exc.value.errors] == [("nic", expected)]
+    # The allowance is the VM's, whichever vNIC it asks for: the two grants and the two
+    # malformed requests used it up.
+    refused = p.check("web", {**ask, "nic": "eth0"}, 1.0, nics)
+    assert isinstance(refused, Refusal) and refused.retry_after is not None

@@ -62,6 +62,10 @@ def test_round_trip() -> None:
     doc = s.to_document()
     assert doc["duration"] == "2m"
     assert parse_scenario(doc) == s
+    assert s.nic == "eth0" and "nic" not in doc  # eth0 unless named
+    on_eth1 = parse_scenario({**DEGRADE, "nic": "eth1"})
+    assert on_eth1.nic == "eth1" and on_eth1.to_document()["nic"] == "eth1"
+    assert parse_scenario(on_eth1.to_document()) == on_eth1
 
 
 @pytest.mark.parametrize(
@@ -93,6 +97,8 @@ def test_round_trip() -> None:
         ({"vms": "a"}, "vms", "list"),
         ({"vms": ["a", "a"]}, "vms[1]", "each VM once"),
         ({"loop": "yes"}, "loop", "true or false"),
+        ({"nic": "eth8"}, "nic", "a vNIC name eth0..eth7"),
+        ({"nic": "eth*"}, "nic", "a vNIC name eth0..eth7"),
         ({"duration": "60s"}, "duration", "at least the time of the last step (90s)"),
         ({"field": "egress.rate"}, "field", "only with a trace"),
         ({"trace": [1, 2]}, "", "exactly one of steps"),

@@ -1,6 +1,9 @@
 """The rule engine: samples in, decisions out. Pure; the clock is injected.
 
-:class:`Controller` keeps, for every rule and VM, a small state machine::
+Samples, decisions and states are per vNIC: a key is ``(session, vm, nic)``, and a
+rule watches each vNIC in its scope (``vms``, ``profile``, ``nic``, ``network``; a
+rule naming no ``nic`` nor ``network`` watches eth0 only) on its own.
+:class:`Controller` keeps, for every rule and vNIC, a small state machine::
 
     armed --(condition held for `for`, cooldown over)--> fired   => "apply"
     fired --(metric back past threshold ∓ hysteresis)--> armed   (revert: false)
@@ -13,16 +16,17 @@
   actions only) a rule that stays fired steps again each time the condition has
   held another ``for`` and the cooldown is over — e.g. doubling a rate while
   the link stays saturated, up to the ceiling.
-* ``cooldown`` is the least time between two firings of a rule for one VM;
+* ``cooldown`` is the least time between two firings of a rule for one vNIC;
   reverts are not held back by it.
-* A ``scale`` action computes from the VM's current effective value, clamps
+* A ``scale`` action computes from the vNIC's current effective value, clamps
   to ``[floor, ceiling]`` and to the type's range, and gives no decision (and
   no firing) when the result equals the current value or the field is unset.
 * Utilisation missing from a sample is computed from the measured rate and
   the current profile rate when both are known.
-* VMs missing from ``samples`` are forgotten (their rule state is dropped).
-  A VM that leaves a rule's scope (``vms``, ``profile``) is forgotten too;
-  if the rule had fired and has ``revert: true``, that gives a "revert".
+* vNICs missing from ``samples`` are forgotten (their rule state is dropped).
+  A vNIC that leaves a rule's scope (``vms``, ``profile``, ``network``) is
+  forgotten too; if the rule had fired and has ``revert: true``, that gives a
+  "revert".
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from vnic.controller.rules import (
     show_metric_value,
 )
 from vnic.model.fields import OFF, dump_field
+from vnic.model.launch import PRIMARY_NIC
 from vnic.model.patch import dump_patch
 
 APPLY: Final = "apply"
@@ -49,12 +54,13 @@ REVERT: Final = "revert"
 #: Slack when comparing elapsed clock time with a rule's durations (float clocks).
 EPSILON: Final = 1e-9
 
-Key = tuple[str, str]
+#: ``(session, vm, nic)``: one vNIC.
+Key = tuple[str, str, str]
 
 
 @dataclass(frozen=True)
 class Decision:
-    """What a rule decided for one VM.
+    """What a rule decided for one vNIC (``nic`` of ``vm``).
 
     ``kind`` is ``"apply"`` (set the rule's adjustment: ``patch`` and/or
     ``profile``, for ``expires_after`` seconds or until removed) or
@@ -70,6 +76,7 @@ class Decision:
     patch: Mapping[str, Any] = field(default_factory=dict)
     profile: str | None = None
     expires_after: float | None = None
+    nic: str = PRIMARY_NIC
 
     @property
     def source(self) -> str:
@@ -80,6 +87,7 @@ class Decision:
         return {
             "session": self.session,
             "vm": self.vm,
+            "nic": self.nic,
             "rule": self.rule,
             "kind": self.kind,
             "reason": self.reason,
@@ -91,7 +99,7 @@ class Decision:
 
 @dataclass
 class _Track:
-    """The state of one rule for one VM."""
+    """The state of one rule for one vNIC."""
 
     holding_since: float | None = None
     clear_since: float | None = None
@@ -109,34 +117,39 @@ class Controller:
             raise ValueError(f"rule names must be unique, got {names}")
         self.rules: tuple[Rule, ...] = tuple(rules)
         self.clock = clock
-        self._tracks: dict[tuple[str, str, str], _Track] = {}
+        self._tracks: dict[tuple[str, str, str, str], _Track] = {}
 
     def observe(
         self,
         samples: Mapping[Key, Mapping[str, float]],
         current: Mapping[Key, Mapping[str, Any]],
         profiles: Mapping[Key, Collection[str]] | None = None,
+        networks: Mapping[Key, str] | None = None,
     ) -> list[Decision]:
-        """Feed the latest metric values per ``(session, vm)``; return what the rules decide.
+        """Feed the latest metric values per vNIC ``(session, vm, nic)``; return what the
+        rules decide.
 
-        ``current``: each VM's effective values (typed, as ``Effective.values``),
+        ``current``: each vNIC's effective values (typed, as ``Effective.values``),
         used by ``scale`` and to compute utilisation. ``profiles``: the names of
-        the profiles each VM's effective profile is built from (``Effective.revisions``),
+        the profiles each vNIC's effective profile is built from (``Effective.revisions``),
         needed only by rules with ``profile:`` — without it those rules do not apply.
-        Decisions come in the order of VMs (sorted), then rules.
+        ``networks``: each vNIC's network, needed only by rules with ``network:`` (the
+        same). Decisions come in the order of vNICs (sorted), then rules.
         """
         now = self.clock()
         profiles = profiles or {}
+        networks = networks or {}
         live = set(samples)
-        for key in [k for k in self._tracks if (k[1], k[2]) not in live]:
-            del self._tracks[key]
+        for gone_key in [k for k in self._tracks if k[1:] not in live]:
+            del self._tracks[gone_key]
         decisions: list[Decision] = []
-        for session, vm in sorted(samples):
-            metrics = samples[(session, vm)]
-            values = current.get((session, vm), {})
+        for key in sorted(samples):
+            session, vm, nic = key
+            metrics = samples[key]
+            values = current.get(key, {})
             for rule in self.rules:
-                tkey = (rule.name, session, vm)
-                if not rule.applies_to(vm, profiles.get((session, vm))):
+                tkey = (rule.name, session, vm, nic)
+                if not rule.applies_to(vm, profiles.get(key), nic, networks.get(key)):
                     gone = self._tracks.pop(tkey, None)
                     if gone is not None and gone.fired and rule.revert:
                         decisions.append(
@@ -145,24 +158,24 @@ class Controller:
                                 vm=vm,
                                 rule=rule.name,
                                 kind=REVERT,
-                                reason=f"{vm} is no longer in the rule's scope: reverted",
+                                reason=f"{vm}/{nic} is no longer in the rule's scope: reverted",
+                                nic=nic,
                             )
                         )
                     continue
                 track = self._tracks.setdefault(tkey, _Track())
-                decision = self._step(rule, track, session, vm, metrics, values, now)
+                decision = self._step(rule, track, key, metrics, values, now)
                 if decision is not None:
                     decisions.append(decision)
         return decisions
 
-    # ------------------------------------------------------------------ one rule, one VM
+    # ------------------------------------------------------------------ one rule, one vNIC
 
     def _step(
         self,
         rule: Rule,
         track: _Track,
-        session: str,
-        vm: str,
+        key: Key,
         metrics: Mapping[str, float],
         values: Mapping[str, Any],
         now: float,
@@ -194,7 +207,7 @@ class Controller:
                 elif cleared_for + EPSILON >= rule.for_s:
                     track.fired = False
                     track.clear_since = None
-                    return self._revert(rule, session, vm, value, cleared_for)
+                    return self._revert(rule, key, value, cleared_for)
             if track.fired and not (rule.repeat and holds):
                 return None
         if not holds or track.holding_since is None:
@@ -204,7 +217,7 @@ class Controller:
             return None
         if track.last_fired is not None and now - track.last_fired + EPSILON < rule.cooldown_s:
             return None
-        decision = self._apply(rule, session, vm, value, held, values)
+        decision = self._apply(rule, key, value, held, values)
         if decision is not None:
             track.fired = True
             track.last_fired = now
@@ -215,8 +228,7 @@ class Controller:
     def _apply(
         self,
         rule: Rule,
-        session: str,
-        vm: str,
+        key: Key,
         value: float,
         held: float,
         values: Mapping[str, Any],
@@ -242,6 +254,7 @@ class Controller:
         elif isinstance(action, SwitchProfile):
             profile = action.name
             reason += f": profile {action.name}"
+        session, vm, nic = key
         return Decision(
             session=session,
             vm=vm,
@@ -251,22 +264,24 @@ class Controller:
             patch=patch,
             profile=profile,
             expires_after=rule.expires_s,
+            nic=nic,
         )
 
     @staticmethod
-    def _revert(rule: Rule, session: str, vm: str, value: float, cleared_for: float) -> Decision:
+    def _revert(rule: Rule, key: Key, value: float, cleared_for: float) -> Decision:
         past = "at or below" if rule.direction == "above" else "at or above"
         reason = (
             f"{rule.metric} {show_metric_value(rule.kind, value)} {past} "
             f"{show_metric_value(rule.kind, rule.rearm_at)} for {show_seconds(cleared_for)}: "
             "reverted"
         )
-        return Decision(session=session, vm=vm, rule=rule.name, kind=REVERT, reason=reason)
+        session, vm, nic = key
+        return Decision(session=session, vm=vm, rule=rule.name, kind=REVERT, reason=reason, nic=nic)
 
     # ------------------------------------------------------------------ for the API
 
     def state(self) -> list[dict[str, Any]]:
-        """Every rule's state per VM, JSON-able: how long the condition has held,
+        """Every rule's state per vNIC, JSON-able (``vnic``: ``vm/nic``): how long the condition has held,
         whether the rule is armed, how long ago it fired, cooldown left.
 
         Times are seconds relative to now (the clock is monotonic, its absolute
@@ -275,7 +290,7 @@ class Controller:
         now = self.clock()
         out = []
         for rule in self.rules:
-            for (name, session, vm), t in sorted(self._tracks.items()):
+            for (name, session, vm, nic), t in sorted(self._tracks.items()):
                 if name != rule.name:
                     continue
                 cooldown_left = (
@@ -288,6 +303,8 @@ class Controller:
                         "rule": rule.name,
                         "session": session,
                         "vm": vm,
+                        "nic": nic,
+                        "vnic": f"{vm}/{nic}",
                         "metric": rule.metric,
                         "value": t.last_value,
                         "condition": rule.describe(),

@@ -12,7 +12,8 @@ In a session's controller settings::
       per_minute: 6
 
 A request is ``{"set": {...}}`` or ``{"profile": NAME}``, with an optional
-``duration`` (clamped to ``max_duration``; without one a grant lasts
+``nic`` (the vNIC of the VM it is about, default ``eth0``; one of the VM's
+vNICs, which the caller passes in), an optional ``duration`` (clamped to ``max_duration``; without one a grant lasts
 ``max_duration``, or until handed back when there is none) and an optional
 ``why`` (text for the audit log). :meth:`FeedbackPolicy.check` answers with a
 :class:`Grant` or a :class:`Refusal` whose reason names the field, the value
@@ -22,7 +23,9 @@ is an :class:`~vnic.errors.InvalidInput` instead.
 ``off`` asked for a field counts as no limit for a rate or peak (above any
 maximum) and as zero for anything else (below any minimum).
 
-Rate limiting counts *granted* and *malformed* requests per VM over the last
+The limits are the same for every vNIC of a VM, and a grant changes the vNIC
+named only. Rate limiting counts *granted* and *malformed* requests per VM (all
+its vNICs together: more vNICs do not buy more requests) over the last
 60 s of the injected clock (a refusal by the limits does not count); a VM that
 has used up ``per_minute`` is refused before its request's fields are parsed (the
 endpoint has read its body, at most 16 KiB), so a flood of malformed requests costs
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -51,6 +54,8 @@ from vnic.controller._parse import (
 )
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.fields import FIELDS, OFF, Loss, dump_field
+from vnic.model.launch import PRIMARY_NIC
+from vnic.model.network import parse_nic_name
 from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate
@@ -64,7 +69,7 @@ POLICY_KEYS: Final = (
     "max_duration",
     "per_minute",
 )
-REQUEST_KEYS: Final = ("set", "profile", "duration", "why")
+REQUEST_KEYS: Final = ("set", "profile", "nic", "duration", "why")
 #: Fields a VM may never ask for (its MAC pool is fixed once it runs).
 NEVER: Final = ("mac_range",)
 ASKABLE: Final = tuple(p for p in FIELDS if p not in NEVER)
@@ -95,14 +100,15 @@ def _show(path: str, value: Any) -> str:
 
 @dataclass(frozen=True)
 class Grant:
-    """A request that may be carried out: typed ``values`` and/or ``profile``, for
-    ``duration`` seconds (None = until handed back). ``clamped``: the asked duration
-    was shortened to the session's ``max_duration``."""
+    """A request that may be carried out on vNIC ``nic``: typed ``values`` and/or
+    ``profile``, for ``duration`` seconds (None = until handed back). ``clamped``: the
+    asked duration was shortened to the session's ``max_duration``."""
 
     values: Mapping[str, Any] = field(default_factory=dict)
     profile: str | None = None
     duration: float | None = None
     clamped: bool = False
+    nic: str = PRIMARY_NIC
 
 
 @dataclass(frozen=True)
@@ -147,12 +153,15 @@ class FeedbackPolicy:
 
     # ------------------------------------------------------------------ requests
 
-    def check(self, vm: str, request: Any, now: float) -> Grant | Refusal:
-        """Decide on ``vm``'s ``request`` at ``now`` (monotonic seconds).
+    def check(
+        self, vm: str, request: Any, now: float, nics: Sequence[str] = (PRIMARY_NIC,)
+    ) -> Grant | Refusal:
+        """Decide on ``vm``'s ``request`` at ``now`` (monotonic seconds); ``nics``: the
+        names of the VM's vNICs, the ones the request may name.
 
         Raises :class:`InvalidInput` for a malformed request (paths ``set.…``,
-        ``profile``, ``duration``). A grant and a malformed request count towards
-        ``per_minute``; beyond it the request is refused unread.
+        ``profile``, ``nic``, ``duration``). A grant and a malformed request count
+        towards ``per_minute``; beyond it the request is refused unread.
         """
         if not self.enabled:
             return Refusal("feedback is disabled in this session")
@@ -162,6 +171,7 @@ class FeedbackPolicy:
             return over
         try:
             values, profile, asked = parse_request(request)
+            nic = request_nic(request, vm, nics)
         except InvalidInput:
             self.malformed(vm, now)
             raise
@@ -189,7 +199,7 @@ class FeedbackPolicy:
             if over is not None:
                 return over
             self._history[vm].append(now)
-        return Grant(values=values, profile=profile, duration=duration, clamped=clamped)
+        return Grant(values=values, profile=profile, duration=duration, clamped=clamped, nic=nic)
 
     def malformed(self, vm: str, now: float) -> Refusal | None:
         """Count a malformed request of ``vm`` at ``now`` towards ``per_minute`` (the
@@ -267,6 +277,14 @@ def parse_request(request: Any) -> tuple[dict[str, Any], str | None, float | Non
     if why is not None and (not isinstance(why, str) or len(why) > 500):
         raise InvalidInput.one("why", why, "text of at most 500 characters")
     return values, profile, duration
+
+
+def request_nic(request: Mapping[str, Any], vm: str, nics: Sequence[str]) -> str:
+    """The vNIC a request of ``vm`` names (``nic``, default eth0): one of ``nics``."""
+    nic = parse_nic_name(request.get("nic", PRIMARY_NIC), "nic")
+    if nic not in nics:
+        raise InvalidInput.one("nic", nic, f"a vNIC of VM {vm}: {', '.join(nics)}")
+    return nic
 
 
 # --------------------------------------------------------------------------- the policy

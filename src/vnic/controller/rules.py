@@ -1,11 +1,16 @@
 """Threshold rules: "when this metric stays above (below) that value for so long, do this".
 
 A rule belongs to a session's controller settings; ``vms`` (a glob of VM
-names) and ``profile`` (only VMs whose effective profile is built from that
-profile) narrow it to some VMs. Documents look like::
+names) and ``profile`` (only vNICs whose effective profile is built from that
+profile) narrow it to some VMs. A rule watches each vNIC of those VMs on its own:
+``nic`` (a vNIC name or a glob of them, ``eth1``, ``eth*``) and ``network`` (a
+network of the session) say which; a rule naming neither watches ``eth0`` only,
+as rules did before VMs had several vNICs. Documents look like::
 
     name: boost-when-busy
     vms: "web-*"
+    nic: "eth*"
+    network: data
     metric: egress.utilisation
     above: 0.9
     for: 5s
@@ -59,7 +64,9 @@ from vnic.controller._parse import (
 )
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.fields import dump_field
+from vnic.model.launch import MAX_NICS, PRIMARY_NIC
 from vnic.model.limits import CONTROLLER_RULES_MAX, check_count
+from vnic.model.network import parse_network_name
 from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import parse_name
 from vnic.model.units import ByteSize, Duration, Probability, Rate, UnitError
@@ -108,6 +115,8 @@ RULE_KEYS: Final = (
     "name",
     "vms",
     "profile",
+    "nic",
+    "network",
     "metric",
     "above",
     "below",
@@ -121,6 +130,12 @@ RULE_KEYS: Final = (
 )
 _GLOB: Final = re.compile(r"[A-Za-z0-9._*?\[\]!-]{1,64}")
 GLOB_EXPECTED: Final = "a glob of VM names such as web-* (letters, digits, . _ - * ? [ ])"
+_NIC_GLOB: Final = re.compile(r"[a-z0-9*?\[\]!-]{1,16}")
+#: Every vNIC name a VM may have: a ``nic`` glob must match one of them.
+NIC_NAMES: Final = tuple(f"eth{i}" for i in range(MAX_NICS))
+NIC_GLOB_EXPECTED: Final = (
+    f"a vNIC name {NIC_NAMES[0]}..{NIC_NAMES[-1]} or a glob of them such as eth* or eth[12]"
+)
 
 
 def scalar_type(path: str) -> ScalarType:
@@ -321,6 +336,8 @@ class Rule:
     repeat: bool = False
     vms: str | None = None
     profile: str | None = None
+    nic: str | None = None
+    network: str | None = None
 
     @property
     def kind(self) -> str:
@@ -341,10 +358,25 @@ class Rule:
         """Whether ``value`` is back past the hysteresis band."""
         return value <= self.rearm_at if self.direction == "above" else value >= self.rearm_at
 
-    def applies_to(self, vm: str, profiles: Collection[str] | None) -> bool:
-        """Whether the rule watches ``vm``; ``profiles`` = the profiles its effective
-        profile is built from (None = unknown: a rule with ``profile`` then does not apply)."""
+    def applies_to(
+        self,
+        vm: str,
+        profiles: Collection[str] | None,
+        nic: str = PRIMARY_NIC,
+        network: str | None = None,
+    ) -> bool:
+        """Whether the rule watches vNIC ``nic`` of ``vm``, on ``network`` (None =
+        unknown: a rule with ``network`` then does not apply); ``profiles`` = the
+        profiles the vNIC's effective profile is built from (None = unknown: a rule
+        with ``profile`` then does not apply). A rule with neither ``nic`` nor
+        ``network`` watches eth0 only."""
         if self.vms is not None and not fnmatchcase(vm, self.vms):
+            return False
+        if self.nic is None and self.network is None and nic != PRIMARY_NIC:
+            return False
+        if self.nic is not None and not fnmatchcase(nic, self.nic):
+            return False
+        if self.network is not None and network != self.network:
             return False
         return self.profile is None or (profiles is not None and self.profile in profiles)
 
@@ -359,6 +391,10 @@ class Rule:
             doc["vms"] = self.vms
         if self.profile is not None:
             doc["profile"] = self.profile
+        if self.nic is not None:
+            doc["nic"] = self.nic
+        if self.network is not None:
+            doc["network"] = self.network
         doc["metric"] = self.metric
         doc[self.direction] = dump_metric_value(self.kind, self.threshold)
         doc["for"] = dump_span(self.for_s)
@@ -392,6 +428,20 @@ def parse_rule(doc: Any, path: str = "rules[0]") -> Rule:
     profile = None
     if doc.get("profile") is not None:
         profile = collect(errors, lambda: parse_name(doc["profile"], at("profile")), None)
+    nic = None
+    if doc.get("nic") is not None:
+        raw = doc["nic"]
+        if (
+            isinstance(raw, str)
+            and _NIC_GLOB.fullmatch(raw)
+            and any(fnmatchcase(n, raw) for n in NIC_NAMES)
+        ):
+            nic = raw
+        else:
+            errors.append(FieldError(at("nic"), show_value(raw), NIC_GLOB_EXPECTED))
+    network = None
+    if doc.get("network") is not None:
+        network = collect(errors, lambda: parse_network_name(doc["network"], at("network")), None)
     metric = doc.get("metric")
     if metric not in METRICS:
         errors.append(FieldError(at("metric"), show_value(metric), "one of " + ", ".join(METRICS)))
@@ -460,6 +510,8 @@ def parse_rule(doc: Any, path: str = "rules[0]") -> Rule:
         repeat=repeat,
         vms=vms,
         profile=profile,
+        nic=nic,
+        network=network,
     )
 
 

@@ -4,6 +4,7 @@ A timeline::
 
     name: degrade
     vms: [a, b]          # default: every VM of the session (the caller's choice)
+    nic: eth1            # the vNIC of each VM it changes (default eth0)
     loop: false
     duration: 120s       # optional: length of one run (the period when looping);
                          # default: the time of the last step
@@ -55,6 +56,8 @@ from vnic.controller._parse import (
 )
 from vnic.controller.trace import Trace, parse_trace, window_ms
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.launch import PRIMARY_NIC
+from vnic.model.network import parse_nic_name
 from vnic.model.patch import dump_patch, join, read_patch
 from vnic.model.profile import parse_name
 from vnic.model.units import Rate
@@ -63,6 +66,7 @@ SCENARIO_KEYS: Final = (
     "name",
     "description",
     "vms",
+    "nic",
     "loop",
     "duration",
     "steps",
@@ -134,7 +138,8 @@ class ScenarioLayer:
 class Scenario:
     """A validated scenario. ``duration`` is the length of one run in seconds (the
     period when ``loop``); ``trace``/``fields``/``window`` are set for a trace replay,
-    whose ``steps`` are computed from it."""
+    whose ``steps`` are computed from it. ``nic``: the vNIC of each VM whose layer the
+    scenario writes."""
 
     name: str
     steps: tuple[Step, ...]
@@ -145,6 +150,7 @@ class Scenario:
     trace: Trace | None = None
     fields: tuple[str, ...] = ()
     window: float = DEFAULT_WINDOW
+    nic: str = PRIMARY_NIC
 
     def to_document(self) -> dict[str, Any]:
         doc: dict[str, Any] = {"name": self.name}
@@ -152,6 +158,8 @@ class Scenario:
             doc["description"] = self.description
         if self.vms:
             doc["vms"] = list(self.vms)
+        if self.nic != PRIMARY_NIC:
+            doc["nic"] = self.nic
         doc["loop"] = self.loop
         if self.trace is not None:
             doc["trace"] = list(self.trace.timestamps_ms)
@@ -200,6 +208,9 @@ def parse_scenario(
                     errors.append(FieldError(at(f"vms[{i}]"), show_value(vm), "each VM once"))
                 elif got is not None:
                     vms.append(got)
+    nic = collect(
+        errors, lambda: parse_nic_name(doc.get("nic", PRIMARY_NIC), at("nic")), PRIMARY_NIC
+    )
     loop = collect(errors, lambda: boolean(doc.get("loop", False), at("loop")), False)
     has_steps, has_trace = "steps" in doc, "trace" in doc
     steps: tuple[Step, ...] = ()
@@ -274,6 +285,7 @@ def parse_scenario(
         trace=trace,
         fields=fields,
         window=window,
+        nic=nic,
     )
 
 

@@ -8,6 +8,11 @@ module feeds them samples and time and carries their decisions out through
 :class:`~vnic.manager.runtime.Runtime` and
 :meth:`~vnic.manager.dispatch.Manager.reapply`. Clocks are injected: ``clock``
 (monotonic seconds) for durations, the service's clock for expiry times.
+
+Everything here is per vNIC: a rule watches each vNIC in its scope (its samples
+are that vNIC's, from the ``nics`` of the agent's stats document of its VM) and
+adjusts that vNIC; a feedback request and a scenario name the vNIC they change
+(``nic``, default eth0).
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from typing import Any, Protocol
 
 from vnic.agent.port import AgentPort
 from vnic.controller.engine import Controller, Decision
-from vnic.controller.feedback import FeedbackPolicy, Grant, parse_feedback_policy
+from vnic.controller.feedback import (
+    FeedbackPolicy,
+    Grant,
+    parse_feedback_policy,
+    request_nic,
+)
 from vnic.controller.rules import parse_rules
 from vnic.controller.scenario import parse_scenario
 from vnic.controller.scenario_run import ScenarioRun
@@ -30,6 +40,7 @@ from vnic.errors import Conflict, InvalidInput, NotFound, VnicError
 from vnic.manager.results import VmChange
 from vnic.manager.runtime import Runtime
 from vnic.manager.service import Service
+from vnic.model.launch import PRIMARY_NIC
 from vnic.model.profile import values_to_document
 
 log = logging.getLogger("vnic.controller")
@@ -37,7 +48,8 @@ log = logging.getLogger("vnic.controller")
 #: Seconds between two controller rounds (samples, rules, expiry).
 INTERVAL = 1.0
 
-Key = tuple[str, str]
+#: ``(session, vm, nic)``: one vNIC.
+Key = tuple[str, str, str]
 
 
 def sample_metrics(
@@ -66,6 +78,16 @@ def sample_metrics(
     return out
 
 
+def nic_samples(doc: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """Every vNIC's sample of an agent's stats document of one VM: its ``nics`` (each
+    with ``nic``); a document without them (an agent of the previous release) is
+    eth0's sample itself."""
+    nics = doc.get("nics")
+    if isinstance(nics, list) and nics:
+        return [n for n in nics if isinstance(n, Mapping)]
+    return [doc]
+
+
 def _drops(sample: Mapping[str, Any]) -> int:
     total = 0
     for direction in ("egress", "ingress"):
@@ -80,6 +102,7 @@ class _ScenarioTask:
     name: str
     vms: Sequence[str]
     run: ScenarioRun
+    nic: str
     thread: threading.Thread | None = None
     wake: threading.Event = field(default_factory=threading.Event)
     slips: list[float] = field(default_factory=list)
@@ -164,8 +187,8 @@ class LiveControl:
                 self._controllers.pop(session, None)
                 continue
             controller = self._controller(session, doc)
-            samples, current, profiles = self._observe(session)
-            for decision in controller.observe(samples, current, profiles):
+            samples, current, profiles, networks = self._observe(session)
+            for decision in controller.observe(samples, current, profiles, networks):
                 self._carry_out(decision)
                 decisions.append(decision)
         return decisions
@@ -180,29 +203,39 @@ class LiveControl:
 
     def _observe(
         self, session: str
-    ) -> tuple[dict[Key, dict[str, float]], dict[Key, Any], dict[Key, set[str]]]:
-        """Rule metrics, effective values and profiles in use of the session's running VMs."""
+    ) -> tuple[dict[Key, dict[str, float]], dict[Key, Any], dict[Key, set[str]], dict[Key, str]]:
+        """Rule metrics, effective values, profiles in use and networks of every vNIC of
+        the session's running VMs."""
         now = self.clock()
         samples: dict[Key, dict[str, float]] = {}
-        for sample in self.manager.agent.stats(session):
-            key = (session, str(sample["vm"]))
-            before = self._previous.get(key)
-            dt = now - before[0] if before else 0.0
-            samples[key] = sample_metrics(sample, before[1] if before else None, dt)
-            self._previous[key] = (now, sample)
+        seen: set[Key] = set()
+        for doc in self.manager.agent.stats(session):
+            for sample in nic_samples(doc):
+                key = (session, str(doc["vm"]), str(sample.get("nic") or PRIMARY_NIC))
+                before = self._previous.get(key)
+                dt = now - before[0] if before else 0.0
+                samples[key] = sample_metrics(sample, before[1] if before else None, dt)
+                self._previous[key] = (now, sample)
+                seen.add(key)
+        # A vNIC gone from the samples starts afresh (no drops rate across a rebuild).
+        for key in [k for k in self._previous if k[0] == session and k not in seen]:
+            del self._previous[key]
         current: dict[Key, Any] = {}
         profiles: dict[Key, set[str]] = {}
-        for vm, effective in self.manager.service.running_effective(session).items():
-            current[(session, vm)] = dict(effective.values)
-            profiles[(session, vm)] = set(effective.revisions)
-        return samples, current, profiles
+        networks: dict[Key, str] = {}
+        running = self.manager.service.running_effective(session)
+        for (vm, nic), (network, effective) in running.items():
+            current[(session, vm, nic)] = dict(effective.values)
+            profiles[(session, vm, nic)] = set(effective.revisions)
+            networks[(session, vm, nic)] = network
+        return samples, current, profiles, networks
 
     def _carry_out(self, d: Decision) -> None:
         runtime = self.manager.runtime
         source = f"rule:{d.rule}"
         try:
             if d.kind == "revert":
-                runtime.clear(d.session, d.vm, source, d.reason)
+                runtime.clear(d.session, d.vm, source, d.reason, nic=d.nic)
             else:
                 expires = (
                     self.manager.service.clock() + timedelta(seconds=d.expires_after)
@@ -218,11 +251,13 @@ class LiveControl:
                     profile=d.profile,
                     expires_at=expires,
                     driver=self.manager.agent,
+                    nic=d.nic,
                 )
             changes = self.manager.reapply(session=d.session, vm=d.vm)
-            self._event(d.session, d.vm, source, d.kind, d.reason, error=_errors(changes))
+            error = _errors(changes)
+            self._event(d.session, d.vm, source, d.kind, d.reason, error=error, nic=d.nic)
         except VnicError as exc:
-            self._event(d.session, d.vm, source, d.kind, d.reason, error=str(exc))
+            self._event(d.session, d.vm, source, d.kind, d.reason, error=str(exc), nic=d.nic)
 
     def _event(
         self,
@@ -232,13 +267,16 @@ class LiveControl:
         kind: str,
         reason: str,
         error: str | None = None,
+        nic: str | None = None,
     ) -> None:
+        """Keep an event; ``nic``: the vNIC it is about (None: the scenario or session)."""
         with self._lock:
             self.events.append(
                 {
                     "at": self.manager.service.clock(),
                     "session": session,
                     "vm": vm,
+                    "nic": nic,
                     "source": source,
                     "kind": kind,
                     "reason": reason,
@@ -263,7 +301,10 @@ class LiveControl:
     def feedback(
         self, session: str, vm: str, method: str, body: Mapping[str, Any]
     ) -> tuple[int, dict[str, Any]]:
-        """Answer a request from VM ``vm`` (known by its address) of ``session``."""
+        """Answer a request from VM ``vm`` (known by its address) of ``session``, about
+        its vNIC ``body["nic"]`` (default eth0): a GET shows every vNIC's effective
+        profile (``effective``: the named vNIC's), a DELETE hands that vNIC's grant back,
+        a POST asks for one on it."""
         claimed = body.get("vm")
         if claimed is not None and claimed != vm:
             return 403, {
@@ -273,11 +314,25 @@ class LiveControl:
         runtime = self.manager.runtime
         policy = self._policy(session, runtime.controller(session).get("feedback"))
         if method == "GET":
-            values = self.manager.service.explain(session, vm).effective.values
+            explained = self.manager.service.explain(session, vm)
+            try:
+                nic = request_nic(body, vm, list(explained.nics))
+            except InvalidInput as exc:
+                return 422, exc.to_dict()
+            networks = {n.name: n.network for n in explained.vm.nics}
             return 200, {
                 "vm": vm,
                 "session": session,
-                "effective": values_to_document(values),
+                "nic": nic,
+                "effective": values_to_document(explained.nics[nic].values),
+                "nics": [
+                    {
+                        "nic": name,
+                        "network": networks.get(name),
+                        "effective": values_to_document(eff.values),
+                    }
+                    for name, eff in explained.nics.items()
+                ],
                 "limits": policy.to_document() if policy else None,
             }
         if policy is None or not policy.enabled:
@@ -285,17 +340,25 @@ class LiveControl:
                 "error": "forbidden",
                 "message": f"session {session!r} does not accept feedback (no feedback limits in its controller)",
             }
+        nics = [n.name for n in self.manager.service.get_vm(session, vm).nics]
         if method == "DELETE":
-            changed = runtime.clear(session, vm, "feedback", f"handed back by {vm}")
+            try:
+                nic = request_nic(body, vm, nics)
+            except InvalidInput as exc:
+                return 422, exc.to_dict()
+            changed = runtime.clear(session, vm, "feedback", f"handed back by {vm}", nic=nic)
             self.manager.reapply(session=session, vm=vm)
-            return 200, {"vm": vm, "changed": _fields(changed)}
+            return 200, {"vm": vm, "nic": nic, "changed": _fields(changed)}
         request = {k: v for k, v in body.items() if k != "vm"}
         try:
-            decision = policy.check(vm, request, self.clock())
+            decision = policy.check(vm, request, self.clock(), nics)
         except InvalidInput as exc:
             return 422, exc.to_dict()
         if not isinstance(decision, Grant):
-            self._event(session, vm, "feedback", "refused", decision.reason)
+            # A request refused unread (too many) may name anything: only a vNIC of the VM.
+            asked = body.get("nic", PRIMARY_NIC)
+            named = asked if asked in nics else None
+            self._event(session, vm, "feedback", "refused", decision.reason, nic=named)
             answer: dict[str, Any] = {"error": "forbidden", "message": decision.reason}
             if decision.retry_after is not None:
                 answer["retry_after"] = round(decision.retry_after, 3)
@@ -316,13 +379,16 @@ class LiveControl:
                 profile=decision.profile,
                 expires_at=expires,
                 driver=self.manager.agent,
+                nic=decision.nic,
             )
             changes = self.manager.reapply(session=session, vm=vm, strict=True)
         except VnicError as exc:
             return exc.http_status, exc.to_dict()
-        self._event(session, vm, "feedback", "apply", reason, error=_errors(changes))
+        error = _errors(changes)
+        self._event(session, vm, "feedback", "apply", reason, error=error, nic=decision.nic)
         return 200, {
             "vm": vm,
+            "nic": decision.nic,
             "granted": True,
             "expires_at": expires.isoformat() if expires else None,
             "changed": _fields(changed),
@@ -351,27 +417,38 @@ class LiveControl:
     # ------------------------------------------------------------------ scenarios
 
     def start_scenario(self, session: str, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """Start a scenario (a timeline or a trace) on the session's VMs; returns its state."""
+        """Start a scenario (a timeline or a trace) on the session's VMs (its ``vms``, or
+        every VM that has its ``nic``); returns its state."""
         scenario = parse_scenario(doc)
         service = self.manager.service
-        known = {v.name: v for v in service.list_vms(session)}
-        vms = list(scenario.vms) or sorted(known)
+        nic = scenario.nic
+        known = {v.name: [n.name for n in v.nics] for v in service.list_vms(session)}
+        vms = list(scenario.vms) or sorted(vm for vm, nics in known.items() if nic in nics)
         for i, vm in enumerate(vms):
             if vm not in known:
                 raise InvalidInput.one(f"vms[{i}]", vm, f"a VM of session {session!r}")
+            if nic not in known[vm]:
+                raise InvalidInput.one(
+                    "nic", nic, f"a vNIC of every VM it changes ({vm} has {', '.join(known[vm])})"
+                )
+        if not vms and nic != PRIMARY_NIC:
+            raise InvalidInput.one("nic", nic, f"a vNIC of a VM of session {session!r}")
         key = (session, scenario.name)
         with self._lock:
             old = self._scenarios.get(key)
             if old is not None and old.run.state in ("running", "paused"):
                 raise Conflict(f"scenario {scenario.name!r} already runs in session {session!r}")
-            task = _ScenarioTask(session, scenario.name, vms, ScenarioRun(scenario, self.clock))
+            task = _ScenarioTask(
+                session, scenario.name, vms, ScenarioRun(scenario, self.clock), nic
+            )
             self._scenarios[key] = task
         task.run.start()
         task.thread = threading.Thread(
             target=self._play, args=(task,), name=f"vnic-scenario-{scenario.name}", daemon=True
         )
         task.thread.start()
-        self._event(session, None, f"scenario:{scenario.name}", "start", f"on {', '.join(vms)}")
+        where = f"on {', '.join(vms)}" + ("" if nic == PRIMARY_NIC else f" ({nic})")
+        self._event(session, None, f"scenario:{scenario.name}", "start", where)
         return self._scenario_json(task)
 
     def scenario(self, session: str, name: str, action: str) -> dict[str, Any]:
@@ -431,7 +508,9 @@ class LiveControl:
             if run.state == "stopped" or task.error:
                 for vm in task.vms:
                     try:
-                        self.manager.runtime.clear(task.session, vm, source, "scenario stopped")
+                        self.manager.runtime.clear(
+                            task.session, vm, source, "scenario stopped", nic=task.nic
+                        )
                     except VnicError:
                         continue
                 self.manager.reapply(session=task.session)
@@ -454,9 +533,10 @@ class LiveControl:
                     profile=layer.profile,
                     audit=audit,
                     driver=self.manager.agent,
+                    nic=task.nic,
                 )
             else:
-                runtime.clear(task.session, vm, source, reason)
+                runtime.clear(task.session, vm, source, reason, nic=task.nic)
         self.manager.reapply(session=task.session)
         task.applied += 1
 
@@ -467,6 +547,7 @@ class LiveControl:
             "session": task.session,
             "name": task.name,
             "vms": list(task.vms),
+            "nic": task.nic,
             "state": task.run.state,
             "position_s": round(task.run.position(), 3),
             "steps_applied": task.applied,

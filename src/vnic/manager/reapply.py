@@ -11,7 +11,7 @@ from vnic.errors import DataplaneError
 from vnic.manager.core import ServiceCore, applied_nic, applied_state
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row, field_changes
-from vnic.model.launch import PRIMARY_NIC, LaunchRequest
+from vnic.model.launch import LaunchRequest
 from vnic.model.profile import values_to_document
 from vnic.model.resolve import Effective
 from vnic.store.models import VmRow
@@ -126,9 +126,13 @@ class Reapplying(ServiceCore):
             raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
         return changes
 
-    def running_effective(self, session: str) -> dict[str, Effective]:
-        """The effective profile of each running VM of ``session`` (its eth0's: the
-        controller's samples are per VM), by name, in one transaction (what the
-        controller compares its samples with)."""
+    def running_effective(self, session: str) -> dict[tuple[str, str], tuple[str, Effective]]:
+        """Every vNIC of each running VM of ``session``, ``(vm, nic) -> (its network's
+        name, its effective profile)``, in one transaction (what the controller compares
+        its samples per vNIC with)."""
         with self.db.reading() as s:
-            return {row.name: effs[PRIMARY_NIC] for row, effs in self._running(s, session)}
+            return {
+                (row.name, nic.name): (nic.network.name, effs[nic.name])
+                for row, effs in self._running(s, session)
+                for nic in row.nics
+            }

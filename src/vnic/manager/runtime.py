@@ -20,7 +20,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from vnic.agent.port import AgentPort
-from vnic.errors import InvalidInput
+from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.manager.rows import audit_row, aware, field_changes
 from vnic.manager.service import Service
 from vnic.model import limits
@@ -261,10 +261,25 @@ class Runtime:
             return {r.name: dict(r.controller or {}) for r in rows}
 
     def set_controller(self, session: str, doc: Mapping[str, Any]) -> dict[str, Any]:
-        """Replace the session's rules and feedback limits (validated; canonical form stored)."""
+        """Replace the session's rules and feedback limits (validated; canonical form stored).
+
+        A rule's ``network`` must be one of the session's networks (a rule on a network
+        removed later matches no vNIC)."""
         canonical = canonical_controller(doc)
         with self.service.db.transaction() as s:
             row = self.service._session_row(s, session)
+            networks = [n.name for n in row.networks]
+            errors = [
+                FieldError(
+                    f"rules[{i}].network",
+                    show_value(rule["network"]),
+                    f"a network of session {session!r}: {', '.join(networks)}",
+                )
+                for i, rule in enumerate(canonical.get("rules", ()))
+                if "network" in rule and rule["network"] not in networks
+            ]
+            if errors:
+                raise InvalidInput(errors)
             row.controller = canonical or None
         return canonical
 
