@@ -5,14 +5,17 @@ port the manager uses), with launch requests built here so that nothing but the 
 plane is measured:
 
 * **fidelity**: a VM ``m`` with two vNICs on two networks of one session, each with
-  its own profile (``eth0`` 20 Mbit/s each way with 10 ms of egress delay, ``eth1``
-  50 Mbit/s with 25 ms), against an unshaped peer with a vNIC on each network. Both
-  vNICs carry a TCP flow at once (egress together, then ingress together); each
-  flow's Ethernet frame rate (goodput / (1448/1514), as ``vnic bench fidelity``)
-  is compared with its own vNIC's rate. Then irtt measures each vNIC's one-way
-  delay, both at once, against a baseline measured on the same two paths
-  unimpaired (target: the impairment benchmark's, median error within
-  max(100 µs, 2 %)).
+  its own profile (``eth0`` 20 Mbit/s each way, ``eth1`` 50 Mbit/s), against an
+  unshaped peer with a vNIC on each network. Both vNICs carry a TCP flow at once
+  (egress together, then ingress together); each flow's Ethernet frame rate
+  (goodput / (1448/1514), as ``vnic bench fidelity``) is compared with its own
+  vNIC's rate (target ±2 %). Then with 10 ms of egress delay on ``eth0`` and 25 ms
+  on ``eth1``, irtt measures each vNIC's one-way delay, both at once, against a
+  baseline measured on the same two paths unimpaired (target: the impairment
+  benchmark's, median error within max(100 µs, 2 %)); and TCP runs through rate
+  and delay on both at once, reported beside a VM of one vNIC with the same
+  profile measured alone (what the delay costs TCP in a short flow is not what a
+  second vNIC costs).
 * **launch**: one VM with 1 vNIC and one with 4, launched and destroyed ``repeat``
   times each, interleaved (median launch time, ratio; target ≤ 4×); then ``count``
   VMs with 1 vNIC and ``count`` with 2, each batch launched by two threads (total
@@ -35,7 +38,7 @@ from typing import Any
 
 from vnic.agent.core import Agent, local_agent
 from vnic.lab import stats
-from vnic.lab.measure import TCP_GOODPUT, iperf3, one_way
+from vnic.lab.measure import TCP_GOODPUT, Throughput, iperf3, one_way
 from vnic.model.launch import DEFAULT_NETWORK, LaunchRequest, NicRequest
 from vnic.model.profile import build_profile, parse_assignments
 from vnic.model.resolve import Layer, complete
@@ -70,7 +73,7 @@ def nic(
     )
 
 
-def _shaped(rate: str, delay_ms: int | None = None) -> list[str]:
+def _shaped(rate: str, delay_ms: float | None = None) -> list[str]:
     out = [f"egress.rate={rate}", f"ingress.rate={rate}"]
     if delay_ms:
         out.append(f"egress.delay={delay_ms}ms")
@@ -95,7 +98,9 @@ def _address(request: LaunchRequest, nic_name: str) -> str:
 
 
 def fidelity(seconds: float = 3.0) -> dict[str, Any]:
-    """Each vNIC of a two-vNIC VM against its own profile, both loaded at once."""
+    """Each vNIC of a two-vNIC VM against its own profile, both loaded at once: rates (TCP
+    both ways, rate-only profiles), one-way delay (rate and delay profiles), and TCP under
+    that delay beside a one-vNIC VM of the same profile measured alone."""
     rows: list[dict[str, Any]] = []
     with _agent() as (agent, session):
         peer = LaunchRequest(
@@ -106,43 +111,24 @@ def fidelity(seconds: float = 3.0) -> dict[str, Any]:
                 nic("eth1", "data", 2, 2, _shaped(PEER_RATE)),
             ),
         )
-        plain = LaunchRequest(
-            session,
-            "m",
-            tuple(
-                nic(name, net, 3, 3 + i, _shaped(PEER_RATE))
-                for i, (name, net, _r, _d) in enumerate(MEASURED)
-            ),
-        )
         agent.launch(peer)
-        agent.launch(plain)
+
+        def measured(rate_of: Any, delay_of: Any) -> LaunchRequest:
+            return LaunchRequest(
+                session,
+                "m",
+                tuple(
+                    nic(name, net, 3, 3 + i, _shaped(rate_of(rate), delay_of(delay)))
+                    for i, (name, net, rate, delay) in enumerate(MEASURED)
+                ),
+            )
+
+        agent.launch(measured(lambda _r: PEER_RATE, lambda _d: None))
         base = _one_way_both(session, peer)
         agent.destroy(session, "m")
-        measured = LaunchRequest(
-            session,
-            "m",
-            tuple(
-                nic(name, net, 3, 3 + i, _shaped(f"{rate}Mbit", delay))
-                for i, (name, net, rate, delay) in enumerate(MEASURED)
-            ),
-        )
-        agent.launch(measured)
+        agent.launch(measured(lambda r: f"{r}Mbit", lambda _d: None))
         for direction, reverse in (("egress", False), ("ingress", True)):
-            with ThreadPoolExecutor(len(MEASURED)) as pool:
-                flows = [
-                    pool.submit(
-                        iperf3,
-                        session,
-                        "m",
-                        "peer",
-                        _address(peer, name),
-                        seconds=seconds,
-                        reverse=reverse,
-                        port=5201 + i,
-                    )
-                    for i, (name, _net, _rate, _delay) in enumerate(MEASURED)
-                ]
-                results = [f.result() for f in flows]
+            results = _tcp_both(session, peer, seconds, reverse)
             for (name, net, rate, _delay), got in zip(MEASURED, results, strict=True):
                 frames = got.bits_per_second / TCP_GOODPUT
                 rows.append(
@@ -155,6 +141,8 @@ def fidelity(seconds: float = 3.0) -> dict[str, Any]:
                         "pass": abs(frames / (rate * 1e6) - 1) <= 0.02,
                     }
                 )
+        agent.destroy(session, "m")
+        agent.launch(measured(lambda r: f"{r}Mbit", lambda d: d))
         delays = _one_way_both(session, peer)
         for name, net, _rate, delay in MEASURED:
             added = stats.quantile(delays[name], 0.5) - stats.quantile(base[name], 0.5)
@@ -170,7 +158,57 @@ def fidelity(seconds: float = 3.0) -> dict[str, Any]:
                     "pass": abs(error) <= max(100_000, 0.02 * delay * MS),
                 }
             )
-    return {"benchmark": "nics-fidelity", "seconds_per_flow": seconds, "rows": rows}
+        # TCP through rate and delay: both vNICs at once, then each profile on a VM of one
+        # vNIC alone, so what the delay costs TCP is told apart from what a second vNIC does.
+        together = _tcp_both(session, peer, seconds, reverse=False)
+        agent.destroy(session, "m")
+        for i, ((name, net, rate, delay), both) in enumerate(zip(MEASURED, together, strict=True)):
+            one = LaunchRequest(
+                session,
+                f"one{i}",
+                (nic("eth0", net, 10 + i, 20 + i, _shaped(f"{rate}Mbit", delay)),),
+            )
+            agent.launch(one)
+            alone = iperf3(session, one.vm, "peer", _address(peer, name), seconds=seconds)
+            agent.destroy(session, one.vm)
+            ratio_both = both.bits_per_second / TCP_GOODPUT / (rate * 1e6)
+            ratio_alone = alone.bits_per_second / TCP_GOODPUT / (rate * 1e6)
+            rows.append(
+                {
+                    "kind": "rate-with-delay",
+                    "case": f"{name} ({net}) egress tcp through {delay} ms, both loaded",
+                    "configured_bps": rate * 1e6,
+                    "measured_bps": round(both.bits_per_second / TCP_GOODPUT),
+                    "ratio": round(ratio_both, 4),
+                    "one_vnic_alone_ratio": round(ratio_alone, 4),
+                    "vs_one_vnic": round(ratio_both / ratio_alone, 4),
+                }
+            )
+    return {
+        "benchmark": "nics-fidelity",
+        "seconds_per_flow": seconds,
+        "session": session,
+        "rows": rows,
+    }
+
+
+def _tcp_both(session: str, peer: LaunchRequest, seconds: float, reverse: bool) -> list[Throughput]:
+    """A TCP flow over each measured vNIC of ``m`` at once (``reverse``: the peer sends)."""
+    with ThreadPoolExecutor(len(MEASURED)) as pool:
+        flows = [
+            pool.submit(
+                iperf3,
+                session,
+                "m",
+                "peer",
+                _address(peer, name),
+                seconds=seconds,
+                reverse=reverse,
+                port=5201 + i,
+            )
+            for i, (name, _net, _rate, _delay) in enumerate(MEASURED)
+        ]
+        return [f.result() for f in flows]
 
 
 def _one_way_both(session: str, peer: LaunchRequest) -> dict[str, list[int]]:
@@ -200,7 +238,9 @@ def launch(repeat: int = 5, count: int = 100, workers: int = 2) -> dict[str, Any
     """Launch time of a VM by its number of vNICs (see the module's docstring)."""
     single: dict[int, list[float]] = {1: [], 4: []}
     batches: dict[int, float] = {}
+    sessions = []
     with _agent() as (agent, session):
+        sessions.append(session)
         for _ in range(repeat):
             for nics in (1, 4):
                 request = _vm(session, f"s{nics}", 0, nics)
@@ -210,6 +250,7 @@ def launch(repeat: int = 5, count: int = 100, workers: int = 2) -> dict[str, Any
                 agent.destroy(session, request.vm)
     for nics in (1, 2):
         with _agent() as (agent, session):
+            sessions.append(session)
             requests = [_vm(session, f"v{i}", i, nics) for i in range(count)]
             start = time.perf_counter()
             with ThreadPoolExecutor(workers) as pool:
@@ -230,6 +271,7 @@ def launch(repeat: int = 5, count: int = 100, workers: int = 2) -> dict[str, Any
         "batch_two_vnic_s": round(batches[2], 3),
         "two_over_one": round(batches[2] / batches[1], 3),
         "two_over_one_pass": batches[2] / batches[1] <= 2.0,
+        "sessions": sessions,
     }
 
 
