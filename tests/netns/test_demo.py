@@ -40,6 +40,9 @@ def test_demo_launches_measures_and_leaves_nothing(tmp_path: Path) -> None:
             r"launched demo/web: eth0 on default: .*; eth1 on storage: MAC 02:00:00:d3:", out
         ), out
         assert re.search(r"│ web/eth1 +│ storage +│ session-default \(network storage", out), out
+        # ... with that profile's 2 ms each way, and only its own (the meter adds none).
+        delays = re.findall(r"│ web/eth1 +│ (?:egress|ingress) +│ 2ms +│ ([0-9.]+) ms", out)
+        assert len(delays) == 2 and all(1.5 < float(d) < 3.5 for d in delays), out
         # The demo's rates (2-200 Mbit/s) are ones the shaper meets within a few percent.
         assert all(0.9 <= r <= 1.05 for r in ratios), ratios
         # The live change: the flow goes on through it, its rate follows 20 -> 40 Mbit/s.
