@@ -405,3 +405,26 @@ def test_a_launch_failing_after_its_init_started_leaves_nothing(
     assert names.vm_netns(s, "web") not in nsops.listing()
     assert lab.driver.inventory()[s] == {"db"}
     assert lab.exec(s, "db", "hostname").strip() == "db"  # the session's other VM is intact
+
+
+def test_a_visitor_of_the_vm_namespace_is_not_stopped_with_the_vm(lab: Lab) -> None:
+    """A process that only entered the VM's network namespace (``setns``, keeping the host's
+    mount namespace: a single-threaded reader such as the embedded CLI or a test looking
+    in while an agent destroys the VM) is not the VM's, and survives its destroy; the
+    VM's own processes do not."""
+    s = lab.session()
+    lab.launch(s, "web")
+    path = f"{nsops.RUN_DIR}/{names.vm_netns(s, 'web')}"
+    visitor = subprocess.Popen(["nsenter", f"--net={path}", "sleep", "3624"])
+    try:
+        wait_until(lambda: os.stat(f"/proc/{visitor.pid}/ns/net").st_ino == os.stat(path).st_ino)
+        init = vminit.init_pid(s, "web")
+        assert init in host_pids_of_vm(s, "web")
+        assert visitor.pid not in host_pids_of_vm(s, "web")
+        lab.driver.destroy(s, "web")
+        assert visitor.poll() is None, "the visitor was stopped with the VM"
+        assert init is not None and not nsops.alive(init)
+        assert names.vm_netns(s, "web") not in nsops.listing()
+    finally:
+        visitor.kill()
+        visitor.wait(timeout=10)

@@ -167,12 +167,16 @@ def create(name: str) -> None:
 def pids(name: str) -> list[int]:
     """Processes that live in namespace ``name``.
 
-    Not this process, and not a process of which only some threads are inside:
-    that is a vnic manager or agent reading the namespace with a thread (see
-    :func:`inside`), a visitor that must not be stopped with the namespace.
-    """
+    Not this process, and no visitor (not to be stopped with the namespace): one
+    of which only some threads are inside (a manager or agent reading with a
+    thread, see :func:`inside`), or one sharing this process's mount namespace (it
+    entered the network namespace alone with ``setns``: a single-threaded reader,
+    the embedded CLI or a test, looking in while an agent destroys the VM). What
+    vnic starts in a namespace has its own: ``ip netns exec`` makes one, and a
+    VM's processes run in the VM's."""
     try:
         inode = os.stat(f"{RUN_DIR}/{name}").st_ino
+        mounts = os.stat("/proc/self/ns/mnt").st_ino
     except FileNotFoundError:
         return []
     out = []
@@ -181,7 +185,8 @@ def pids(name: str) -> list[int]:
             continue
         try:
             tasks = os.listdir(f"/proc/{pid}/task")
-            if all(os.stat(f"/proc/{pid}/task/{t}/ns/net").st_ino == inode for t in tasks):
+            inside_all = all(os.stat(f"/proc/{pid}/task/{t}/ns/net").st_ino == inode for t in tasks)
+            if inside_all and os.stat(f"/proc/{pid}/ns/mnt").st_ino != mounts:
                 out.append(pid)
         except FileNotFoundError:
             continue  # gone already
