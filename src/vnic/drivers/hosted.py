@@ -40,11 +40,11 @@ from vnic.drivers.qemu_guest import QemuGuest
 from vnic.drivers.vmside import VmSide
 from vnic.errors import Conflict, DataplaneError, VnicError
 from vnic.model.launch import (
-    PRIMARY_NIC,
     Capabilities,
     LaunchRequest,
     check_nic_count,
     check_supported,
+    nic_lines,
     unit_vm,
 )
 from vnic.plan import names
@@ -243,8 +243,7 @@ class HostedDriver(Driver):
                     f"session namespace {session_ns}: expected present, found missing",
                 ]
             for one, plan in zip(request.per_nic(), plans, strict=True):
-                found = host_side_drift(view, one.unit, plan)
-                problems += found if one.nic == PRIMARY_NIC else [f"{one.nic}: {p}" for p in found]
+                problems += nic_lines(one.nic, host_side_drift(view, one.unit, plan))
             return problems
         except (OSError, NetlinkError, DataplaneError):
             if self.vm_side.present(session, vm):

@@ -33,7 +33,7 @@ from vnic.dataplane.tc import LiveTc
 from vnic.drivers import hostside
 from vnic.drivers.vmside import VmSide
 from vnic.errors import Conflict, DataplaneError, InvalidInput, VnicError
-from vnic.model.launch import PRIMARY_NIC, Capabilities, LaunchRequest, check_supported
+from vnic.model.launch import Capabilities, LaunchRequest, check_supported, nic_lines
 from vnic.plan import diff, names
 from vnic.plan.model import Plan
 
@@ -66,8 +66,7 @@ class LiveChange:
 
     def lines(self) -> list[str]:
         """The kernel lines of the change, named by the vNIC when it is not ``eth0``."""
-        prefix = "" if self.request.nic == PRIMARY_NIC else f"{self.request.nic}: "
-        return [prefix + diff.describe(op) for op in self.ops]
+        return nic_lines(self.request.nic, (diff.describe(op) for op in self.ops))
 
     def reversed(self) -> LiveChange:
         """The change back from ``request`` to ``previous``."""

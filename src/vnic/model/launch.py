@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from vnic.errors import FieldError, Unsupported
@@ -156,6 +156,12 @@ def link_unit(vm: str, nic: str) -> str:
     before VMs had several vNICs keeps its objects), ``VM.NIC`` for the others (VM names
     have no dot, so the two never meet)."""
     return vm if nic == PRIMARY_NIC else f"{vm}.{nic}"
+
+
+def nic_lines(nic: str, lines: Iterable[str]) -> list[str]:
+    """``lines`` about vNIC ``nic`` (kernel changes, drift), each starting with its name
+    (``eth1: ...``) unless it is ``eth0``, whose lines read as a VM's always did."""
+    return list(lines) if nic == PRIMARY_NIC else [f"{nic}: {line}" for line in lines]
 
 
 def unit_vm(unit: str) -> tuple[str, str]:
