@@ -28,7 +28,8 @@ from vnic.edge.errors import ERRORS, error_response
 from vnic.edge.guard import guard_agent
 from vnic.errors import FieldError, InvalidInput, Unauthenticated, VnicError, show_value
 from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT
-from vnic.model.launch import NIC_NAME, PRIMARY_NIC
+from vnic.model.launch import PRIMARY_NIC
+from vnic.model.network import parse_nic_name
 
 
 def agent_key(path: Path) -> str:
@@ -187,9 +188,7 @@ def create_agent_app(agent: Agent, key: str) -> FastAPI:
         up, nic = doc["up"], doc.get("nic", PRIMARY_NIC)
         if not isinstance(up, bool):
             raise InvalidInput.one("up", up, "true or false")
-        if not isinstance(nic, str) or not NIC_NAME.fullmatch(nic):
-            raise InvalidInput.one("nic", nic, "a vNIC name eth0 .. eth7")
-        agent.set_link(session, vm, up, nic)
+        agent.set_link(session, vm, up, parse_nic_name(nic))
         return Response(status_code=204)
 
     @app.get("/v1/doctor")

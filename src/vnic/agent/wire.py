@@ -14,11 +14,11 @@ from vnic.errors import FieldError, InvalidInput
 from vnic.model.launch import (
     DEFAULT_NETWORK,
     MAX_NICS,
-    NIC_NAME,
     PRIMARY_NIC,
     LaunchRequest,
     NicRequest,
 )
+from vnic.model.network import parse_nic_name
 from vnic.model.profile import build_profile, document_to_values, values_to_document
 from vnic.model.units import MacAddress
 
@@ -76,11 +76,8 @@ def _nic_from_wire(doc: Any, path: str) -> NicRequest:
     values = document_to_values(doc.get("profile") or {}, errors)
     if errors:
         raise InvalidInput([e.under(f"{path}profile") for e in errors])
-    name = str(doc["name"])
-    if not NIC_NAME.fullmatch(name):
-        raise InvalidInput.one(f"{path}name", name, "a vNIC name eth0 .. eth7")
     return NicRequest(
-        name=name,
+        name=parse_nic_name(doc["name"], f"{path}name"),
         network=str(doc["network"]),
         network_id=int(doc["network_id"]),
         mac=MacAddress.parse(doc["mac"]),
