@@ -36,7 +36,14 @@ from vnic.model.resolve import Adjustment, Effective, ProfileRef, resolve
 from vnic.model.session import AssignmentRule, Policy, VmFacts
 from vnic.model.units import MacAddress
 from vnic.store.db import Database
-from vnic.store.models import NicRow, ProfileRevisionRow, ProfileRow, SessionRow, VmRow
+from vnic.store.models import (
+    NetworkRow,
+    NicRow,
+    ProfileRevisionRow,
+    ProfileRow,
+    SessionRow,
+    VmRow,
+)
 
 
 def _now() -> datetime:
@@ -219,13 +226,7 @@ class ServiceCore:
     @staticmethod
     def _nic_info(nic: NicRow) -> NicInfo:
         net = nic.network
-        addresses = (
-            nic_addresses(
-                ipaddress.IPv4Network(net.ipv4), ipaddress.IPv6Network(net.ipv6), nic.host_index
-            )
-            if nic.host_index
-            else None
-        )
+        addresses = nic_row_addresses(net, nic.host_index) if nic.host_index else None
         return NicInfo(
             name=nic.name,
             network=net.name,
@@ -328,9 +329,7 @@ class ServiceCore:
             if nic.mac is None or nic.host_index is None:  # pragma: no cover - set by add_vm
                 raise Conflict(f"vNIC {nic_label(vm, nic.name)} has no MAC or address")
             net = nic.network
-            ipv4, ipv6 = nic_addresses(
-                ipaddress.IPv4Network(net.ipv4), ipaddress.IPv6Network(net.ipv6), nic.host_index
-            )
+            ipv4, ipv6 = nic_row_addresses(net, nic.host_index)
             eff = effs[nic.name]
             nics.append(
                 NicRequest(
@@ -346,6 +345,15 @@ class ServiceCore:
                 )
             )
         return LaunchRequest(vm.session.name, vm.name, tuple(nics))
+
+
+def nic_row_addresses(
+    net: NetworkRow, host_index: int
+) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv6Interface]:
+    """A stored vNIC's interface addresses: its host index in its network's subnets."""
+    return nic_addresses(
+        ipaddress.IPv4Network(net.ipv4), ipaddress.IPv6Network(net.ipv6), host_index
+    )
 
 
 def primary_nic(vm: VmRow) -> NicRow:

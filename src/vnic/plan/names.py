@@ -26,6 +26,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from vnic.model.launch import MAX_NICS, link_unit
+from vnic.model.network import nic_addresses
 
 PREFIX = "vnic"
 BRIDGE = "vbr0"
@@ -115,12 +116,6 @@ def session_ipv6(network_id: int) -> ipaddress.IPv6Network:
 def vm_addresses(
     network_id: int, host_index: int
 ) -> tuple[ipaddress.IPv4Interface, ipaddress.IPv6Interface]:
-    """The VM's IPv4 and IPv6 interface addresses (host index 2..254; .1 is the session's)."""
-    if not 2 <= host_index <= 254:
-        raise ValueError(f"host index is 2..254, got {host_index}")
-    v4 = session_ipv4(network_id)
-    v6 = session_ipv6(network_id)
-    return (
-        ipaddress.IPv4Interface((int(v4.network_address) + host_index, 24)),
-        ipaddress.IPv6Interface((int(v6.network_address) + host_index, 64)),
-    )
+    """The VM's IPv4 and IPv6 interface addresses (host index 2..254; .1 is the session's)
+    in the subnets derived from ``network_id``."""
+    return nic_addresses(session_ipv4(network_id), session_ipv6(network_id), host_index)
