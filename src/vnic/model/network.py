@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from vnic.errors import FieldError, InvalidInput, show_value
 from vnic.model.launch import MAX_NICS, NIC_NAME
@@ -48,24 +48,28 @@ def nic_name(position: int) -> str:
 
 
 def parse_ipv4_subnet(value: Any, path: str = "ipv4") -> ipaddress.IPv4Network:
-    expected = f"an IPv4 network in CIDR form with a prefix of /8../{IPV4_PREFIX_MAX}"
-    try:
-        net = ipaddress.IPv4Network(str(value), strict=True) if isinstance(value, str) else None
-    except ValueError:
-        net = None
-    if net is None or not 8 <= net.prefixlen <= IPV4_PREFIX_MAX:
-        raise InvalidInput.one(path, value, expected + ", e.g. 10.20.0.0/24")
-    return net
+    return _parse_subnet(value, path, ipaddress.IPv4Network, IPV4_PREFIX_MAX, "10.20.0.0/24")
 
 
 def parse_ipv6_subnet(value: Any, path: str = "ipv6") -> ipaddress.IPv6Network:
-    expected = f"an IPv6 network in CIDR form with a prefix of /8../{IPV6_PREFIX_MAX}"
+    return _parse_subnet(value, path, ipaddress.IPv6Network, IPV6_PREFIX_MAX, "fd00:1::/64")
+
+
+_Subnet = TypeVar("_Subnet", ipaddress.IPv4Network, ipaddress.IPv6Network)
+
+
+def _parse_subnet(
+    value: Any, path: str, kind: type[_Subnet], prefix_max: int, example: str
+) -> _Subnet:
+    """A subnet of ``kind`` in CIDR form (host bits zero) with a prefix of /8../``prefix_max``."""
+    family = "IPv4" if kind is ipaddress.IPv4Network else "IPv6"
+    expected = f"an {family} network in CIDR form with a prefix of /8../{prefix_max}"
     try:
-        net = ipaddress.IPv6Network(str(value), strict=True) if isinstance(value, str) else None
+        net = kind(str(value), strict=True) if isinstance(value, str) else None
     except ValueError:
         net = None
-    if net is None or not 8 <= net.prefixlen <= IPV6_PREFIX_MAX:
-        raise InvalidInput.one(path, value, expected + ", e.g. fd00:1::/64")
+    if net is None or not 8 <= net.prefixlen <= prefix_max:
+        raise InvalidInput.one(path, value, f"{expected}, e.g. {example}")
     return net
 
 
