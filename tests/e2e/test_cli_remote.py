@@ -8,12 +8,11 @@ import json
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from tests.e2e.conftest import Client, Server, admin_token, vnic
 from tests.netns.conftest import guest_leftovers
+from tests.netns.helpers import until
 from vnic.drivers.netns import NetnsDriver
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "profiles"
@@ -207,16 +206,6 @@ def test_cli_remote_link_and_exec_of_a_qemu_guest(home: Path, session_name: str)
         finally:
             server.kill()
     assert guest_leftovers(s) == []
-
-
-def until(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Whether ``check`` holds within ``seconds`` (asked again every 0.2 s)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_cli_remote_networks_and_vnics_match_embedded(home: Path, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -49,3 +51,13 @@ def with_sets(request: LaunchRequest, nic_name: str, sets: list[str]) -> LaunchR
         for n in request.nics
     )
     return replace(request, nics=nics)
+
+
+def until(check: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Whether ``check`` holds within ``seconds`` (asked again every 0.2 s)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True

@@ -5,14 +5,13 @@ each shaped to its own profile (iperf3), drift per NIC, and nothing left after."
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from tests.netns.conftest import guest_leftovers, left_of
-from tests.netns.helpers import WIDE, nic, vm, with_sets
+from tests.netns.helpers import WIDE, nic, until, vm, with_sets
 from tests.netns.test_multi_nic import goodput_ratio
 from vnic.dataplane import qemu, vmexec
 from vnic.dataplane.inventory import session_links
@@ -114,13 +113,3 @@ def test_a_two_nic_guest_has_a_shaped_nic_per_vnic(session: str) -> None:
     tags = {names.owner_tag(s, "g"), names.owner_tag(s, "g.eth1")}
     assert not tags & {x.alias for x in session_links(names.session_netns(s)).values()}
     assert guest_leftovers(s) == []
-
-
-def until(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Whether ``check`` holds within ``seconds`` (asked again every 0.2 s)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True

@@ -14,19 +14,12 @@ from typing import Any
 import pytest
 
 from tests.unit.api_fixtures import Api, make_api
+from tests.unit.test_controller_runner import Clock
 from vnic.errors import InvalidInput
 from vnic.manager.live import LiveControl, nic_samples
 
 #: Each vNIC's profile rate (bit/s): the session's default, ``base``, on both networks.
 EGRESS = 10_000_000
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
