@@ -256,6 +256,7 @@ class ServiceCore:
             ipv6=first.ipv6 if first else None,
             driver=(vm.applied or {}).get("driver") if vm.state == "running" else None,
             nics=nics,
+            host=vm.host.name if vm.host is not None else None,
         )
 
     def _explanation(

@@ -16,19 +16,26 @@ from typing import Any
 from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
-from vnic.errors import Conflict, InvalidInput, VnicError
-from vnic.manager.core import ServiceCore, applied_state
+from vnic.errors import Conflict, InvalidInput, VnicError, error_from_body
+from vnic.manager.core import applied_state
+from vnic.manager.hosts import Hosts
 from vnic.manager.results import Explanation, LaunchOutcome
 from vnic.model.launch import PRIMARY_NIC, LaunchRequest, check_nic_count
 from vnic.store.db import Database
 from vnic.store.models import VmRow
 
 
-class Launching(ServiceCore):
+class Launching(Hosts):
     """Running VMs: launch, stop, and what the agents must run."""
 
     def launch_vm(
-        self, session: str, name: str, driver: AgentPort, kind: str | None = None
+        self,
+        session: str,
+        name: str,
+        driver: AgentPort,
+        kind: str | None = None,
+        *,
+        host: str | None = None,
     ) -> Explanation:
         """Resolve the VM's vNICs' profiles, hand the launch request to ``driver``, record
         what runs. A VM with more vNICs than the driver takes
@@ -45,6 +52,13 @@ class Launching(ServiceCore):
         (exclusive, in ``vnic serve`` or any process on the host) then sees the
         database and the agent's desired state both before or both after, never a
         launch half-recorded.
+
+        Once hosts are added (:mod:`vnic.manager.hosts`), the VM is placed on one
+        (``host``, or by capacity, labels and the session's placement) instead: its
+        placement, state and a change of its host's desired state are written in one
+        transaction, and the launch waits up to :attr:`host_wait` seconds for the
+        agent's report. A failure the agent reports undoes the launch and is raised;
+        no report in time leaves the VM desired (its agent runs it when it can).
         """
         with driver.gate().shared():
             with self.db.transaction() as s:
@@ -53,6 +67,15 @@ class Launching(ServiceCore):
                     raise Conflict(f"VM {session}/{name} is already running")
                 effs = self._resolve_nics(s, vm)
                 request = self._launch_request(vm, effs)
+                revision = None
+                if host is not None or self._fleet_active(s):
+                    vm.host_id = self._place(s, vm, host).id
+                    vm.state = "running"
+                    vm.applied = applied_state(kind or "netns", effs)
+                    s.flush()
+                    revision = self._append(s, vm)
+            if revision is not None:
+                return self._await_launch(session, name, revision, effs)
             used = kind or driver.kind
             caps = {c.kind: c for c in driver.all_capabilities()}
             if used in caps:  # an unknown kind is the agent's InvalidInput, below
@@ -68,12 +91,38 @@ class Launching(ServiceCore):
                 driver.destroy(session, name)  # not recorded as running: must not run
                 raise
 
+    def _await_launch(
+        self, session: str, name: str, revision: int, effs: dict[str, Any]
+    ) -> Explanation:
+        self.waiters.wake()
+        status = self.wait_status(session, name, revision, self.host_wait)
+        if status is not None and status.error:
+            self._unplace(session, name)
+            raise error_from_body(dict(status.error))
+        with self.db.reading() as s:
+            vm = self._vm_row(s, session, name)
+            return Explanation(self._vm_info(vm), effs[PRIMARY_NIC], effs)
+
+    def _unplace(self, session: str, name: str) -> int | None:
+        """Record a hosted VM as stopped and tell its host (the VM stays assigned to it
+        until it is launched again); the change's revision, None for a VM on no host."""
+        with self.db.transaction() as s:
+            vm = self._vm_row(s, session, name)
+            vm.state = "defined"
+            vm.applied = None
+            if vm.host_id is None:
+                return None
+            revision = self._append(s, vm)
+        self.waiters.wake()
+        return revision
+
     def desired(self) -> list[tuple[str, LaunchRequest]]:
-        """``(driver kind, launch request)`` of every VM the database says is running:
-        what the agents must run."""
+        """``(driver kind, launch request)`` of every VM the database says is running on
+        the manager's own agent (on no host): what that agent must run."""
         with self.db.reading() as s:
             out = []
-            for vm in s.scalars(select(VmRow).where(VmRow.state == "running")):
+            running = select(VmRow).where(VmRow.state == "running", VmRow.host_id.is_(None))
+            for vm in s.scalars(running):
                 kind = str((vm.applied or {}).get("driver", "netns"))
                 out.append((kind, self._launch_request(vm, self._resolve_nics(s, vm))))
             return out
@@ -122,10 +171,16 @@ class Launching(ServiceCore):
         return outcomes
 
     def destroy_vm(self, session: str, name: str, driver: AgentPort) -> None:
-        """Stop the VM and remove its network; its definition (and MAC) stays."""
+        """Stop the VM and remove its network; its definition (and MAC) stays. A VM on a
+        host: its host is told, and the stop waits for its report (:attr:`host_wait`)."""
         with driver.gate().shared():
             with self.db.transaction() as s:
-                self._vm_row(s, session, name)
+                hosted = self._vm_row(s, session, name).host_id is not None
+            if hosted:
+                revision = self._unplace(session, name)
+                if revision is not None:
+                    self.wait_status(session, name, revision, self.host_wait)
+                return
             driver.destroy(session, name)
             with self.db.transaction() as s:
                 vm = self._vm_row(s, session, name)
@@ -133,10 +188,20 @@ class Launching(ServiceCore):
                 vm.applied = None
 
     def session_down(self, session: str, driver: AgentPort) -> list[str]:
-        """Stop every VM of the session and remove its network. Returns the VMs stopped."""
+        """Stop every VM of the session and remove its network. Returns the VMs stopped.
+        The hosts of VMs placed on hosts are told, and their reports awaited
+        (:attr:`host_wait` in all)."""
         with driver.gate().shared():
             with self.db.transaction() as s:
                 names = [v.name for v in self._session_row(s, session).vms]
+                hosted = []
+                for vm in self._session_row(s, session).vms:
+                    if vm.host_id is not None and vm.state == "running":
+                        vm.state, vm.applied = "defined", None
+                        hosted.append((session, vm.name, self._append(s, vm)))
+            if hosted:
+                self.waiters.wake()
+                self.wait_statuses(hosted, self.host_wait)
             running = sorted(set(driver.running(session)) | set(names))
             driver.teardown_session(session, names)
             with self.db.transaction() as s:

@@ -7,8 +7,9 @@ from typing import Any
 from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
-from vnic.errors import DataplaneError
-from vnic.manager.core import ServiceCore, applied_nic, applied_state
+from vnic.errors import DataplaneError, Unavailable, VnicError, error_from_body
+from vnic.manager.core import applied_nic, applied_state
+from vnic.manager.hosts import Hosts
 from vnic.manager.results import VmChange
 from vnic.manager.rows import audit_row, field_changes
 from vnic.model.launch import LaunchRequest
@@ -20,7 +21,7 @@ from vnic.store.models import VmRow
 _NicDiff = tuple[str, Effective, dict[str, tuple[Any, Any]]]
 
 
-class Reapplying(ServiceCore):
+class Reapplying(Hosts):
     """Live changes of running VMs through their agent."""
 
     def reapply(
@@ -65,6 +66,7 @@ class Reapplying(ServiceCore):
             # agent (the driver changes only what differs), one VmChange per changed vNIC.
             pending: list[tuple[dict[str, Effective], LaunchRequest, list[_NicDiff]]] = []
             ids: dict[tuple[str, str], int] = {}
+            hosted: set[tuple[str, str]] = set()
             for row, effs in self._running(s, session, vm):
                 diffs: list[_NicDiff] = []
                 for name, eff in effs.items():
@@ -78,10 +80,13 @@ class Reapplying(ServiceCore):
                     continue
                 pending.append((effs, self._launch_request(row, effs), diffs))
                 ids[(row.session.name, row.name)] = row.id
+                if row.host_id is not None:
+                    hosted.add((row.session.name, row.name))
         if not pending:
             return []
-        requests = [request for _, request, _ in pending]
-        outcomes = driver.reconfigure_many(requests)
+        requests = [r for _, r, _ in pending if (r.session, r.vm) not in hosted]
+        outcomes = driver.reconfigure_many(requests) if requests else {}
+        outcomes.update(self._reconfigure_hosted(sorted(hosted), ids))
         changes: list[VmChange] = []
         now = self.clock()
         with self.db.transaction() as s:
@@ -125,6 +130,30 @@ class Reapplying(ServiceCore):
         if strict and failed:
             raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
         return changes
+
+    def _reconfigure_hosted(
+        self, keys: list[tuple[str, str]], ids: dict[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[str] | VnicError]:
+        """Tell the hosts of ``keys`` (VMs on hosts) that their desired state changed,
+        in one transaction, and wait for their agents' reports (:attr:`host_wait` in all)."""
+        if not keys:
+            return {}
+        with self.db.transaction() as s:
+            rows = s.scalars(select(VmRow).where(VmRow.id.in_([ids[k] for k in keys])))
+            waits = [(r.session.name, r.name, self._append(s, r)) for r in rows]
+        self.waiters.wake()
+        out: dict[tuple[str, str], list[str] | VnicError] = {}
+        for key, status in self.wait_statuses(waits, self.host_wait).items():
+            if status is None:
+                out[key] = Unavailable(
+                    f"no report from the VM's host within {self.host_wait:g} s; the change "
+                    "stays desired and its agent applies it when it is back"
+                )
+            elif status.error:
+                out[key] = error_from_body(dict(status.error))
+            else:
+                out[key] = list(status.changes)
+        return out
 
     def running_effective(self, session: str) -> dict[tuple[str, str], tuple[str, Effective]]:
         """Every vNIC of each running VM of ``session``, ``(vm, nic) -> (its network's

@@ -100,6 +100,8 @@ class VmInfo:
     driver: str | None = None
     #: Every vNIC, eth0 first (``mac``, ``ipv4``, ``ipv6``, ``override_*`` above are eth0's).
     nics: Sequence[NicInfo] = ()
+    #: The hypervisor host it is placed on; None: the manager's own agent.
+    host: str | None = None
 
 
 @dataclass(frozen=True)

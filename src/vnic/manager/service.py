@@ -72,6 +72,7 @@ class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying):
         kind: str | None = None,
         *,
         hold: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
+        host: str | None = None,
     ) -> Explanation:
         """Define a VM (:meth:`add_vm`) and launch it (:meth:`launch_vm` on ``driver``,
         ``kind`` as there); a failed launch defines nothing: the new VM is removed
@@ -84,7 +85,7 @@ class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying):
         added = self.add_vm(req)
         try:
             with hold():
-                return self.launch_vm(req.session, added.vm.name, driver, kind)
+                return self.launch_vm(req.session, added.vm.name, driver, kind, host=host)
         except BaseException:
             # Also on KeyboardInterrupt: a VM the caller asked to launch must not stay defined.
             self.remove_vm(req.session, added.vm.name)

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 MIGRATIONS = Path(__file__).parent / "migrations"
 #: The newest migration. Checked against the migration scripts by a test; kept
 #: here so that a command on a current database does not load Alembic at all.
-SCHEMA_HEAD = "0005"
+SCHEMA_HEAD = "0006"
 #: Advisory lock key for MAC allocation and MAC-range checks ("vnic" in ASCII).
 ALLOCATION_LOCK_KEY = 0x766E6963
 

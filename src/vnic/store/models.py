@@ -94,6 +94,9 @@ class SessionRow(Base):
     # The dynamic-adjustment part of the policy: {"rules": [...], "feedback": {...}}
     # as canonical documents (see vnic.controller).
     controller: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Where its VMs go among many hosts: {"strategy": "spread"|"pack", "labels": {...}}
+    # (vnic.model.placement); None: spread, any host.
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     default_profile: Mapped[ProfileRow | None] = relationship()
@@ -175,8 +178,13 @@ class VmRow(Base):
     # of eth0, and "nics": {nic: {"revisions", "values"}} of every vNIC.
     applied: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # The hypervisor host it is placed on; None: the manager's own agent (one host).
+    host_id: Mapped[int | None] = mapped_column(
+        ForeignKey("hosts.id", ondelete="RESTRICT"), nullable=True, index=True
+    )
 
     session: Mapped[SessionRow] = relationship(back_populates="vms")
+    host: Mapped[HostRow | None] = relationship()
     nics: Mapped[list[NicRow]] = relationship(
         back_populates="vm", cascade="all, delete-orphan", order_by="NicRow.position"
     )
@@ -290,3 +298,71 @@ class AuditRow(Base):
     reason: Mapped[str] = mapped_column(Text)
     old: Mapped[dict[str, Any]] = mapped_column(JSON)
     new: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class HostRow(Base):
+    """A hypervisor host whose agent dials out to the manager (``vnic agent --manager``).
+
+    Only the SHA-256 of its token is stored. ``epoch`` rises with every registration;
+    ``lease_until`` is when the host turns ``unknown`` unless its agent renews.
+    ``vnics`` and ``cpus`` are the capacity the agent reported (0 until it registers).
+    """
+
+    __tablename__ = "hosts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    underlay: Mapped[str | None] = mapped_column(String(45), nullable=True)
+    vnics: Mapped[int] = mapped_column(Integer, default=0)
+    cpus: Mapped[int] = mapped_column(Integer, default=0)
+    metrics_url: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cordoned: Mapped[bool] = mapped_column(Boolean, default=False)
+    registered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FleetStateRow(Base):
+    """One row: the newest change's revision and the newest revision pruned (see 0006)."""
+
+    __tablename__ = "fleet_state"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    revision: Mapped[int] = mapped_column(BigInteger, default=0)
+    floor: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class HostChangeRow(Base):
+    """One change of a host's desired state: VM ``session/vm`` is to be looked at again.
+
+    Level-based: the row names the VM, and whoever reads it sends what the VM's desired
+    state is then (run it with this request, or not at all).
+    """
+
+    __tablename__ = "host_changes"
+
+    revision: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"), index=True)
+    session: Mapped[str] = mapped_column(String(32))
+    vm: Mapped[str] = mapped_column(String(32))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class VmStatusRow(Base):
+    """What a host's agent last reported for a VM: the revision it applied, under which
+    epoch, and the error or the kernel changes."""
+
+    __tablename__ = "vm_status"
+
+    vm_id: Mapped[int] = mapped_column(
+        ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    host_id: Mapped[int] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+    revision: Mapped[int] = mapped_column(BigInteger)
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    changes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,205 @@
+"""The change log of every host's desired state, and what the agents report back.
+
+Every write of desired state of a VM placed on a host (launch, stop, a live profile
+change, a move) appends a row naming the VM, in the same transaction as the write:
+:func:`append` takes the next revision from ``fleet_state``, whose row it updates, so
+on PostgreSQL concurrent writers queue on that row lock and revisions commit in
+order (a watcher that has seen revision R has seen every change up to R; a sequence
+would hand out numbers that commit out of order). Rows are level-based: they name a
+VM, and the reader sends the VM's desired state as of its read.
+
+Agents report per VM: the revision applied, under their epoch, with the error or the
+kernel changes (:func:`record_status`); a manager answering a launch waits for that
+report (:class:`Waiters`, woken in process at once, and by polling otherwise: a lost
+wake-up costs latency, never a change).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from vnic.errors import Conflict, VnicError
+from vnic.manager.rows import aware
+from vnic.store.models import FleetStateRow, HostChangeRow, HostRow, VmRow, VmStatusRow
+
+#: Changes kept per host before the oldest are pruned; a watcher behind them relists.
+KEEP_PER_HOST = 10_000
+#: Changes one answer carries at most (the agent asks again for the rest).
+CHANGES_MAX = 500
+#: Seconds a long poll may wait at most.
+WAIT_MAX = 30.0
+
+
+class Relist(VnicError):
+    """The revision asked for is older than what the log still holds: take a snapshot."""
+
+    http_status = 410
+    kind = "gone"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "relist": True}
+
+
+class Stale(Conflict):
+    """An agent wrote with an epoch that is not its host's (it was paused, partitioned or
+    replaced, or its lease ran out): it must register again and relist."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "stale": True}
+
+
+def append(s: Session, host_id: int, session: str, vm: str, now: datetime) -> int:
+    """Append a change of VM ``session/vm`` on host ``host_id``; its revision."""
+    s.execute(
+        update(FleetStateRow)
+        .where(FleetStateRow.id == 1)
+        .values(revision=FleetStateRow.revision + 1)
+    )
+    revision = int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
+    s.add(HostChangeRow(revision=revision, host_id=host_id, session=session, vm=vm, at=now))
+    return revision
+
+
+def current_revision(s: Session) -> int:
+    return int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
+
+
+def changes_after(
+    s: Session, host_id: int, after: int, limit: int = CHANGES_MAX
+) -> list[HostChangeRow]:
+    """The host's changes after revision ``after``, oldest first, at most ``limit``;
+    Relist when ``after`` is behind what was pruned."""
+    floor = int(s.scalar(select(FleetStateRow.floor).where(FleetStateRow.id == 1)) or 0)
+    if after < floor:
+        raise Relist(
+            f"revision {after} is older than the change log holds (it starts after {floor}): relist"
+        )
+    query = (
+        select(HostChangeRow)
+        .where(HostChangeRow.host_id == host_id, HostChangeRow.revision > after)
+        .order_by(HostChangeRow.revision)
+        .limit(limit)
+    )
+    return list(s.scalars(query))
+
+
+def prune(s: Session, keep: int = KEEP_PER_HOST) -> int:
+    """Drop every host's changes but its newest ``keep``; raise the floor past them.
+    Returns the rows dropped."""
+    dropped = 0
+    for (host_id,) in s.execute(select(HostChangeRow.host_id).distinct()).all():
+        cut = s.scalar(
+            select(HostChangeRow.revision)
+            .where(HostChangeRow.host_id == host_id)
+            .order_by(HostChangeRow.revision.desc())
+            .offset(keep)
+            .limit(1)
+        )
+        if cut is None:
+            continue
+        result = s.execute(
+            delete(HostChangeRow).where(
+                HostChangeRow.host_id == host_id, HostChangeRow.revision <= cut
+            )
+        )
+        dropped += int(result.rowcount or 0)  # type: ignore[attr-defined]
+        s.execute(
+            update(FleetStateRow)
+            .where(FleetStateRow.id == 1, FleetStateRow.floor < cut)
+            .values(floor=cut)
+        )
+    return dropped
+
+
+def count(s: Session) -> int:
+    return int(s.scalar(select(func.count()).select_from(HostChangeRow)) or 0)
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """One VM's result as its agent reports it."""
+
+    session: str
+    vm: str
+    revision: int
+    error: Mapping[str, Any] | None = None
+    changes: Sequence[str] = ()
+
+
+def check_epoch(host: HostRow, epoch: int, now: datetime) -> None:
+    """Stale unless ``epoch`` is the host's and its lease has not run out."""
+    if epoch != host.epoch:
+        raise Stale(
+            f"host {host.name} wrote with epoch {epoch}, its epoch is {host.epoch}: "
+            "register again and relist"
+        )
+    until = aware(host.lease_until)
+    if until is None or until < now:
+        raise Stale(f"the lease of host {host.name} ran out: register again and relist")
+
+
+def record_status(
+    s: Session, host: HostRow, epoch: int, reports: Iterable[StatusReport], now: datetime
+) -> int:
+    """Store each report of a VM placed on ``host`` (reports of VMs placed elsewhere, or
+    older than what is stored, are ignored); Stale for a stale epoch. Returns how many
+    were stored."""
+    check_epoch(host, epoch, now)
+    stored = 0
+    for r in reports:
+        vm = s.scalar(
+            select(VmRow)
+            .join(VmRow.session)
+            .where(VmRow.name == r.vm, VmRow.session.has(name=r.session))
+        )
+        if vm is None or vm.host_id != host.id:
+            continue
+        row = s.get(VmStatusRow, vm.id)
+        if row is None:
+            row = VmStatusRow(vm_id=vm.id, host_id=host.id, revision=-1, epoch=epoch)
+            s.add(row)
+        elif row.revision > r.revision:
+            continue
+        row.host_id, row.revision, row.epoch = host.id, r.revision, epoch
+        row.error = dict(r.error) if r.error else None
+        row.changes = [str(c) for c in r.changes][:200]
+        row.at = now
+        stored += 1
+    return stored
+
+
+@dataclass
+class Waiters:
+    """Wakes threads waiting for a revision or a report when something is written in
+    this process; the others wake at the next poll (``poll`` seconds, default 0.2)."""
+
+    poll: float = 0.2
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _generation: int = 0
+
+    def wake(self) -> None:
+        with self._cond:
+            self._generation += 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        """Return on the next :meth:`wake`, or after ``min(timeout, poll)`` seconds."""
+        with self._cond:
+            start = self._generation
+            self._cond.wait_for(lambda: self._generation != start, min(timeout, self.poll))
+
+
+def lease_until(now: datetime, seconds: float) -> datetime:
+    return now + timedelta(seconds=seconds)
+
+
+def deadline(timeout: float) -> float:
+    return time.monotonic() + timeout
