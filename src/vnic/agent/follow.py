@@ -117,6 +117,10 @@ class Follower:
         self._relist_asked = True
         self._last_sync = 0.0
         self._streak = 0  # failed turns in a row
+        # Held while the host is changed (a relist, a batch of changes): halt() waits
+        # for it, so a stop never cuts an apply short.
+        self._acting = threading.Lock()
+        self._halted = False
 
     # Registration and lease.
 
@@ -205,7 +209,7 @@ class Follower:
                 pass
 
         threading.Thread(target=renewing, name="vnic-lease", daemon=True).start()
-        while not stop.is_set():
+        while not stop.is_set() and not self._halted:
             delay = self.turn()
             if delay:
                 sleep(delay)
@@ -238,17 +242,34 @@ class Follower:
         self._streak = 0
         return 0.0
 
+    def halt(self, timeout: float = 30.0) -> bool:
+        """Change nothing from now on: wait up to ``timeout`` seconds for a change in
+        progress to end (False if it did not), and begin none after. The VMs keep
+        running (the manager decides what becomes of them)."""
+        done = self._acting.acquire(timeout=timeout)
+        self._halted = True
+        if done:
+            self._acting.release()
+        return done
+
     def step(self) -> None:
         """One turn: register if needed, then relist if needed, else one watch round."""
         reg = self.current()
         if self._synced_epoch != reg.epoch or self._relist_asked:
-            self.relist(reg)
+            why = None
         elif self.clock() - self._last_sync >= self.resync:
-            log.info("periodic full reconcile (every %g s)", self.resync)
-            self.relist(reg)
+            why = f"periodic full reconcile (every {self.resync:g} s)"
         else:
             revision, changes = self.source.changes(self.revision, self.wait)
-            self.apply(reg, revision, changes)
+            with self._acting:
+                if not self._halted:
+                    self.apply(reg, revision, changes)
+            return
+        if why:
+            log.info("%s", why)
+        with self._acting:
+            if not self._halted:
+                self.relist(reg)
 
     def relist(self, reg: Registration) -> None:
         """A snapshot, then a full reconcile to it, then a status for every VM it names."""

@@ -25,8 +25,10 @@ back in :attr:`Snapshot.invalid` or :attr:`Change.error`, for that VM's status.
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -183,8 +185,8 @@ class HttpSource(DesiredSource):
     """The manager's ``/v1/agent/*`` endpoints at ``url`` (``https://`` or ``http://``),
     authenticated by the host's token.
 
-    ``ca_file``: the CA bundle that verifies the manager's certificate (default: the
-    system's). ``timeout``: seconds to connect, and to wait for any answer beyond a
+    ``ca_file``: the CA bundle (PEM) that verifies the manager's certificate (default:
+    httpx's, certifi's bundle); an ``https://`` manager is always verified. ``timeout``: seconds to connect, and to wait for any answer beyond a
     long poll's own wait. ``max_body``: bytes an answer may have; ``max_items``: VMs or
     changes one answer may hold (defaults :data:`MAX_BODY`, :data:`MAX_ITEMS`).
     ``transport``: an httpx transport to use (tests).
@@ -194,7 +196,7 @@ class HttpSource(DesiredSource):
         self,
         url: str,
         token: str,
-        ca_file: str | None = None,
+        ca_file: str | Path | None = None,
         timeout: float = 10.0,
         *,
         max_body: int = MAX_BODY,
@@ -209,7 +211,8 @@ class HttpSource(DesiredSource):
         self.max_items = max_items
         self._http = httpx.Client(
             base_url=self.url,
-            verify=ca_file if ca_file is not None else True,
+            # The CA given, else httpx's default (certifi's bundle, or $SSL_CERT_FILE).
+            verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file else True,
             timeout=timeout,
             headers={"Authorization": f"Bearer {token}"},
             transport=transport,
@@ -402,7 +405,9 @@ def _entry(doc: Any, driver: Any) -> tuple[VmKey | None, DesiredVm | None, VnicE
     try:
         request = request_from_wire(doc.get("request"))
     except InvalidInput as exc:
-        return key, None, exc.under("request")
+        # Paths inside the request go under it; "request" itself (the whole) stays.
+        errors = [e if e.path == "request" else e.under("request") for e in exc.errors]
+        return key, None, InvalidInput(errors)
     if (request.session, request.vm) != key:
         name = f"{request.session}/{request.vm}"
         return key, None, _invalid("request.vm", name, f"the VM {key[0]}/{key[1]} it is sent for")
