@@ -80,6 +80,7 @@ class FakeSource:
         self.fail: dict[str, Exception] = {}
         self.during_changes: Callable[[], None] | None = None
         self.down = False  # every call fails as a manager that does not answer
+        self.invalid: dict[VmKey, InvalidInput] = {}  # snapshot documents that did not parse
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
@@ -115,7 +116,8 @@ class FakeSource:
 
     def snapshot(self) -> Snapshot:
         self._enter("snapshot")
-        return Snapshot(self.revision, list(self.vms.values()), epoch=self.epoch)
+        vms = [v for k, v in self.vms.items() if k not in self.invalid]
+        return Snapshot(self.revision, vms, dict(self.invalid), epoch=self.epoch)
 
     def changes(self, after: int, wait: float) -> tuple[int, list[Change]]:
         self._enter("changes")
@@ -400,3 +402,76 @@ def test_a_snapshot_of_another_epoch_fences(
     follower.turn()
     assert source.calls[-3:] == ["register", "snapshot", "report"]
     assert set(driver.vms) == {("lab", "a")}
+
+
+def test_live_changes_go_in_batches_and_keep_their_order(
+    follower: Follower, source: FakeSource, driver: FakeDriver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in "abc":
+        source.put(desired(name))
+    follower.turn()
+    batches: list[list[str]] = []
+    real = follower.agent.reconfigure_many
+
+    def spy(requests: list[LaunchRequest]) -> dict[VmKey, list[str] | Exception]:
+        batches.append([f"{r.vm}@{r.profile.egress.rate}" for r in requests])
+        return dict(real(requests))
+
+    monkeypatch.setattr(follower.agent, "reconfigure_many", spy)
+    source.put(desired("a", "5Mbit"))
+    source.put(desired("b", "5Mbit"))
+    source.put(desired("a", "7Mbit"))  # the same VM again: a batch of its own, after
+    source.delete("lab", "c")  # not a live change: it ends the batch
+    source.put(desired("b", "7Mbit"))
+    follower.turn()
+    assert batches == [["a@5Mbit", "b@5Mbit"], ["a@7Mbit"], ["b@7Mbit"]]
+    assert [(s.vm, s.revision) for s in source.reports[-1][1]] == [
+        ("a", 4), ("b", 5), ("a", 6), ("c", 7), ("b", 8),
+    ]  # fmt: skip
+    assert all(s.error is None for s in source.reports[-1][1])
+    assert {k: str(r.profile.egress.rate) for k, r in driver.vms.items()} == {
+        ("lab", "a"): "7Mbit",
+        ("lab", "b"): "7Mbit",
+    }
+    assert driver.launches == 3 and follower.revision == 8
+
+
+def test_a_failed_live_change_is_its_vms_and_the_batch_goes_on(
+    follower: Follower, source: FakeSource, driver: FakeDriver
+) -> None:
+    source.put(desired("x"))
+    source.put(desired("y"))
+    follower.turn()
+    driver.fail_on.add("x")  # its next change fails in the driver
+    source.put(desired("x", "5Mbit"))
+    source.put(desired("y", "5Mbit"))
+    follower.turn()
+    statuses = source.last_statuses()
+    assert (
+        statuses["lab/x"].error is not None and "on purpose" in statuses["lab/x"].error["message"]
+    )
+    assert statuses["lab/y"].error is None and "egress.rate changed" in statuses["lab/y"].changes
+    # x still runs what it ran, and says so in its desired state.
+    assert str(driver.vms[("lab", "x")].profile.egress.rate) == "20Mbit"
+    assert follower.agent.desired_vm("lab", "x") == desired("x")
+    assert str(driver.vms[("lab", "y")].profile.egress.rate) == "5Mbit"
+
+
+def test_a_snapshot_entry_the_agent_cannot_follow_keeps_what_runs(
+    follower: Follower, source: FakeSource, driver: FakeDriver
+) -> None:
+    source.put(desired("a"))
+    source.put(desired("b"))
+    follower.turn()
+    source.vms[("lab", "a")] = DesiredVm("qemu", request("a", "5Mbit"))  # not loaded here
+    source.invalid[("lab", "b")] = InvalidInput.one("request.nics[0].mac", "zz", "a MAC address")
+    source.oldest = source.revision + 1  # a relist
+    follower.turn()
+    follower.turn()
+    statuses = source.last_statuses()
+    assert statuses["lab/a"].error is not None
+    assert statuses["lab/a"].error["fields"] == [
+        {"field": "driver", "value": "'qemu'", "expected": "one of fake"}
+    ]
+    assert statuses["lab/b"].error is not None and statuses["lab/b"].error["kind"] == "invalid"
+    assert driver.vms == {("lab", "a"): request("a"), ("lab", "b"): request("b")}

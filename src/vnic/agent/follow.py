@@ -34,10 +34,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from vnic.agent.core import Agent
-from vnic.agent.port import DesiredVm, vm_label
+from vnic.agent.port import DesiredVm, VmKey, vm_label
 from vnic.agent.upstream import (
     Change,
     DesiredSource,
@@ -51,6 +51,7 @@ from vnic.agent.upstream import (
     error_doc,
 )
 from vnic.errors import InvalidInput, VnicError
+from vnic.model.launch import LaunchRequest
 
 log = logging.getLogger("vnic.agent.follow")
 
@@ -287,32 +288,38 @@ class Follower:
         rev = snap.revision
         statuses: list[VmStatus] = []
         wanted: list[DesiredVm] = []
-        for key, error in snap.invalid.items():
-            # A document that does not parse is no reason to stop what runs.
-            kept = self.agent.desired_vm(*key)
-            wanted += [kept] if kept is not None else []
-            statuses.append(VmStatus(key[0], key[1], rev, error_doc(error)))
-        live: dict[str, list[str]] = {}
+        running = {vm.key: vm for vm in self.agent.desired()}
+        refused = dict(snap.invalid)
         for vm in snap.vms:
             if vm.driver not in self.agent.drivers:
                 known = ", ".join(sorted(self.agent.drivers))
-                error = InvalidInput.one("driver", vm.driver, f"one of {known}")
-                statuses.append(VmStatus(*vm.key, rev, error_doc(error)))
+                refused[vm.key] = InvalidInput.one("driver", vm.driver, f"one of {known}")
+        for key, error in refused.items():
+            # A document this agent cannot follow is no reason to stop what runs.
+            kept = running.get(key)
+            wanted += [kept] if kept is not None else []
+            statuses.append(VmStatus(key[0], key[1], rev, error_doc(error)))
+        changed: list[LaunchRequest] = []
+        for vm in snap.vms:
+            if vm.key in refused:
                 continue
             wanted.append(vm)
-            current = self.agent.desired_vm(*vm.key)
+            current = running.get(vm.key)
             if current is not None and current.driver == vm.driver and current != vm:
-                # Live first: a VM that missed a profile change keeps its traffic; the
-                # sync below rebuilds only what this could not mend.
-                try:
-                    live[vm_label(vm.key)] = self.agent.reconfigure(vm.request)
-                except VnicError as exc:
-                    log.info("live change of %s failed, it is rebuilt: %s", vm_label(vm.key), exc)
+                changed.append(vm.request)
+        # Live first: a VM that missed a profile change keeps its traffic; the sync
+        # below rebuilds only what this could not mend.
+        live: dict[str, list[str]] = {}
+        for key, result in self.agent.reconfigure_many(changed).items() if changed else ():
+            if isinstance(result, VnicError):
+                log.info("live change of %s failed, it is rebuilt: %s", vm_label(key), result)
+            else:
+                live[vm_label(key)] = result
         report = self.agent.sync(wanted)
         for vm in wanted:
             label = vm_label(vm.key)
-            if vm not in snap.vms:
-                continue  # kept for an invalid document: its status says so already
+            if vm.key in refused:
+                continue  # kept as it runs: its status says why already
             failed = report.failed.get(label)
             doc = None if failed is None else {"kind": "dataplane", "message": failed, "fields": []}
             changes = live.get(label, []) + [
@@ -329,22 +336,71 @@ class Follower:
             len(snap.vms),
             len(report.reapplied),
             len(report.removed),
-            len(report.failed) + len(snap.invalid),
+            len(report.failed) + len(refused),
         )
         return statuses
 
     def apply(self, reg: Registration, revision: int, changes: list[Change]) -> None:
         """Apply ``changes`` in order, then hold ``revision``; stop (without moving the
-        revision) when ``reg`` goes stale: the next turn registers and relists."""
+        revision) when ``reg`` goes stale: the next turn registers and relists.
+
+        Consecutive live changes (running VMs, new requests: a profile change reaching
+        many VMs) go to the agent as one batch (:meth:`Agent.reconfigure_many`, one pass
+        per session namespace); any other change first ends the batch, so the order holds.
+        """
         statuses: list[VmStatus] = []
+        batch: list[Change] = []
+        stopped = False
         for change in changes:
             if self.stale(reg):
+                stopped = True
                 break
-            statuses.append(self._apply_one(change))
-        else:
+            if self._live(change) and all(c.key != change.key for c in batch):
+                batch.append(change)
+                continue
+            statuses += self._apply_live(batch)
+            batch = []
+            if self.stale(reg):
+                stopped = True
+                break
+            if self._live(change):
+                batch.append(change)  # the same VM again: after the batch that had it
+            else:
+                statuses.append(self._apply_one(change))
+        if not stopped and batch and self.stale(reg):
+            stopped = True
+        if not stopped:
+            statuses += self._apply_live(batch)
             self.revision = max(self.revision, revision)
         if statuses:
             self._report(reg, statuses)
+
+    def _live(self, change: Change) -> bool:
+        """Whether ``change`` is a live change of a VM running here on the same driver."""
+        want = change.desired
+        if want is None or change.error is not None:
+            return False
+        current = self.agent.desired_vm(change.session, change.vm)
+        return current is not None and current.driver == want.driver and current != want
+
+    def _apply_live(self, batch: list[Change]) -> list[VmStatus]:
+        if not batch:
+            return []
+        requests = [c.desired.request for c in batch if c.desired is not None]
+        results: Mapping[VmKey, list[str] | BaseException]
+        try:
+            results = self.agent.reconfigure_many(requests)
+        except Exception as exc:  # the batch as a whole failed (the host lock): each says so
+            results = {c.key: exc for c in batch}
+        out = []
+        for c in batch:
+            result = results.get(c.key, [])
+            if isinstance(result, BaseException):
+                log.info("applying %s/%s at revision %d failed: %s", *c.key, c.revision, result)
+                out.append(VmStatus(c.session, c.vm, c.revision, error_doc(result)))
+            else:
+                out.append(VmStatus(c.session, c.vm, c.revision, None, list(result)))
+        return out
 
     def _apply_one(self, change: Change) -> VmStatus:
         session, vm, rev = change.session, change.vm, change.revision
