@@ -475,3 +475,36 @@ def test_a_snapshot_entry_the_agent_cannot_follow_keeps_what_runs(
     ]
     assert statuses["lab/b"].error is not None and statuses["lab/b"].error["kind"] == "invalid"
     assert driver.vms == {("lab", "a"): request("a"), ("lab", "b"): request("b")}
+
+
+def test_run_renews_the_lease_in_its_thread_and_ends_on_stop(
+    tmp_path: Path, driver: FakeDriver
+) -> None:
+    import threading
+
+    source = FakeSource(Clock(), lease=6.0)  # renewed every 2 s
+    stop = threading.Event()
+    source.during_changes = lambda: stop.wait(0.05)  # a long poll, cut short
+    renewed = threading.Event()
+    real_renew = source.renew
+
+    def renew(epoch: int) -> float:
+        lease = real_renew(epoch)
+        renewed.set()
+        return lease
+
+    source.renew = renew  # type: ignore[method-assign]
+    source.put(desired("a"))
+    agent = Agent(tmp_path / "agent", {"fake": driver}, default="fake")
+    follower = Follower(agent, source, INFO)  # the real clock and sleep
+    runner = threading.Thread(target=follower.run, args=(stop,))
+    runner.start()
+    try:
+        assert renewed.wait(30)
+        assert set(driver.vms) == {("lab", "a")}
+        assert source.calls.count("register") == 1  # renewed, never lapsed
+    finally:
+        stop.set()
+        runner.join(30)
+    assert not runner.is_alive()
+    assert follower.halt(timeout=5)

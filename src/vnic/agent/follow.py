@@ -122,6 +122,7 @@ class Follower:
         # for it, so a stop never cuts an apply short.
         self._acting = threading.Lock()
         self._halted = False
+        self._registered = threading.Event()  # wakes the lease thread
 
     # Registration and lease.
 
@@ -145,6 +146,7 @@ class Follower:
                 started + new.lease_seconds,
                 False,
             )
+            self._registered.set()
             log.info(
                 "%s: host %s has epoch %d (lease %g s, revision %d)",
                 why,
@@ -206,8 +208,15 @@ class Follower:
         sleep = self._sleep or stop.wait
 
         def renewing() -> None:
-            while not stop.wait(self.renew_once()):
-                pass
+            delay = 0.0
+            while not stop.is_set():
+                if self._registered.wait(delay):
+                    # A new registration: its lease counts from now, a third of it to go.
+                    self._registered.clear()
+                    reg = self.registration
+                    delay = reg.lease_seconds / 3 if reg is not None else 0.5
+                    continue
+                delay = self.renew_once()
 
         threading.Thread(target=renewing, name="vnic-lease", daemon=True).start()
         while not stop.is_set() and not self._halted:
