@@ -343,7 +343,9 @@ def test_the_lease_is_renewed_and_its_time_counts_from_the_request(
     follower.turn()
     assert source.calls.count("register") == 1
     source.fail["renew"] = Unreachable("no route")
-    assert follower.renew_once() == 1.0  # tried again soon
+    assert follower.renew_once() == 0.2  # tried again soon, backing off
+    source.fail["renew"] = Unreachable("no route")
+    assert follower.renew_once() == 0.4
     clock.now += 2  # and now the lease lapsed: the lease thread registers again
     assert follower.renew_once() == pytest.approx(10 / 3)
     assert source.calls[-1] == "register"

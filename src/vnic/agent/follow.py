@@ -105,6 +105,7 @@ class Follower:
         self.resync, self.wait, self.clock = resync, wait, clock
         self._sleep = sleep
         self.backoff = backoff or Backoff()
+        self._lease_backoff = Backoff(self.backoff.first, self.backoff.cap)
         #: The registration acted under (None before the first).
         self.registration: Registration | None = None
         #: The revision of the host's desired state applied so far.
@@ -185,11 +186,12 @@ class Follower:
                 self.fence(reg, f"lease refused: {exc}")
             except (Unreachable, VnicError) as exc:
                 log.info("renewing the lease of epoch %d failed: %s", reg.epoch, exc)
-                return min(1.0, reg.lease_seconds / 6)
+                return self._retry_lease(reg)
             else:
                 with self._lock:
                     if self.registration is reg:
                         self._deadline = started + lease
+                self._lease_backoff.reset()
                 return lease / 3
         try:
             # At once, not at the main loop's next turn (it may be in a long poll): the
@@ -197,8 +199,15 @@ class Follower:
             reg = self.current()
         except (Unreachable, VnicError) as exc:
             log.info("registering again failed: %s", exc)
-            return min(1.0, reg.lease_seconds / 6)
+            return self._retry_lease(reg)
+        self._lease_backoff.reset()
         return reg.lease_seconds / 3
+
+    def _retry_lease(self, reg: Registration) -> float:
+        """Seconds to the next try after a failed one: the backoff, but never past a
+        third of the lease (a lease thread that slept through it would lose it), so
+        a fleet does not hammer a manager that is down."""
+        return min(self._lease_backoff.next(), reg.lease_seconds / 3)
 
     # The main loop.
 
