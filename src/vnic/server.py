@@ -8,7 +8,9 @@ The manager reconciles on start: it sends its agent the VMs the database
 says are running (:meth:`~vnic.agent.core.Agent.sync`); the agent rebuilds
 those that drifted or vanished and removes vnic objects nobody desires.
 A standalone agent reconciles its own desired-state file when it starts,
-before it answers anyone.
+before it answers anyone. One that follows a manager (``vnic agent --manager``,
+:func:`run_follower`) serves no control API: it dials out, registers its host and
+follows the host's desired state (:mod:`vnic.agent.follow`).
 
 Both then repair drift on their own (:mod:`vnic.agent.repair`, every
 ``repair`` seconds of ``intervals``, default 2; 0 turns it off): the manager
@@ -38,6 +40,9 @@ from vnic.store.db import Database
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+
+    from vnic.agent.metrics_http import MetricsServer
+    from vnic.agent.upstream import HostInfo, HttpSource
 
 log = logging.getLogger("vnic.server")
 
@@ -171,3 +176,54 @@ def run_agent(
     agent.start_monitor(*intervals)
     print(f"vnic agent: listening on http://{host}:{port}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def run_follower(
+    agent: Agent,
+    source: HttpSource,
+    info: HostInfo,
+    intervals: Intervals = INTERVALS,
+    metrics: MetricsServer | None = None,
+    *,
+    stop: threading.Event | None = None,
+) -> None:
+    """Run ``agent`` following the manager behind ``source`` as host ``info``
+    (``vnic agent --manager``): no control API; its own reconcile first (the VMs it
+    already runs come back before the manager is reached), its monitor and drift
+    repair, the :class:`~vnic.agent.follow.Follower`, and ``metrics`` (a
+    ``GET /metrics`` server, already bound) if given.
+
+    Returns on SIGTERM or SIGINT (or when ``stop`` is set), once a change in progress
+    has ended; the VMs keep running: they are desired state, the manager decides."""
+    import signal
+
+    from vnic.agent.follow import Follower
+
+    follow_log = logging.getLogger("vnic.agent.follow")
+    if not follow_log.handlers:  # each register, relist, fence and retry: one line
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("vnic agent: %(message)s"))
+        follow_log.addHandler(handler)
+        follow_log.setLevel(logging.INFO)
+        follow_log.propagate = False
+    stop = stop or threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    for line in describe(agent.reconcile()):
+        print(f"vnic agent: {line}", flush=True)
+    agent.start_monitor(*intervals)
+    if metrics is not None:
+        metrics.start()
+    follower = Follower(agent, source, info)
+    # The follower runs beside this thread: a long poll holds its thread up to the
+    # poll's wait, and a stop must not wait that long.
+    threading.Thread(target=follower.run, args=(stop,), name="vnic-follow", daemon=True).start()
+    where = f"; metrics at {info.metrics_url}" if info.metrics_url else ""
+    print(f"vnic agent: following {source.url} as host {info.host}{where}", flush=True)
+    while not stop.wait(1.0):  # a bounded wait: signals are handled between two
+        pass
+    if not follower.halt():
+        print("vnic agent: a change was still in progress; reconcile finishes it", flush=True)
+    if metrics is not None:
+        metrics.close()
+    print("vnic agent: stopped (the VMs keep running)", flush=True)

@@ -406,6 +406,10 @@ class Agent(AgentPort):
     def desired(self) -> list[DesiredVm]:
         return self.state.all()
 
+    def desired_vm(self, session: str, vm: str) -> DesiredVm | None:
+        """The VM as this host runs it (its driver and request), None if it runs none such."""
+        return self.state.get((session, vm))
+
     def mine(self) -> list[DesiredVm]:
         """Desired VMs of the drivers this agent has loaded (an embedded command loads one)."""
         return [vm for vm in self.state.all() if vm.driver in self.drivers]

@@ -132,7 +132,7 @@ COMMANDS: dict[str, Entry] = {
     "doctor": Entry(_doctor, "What this kernel can do, and which fields each driver honours."),
     "demo": Entry(_demo, "Launch a shaped demo session, measure each VM, tear it down."),
     "serve": Entry(_serve, "Run the session manager: REST API, UI, metrics, controller."),
-    "agent": Entry(_agent, "Run this host's agent on its own (the manager's --agent URL)."),
+    "agent": Entry(_agent, "Run this host's agent (for --agent URL, or --manager URL)."),
     "top": Entry(_top, "Live per-vNIC table of a session: rates, drops, latency."),
     "audit": Entry(_audit, "The audit log of runtime changes."),
     "profile": Entry(_profile, "Define and inspect profiles."),

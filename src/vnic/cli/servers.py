@@ -1,6 +1,7 @@
 """``vnic serve`` (the session manager) and ``vnic agent`` (this host's agent on its own):
 the two long-running servers. Their server code is imported when one starts."""
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated
 
@@ -105,8 +106,14 @@ def serve(
 
 
 def agent_command(
-    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8471,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            help="Address to bind (default 127.0.0.1); with --manager: this host's name.",
+        ),
+    ] = None,
+    port: Annotated[int | None, typer.Option("--port", help="TCP port (default 8471).")] = None,
     key_file: Annotated[
         Path | None,
         typer.Option(
@@ -122,25 +129,112 @@ def agent_command(
     drift_interval: DriftInterval = 60.0,
     repair_interval: RepairInterval = 2.0,
     allowed_host: AllowedHosts = None,
+    manager: Annotated[
+        str | None,
+        typer.Option(
+            "--manager",
+            metavar="URL",
+            help="Follow the manager at URL (https:// or http://): dial out, register, "
+            "list then watch this host's desired state; no control API is served.",
+        ),
+    ] = None,
+    host_token_file: Annotated[
+        Path | None,
+        typer.Option("--host-token-file", help="The host's token (with --manager)."),
+    ] = None,
+    underlay: Annotated[
+        str | None,
+        typer.Option("--underlay", metavar="ADDR", help="This host's underlay IP address."),
+    ] = None,
+    vnics: Annotated[
+        int | None, typer.Option("--vnics", help="vNICs this host may run (default 64).")
+    ] = None,
+    cpus: Annotated[
+        int | None, typer.Option("--cpus", help="CPUs this host offers (default: all it has).")
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option("--label", metavar="KEY=VALUE", help="A label for placement (repeatable)."),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="CA bundle (PEM) that verifies an https:// manager."),
+    ] = None,
+    metrics_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--metrics-listen",
+            metavar="HOST:PORT",
+            help="Serve GET /metrics (read-only, nothing else) there; its URL is registered.",
+        ),
+    ] = None,
 ) -> None:
-    """Run this host's agent on its own: the manager reaches it with --agent URL.
-    Reconciles the kernel with its desired state before it answers."""
-    from vnic.agent.api import agent_key
+    """Run this host's agent on its own. Without --manager: it serves its API, and the
+    manager reaches it with --agent URL. With --manager URL --host-token-file F --host
+    NAME --underlay ADDR: it dials out to the manager instead and follows this host's
+    desired state. Either way it reconciles the kernel with its desired state first;
+    SIGTERM stops it and leaves the VMs running."""
     from vnic.agent.core import local_agent
-    from vnic.server import run_agent
 
-    def body() -> None:
-        from vnic.settings import Settings
+    if manager is None:
+        follow_only = {
+            "--host-token-file": host_token_file,
+            "--underlay": underlay,
+            "--vnics": vnics,
+            "--cpus": cpus,
+            "--label": label or None,
+            "--ca": ca,
+            "--metrics-listen": metrics_listen,
+        }
 
-        home = Settings.from_env().home
-        key = agent_key(key_file or home / "agent.key")
-        run_agent(
-            local_agent(driver, state_dir),
-            key,
-            host,
-            port,
+        def serve_api() -> None:
+            from vnic.agent.api import agent_key
+            from vnic.server import run_agent
+            from vnic.settings import Settings
+
+            _refuse(follow_only, "only with --manager")
+            home = Settings.from_env().home
+            key = agent_key(key_file or home / "agent.key")
+            run_agent(
+                local_agent(driver, state_dir),
+                key,
+                host or "127.0.0.1",
+                port if port is not None else 8471,
+                (latency_interval, drift_interval, repair_interval),
+                allowed_host or [],
+            )
+
+        run(serve_api)
+        return
+
+    def follow() -> None:
+        from vnic.cli.follow_flags import follow_flags
+        from vnic.server import run_follower
+
+        _refuse(
+            {"--port": port, "--key-file": key_file, "--allowed-host": allowed_host or None},
+            "no control API is served with --manager (metrics: --metrics-listen)",
+        )
+        flags = follow_flags(
+            manager, host_token_file, host, underlay, vnics, cpus, label or [], ca, metrics_listen
+        )
+        agent = local_agent(driver, state_dir)
+        metrics = flags.bind_metrics(agent.metrics_text)
+        run_follower(
+            agent,
+            flags.source(),
+            flags.info(metrics),
             (latency_interval, drift_interval, repair_interval),
-            allowed_host or [],
+            metrics,
         )
 
-    run(body)
+    run(follow)
+
+
+def _refuse(given: Mapping[str, object], why: str) -> None:
+    """InvalidInput naming every flag of ``given`` that was given (not None)."""
+    from vnic.errors import FieldError, InvalidInput, show_value
+
+    wrong = [FieldError(k, show_value(str(v)), why) for k, v in given.items() if v is not None]
+    if wrong:
+        raise InvalidInput(wrong)
