@@ -18,6 +18,7 @@ import pytest
 from tests.netns.helpers import until
 from tests.netns.hostbeds import VNIC, new_bed
 from vnic.dataplane import namespaces as nsops
+from vnic.errors import DataplaneError
 from vnic.lab.hostbed import HostBed
 
 pytestmark = pytest.mark.root
@@ -206,3 +207,28 @@ def test_destroy_leaves_nothing(tmp_path: Path) -> None:
     assert bed.leftovers() == []
     bed.destroy()  # again: nothing to do, no error
     assert bed.leftovers() == []
+
+
+def test_a_bed_a_killed_run_left_is_destroyed_by_its_tag(tmp_path: Path) -> None:
+    """The run that made the bed is gone (its HostBed object with it); its hosts still run,
+    with a VM. A new HostBed with the same tag and root enters each host through a
+    process found in it and destroys everything."""
+    root = tmp_path / "hosts"
+    left = HostBed(uuid.uuid4().hex[:8], 1, root=root).create()
+    vnic = " ".join(VNIC)
+    made = left.run("h1", ["sh", "-c", f"{vnic} session create k && {vnic} vm launch k x"])
+    assert made.returncode == 0, made.stderr
+    holders = left.processes()
+    vm_pids = run_pids(left.hosts[0].home)
+    assert len(holders) == 2 and len(vm_pids) == 1
+    with pytest.raises(DataplaneError, match="exist already"):
+        HostBed(left.tag, 1, root=root).create()
+
+    again = HostBed(left.tag, 1, root=root)
+    again.destroy()
+    assert again.leftovers() == []
+    assert not [n for n in nsops.listing() if left.tag in n]
+    assert [p for p in [*holders, *vm_pids] if nsops.alive(p)] == []
+    for holder in (h.holder for h in left.every_host):
+        assert holder is not None
+        holder.wait(timeout=10)  # reaped: the killed run's object is this test's

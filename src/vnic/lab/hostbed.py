@@ -49,6 +49,7 @@ from types import TracebackType
 from typing import Any
 
 from vnic.dataplane import namespaces as nsops
+from vnic.dataplane import procs
 from vnic.dataplane.inventory import parse_netns
 from vnic.errors import DataplaneError
 from vnic.lab.hostbed_plan import BedPlan, HostSpec, plan_bed
@@ -81,6 +82,9 @@ class Host:
     spec: HostSpec
     home: Path
     holder: subprocess.Popen[bytes] | None = None
+    #: A process of the host that this bed did not start (the holder of a bed a killed
+    #: run left, found by :meth:`HostBed.destroy`): the way in when there is no holder.
+    adopted: int | None = None
 
     @property
     def name(self) -> str:
@@ -103,11 +107,24 @@ class Host:
     def runtime_dir(self) -> Path:
         return self.home / "run"
 
+    def running(self) -> bool:
+        """Whether the host's mount namespace can be entered (its holder, or an adopted
+        process of it, runs)."""
+        if self.holder is not None and self.holder.poll() is None:
+            return True
+        return self.adopted is not None and nsops.alive(self.adopted)
+
+    def entry(self) -> int:
+        """The PID whose namespaces are the host's (its holder's)."""
+        if self.holder is not None and self.holder.poll() is None:
+            return self.holder.pid
+        if self.adopted is not None and nsops.alive(self.adopted):
+            return self.adopted
+        raise DataplaneError(f"host {self.short} is not running (its holder is gone)")
+
     def netns_dir(self) -> str:
-        """The host's ``/run/netns`` as the machine reaches it (through the holder)."""
-        if self.holder is None or self.holder.poll() is not None:
-            raise DataplaneError(f"host {self.short} is not running (its holder is gone)")
-        return f"/proc/{self.holder.pid}/root{NETNS_DIR}"
+        """The host's ``/run/netns`` as the machine reaches it (through its holder)."""
+        return f"/proc/{self.entry()}/root{NETNS_DIR}"
 
 
 @dataclass(frozen=True)
@@ -190,7 +207,8 @@ class HostBed:
         if taken:
             raise DataplaneError(
                 f"host bed {self.tag}: namespaces {', '.join(taken)} exist already "
-                "(another bed with this tag, or one a killed run left)"
+                "(another bed with this tag, or one a killed run left: "
+                "HostBed(tag, count, root=...).destroy() removes it)"
             )
         if self._own_root:
             self.root = Path(tempfile.mkdtemp(prefix=f"vnic-bed-{self.tag}-"))
@@ -310,10 +328,8 @@ class HostBed:
         process's working directory; ``popen`` goes to :class:`subprocess.Popen`. The
         bed stops it in :meth:`destroy` if it still runs."""
         h = self.host(host)
-        h.netns_dir()  # raises if the host is not running
-        assert h.holder is not None
         cwd = str(popen.pop("cwd", None) or os.getcwd())
-        prefix = ["nsenter", f"--target={h.holder.pid}", "--net", "--mount", f"--wd={cwd}"]
+        prefix = ["nsenter", f"--target={h.entry()}", "--net", "--mount", f"--wd={cwd}"]
         proc = subprocess.Popen([*prefix, *argv], env=self.env(h, env), **popen)
         self._spawned.append(proc)
         return proc
@@ -405,7 +421,7 @@ class HostBed:
                 out.append(f"link {link['ifname']} in the machine's namespace")
         out += [f"process {pid}" for pid in self.processes()]
         for host in self.every_host:
-            if host.holder is not None and host.holder.poll() is None:
+            if host.running():
                 out += [f"{host.short}: namespace {n}" for n in self.inventory(host).namespaces]
         return out
 
@@ -439,16 +455,24 @@ class HostBed:
     def destroy(self) -> None:
         """Stop every process the bed started, remove what vnic made inside each host
         (through vnic's teardown), then the hosts and the underlay. Idempotent;
-        :class:`DataplaneError` (after removing all it can) listing what is left."""
+        :class:`DataplaneError` (after removing all it can) listing what is left.
+
+        A bed a killed run left (its holders still running, this object knows none of
+        them) is destroyed by a new ``HostBed`` with the same tag, count and ``root``:
+        each host is entered through a process found in it, by its namespace."""
         problems: list[str] = []
         _stop(self._spawned, STOP_GRACE)
         self._spawned = []
         for host in self.every_host:
+            if not host.running():
+                host.adopted = _resident(host.name)
             problems += self._clean_host(host)
             if host.holder is not None:
                 _stop([host.holder], STOP_GRACE)
                 host.holder = None
-            # Stops whatever still runs in the host's network namespace (by the namespace).
+            host.adopted = None
+            # Stops whatever still runs in the host's network namespace (by the namespace):
+            # an adopted holder, anything a host's process left behind.
             nsops.remove(host.name)
         nsops.remove(self.plan.underlay)
         if self._own_root and self.root.exists():
@@ -460,7 +484,7 @@ class HostBed:
     def _clean_host(self, host: Host) -> list[str]:
         """vnic's own teardown inside ``host`` when anything of vnic is there; what is
         still there afterwards."""
-        if host.holder is None or host.holder.poll() is not None:
+        if not host.running():
             return []
         if not self.inventory(host).namespaces and not _files(host.runtime_dir):
             return []
@@ -469,6 +493,14 @@ class HostBed:
         problems += [f"{host.short}: namespace {n}" for n in self.inventory(host).namespaces]
         problems += [f"{host.short}: run file {p}" for p in _files(host.runtime_dir)]
         return problems
+
+
+def _resident(netns: str) -> int | None:
+    """A process in the machine's network namespace ``netns`` that lives in a host's mount
+    namespace (it sees another ``/run/netns`` than this process): a holder; None if none."""
+    if not nsops.exists(netns):
+        return None
+    return next((pid for pid in nsops.pids(netns) if not procs.on_this_host(pid)), None)
 
 
 def _ip(namespace: str, commands: Sequence[str]) -> None:
