@@ -182,6 +182,11 @@ def run_pids(home: Path) -> list[int]:
     return [int(f.read_text()) for f in files]
 
 
+def state(pid: int) -> str:
+    """The process's state letter (``S`` sleeping, ``T`` stopped...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
+
+
 def test_destroy_leaves_nothing(tmp_path: Path) -> None:
     bed = HostBed(uuid.uuid4().hex[:8], 2, root=tmp_path / "hosts").create()
     try:
@@ -191,7 +196,12 @@ def test_destroy_leaves_nothing(tmp_path: Path) -> None:
         assert len(vnic_pids) == 3  # two VM inits, a's delay engine
         # Stand-ins for agents: one running, one paused, one in a namespace of its own.
         bed.spawn("h1", ["sleep", "600"])
-        bed.pause(bed.spawn("h2", ["sleep", "600"]).pid)
+        paused = bed.spawn("h2", ["sleep", "600"]).pid
+        bed.pause(paused)
+        assert until(lambda: state(paused) == "T", 10)
+        bed.resume(paused)
+        assert until(lambda: state(paused) == "S", 10)
+        bed.pause(paused)  # destroy stops it paused
         assert bed.run("h2", ["ip", "netns", "add", "vnic.other"]).returncode == 0
         bed.spawn("h2", ["ip", "netns", "exec", "vnic.other", "sleep", "600"])
         started = bed.processes()

@@ -36,7 +36,7 @@ from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import procs, vminit
 from vnic.errors import Conflict, DataplaneError
 from vnic.plan.guest import READY_MARK, GuestSpec, RunFiles, owner_of_cmdline, qemu_argv
-from vnic.settings import runtime_subdir
+from vnic.settings import Settings, runtime_subdir
 
 #: The image builder, in the repository (vnic is installed editable from it).
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "vm" / "build-image.sh"
@@ -204,7 +204,7 @@ def _accelerator_without_trial() -> Accelerator | None:
 def _trial_boot(accel: str, timeout: float = 20.0) -> tuple[bool, str]:
     """Boot the guest image with ``accel`` and no NIC until its init runs; (worked, detail)."""
     img = image()
-    directory = Path(f"/run/vnic/qemu-trial-{os.getpid()}")
+    directory = Settings.from_env().runtime_dir / f"qemu-trial-{os.getpid()}"
     directory.mkdir(parents=True, exist_ok=True)
     console = directory / "console.log"
     argv = [
