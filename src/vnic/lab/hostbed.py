@@ -42,11 +42,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import procs
@@ -228,10 +230,9 @@ class HostBed:
         plan = self.plan
         nsops.create(plan.underlay)
         alias = f"{plan.manager.alias.rsplit('/', 1)[0]}/underlay"
-        _ip(
-            plan.underlay,
-            [f"link add {plan.bridge} type bridge", f"link set {plan.bridge} alias {alias} up"],
-        )
+        with _netlink(f"the underlay bridge {plan.bridge}"), nsops.opened(plan.underlay) as ns:
+            ns.link("add", ifname=plan.bridge, kind="bridge")
+            ns.link("set", index=nsops.link_index(ns, plan.bridge), ifalias=alias, state="up")
 
     def _make_host(self, host: Host) -> None:
         spec, plan = host.spec, self.plan
@@ -240,21 +241,25 @@ class HostBed:
         nsops.create(spec.netns)
         # No duplicate address detection on the underlay: its addresses work at once.
         nsops.sysctl(spec.netns, "net.ipv6.conf.default.accept_dad", "0")
-        _ip(
-            plan.underlay,
-            [
-                f"link add {spec.port} type veth peer name {spec.ifname} netns {spec.netns}",
-                f"link set {spec.port} alias {spec.alias} master {plan.bridge} up",
-            ],
-        )
-        _ip(
-            spec.netns,
-            [
-                f"link set {spec.ifname} alias {spec.alias} up",
-                f"addr add {spec.address4} dev {spec.ifname}",
-                f"addr add {spec.address6} dev {spec.ifname} nodad",
-            ],
-        )
+        with _netlink(f"host {spec.short}'s underlay port"), nsops.opened(plan.underlay) as ns:
+            # Made in the underlay with its peer straight in the host: never in the
+            # machine's namespace, where two beds' names could meet.
+            peer = {"ifname": spec.ifname, "net_ns_fd": spec.netns}
+            ns.link("add", ifname=spec.port, kind="veth", peer=peer)
+            bridge = nsops.link_index(ns, plan.bridge)
+            port = nsops.link_index(ns, spec.port)
+            ns.link("set", index=port, ifalias=spec.alias, master=bridge, state="up")
+        with _netlink(f"host {spec.short}'s addresses"), nsops.opened(spec.netns) as hs:
+            nic = nsops.link_index(hs, spec.ifname)
+            hs.link("set", index=nic, ifalias=spec.alias, state="up")
+            for address in (spec.address4, spec.address6):
+                hs.addr(
+                    "add",
+                    index=nic,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                    flags=nsops.IFA_F_NODAD,
+                )
         host.holder = self._start_holder(host)
 
     def _start_holder(self, host: Host) -> subprocess.Popen[bytes]:
@@ -503,17 +508,13 @@ def _resident(netns: str) -> int | None:
     return next((pid for pid in nsops.pids(netns) if not procs.on_this_host(pid)), None)
 
 
-def _ip(namespace: str, commands: Sequence[str]) -> None:
-    """Run ``ip`` commands in ``namespace`` as one batch; :class:`DataplaneError` on failure."""
-    proc = subprocess.run(
-        ["ip", "-n", namespace, "-batch", "-"],
-        input="\n".join(commands) + "\n",
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    if proc.returncode != 0:
-        raise DataplaneError(f"ip in {namespace}: {proc.stderr.strip()}")
+@contextlib.contextmanager
+def _netlink(what: str) -> Iterator[None]:
+    """A netlink refusal in the block as :class:`DataplaneError` naming ``what``."""
+    try:
+        yield
+    except NetlinkError as exc:
+        raise DataplaneError(f"cannot make {what}: {exc}") from exc
 
 
 def _files(directory: Path) -> list[Path]:
