@@ -1,6 +1,7 @@
 """The emulated-host bed on the real kernel: an underlay the hosts share and the machine
 does not, namespaces private to each host, the same session and VM on two hosts at once,
-a partition and its heal, and a destroy that leaves nothing."""
+a partition and its heal, the manager host on the throwaway PostgreSQL, and a destroy
+(also of a bed a killed run left, and of a failed create) that leaves nothing."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import new_pg_url
 from tests.netns.helpers import until
 from tests.netns.hostbeds import VNIC, new_bed
 from vnic.dataplane import namespaces as nsops
 from vnic.errors import DataplaneError
-from vnic.lab.hostbed import HostBed
+from vnic.lab.hostbed import Host, HostBed
 
 pytestmark = pytest.mark.root
 
@@ -242,3 +244,30 @@ def test_a_bed_a_killed_run_left_is_destroyed_by_its_tag(tmp_path: Path) -> None
     for holder in (h.holder for h in left.every_host):
         assert holder is not None
         holder.wait(timeout=10)  # reaped: the killed run's object is this test's
+
+
+def test_the_manager_host_reaches_the_throwaway_postgresql(bed: HostBed, pg_server: object) -> None:
+    """The test run's PostgreSQL listens on a Unix socket only: a manager in the manager
+    host (its own network namespace) reaches it through the file system it shares."""
+    url = new_pg_url(pg_server)  # type: ignore[arg-type]
+    done = bed.run("hm", [*VNIC, "db", "upgrade"], env={"VNIC_DATABASE_URL": url})
+    assert done.returncode == 0, done.stderr
+    sessions = bed.run("hm", [*VNIC, "session", "list", "--json"], env={"VNIC_DATABASE_URL": url})
+    assert sessions.returncode == 0 and json.loads(sessions.stdout) == [], sessions.stderr
+
+
+def test_a_failed_create_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bed = HostBed(uuid.uuid4().hex[:8], 3, root=tmp_path / "hosts")
+    real = HostBed._start_holder
+
+    def second_host_fails(self: HostBed, host: Host) -> subprocess.Popen[bytes]:
+        if host.short == "h2":
+            raise DataplaneError("injected: h2's holder")
+        return real(self, host)
+
+    monkeypatch.setattr(HostBed, "_start_holder", second_host_fails)
+    with pytest.raises(DataplaneError, match="injected"):
+        bed.create()
+    assert not [n for n in nsops.listing() if bed.tag in n]
+    assert bed.leftovers() == []
+    assert bed.processes() == []
