@@ -10,6 +10,7 @@ import json
 import re
 import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -271,3 +272,22 @@ def test_a_failed_create_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     assert not [n for n in nsops.listing() if bed.tag in n]
     assert bed.leftovers() == []
     assert bed.processes() == []
+
+
+def test_hosts_script_up_then_down() -> None:
+    """`scripts/hosts.sh` (python -m vnic.lab.hostbed_main): a bed that outlives `up`, and
+    `down` that removes it, its directories too."""
+    tag = uuid.uuid4().hex[:8]
+    main = [sys.executable, "-m", "vnic.lab.hostbed_main"]
+    made = subprocess.run([*main, "up", "2", tag], capture_output=True, text=True, timeout=60)
+    try:
+        assert made.returncode == 0, made.stderr
+        assert "h2: 10.250.0.12 fd00:250::12" in made.stdout
+        assert {f"vnic-h1-{tag}", f"vnic-h2-{tag}"} <= set(nsops.listing())
+    finally:
+        gone = subprocess.run([*main, "down", tag], capture_output=True, text=True, timeout=120)
+    assert gone.returncode == 0, gone.stderr
+    assert not [n for n in nsops.listing() if tag in n]
+    assert not Path(f"/tmp/vnic-hosts-{tag}").exists()
+    again = subprocess.run([*main, "down", tag], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "none on this machine" in again.stdout
