@@ -9,6 +9,7 @@ import pytest
 
 from vnic.dataplane import delayd, qemu, vminit
 from vnic.errors import InvalidInput, show_value
+from vnic.lab.hostbed import HostBed
 from vnic.lab.hostbed_plan import plan_bed
 from vnic.settings import Settings
 
@@ -104,3 +105,14 @@ def test_run_files_follow_the_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv("VNIC_NETNS_RUN_DIR", str(tmp_path / "inits"))
     assert vminit.run_dir("s", "a") == tmp_path / "inits/s/a"
     assert delayd.run_dir("s") == tmp_path / "h2/delayd/s"
+
+
+def test_a_host_is_named_by_short_name_or_namespace() -> None:
+    """(No root: naming a host touches nothing.)"""
+    bed = HostBed("ab12", 2)
+    assert bed.host("h2") is bed.host("vnic-h2-ab12") is bed.hosts[1]
+    assert bed.host("hm") is bed.manager
+    with pytest.raises(InvalidInput) as err:
+        bed.host("h3")
+    assert err.value.paths == ["host"]
+    assert "one of hm, h1, h2" in str(err.value)

@@ -53,7 +53,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane import procs
 from vnic.dataplane.inventory import parse_netns
-from vnic.errors import DataplaneError
+from vnic.errors import DataplaneError, InvalidInput
 from vnic.lab.hostbed_plan import BedPlan, HostSpec, plan_bed
 
 #: Seconds a process of the bed gets between SIGTERM and SIGKILL.
@@ -308,7 +308,7 @@ class HostBed:
             if ref in (host.short, host.name):
                 return host
         known = ", ".join(h.short for h in self.every_host)
-        raise DataplaneError(f"host bed {self.tag} has no host {ref!r} (it has {known})")
+        raise InvalidInput.one("host", ref, f"a host of bed {self.tag}: one of {known}")
 
     def env(self, host: HostRef, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """The environment of a process of ``host``: this one's, with the host's
@@ -392,12 +392,15 @@ class HostBed:
         directory = h.netns_dir()
         found: dict[str, tuple[Link, ...]] = {}
         for name in sorted(os.listdir(directory)):
+            path = f"{directory}/{name}"
             proc = subprocess.run(
-                ["nsenter", f"--net={directory}/{name}", "ip", "-d", "-j", "link", "show"],
+                ["nsenter", f"--net={path}", "ip", "-d", "-j", "link", "show"],
                 capture_output=True,
                 text=True,
                 timeout=30,
             )
+            if proc.returncode != 0 and not os.path.exists(path):
+                continue  # removed while we looked
             # A namespace file a killed launch left unmounted cannot be entered: it holds nothing.
             links = json.loads(proc.stdout or "[]") if proc.returncode == 0 else []
             found[name] = tuple(
