@@ -5,12 +5,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Kernel tools, traffic tools, the PostgreSQL server the tests run against,
+# Kernel tools, traffic tools, nsenter/unshare and openssl for the emulated hosts
+# and their test CA (tests/netns/hostbeds.py), the PostgreSQL server the tests run against,
 # QEMU for the qemu driver's guests, Chromium for the web UI's browser tests
 # (Playwright drives Debian's build; it downloads no browser), and what Python
 # needs to build a virtual environment.
 APT_PACKAGES=(
   iproute2 nftables iptables iputils-ping iperf3 irtt procps ethtool libc6-dev
+  util-linux openssl
   python3 python3-venv python3-dev gcc
   postgresql prometheus
   qemu-system-x86

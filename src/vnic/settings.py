@@ -6,7 +6,16 @@ variable               meaning                                          default
 ``VNIC_DATABASE_URL``  SQLAlchemy URL of the central database           ``sqlite:///<home>/vnic.db``
 ``VNIC_HOME``          directory for vnic's own files                   ``/var/lib/vnic`` as root,
                                                                         else ``~/.local/share/vnic``
+``VNIC_RUNTIME_DIR``   directory of the data plane's run files (VM      ``/run/vnic``
+                       inits' and QEMU guests' run directories, delay
+                       engines' pid and counter files)
 =====================  ===============================================  =========================
+
+The run files are the host's: two agents on one machine that emulate two
+hosts (:mod:`vnic.lab.hostbed`) each get their own ``VNIC_HOME`` and
+``VNIC_RUNTIME_DIR``, so the same session and VM names on both never share a pid
+file. (``VNIC_NETNS_RUN_DIR``, ``VNIC_QEMU_RUN_DIR`` and ``VNIC_RUN_DIR``, older and
+narrower, still name one of its three subdirectories each when set.)
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pathlib import Path
 class Settings:
     home: Path
     database_url: str
+    runtime_dir: Path = Path("/run/vnic")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -33,4 +43,11 @@ class Settings:
             base = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
             home = Path(base) / "vnic"
         url = env.get("VNIC_DATABASE_URL") or f"sqlite:///{home / 'vnic.db'}"
-        return cls(home=home, database_url=url)
+        runtime = Path(env.get("VNIC_RUNTIME_DIR") or "/run/vnic")
+        return cls(home=home, database_url=url, runtime_dir=runtime)
+
+
+def runtime_subdir(name: str, override: str) -> Path:
+    """The run directory ``name`` under ``VNIC_RUNTIME_DIR`` (``/run/vnic/<name>``), or the
+    older variable ``override`` alone when it is set."""
+    return Path(os.environ.get(override) or Settings.from_env().runtime_dir / name)

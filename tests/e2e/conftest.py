@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from tests.netns.conftest import leftovers, pytest_collection_modifyitems  # noqa: F401
+from tests.netns.hostbeds import hostbed  # noqa: F401  (emulated hosts, a fixture)
 
 pytestmark = pytest.mark.root
 

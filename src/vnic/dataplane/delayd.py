@@ -10,7 +10,11 @@ stopped), or by itself when one of its interfaces disappears.
 
 Pid, counters, log, arguments and control file live in
 ``<run dir>/<session>/<vm>.{pid,stats,log,argv,ctl}`` (run dir
-``/run/vnic/delayd`` unless ``VNIC_RUN_DIR`` is set).
+``$VNIC_RUNTIME_DIR/delayd``, ``/run/vnic/delayd`` by default, or ``VNIC_RUN_DIR``).
+
+An engine is found by its owner tag only among the processes of this host
+(:func:`vnic.dataplane.procs.on_this_host`): hosts emulated on one machine
+share its process table, and the same session and VM may run on two of them.
 
 :func:`update` changes a running engine's parameters in place: it writes the
 control file, sends SIGHUP, and waits until the engine acknowledges the new
@@ -38,6 +42,7 @@ from vnic.engine import build
 from vnic.errors import DataplaneError
 from vnic.plan import names
 from vnic.plan.model import DelayEngine, Impairment
+from vnic.settings import runtime_subdir
 
 #: Counter names, in the order of ``enum counter`` in delayd.c.
 COUNTERS = (
@@ -74,7 +79,7 @@ def binary() -> Path:
 
 
 def run_dir(session: str) -> Path:
-    return Path(os.environ.get("VNIC_RUN_DIR") or "/run/vnic/delayd") / session
+    return runtime_subdir("delayd", "VNIC_RUN_DIR") / session
 
 
 #: The files an engine has in its session's run dir, ``<vm>.<kind>``.
@@ -326,7 +331,7 @@ def run_files() -> dict[str, set[str]]:
 
 
 def engine_processes() -> dict[int, tuple[str, str]]:
-    """Every live engine process on the host, by pid: its (session, VM) from its ``--tag``.
+    """Every live engine process on this host, by pid: its (session, VM) from its ``--tag``.
 
     Found by the owner tag in the command line, as :func:`stop` checks it, so an
     engine whose pid was never recorded (its launch was killed between starting
@@ -347,8 +352,9 @@ def engine_processes() -> dict[int, tuple[str, str]]:
             if flag != b"--tag":
                 continue
             owner = _parse_tag(value.decode(errors="replace"))
-            if owner is not None and nsops.alive(int(entry.name)):
-                out[int(entry.name)] = owner
+            pid = int(entry.name)
+            if owner is not None and nsops.alive(pid) and procs.on_this_host(pid):
+                out[pid] = owner
     return out
 
 

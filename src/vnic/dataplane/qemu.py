@@ -1,7 +1,7 @@
 """QEMU guests on this host: boot image, accelerator, processes, QMP and the guest agent.
 
 Each guest has a run directory ``/run/vnic/qemu/<session>/<vm>/`` (under
-``VNIC_QEMU_RUN_DIR`` if set) holding its pid file, QMP socket, guest-agent
+``$VNIC_RUNTIME_DIR/qemu``, or ``VNIC_QEMU_RUN_DIR`` if set) holding its pid file, QMP socket, guest-agent
 socket and console log. The run directory is made before anything else of the
 guest and removed last, so it is what marks a VM as a QEMU guest. The QEMU
 process carries the VM's owner tag as its ``-name``; a pid is only ever
@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from vnic.dataplane import namespaces as nsops
-from vnic.dataplane import vminit
+from vnic.dataplane import procs, vminit
 from vnic.errors import Conflict, DataplaneError
 from vnic.plan.guest import READY_MARK, GuestSpec, RunFiles, owner_of_cmdline, qemu_argv
+from vnic.settings import Settings, runtime_subdir
 
 #: The image builder, in the repository (vnic is installed editable from it).
 BUILD_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "vm" / "build-image.sh"
@@ -203,7 +204,7 @@ def _accelerator_without_trial() -> Accelerator | None:
 def _trial_boot(accel: str, timeout: float = 20.0) -> tuple[bool, str]:
     """Boot the guest image with ``accel`` and no NIC until its init runs; (worked, detail)."""
     img = image()
-    directory = Path(f"/run/vnic/qemu-trial-{os.getpid()}")
+    directory = Settings.from_env().runtime_dir / f"qemu-trial-{os.getpid()}"
     directory.mkdir(parents=True, exist_ok=True)
     console = directory / "console.log"
     argv = [
@@ -247,7 +248,7 @@ def _trial_boot(accel: str, timeout: float = 20.0) -> tuple[bool, str]:
 
 
 def run_root() -> Path:
-    return Path(os.environ.get("VNIC_QEMU_RUN_DIR") or "/run/vnic/qemu")
+    return runtime_subdir("qemu", "VNIC_QEMU_RUN_DIR")
 
 
 def run_files(session: str, vm: str) -> RunFiles:
@@ -283,8 +284,9 @@ def guest_pid(session: str, vm: str, owner: str) -> int | None:
 
 
 def owned_processes(owner_prefix: str) -> dict[int, str]:
-    """QEMU processes whose ``-name`` starts with ``owner_prefix``, by pid (found in /proc,
-    for a guest whose pid file was never written)."""
+    """QEMU processes of this host whose ``-name`` starts with ``owner_prefix``, by pid (found
+    in /proc, for a guest whose pid file was never written; this host's alone, see
+    :func:`vnic.dataplane.procs.on_this_host`)."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -293,7 +295,7 @@ def owned_processes(owner_prefix: str) -> dict[int, str]:
         if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
             continue
         owner = owner_of_cmdline(argv)
-        if owner is not None and owner.startswith(owner_prefix):
+        if owner is not None and owner.startswith(owner_prefix) and procs.on_this_host(int(entry)):
             out[int(entry)] = owner
     return out
 

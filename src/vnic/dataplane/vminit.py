@@ -14,7 +14,7 @@ the host's /proc). Killing the init makes the kernel kill every process in the
 VM.
 
 Each VM has a run directory ``/run/vnic/netns/<session>/<vm>/`` (under
-``VNIC_NETNS_RUN_DIR`` if set) holding ``init.pid`` and the files bound over
+``$VNIC_RUNTIME_DIR/netns``, or ``VNIC_NETNS_RUN_DIR`` if set) holding ``init.pid`` and the files bound over
 /etc. The init carries the VM's owner tag in its command line after
 :data:`MARK`; a pid from the pid file is only used (entered or signalled) after
 its command line shows that tag.
@@ -38,6 +38,7 @@ from pathlib import Path
 from vnic.dataplane import procs
 from vnic.errors import DataplaneError
 from vnic.plan import names
+from vnic.settings import runtime_subdir
 
 #: The word before the owner tag in an init's command line.
 MARK = "vnic-vm-init"
@@ -60,7 +61,7 @@ NETNS_DIR = "/run/netns"
 
 
 def run_root() -> Path:
-    return Path(os.environ.get("VNIC_NETNS_RUN_DIR") or "/run/vnic/netns")
+    return runtime_subdir("netns", "VNIC_NETNS_RUN_DIR")
 
 
 def run_dir(session: str, vm: str) -> Path:
