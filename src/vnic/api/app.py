@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import vnic
 from vnic.api.common import vm_writer
 from vnic.api.deps import TOKEN_COOKIE
+from vnic.api.hosts import hosts_router
 from vnic.api.live import live_router
 from vnic.api.meta import agents_router, health_router, metrics_router
 from vnic.api.networks import networks_router
@@ -109,6 +110,7 @@ def create_app(
     app.include_router(vms_router(manager, writer))
     app.include_router(networks_router(manager, writer))
     app.include_router(agents_router(manager))
+    app.include_router(hosts_router(manager))
     app.include_router(tokens_router(manager))
     app.include_router(live_router(manager, writer))
     for extend in extensions:

@@ -188,11 +188,17 @@ class VmCreate(_Strict):
     driver: str | None = Field(
         default=None, description="Driver to launch with (netns, qemu); default: the agent's"
     )
+    host: str | None = Field(
+        default=None, description="Host to launch on (once hosts are added); default: placed"
+    )
 
 
 class VmLaunch(_Strict):
     driver: str | None = Field(
         default=None, description="Driver to launch with (netns, qemu); default: the agent's"
+    )
+    host: str | None = Field(
+        default=None, description="Host to launch on (once hosts are added); default: placed"
     )
 
 
@@ -273,6 +279,9 @@ class VmPublic(BaseModel):
         default=None, description="Driver the running VM was launched with (netns, qemu)"
     )
     nics: list[NicPublic] = Field(default_factory=list, description="Every vNIC, eth0 first")
+    host: str | None = Field(
+        None, description="The hypervisor host it is placed on (null: the manager's own agent)"
+    )
 
 
 class SourcePublic(BaseModel):

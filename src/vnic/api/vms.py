@@ -54,7 +54,9 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
             ],
         )
         if body.launch:
-            result = svc.add_and_launch(req, manager.agent, body.driver, hold=manager.gate.shared)
+            result = svc.add_and_launch(
+                req, manager.agent, body.driver, hold=manager.gate.shared, host=body.host
+            )
         else:
             result = svc.add_vm(req)
         return views.explain_json(result)
@@ -93,8 +95,9 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         """Launch a defined VM, with the agent's default driver or the one named."""
         vm_writer(who, session, "launching a VM")
         kind = body.driver if body is not None else None
+        host = body.host if body is not None else None
         with manager.gate.shared():
-            return views.explain_json(svc.launch_vm(session, vm, manager.agent, kind))
+            return views.explain_json(svc.launch_vm(session, vm, manager.agent, kind, host=host))
 
     @router.post("/v1/sessions/{session}/vms/{vm}/destroy", response_model=sc.VmPublic)
     def destroy_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:

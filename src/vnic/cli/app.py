@@ -120,6 +120,12 @@ def _token() -> typer.Typer:
     return tokens.app
 
 
+def _host() -> typer.Typer:
+    from vnic.cli import host
+
+    return host.app
+
+
 def _scenario() -> typer.Typer:
     from vnic.cli import live
 
@@ -141,6 +147,7 @@ COMMANDS: dict[str, Entry] = {
     "db": Entry(_db, "The central database."),
     "bench": Entry(_bench, "Benchmarks (root): JSON out plus a short table."),
     "token": Entry(_token, "API tokens (admin, owner, reader)."),
+    "host": Entry(_host, "Hypervisor hosts: add, list, show, cordon, remove."),
     "scenario": Entry(_scenario, "Scenarios: profile changes on a timeline, or a bandwidth trace."),
 }
 

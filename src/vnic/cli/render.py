@@ -16,6 +16,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from vnic.manager.auth import TokenInfo
+    from vnic.manager.hosts import HostInfo
     from vnic.manager.results import (
         Explanation,
         NetworkInfo,
@@ -104,8 +105,11 @@ def _override(profile: str | None, patch: Any) -> str:
 
 def vms_table(vms: Sequence[VmInfo]) -> Table:
     """One row per VM (mac and override: eth0's) and a ``nics`` column: every vNIC as
-    ``NIC@NETWORK``."""
-    table = Table("vm", "role", "labels", "mac", "override", "nics", "state")
+    ``NIC@NETWORK``; a ``host`` column once some VM is placed on a host."""
+    hosted = any(v.host for v in vms)
+    table = Table(
+        "vm", "role", "labels", "mac", "override", "nics", "state", *(["host"] if hosted else [])
+    )
     for v in vms:
         table.add_row(
             v.name,
@@ -115,6 +119,25 @@ def vms_table(vms: Sequence[VmInfo]) -> Table:
             _override(v.override_profile, v.override_patch),
             " ".join(f"{n.name}@{n.network}" for n in v.nics) or "-",
             f"{v.state} ({v.driver})" if v.driver else v.state,
+            *([v.host or "-"] if hosted else []),
+        )
+    return table
+
+
+def hosts_table(hosts: Sequence[HostInfo]) -> Table:
+    """One row per hypervisor host: state, lease, capacity used, labels."""
+    table = Table("host", "state", "underlay", "epoch", "vms", "vnics", "cpus", "labels")
+    for h in hosts:
+        state = h.state + (", cordoned" if h.cordoned else "")
+        table.add_row(
+            h.name,
+            state,
+            h.underlay or "-",
+            str(h.epoch),
+            str(h.vms),
+            f"{h.used}/{h.vnics}",
+            str(h.cpus),
+            ",".join(f"{k}={v}" for k, v in h.labels.items()) or "-",
         )
     return table
 

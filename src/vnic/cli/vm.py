@@ -125,6 +125,12 @@ def vm_launch(
     driver: Annotated[
         str, typer.Option("--driver", help="netns (a namespace) or qemu (a QEMU guest).")
     ] = "netns",
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host", help="The host to launch on (once hosts are added); default: placed."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Launch a VM: define it first if new, resolve its profile, configure its vNIC, start it."""
@@ -148,7 +154,8 @@ def vm_launch(
                 patch=parse_assignments(sets) if sets else None,
                 nics=nic_specs(nics),
             )
-            result = svc.add_and_launch(request, drv, driver)  # failed: defines nothing
+            # A failed launch defines nothing.
+            result = svc.add_and_launch(request, drv, driver, host=host)
         elif role or labels or needs or profile or sets or nics:
             raise InvalidInput.one(
                 "vm",
@@ -156,15 +163,17 @@ def vm_launch(
                 "a new VM name: role, labels, needs and overrides are set when a VM is added",
             )
         else:
-            result = svc.launch_vm(session, name, drv, driver)
+            result = svc.launch_vm(session, name, drv, driver, host=host)
         if as_json:
             from vnic.manager import views
 
             emit_json(views.explain_json(result))
         else:
             v = result.vm
+            where = f" on host {v.host}" if v.host else ""
             out.print(
-                f"vm {session}/{name}: running, MAC {v.mac}, {v.ipv4}, {v.ipv6}", markup=False
+                f"vm {session}/{name}: running{where}, MAC {v.mac}, {v.ipv4}, {v.ipv6}",
+                markup=False,
             )
             for n in v.nics[1:]:
                 out.print(

@@ -22,6 +22,7 @@ from vnic.agent.client import call
 from vnic.errors import FieldError, InvalidInput, Unavailable, VnicError
 from vnic.manager import views
 from vnic.manager.auth import TokenInfo
+from vnic.manager.hosts import HostInfo
 from vnic.manager.results import (
     ApplyResult,
     Explanation,
@@ -81,6 +82,25 @@ def network_info(d: Mapping[str, Any]) -> NetworkInfo:
 
 def nic_info(d: Mapping[str, Any]) -> NicInfo:
     return NicInfo(**{k: d[k] for k in NicInfo.__dataclass_fields__ if k in d})
+
+
+def host_info(d: Mapping[str, Any]) -> HostInfo:
+    """A host as ``/v1/hosts`` shows it (:func:`vnic.api.hosts.host_json`)."""
+    until = d.get("lease_until")
+    return HostInfo(
+        name=str(d["name"]),
+        state=str(d["state"]),
+        cordoned=bool(d["cordoned"]),
+        labels=dict(d.get("labels") or {}),
+        underlay=d.get("underlay"),
+        vnics=int((d.get("capacity") or {}).get("vnics", 0)),
+        cpus=int((d.get("capacity") or {}).get("cpus", 0)),
+        epoch=int(d.get("epoch", 0)),
+        lease_until=datetime.fromisoformat(until) if until else None,
+        metrics_url=d.get("metrics_url"),
+        vms=int(d.get("vms", 0)),
+        used=int(d.get("vnics_used", 0)),
+    )
 
 
 def vm_info(d: Mapping[str, Any]) -> VmInfo:
@@ -273,6 +293,25 @@ class ManagerClient:
     def list_nics(self, session: str, vm: str) -> list[NicInfo]:
         return [nic_info(n) for n in self._call("GET", f"/v1/sessions/{session}/vms/{vm}/nics")]
 
+    # Hosts
+
+    def add_host(self, name: str, labels: Mapping[str, str] | None = None) -> tuple[HostInfo, str]:
+        doc = self._call("POST", "/v1/hosts", json={"name": name, "labels": dict(labels or {})})
+        return host_info(doc), str(doc["token"])
+
+    def list_hosts(self) -> list[HostInfo]:
+        return [host_info(h) for h in self._call("GET", "/v1/hosts")]
+
+    def get_host(self, name: str) -> HostInfo:
+        return host_info(self._call("GET", f"/v1/hosts/{name}"))
+
+    def remove_host(self, name: str) -> None:
+        self._call("DELETE", f"/v1/hosts/{name}")
+
+    def cordon_host(self, name: str, cordoned: bool = True) -> HostInfo:
+        action = "cordon" if cordoned else "uncordon"
+        return host_info(self._call("POST", f"/v1/hosts/{name}/{action}"))
+
     # VMs
 
     def add_vm(self, req: VmRequest) -> Explanation:
@@ -281,11 +320,16 @@ class ManagerClient:
         )
 
     def add_and_launch(
-        self, req: VmRequest, driver: object = None, kind: str | None = None
+        self,
+        req: VmRequest,
+        driver: object = None,
+        kind: str | None = None,
+        *,
+        host: str | None = None,
     ) -> Explanation:
         """Define and launch in one request; the manager removes the VM if the launch
         fails (:meth:`vnic.manager.service.Service.add_and_launch`)."""
-        body = {**_vm_body(req), "launch": True, "driver": kind}
+        body = {**_vm_body(req), "launch": True, "driver": kind, "host": host}
         with _launching(req.session, req.name):
             return explanation(self._call("POST", f"/v1/sessions/{req.session}/vms", json=body))
 
@@ -293,9 +337,15 @@ class ManagerClient:
         return explanation(self._call("PATCH", f"/v1/sessions/{session}/vms/{name}", json=changes))
 
     def launch_vm(
-        self, session: str, name: str, driver: object = None, kind: str | None = None
+        self,
+        session: str,
+        name: str,
+        driver: object = None,
+        kind: str | None = None,
+        *,
+        host: str | None = None,
     ) -> Explanation:
-        body = {"driver": kind} if kind else None
+        body = {"driver": kind, "host": host} if kind or host else None
         with _launching(session, name):
             return explanation(
                 self._call("POST", f"/v1/sessions/{session}/vms/{name}/launch", json=body)

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from vnic.manager.auth import TokenInfo
+from vnic.manager.hosts import HostInfo
 from vnic.manager.results import (
     ApplyResult,
     Explanation,
@@ -103,6 +104,7 @@ def vm_json(v: VmInfo) -> dict[str, Any]:
         "state": v.state,
         "driver": v.driver,
         "nics": [nic_json(n) for n in v.nics],
+        "host": v.host,
     }
 
 
@@ -160,3 +162,19 @@ def encode(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
     raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def host_json(h: HostInfo) -> dict[str, Any]:
+    return {
+        "name": h.name,
+        "state": h.state,
+        "cordoned": h.cordoned,
+        "labels": dict(h.labels),
+        "underlay": h.underlay,
+        "capacity": {"vnics": h.vnics, "cpus": h.cpus},
+        "epoch": h.epoch,
+        "lease_until": h.lease_until.isoformat() if h.lease_until else None,
+        "metrics_url": h.metrics_url,
+        "vms": h.vms,
+        "vnics_used": h.used,
+    }
