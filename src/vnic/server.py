@@ -111,9 +111,11 @@ def run_manager(
     intervals: Intervals = INTERVALS,
     limits: Limits | None = None,
     allowed_hosts: Sequence[str] = (),
+    tls: tuple[Path, Path] | None = None,
 ) -> None:
     """Serve ``served``'s manager on ``host:port``; ``allowed_hosts``: Host names accepted
-    besides the loopback ones and ``host`` (see :mod:`vnic.edge.guard`)."""
+    besides the loopback ones and ``host`` (see :mod:`vnic.edge.guard`); ``tls``: the
+    certificate (chain) and key files to serve HTTPS with (agents dial in over it)."""
     import uvicorn
 
     from vnic.api.app import create_app
@@ -138,9 +140,19 @@ def run_manager(
         _collect_repairs(manager, intervals[2])
     manager.live.start()
     print(
-        f"vnic serve: listening on http://{host}:{port} (agent: {manager.agent_name})", flush=True
+        f"vnic serve: listening on {'https' if tls else 'http'}://{host}:{port} "
+        f"(agent: {manager.agent_name})",
+        flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    cert, key = tls if tls else (None, None)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        ssl_certfile=str(cert) if cert else None,
+        ssl_keyfile=str(key) if key else None,
+    )
 
 
 def _collect_repairs(manager: Manager, interval: float) -> None:

@@ -73,6 +73,23 @@ def serve(
         int, typer.Option("--max-streams", help="Live event streams open at once; more: 429.")
     ] = 32,
     allowed_host: AllowedHosts = None,
+    host_wait: Annotated[
+        float,
+        typer.Option(
+            "--host-wait",
+            help="Seconds a launch, stop or live change of a VM on a host waits for its"
+            " agent's report (the change stays desired after).",
+            min=0.0,
+            max=600.0,
+        ),
+    ] = 60.0,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM, chain first)."),
+    ] = None,
+    tls_key: Annotated[
+        Path | None, typer.Option("--tls-key", help="The key of --tls-cert (PEM).")
+    ] = None,
 ) -> None:
     """Run the session manager: REST API, OpenAPI at /docs, metrics at /metrics, the
     controller (rules, feedback endpoint in each session, scenarios).
@@ -90,9 +107,22 @@ def serve(
             wait=queue_wait,
             max_streams=max_streams,
         )
+        if (tls_cert is None) != (tls_key is None):
+            from vnic.errors import InvalidInput
+
+            missing = "--tls-key" if tls_key is None else "--tls-cert"
+            raise InvalidInput.one(
+                missing, None, "a PEM file (--tls-cert and --tls-key go together)"
+            )
+        for option, path in (("--tls-cert", tls_cert), ("--tls-key", tls_key)):
+            if path is not None and not path.is_file():
+                from vnic.errors import InvalidInput
+
+                raise InvalidInput.one(option, str(path), "a readable PEM file")
         key = agent_key_file.read_text().strip() if agent_key_file else None
         served = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         served.manager.live.interval = controller_interval
+        served.manager.service.host_wait = host_wait
         run_manager(
             served,
             host,
@@ -100,6 +130,7 @@ def serve(
             (latency_interval, drift_interval, repair_interval),
             limits,
             allowed_host or [],
+            (tls_cert, tls_key) if tls_cert and tls_key else None,
         )
 
     run(body)

@@ -55,6 +55,12 @@ EXEMPT_PATHS = frozenset({"/v1/health"})
 #: A session's long-lived event stream: the streams lane (matched whole:
 #: ``/v1/profiles/live`` is a profile named live, an ordinary read).
 STREAM = re.compile(r"/v1/sessions/[^/]+/live")
+#: An agent's watch of its host's changes: a long poll, held up to 30 s: the streams lane.
+WATCH = "/v1/agent/changes"
+#: An agent's other calls (register, lease, snapshot, status): a lane of their own. A
+#: launch holds a write slot while it waits for its agent's status report, which must
+#: not wait behind it.
+AGENT = re.compile(r"/v1/agent/[a-z]+")
 
 #: Seconds a write's whole body may take to arrive (10 s: 1 MiB at 1 Mbit/s), before
 #: the write takes a slot; past it, 408.
@@ -81,7 +87,10 @@ class Limits:
       refused at once;
     - ``wait``: seconds a request may wait for a slot before its 429 (default 0.25);
     - ``retry_after``: seconds the 429 tells the client to wait (default 1);
-    - ``max_streams``: live event streams open at once (default 32, no queue).
+    - ``max_streams``: live event streams and agents' watches open at once (default 32,
+      no queue);
+    - ``max_agents``: agents' other calls in flight (default 8, with ``queue`` waiting
+      up to 5 s).
     """
 
     max_reads: int = 8
@@ -90,6 +99,7 @@ class Limits:
     wait: float = 0.25
     retry_after: int = 1
     max_streams: int = 32
+    max_agents: int = 8
 
     def __post_init__(self) -> None:
         # Named as the vnic serve options that set them.
@@ -99,6 +109,7 @@ class Limits:
             ("queue", "--queue", 0),
             ("retry_after", "retry_after", 1),
             ("max_streams", "--max-streams", 1),
+            ("max_agents", "--max-agents", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -169,6 +180,7 @@ class Admission:
         self.reads = Lane("reads", lim.max_reads, lim.queue, lim.wait)
         self.writes = Lane("writes", lim.max_writes, lim.queue, lim.wait)
         self.streams = Lane("streams", lim.max_streams, 0, 0)
+        self.agents = Lane("agents", lim.max_agents, lim.queue, 5.0)
         self._threads_sized = False
 
     def _size_thread_pool(self) -> None:
@@ -178,7 +190,8 @@ class Admission:
 
         pool = anyio.to_thread.current_default_thread_limiter()
         lim = self.limits
-        wanted = lim.max_reads + lim.max_writes + lim.max_streams + SPARE_THREADS
+        wanted = lim.max_reads + lim.max_writes + lim.max_streams + lim.max_agents
+        wanted += SPARE_THREADS
         pool.total_tokens = max(int(pool.total_tokens), wanted)
         self._threads_sized = True
 
@@ -190,7 +203,6 @@ class Admission:
         if not self._threads_sized:
             self._size_thread_pool()
         if scope["method"] not in READ_METHODS:
-            lane = self.writes
             try:
                 receive = await asyncio.wait_for(_buffered(receive), BODY_DEADLINE_S)
             except TimeoutError:
@@ -198,6 +210,12 @@ class Admission:
                 return
             except ClientDisconnect:
                 return  # gone before its body arrived: nothing to answer
+        if path == WATCH:
+            lane = self.streams
+        elif AGENT.fullmatch(path):
+            lane = self.agents
+        elif scope["method"] not in READ_METHODS:
+            lane = self.writes
         else:
             lane = self.streams if STREAM.fullmatch(path) else self.reads
         if not await lane.enter():
@@ -227,7 +245,7 @@ class Admission:
                 "waiting": len(lane._waiting),
                 "refused": lane.refused,
             }
-            for lane in (self.reads, self.writes, self.streams)
+            for lane in (self.reads, self.writes, self.streams, self.agents)
         }
 
 
