@@ -92,13 +92,15 @@ def describe(report: ReconcileReport) -> list[str]:
     return lines
 
 
-def guarded(app: FastAPI, program: str, host: str, allowed_hosts: Sequence[str]) -> FastAPI:
+def guarded(
+    app: FastAPI, program: str, host: str, allowed_hosts: Sequence[str], tls: bool = False
+) -> FastAPI:
     """``app`` answering the Host names of ``host`` and ``allowed_hosts``; a warning on
     stderr when ``host`` reaches beyond this machine."""
     from vnic.edge.guard import allow_hosts, bind_warning
 
     allow_hosts(app, host, allowed_hosts)
-    warning = bind_warning(program, host)
+    warning = bind_warning(program, host, tls)
     if warning:
         print(warning, file=sys.stderr, flush=True)
     return app
@@ -122,7 +124,9 @@ def run_manager(
     from vnic.web import add_web_routes
 
     manager, local = served.manager, served.local
-    app = guarded(create_app(manager, limits, [add_web_routes]), "vnic serve", host, allowed_hosts)
+    app = guarded(
+        create_app(manager, limits, [add_web_routes]), "vnic serve", host, allowed_hosts, bool(tls)
+    )
 
     if local is not None:
         # Before the reconcile, which opens the endpoint in every session it keeps.

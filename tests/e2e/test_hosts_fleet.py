@@ -73,7 +73,7 @@ class Fleet:
         return f"https://{self.bed.manager.address4}:{PORTS[replica]}"
 
     def _log(self, host: Host, name: str) -> Any:
-        return open(host.home / f"{name}.log", "ab")  # noqa: SIM115 (the process writes it)
+        return open(host.home / f"{name}.log", "ab")
 
     def serve(self, replica: int) -> None:
         hm = self.bed.manager
@@ -186,7 +186,7 @@ def write_profiles(fleet: Fleet, rate: str) -> None:
 
 def test_a_fleet_of_hosts_places_shapes_changes_and_survives(fleet: Fleet) -> None:
     bed = fleet.bed
-    h1, h2, h3 = bed.hosts
+    h1, h2, _ = bed.hosts
     for h in bed.hosts:
         fleet.start_agent(h)
     until("3 hosts ready", lambda: [h.state for h in fleet.hosts().values()] == ["ready"] * 3)

@@ -37,6 +37,18 @@ WATCHES_PER_HOST = 2
 RESULTS_MAX = 1000
 
 
+def _agent_host(
+    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> str:
+    """The host whose token the call carries (401 otherwise)."""
+    manager: Manager = request.app.state.manager
+    return manager.service.host_of_token(creds.credentials if creds else None)
+
+
+#: The calling agent's host.
+Host = Annotated[str, Depends(_agent_host)]
+
+
 class HostCreate(_Strict):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
@@ -70,14 +82,6 @@ def hosts_router(manager: Manager) -> APIRouter:
     svc = manager.service
     watching: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
-
-    def agent_host(
-        request: Request,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> str:
-        return svc.host_of_token(creds.credentials if creds else None)
-
-    Host = Annotated[str, Depends(agent_host)]
 
     @router.get("/v1/hosts")
     def list_hosts(who: Caller) -> list[dict[str, Any]]:

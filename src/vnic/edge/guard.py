@@ -198,14 +198,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def bind_warning(program: str, host: str) -> str | None:
-    """The warning to print when ``program`` binds beyond loopback (None if it does not)."""
+def bind_warning(program: str, host: str, tls: bool = False) -> str | None:
+    """The warning to print when ``program`` binds beyond loopback (None if it does not);
+    ``tls``: it serves HTTPS itself."""
     if is_loopback(host):
         return None
+    plain = "" if tls else "it speaks plain HTTP (put TLS in front, or --tls-cert), and "
     return (
         f"{program}: WARNING: listening on {host}, beyond this machine: anyone who can reach "
-        "it may try tokens and keys; it speaks plain HTTP (put TLS in front), and browsers "
-        "must use a name given with --allowed-host"
+        f"it may try tokens and keys; {plain}browsers must use a name given with --allowed-host"
     )
 
 
