@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.e2e.fleet import fleet  # noqa: F401  (a manager and agents on them)
 from tests.netns.conftest import leftovers, pytest_collection_modifyitems  # noqa: F401
 from tests.netns.hostbeds import hostbed  # noqa: F401  (emulated hosts, a fixture)
 

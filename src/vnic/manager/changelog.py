@@ -27,6 +27,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from vnic.errors import Conflict, VnicError
+from vnic.manager.notify import notify
 from vnic.manager.rows import aware
 from vnic.store.models import FleetStateRow, HostChangeRow, HostRow, VmRow, VmStatusRow
 
@@ -65,6 +66,7 @@ def append(s: Session, host_id: int, session: str, vm: str, now: datetime) -> in
     )
     revision = int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
     s.add(HostChangeRow(revision=revision, host_id=host_id, session=session, vm=vm, at=now))
+    notify(s)
     return revision
 
 
@@ -173,6 +175,8 @@ def record_status(
         row.changes = [str(c) for c in r.changes][:200]
         row.at = now
         stored += 1
+    if stored:
+        notify(s)
     return stored
 
 

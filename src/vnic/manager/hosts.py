@@ -101,8 +101,15 @@ class Hosts(ServiceCore):
 
     @functools.cached_property
     def waiters(self) -> Waiters:
-        """Wakes long polls and launch waits when this process writes a change or a report."""
-        return Waiters()
+        """Wakes long polls and launch waits when a change or a report is written: in this
+        process at once; on PostgreSQL in every replica (:mod:`vnic.manager.notify`)."""
+        waiters = Waiters()
+        if self.db.dialect == "postgresql":
+            from vnic.manager.notify import POLL_LISTENING, Listener
+
+            Listener(self.db, waiters).start()
+            waiters.poll = POLL_LISTENING
+        return waiters
 
     # ---------------------------------------------------------------- admins
 
