@@ -77,6 +77,19 @@ def test_a_fleet_of_hosts_places_shapes_changes_and_survives(fleet: Fleet) -> No
     until("c is gone from host 3", lambda: fleet.kernel()["h3"] == set())
     until("database, agents and kernels agree after all that", fleet.agree)
 
+    # Draining host 2 relaunches b on another host with the same MAC and addresses.
+    b = fleet.svc.get_vm(SESSION, "b")
+    assert "moved to h3" in fleet.cli("host", "drain", "h2").stdout
+    moved = fleet.svc.get_vm(SESSION, "b")
+    assert (moved.host, moved.mac, moved.ipv4, moved.ipv6) == ("h3", b.mac, b.ipv4, b.ipv6)
+    assert fleet.hosts()["h2"].cordoned
+    until(
+        "b left host 2 for host 3",
+        lambda: fleet.kernel() == {"h1": {"a1", "a2", "a3"}, "h2": set(), "h3": {"b"}},
+    )
+    until("database, agents and kernels agree after the drain", fleet.agree)
+    fleet.cli("host", "uncordon", "h2")
+
     # Prometheus finds every agent, each with its host label, and each serves its VMs.
     targets = fleet.svc.prometheus_targets()
     assert sorted(t["labels"]["host"] for t in targets) == ["h1", "h2", "h3"]

@@ -114,6 +114,13 @@ def hosts_router(manager: Manager) -> APIRouter:
         require_admin(who, "uncordoning a host")
         return host_json(svc.cordon_host(name, False))
 
+    @router.post("/v1/hosts/{name}/drain")
+    def drain(who: Caller, name: str) -> dict[str, Any]:
+        """Cordon the host and relaunch its VMs on others (same MACs and addresses)."""
+        require_admin(who, "draining a host")
+        moves = svc.drain_host(name)
+        return {"moves": [m.__dict__ for m in moves]}
+
     @router.get("/v1/prometheus/targets")
     def prometheus_targets(who: Caller) -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery (``http_sd_configs``): every ready host's

@@ -22,6 +22,7 @@ from vnic.agent.client import call
 from vnic.errors import FieldError, InvalidInput, Unavailable, VnicError
 from vnic.manager import views
 from vnic.manager.auth import TokenInfo
+from vnic.manager.drain import Move
 from vnic.manager.hosts import HostInfo
 from vnic.manager.results import (
     ApplyResult,
@@ -311,6 +312,10 @@ class ManagerClient:
     def cordon_host(self, name: str, cordoned: bool = True) -> HostInfo:
         action = "cordon" if cordoned else "uncordon"
         return host_info(self._call("POST", f"/v1/hosts/{name}/{action}"))
+
+    def drain_host(self, name: str) -> list[Move]:
+        doc = self._call("POST", f"/v1/hosts/{name}/drain")
+        return [Move(**m) for m in doc["moves"]]
 
     # VMs
 
