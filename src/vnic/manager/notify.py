@@ -15,14 +15,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
-    from vnic.manager.changelog import Waiters
     from vnic.store.db import Database
+
+
+class Waiters(Protocol):
+    """What a listener wakes (:class:`vnic.manager.changelog.Waiters`)."""
+
+    def wake(self) -> None: ...
 
 CHANNEL = "vnic_fleet"
 #: Seconds a waiter polls at most between two looks, with a listener (without: 0.2 s).
