@@ -8,6 +8,7 @@ set and each host's kernel agree."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -35,6 +36,15 @@ def test_a_fleet_of_hosts_places_shapes_changes_and_survives(fleet: Fleet) -> No
     listed = {v["name"]: v["host"] for v in fleet.cli_json("vm", "list", SESSION)}
     assert listed == fleet.placement()
     until("database, agents and kernels agree", fleet.agree)
+
+    # The manager's stats (vnic top, the live view, the controller) cover every host.
+    ask = (
+        "import httpx, json, sys; print(json.dumps(httpx.get(sys.argv[1], verify=sys.argv[2],"
+        " headers={'Authorization': 'Bearer ' + sys.argv[3]}, timeout=30).json()))"
+    )
+    url = f"{fleet.url()}/v1/sessions/{SESSION}/stats"
+    got = bed.run("hm", [sys.executable, "-c", ask, url, str(fleet.ca), fleet.admin])
+    assert {e["vm"] for e in json.loads(got.stdout)} == {"a1", "a2", "b", "c"}, got.stderr
 
     # Shaped on its host: both VMs at 20 Mbit/s each way.
     assert 0.85 * 20e6 < fleet.rate(h1, "a1", "a2") < 1.05 * 20e6

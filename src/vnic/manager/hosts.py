@@ -175,6 +175,25 @@ class Hosts(ServiceCore):
             out.append({"targets": [target], "labels": labels})
         return out
 
+    def stats_urls(self, session: str) -> list[str]:
+        """The stats endpoints (``http://addr:port/stats``) of the ready hosts that run
+        VMs of ``session``, read by :class:`vnic.agent.fleet.FleetAgent`."""
+        with self.db.reading() as s:
+            query = (
+                select(HostRow.metrics_url, HostRow.lease_until)
+                .join(VmRow, VmRow.host_id == HostRow.id)
+                .join(SessionRow, SessionRow.id == VmRow.session_id)
+                .where(SessionRow.name == session, VmRow.state == "running")
+                .distinct()
+            )
+            now = self.clock()
+            out = []
+            for url, until in s.execute(query).all():
+                lease = aware(until)
+                if url and lease is not None and lease >= now:
+                    out.append(url.rsplit("/", 1)[0] + "/stats")
+            return out
+
     # ---------------------------------------------------------------- agents
 
     def host_of_token(self, secret: str | None) -> str:

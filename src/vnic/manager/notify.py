@@ -29,6 +29,7 @@ class Waiters(Protocol):
 
     def wake(self) -> None: ...
 
+
 CHANNEL = "vnic_fleet"
 #: Seconds a waiter polls at most between two looks, with a listener (without: 0.2 s).
 POLL_LISTENING = 1.0
