@@ -74,6 +74,7 @@ def session_info(d: Mapping[str, Any]) -> SessionInfo:
         created_at=_time(d["created_at"]),
         owner=d.get("owner"),
         networks=list(d.get("networks") or ["default"]),
+        placement=d.get("placement"),
     )
 
 
@@ -229,8 +230,10 @@ class ManagerClient:
         network_id: int | None = None,
         overrides_allowed: bool = True,
         owner: str | None = None,
+        placement: Mapping[str, Any] | None = None,
     ) -> SessionInfo:
         body = {
+            "placement": dict(placement) if placement is not None else None,
             "name": name,
             "default_profile": default_profile,
             "rules": [r.to_document() for r in rules],

@@ -46,7 +46,7 @@ def notify(s: Session) -> None:
 
 class Listener(threading.Thread):
     """Wakes ``waiters`` on every notification of :data:`CHANNEL`; reconnects after
-    an error (a second later), as long as the process runs."""
+    an error (a second later), until the database is disposed (it looks every 5 s)."""
 
     def __init__(self, db: Database, waiters: Waiters) -> None:
         super().__init__(name="vnic-fleet-listen", daemon=True)
@@ -54,11 +54,13 @@ class Listener(threading.Thread):
         self.connected = threading.Event()
 
     def run(self) -> None:
-        while True:
+        while not self.db.disposed:
             try:
                 self._listen()
-            except Exception as exc:
+            except Exception as exc:  # any failure: reconnect; waiters poll meanwhile
                 self.connected.clear()
+                if self.db.disposed:
+                    return
                 log.warning("fleet listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
 
@@ -71,7 +73,7 @@ class Listener(threading.Thread):
             conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]
             self.connected.set()
             self.waiters.wake()  # whatever was missed while not listening
-            while True:
+            while not self.db.disposed:
                 for _ in conn.notifies(timeout=5.0):  # type: ignore[union-attr]
                     self.waiters.wake()
         finally:
