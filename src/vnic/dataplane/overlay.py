@@ -1,0 +1,287 @@
+"""A session's networks across hosts: VXLAN devices, their FDB, the host's filter (root).
+
+:func:`ensure` makes one session's overlays on this host exactly the ones given
+(names, the filter and the wire form: :mod:`vnic.plan.overlay`); :func:`remove` takes
+the session's filter out of the host's namespace (its devices go with the session
+namespace). Runs in the host's own network namespace, the underlay's: the VXLAN
+device is made from here, so its UDP socket lives here, and placed straight into the
+session namespace (``IFLA_NET_NS_FD`` on creation: the same as making it here and
+moving it, without a moment where its name could meet another session's).
+
+Everything is checked before anything changes: the underlay's family, and every vNIC's
+MTU against the underlay's (the device of the route to each peer; the one holding
+the local address when there is no peer), so a refusal leaves the host as it was.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from vnic.dataplane import namespaces as nsops
+from vnic.dataplane.inventory import is_namespace
+from vnic.errors import DataplaneError, InvalidInput
+from vnic.plan import names
+from vnic.plan import overlay as plan
+from vnic.plan.overlay import Address, Overlay
+
+#: The all-zero MAC: the FDB entry that floods (broadcast, multicast, unknown) to a peer.
+ZERO_MAC = "00:00:00:00:00:00"
+#: The MTU assumed of a vNIC whose network has no vNIC on this host (the default's).
+DEFAULT_VNIC_MTU = 1500
+TIMEOUT = 30.0
+
+
+def ensure(
+    session: str,
+    overlays: Sequence[Overlay],
+    underlay: str,
+    vnic_mtus: Mapping[str, int],
+) -> list[str]:
+    """Make ``session``'s overlays here exactly ``overlays`` (``[]``: none); what changed,
+    one line each. ``underlay``: this host's underlay address (the devices' ``local``);
+    ``vnic_mtus``: the largest vNIC MTU (bytes) of each network on this host.
+
+    InvalidInput (nothing changed) for a peer of another family than the underlay or a
+    vNIC MTU the underlay cannot carry; DataplaneError for what the kernel refused.
+    Without the session namespace, only the filter is made (the devices come at the
+    next call after a VM of the session is launched here)."""
+    local = _parse_underlay(underlay)
+    plan.check_family(overlays, local)
+    mtus = {o.network: _check_mtu(o, i, local, vnic_mtus) for i, o in enumerate(overlays)}
+    changes: list[str] = []
+    if overlays:
+        changes += _ensure_filter(session, overlays)
+    session_ns = names.session_netns(session)
+    if is_namespace(session_ns):
+        changes += _ensure_devices(session, session_ns, overlays, local, mtus)
+    if not overlays:
+        changes += remove(session)
+    return changes
+
+
+def remove(session: str) -> list[str]:
+    """Take ``session``'s chain and sets out of the host's table, and the table when no
+    session has one left (idempotent; exactly the session's own names)."""
+    table = _read_table()
+    if table is None:
+        return []
+    chain = plan.chain_of(session)
+    mine = [s for s in table["elements"] if plan.is_set_of(s, session)]
+    lines = [f"delete chain inet {plan.TABLE} {chain}"] if chain in table["chains"] else []
+    lines += [f"delete set inet {plan.TABLE} {s}" for s in mine]
+    others = [c for c in table["chains"] if c != chain]
+    if not others:
+        lines = [f"delete table inet {plan.TABLE}"]
+    if lines:
+        _nft("\n".join(lines) + "\n", f"removing session {session}'s overlay filter")
+    return [f"removed filter {chain}"] if chain in table["chains"] or mine else []
+
+
+def underlay_mtu(peer: Address) -> tuple[str, int]:
+    """The device the route to ``peer`` leaves by, and its MTU (or the route's, lower)."""
+    routes = _json(["ip", "-j", "route", "get", str(peer)], f"the route to {peer}")
+    if not routes or "dev" not in routes[0]:
+        raise DataplaneError(f"no route to overlay peer {peer} on the underlay")
+    route = routes[0]
+    dev = str(route["dev"])
+    return dev, min(_device_mtu(dev), int(route.get("metrics", [{}])[0].get("mtu", 1 << 30)))
+
+
+def _device_mtu(dev: str) -> int:
+    links = _json(["ip", "-j", "link", "show", "dev", dev], f"device {dev}")
+    return int(links[0]["mtu"])
+
+
+def _local_device(local: Address) -> str:
+    found = _json(["ip", "-j", "addr", "show", "to", str(local)], f"the address {local}")
+    if not found:
+        raise InvalidInput.one("underlay", str(local), "an address of this host")
+    return str(found[0]["ifname"])
+
+
+def _parse_underlay(underlay: str) -> Address:
+    try:
+        return ipaddress.ip_address(underlay)
+    except ValueError:
+        raise InvalidInput.one(
+            "underlay", underlay, "this host's underlay IPv4 or IPv6 address"
+        ) from None
+
+
+def _check_mtu(o: Overlay, index: int, local: Address, vnic_mtus: Mapping[str, int]) -> int:
+    """The MTU the network's VXLAN device gets (the underlay's less the overhead); the
+    field-named refusal when the network's vNICs need more."""
+    carried = min([underlay_mtu(p)[1] for p in o.peers] or [_device_mtu(_local_device(local))])
+    vnic = vnic_mtus.get(o.network, DEFAULT_VNIC_MTU)
+    if vnic + plan.overhead(local) > carried:
+        raise plan.mtu_error(vnic, carried, local.version, f"overlays[{index}].mtu")
+    return carried - plan.overhead(local)
+
+
+def _ensure_filter(session: str, overlays: Sequence[Overlay]) -> list[str]:
+    """The session's chain and sets exactly as ``overlays`` need; what changed."""
+    before = _read_table()
+    _nft(plan.filter_script(session, overlays), f"session {session}'s overlay filter")
+    had = before["elements"] if before else {}
+    stale = plan.stale_sets(session, list(had), overlays)
+    if stale:
+        script = "".join(f"delete set inet {plan.TABLE} {s}\n" for s in stale)
+        _nft(script, f"session {session}'s old overlay sets")
+    chain = plan.chain_of(session)
+    changes = [] if before and chain in before["chains"] else [f"made filter {chain}"]
+    for o in overlays:
+        for family in (4, 6):
+            name = plan.set_of(session, o.vni, family)
+            want = {str(p) for p in o.peers if p.version == family}
+            old = had.get(name, set())
+            if want != old:
+                changes.append(f"filter {name}: +{len(want - old)} -{len(old - want)}")
+    changes += [f"removed filter set {s}" for s in stale]
+    return changes
+
+
+def _ensure_devices(
+    session: str,
+    session_ns: str,
+    overlays: Sequence[Overlay],
+    local: Address,
+    mtus: Mapping[str, int],
+) -> list[str]:
+    changes: list[str] = []
+    wanted = {o.device: o for o in overlays}
+    try:
+        with nsops.opened(session_ns) as ns:
+            for link in ns.get_links():
+                alias = link.get_attr("IFLA_IFALIAS")
+                network = plan.network_of_alias(alias, session)
+                name = link.get_attr("IFLA_IFNAME")
+                if network is None:
+                    continue
+                o = wanted.get(name)
+                if o is None or o.network != network or not _same(link, o, local):
+                    ns.link("del", index=link["index"])
+                    changes.append(f"removed {name} ({network})")
+            for o in overlays:
+                made = nsops.find_link(ns, o.device) is None
+                if made:
+                    _create(o, session_ns, local)
+                    changes.append(f"made {o.device} (network {o.network}, vni {o.vni})")
+                bridge = nsops.link_index(ns, names.bridge_of(o.network))
+                ns.link(
+                    "set",
+                    index=nsops.link_index(ns, o.device),
+                    ifalias=plan.alias_of(session, o.network),
+                    mtu=mtus[o.network],
+                    master=bridge,
+                    state="up",
+                )
+    except NetlinkError as exc:
+        raise DataplaneError(f"cannot make session {session}'s overlay devices: {exc}") from exc
+    for o in overlays:
+        changes += _ensure_fdb(session_ns, o)
+    return changes
+
+
+def _same(link: Any, o: Overlay, local: Address) -> bool:
+    """Whether an existing device is the one ``o`` needs (VNI, port, local address)."""
+    info = link.get_attr("IFLA_LINKINFO")
+    data = info.get_attr("IFLA_INFO_DATA") if info is not None else None
+    if data is None:
+        return False
+    key = "IFLA_VXLAN_LOCAL" if local.version == 4 else "IFLA_VXLAN_LOCAL6"
+    return (
+        data.get_attr("IFLA_VXLAN_ID") == o.vni
+        and data.get_attr("IFLA_VXLAN_PORT") == plan.VXLAN_PORT
+        and str(data.get_attr(key)) == str(local)
+    )
+
+
+def _create(o: Overlay, session_ns: str, local: Address) -> None:
+    """The device, made from the host's namespace (its socket's) into the session's."""
+    spec: dict[str, Any] = {
+        "ifname": o.device,
+        "kind": "vxlan",
+        "vxlan_id": o.vni,
+        "vxlan_port": plan.VXLAN_PORT,
+        "vxlan_learning": 0,
+        "net_ns_fd": session_ns,
+    }
+    spec["vxlan_local" if local.version == 4 else "vxlan_local6"] = str(local)
+    with IPRoute() as ipr:
+        ipr.link("add", **spec)
+
+
+def _ensure_fdb(session_ns: str, o: Overlay) -> list[str]:
+    """The device's FDB: a zero entry per peer and a static entry per remote MAC, exactly."""
+    dev = o.device
+    proc = nsops.run_inside(
+        session_ns,
+        ["bridge", "-j", "fdb", "show", "dev", dev],
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot read the FDB of {dev}: {proc.stderr.strip()}")
+    have = {(e["mac"], e["dst"]) for e in json.loads(proc.stdout or "[]") if "dst" in e}
+    want = {(ZERO_MAC, str(p)) for p in o.peers} | {(str(m), str(p)) for m, p in o.macs}
+    batch = [f"fdb del {m} dev {dev} dst {d}" for m, d in sorted(have - want)]
+    batch += [f"fdb append {m} dev {dev} dst {d} self permanent" for m, d in sorted(want - have)]
+    if not batch:
+        return []
+    done = nsops.run_inside(
+        session_ns,
+        ["bridge", "-batch", "-"],
+        input="\n".join(batch) + "\n",
+        capture_output=True,
+        timeout=TIMEOUT,
+    )
+    if done.returncode != 0:
+        raise DataplaneError(f"cannot set the FDB of {dev}: {done.stderr.strip()}")
+    return [f"fdb {dev}: +{len(want - have)} -{len(have - want)}"]
+
+
+def _read_table() -> dict[str, Any] | None:
+    """The host's overlay table: ``chains`` (names) and ``elements`` (each set's, by name);
+    None if the table is not there."""
+    proc = subprocess.run(
+        ["nft", "-j", "list", "table", "inet", plan.TABLE],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    if proc.returncode != 0:
+        if "No such file" in proc.stderr:
+            return None
+        raise DataplaneError(f"cannot read table inet {plan.TABLE}: {proc.stderr.strip()}")
+    items = json.loads(proc.stdout).get("nftables", [])
+    return {
+        "chains": [i["chain"]["name"] for i in items if "chain" in i],
+        "elements": {
+            i["set"]["name"]: {str(e) for e in i["set"].get("elem", [])}
+            for i in items
+            if "set" in i
+        },
+    }
+
+
+def _nft(script: str, what: str) -> None:
+    proc = subprocess.run(
+        ["nft", "-f", "-"], input=script, capture_output=True, text=True, timeout=TIMEOUT
+    )
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot apply {what}: {proc.stderr.strip()}")
+
+
+def _json(argv: list[str], what: str) -> list[dict[str, Any]]:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    if proc.returncode != 0:
+        raise DataplaneError(f"cannot read {what}: {proc.stderr.strip()}")
+    out: list[dict[str, Any]] = json.loads(proc.stdout or "[]")
+    return out
