@@ -6,6 +6,7 @@
   ``MAC IPV4 IPV6``;
 - ``overlays SESSION UNDERLAY JSON``: ``Agent.ensure_overlays`` with the manager's list
   form; prints the changes (JSON), or the error's JSON on stderr and exits 2;
+- ``reconcile``: the host agent's full reconcile (prints what it removed or failed);
 - ``teardown SESSION``: the session's teardown on this host;
 - ``arps NETNS IFACE SECONDS``: prints ``ready``, then for ``SECONDS`` counts the ARP
   requests seen on ``IFACE`` in namespace ``NETNS`` by sender address, printed as JSON.
@@ -83,6 +84,9 @@ def main(argv: list[str]) -> int:
         launch(session, vm, int(vni), int(addrnet), int(host), sets)
     elif command == "overlays":
         return overlays(*args)
+    elif command == "reconcile":
+        report = local_agent("netns").reconcile()
+        print(json.dumps({"removed": report.removed, "failed": report.failed}))
     elif command == "teardown":
         local_agent("netns").teardown_session(args[0])
     elif command == "arps":

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.root
 HELPER = [sys.executable, "-m", "tests.netns.overlay_host"]
 ROOT = Path(__file__).resolve().parents[2]
 #: Network ids (VNIs) of the sessions here; sessions "sa" and "sb" share sa's subnets.
-VNI_A, VNI_B, VNI_C = 401, 402, 403
+VNI_A, VNI_B, VNI_C, VNI_D = 401, 402, 403, 404
 RATE_MBIT = 40
 FITTING = ["mtu=1450B", f"egress.rate={RATE_MBIT}Mbit"]
 
@@ -78,8 +78,10 @@ def wire(vni: int, *remote: tuple[str, Vm]) -> str:
     )
 
 
-def ensure(bed: HostBed, host: str, session: str, doc: str, ok: bool = True) -> Any:
-    underlay = bed.host(host).address4
+def ensure(
+    bed: HostBed, host: str, session: str, doc: str, ok: bool = True, v6: bool = False
+) -> Any:
+    underlay = bed.host(host).address6 if v6 else bed.host(host).address4
     done = helper(bed, host, "overlays", session, underlay, doc, ok=ok)
     return json.loads(done.stdout) if ok else json.loads(done.stderr)
 
@@ -168,8 +170,14 @@ def test_one_segment_across_hosts(pair: Pair) -> None:
     # Again: level-based, nothing changes.
     again = ensure(bed, "h1", "sa", wire(VNI_A, (bed.hosts[1].address4, b)))
     assert again == [], again
+    # A full reconcile takes the device for the session's own: it stays, and works.
+    report = json.loads(helper(bed, "h1", "reconcile").stdout)
+    assert report == {"removed": [], "failed": {}}
+    assert dev in links(bed, "h1", "sa")
     across = rtt_ms(ping(bed, a, b.ipv4, 10).stdout)
-    print(f"ping across hosts (IPv4, VXLAN): {across}")
+    near = launch(bed, "h1", "sa", "a2", VNI_A, 8, ["mtu=1450B"])
+    within = rtt_ms(ping(bed, a, near.ipv4, 10).stdout)
+    print(f"ping a -> b across hosts (VXLAN): {across}; a -> a2 within h1: {within}")
 
 
 def rtt_ms(output: str) -> str:
@@ -258,6 +266,31 @@ def test_a_host_that_is_not_a_peer_is_dropped(pair: Pair) -> None:
     finally:
         bed.run("h3", ["ip", "link", "del", dev])
     assert table(bed, "h1")["drops"] >= before + 1
+
+
+def test_an_ipv6_underlay(pair: Pair) -> None:
+    """The same over the hosts' IPv6 addresses: 70 bytes of overhead, so 1430 fits and
+    1450 does not."""
+    bed = pair.bed
+    h1, h2 = bed.hosts[0].address6, bed.hosts[1].address6
+    e = launch(bed, "h1", "sd", "e", VNI_D, 4, ["mtu=1450B"])
+    f = launch(bed, "h2", "sd", "f", VNI_D, 5, ["mtu=1430B"])
+    try:
+        error = ensure(bed, "h1", "sd", wire(VNI_D, (h2, f)), ok=False, v6=True)
+        assert "1450 needs an underlay of 1520; the underlay carries 1500" in error["message"]
+        helper(bed, "h1", "teardown", "sd")
+        e = launch(bed, "h1", "sd", "e", VNI_D, 4, ["mtu=1430B"])
+        ensure(bed, "h1", "sd", wire(VNI_D, (h2, f)), v6=True)
+        ensure(bed, "h2", "sd", wire(VNI_D, (h1, e)), v6=True)
+        assert ensure(bed, "h2", "sd", wire(VNI_D, (h1, e)), v6=True) == []  # as it is
+        info = links(bed, "h1", "sd")[plan.device_of("default")]["linkinfo"]["info_data"]
+        assert info.get("local6", info.get("local")) == h1 and info["id"] == VNI_D
+        for address in (f.ipv4, f.ipv6):
+            done = ping(bed, e, address)
+            assert done.returncode == 0, f"{address}: {done.stdout}{done.stderr}"
+    finally:
+        helper(bed, "h1", "teardown", "sd")
+        helper(bed, "h2", "teardown", "sd")
 
 
 def test_an_mtu_that_does_not_fit_is_refused_and_leaves_nothing(pair: Pair) -> None:

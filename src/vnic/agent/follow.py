@@ -24,6 +24,10 @@ others'. The order of one turn (:meth:`Follower.step`):
 3. otherwise **watch**: one long poll for the changes after the revision held, each
    applied in order, the registration checked again before each.
 
+A session's overlays (its networks across hosts, ``docs/overlay.md``) are held here,
+made so on every change of them, every full reconcile and right after a launch of a VM
+of the session (its namespace may be new), and reported as a status with ``vm ""``.
+
 A status goes to the manager for every VM a snapshot or change named. A lease thread
 renews every lease/3 seconds and registers again at once when fenced. No answer from
 the manager: retry after 0.2 s, doubling to 5 s (:class:`Backoff`), then relist.

@@ -50,18 +50,21 @@ def ensure(
 
     InvalidInput (nothing changed) for a peer of another family than the underlay or a
     vNIC MTU the underlay cannot carry; DataplaneError for what the kernel refused.
-    Without the session namespace, only the filter is made (the devices come at the
-    next call after a VM of the session is launched here)."""
+    Without the session namespace (no VM of the session here) nothing is made and the
+    session's filter is removed: the caller keeps ``overlays`` and calls again once a
+    VM of the session is launched here."""
     local = _parse_underlay(underlay)
     plan.check_family(overlays, local)
     mtus = {o.network: _check_mtu(o, i, local, vnic_mtus) for i, o in enumerate(overlays)}
     changes: list[str] = []
-    if overlays:
-        changes += _ensure_filter(session, overlays)
     session_ns = names.session_netns(session)
-    if is_namespace(session_ns):
+    if overlays and is_namespace(session_ns):
+        # The filter first: no moment where a device takes frames from anyone.
+        changes += _ensure_filter(session, overlays)
         changes += _ensure_devices(session, session_ns, overlays, local, mtus)
-    if not overlays:
+    elif is_namespace(session_ns):
+        changes += _ensure_devices(session, session_ns, [], local, mtus)
+    if not overlays or not is_namespace(session_ns):
         changes += remove(session)
     return changes
 
