@@ -216,6 +216,12 @@ def test_another_session_is_another_segment(pair: Pair) -> None:
     c = launch(bed, "h1", "sb", "c", VNI_B, 4, ["mtu=1450B"])
     d = launch(bed, "h2", "sb", "d", VNI_B, 5, ["mtu=1450B"])
     try:
+        # sa's VNI on the same host: the kernel refuses the device; nothing of it is left.
+        clash = ensure(bed, "h1", "sb", wire(VNI_A, (h2, d)), ok=False)
+        assert "overlay devices" in clash["message"], clash
+        assert plan.device_of("default") not in links(bed, "h1", "sb")
+        assert "ov.sb" not in table(bed, "h1")["chains"]
+        assert {"ov.sa.401.4", "ov.sa.401.6"} <= set(table(bed, "h1")["sets"])
         ensure(bed, "h1", "sb", wire(VNI_B, (h2, d)))
         ensure(bed, "h2", "sb", wire(VNI_B, (h1, c)))
         assert ping(bed, c, d.ipv4).returncode == 0
@@ -323,3 +329,15 @@ def test_removing_the_overlay_then_the_session(pair: Pair) -> None:
     helper(bed, "h2", "teardown", "sa")
     assert table(bed, "h2") == {}
     assert names.session_netns("sa") not in bed.inventory("h2").namespaces
+
+
+def test_the_hosts_cleanup_finds_a_filter_without_its_namespace(pair: Pair) -> None:
+    """A teardown killed between the namespace and the filter leaves a chain: the host's
+    cleanup (what the bed's destroy runs) finds its session there and removes it."""
+    bed = pair.bed
+    script = plan.filter_script("zz", [])
+    assert bed.run("h2", ["nft", "-f", "-"], input=script).returncode == 0
+    assert table(bed, "h2")["chains"] == {"ov.zz"}
+    done = bed.run("h2", [sys.executable, "-m", "vnic.lab.hostclean"])
+    assert done.returncode == 0, done.stderr
+    assert table(bed, "h2") == {}

@@ -15,10 +15,13 @@ the local address when there is no peer), so a refusal leaves the host as it was
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
+import os
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -30,6 +33,7 @@ from vnic.errors import DataplaneError, InvalidInput
 from vnic.plan import names
 from vnic.plan import overlay as plan
 from vnic.plan.overlay import Address, Overlay
+from vnic.settings import Settings
 
 #: The all-zero MAC: the FDB entry that floods (broadcast, multicast, unknown) to a peer.
 ZERO_MAC = "00:00:00:00:00:00"
@@ -56,22 +60,64 @@ def ensure(
     local = _parse_underlay(underlay)
     plan.check_family(overlays, local)
     mtus = {o.network: _check_mtu(o, i, local, vnic_mtus) for i, o in enumerate(overlays)}
-    changes: list[str] = []
     session_ns = names.session_netns(session)
-    if overlays and is_namespace(session_ns):
+    with _table_lock():
+        mounted = is_namespace(session_ns)
+        here = _with_bridge(session_ns, overlays) if mounted else []
+        if not here:
+            gone = _ensure_devices(session, session_ns, [], local, mtus) if mounted else []
+            return gone + _remove(session)
+        before = _read_table()
+        fresh = before is None or plan.chain_of(session) not in before["chains"]
         # The filter first: no moment where a device takes frames from anyone.
-        changes += _ensure_filter(session, overlays)
-        changes += _ensure_devices(session, session_ns, overlays, local, mtus)
-    elif is_namespace(session_ns):
-        changes += _ensure_devices(session, session_ns, [], local, mtus)
-    if not overlays or not is_namespace(session_ns):
-        changes += remove(session)
-    return changes
+        changes = _ensure_filter(session, here, before)
+        try:
+            changes += _ensure_devices(session, session_ns, here, local, mtus)
+        except BaseException:
+            if fresh:
+                _remove(session)  # a failed first ensure leaves no filter either
+            raise
+        return changes
 
 
 def remove(session: str) -> list[str]:
     """Take ``session``'s chain and sets out of the host's table, and the table when no
     session has one left (idempotent; exactly the session's own names)."""
+    with _table_lock():
+        return _remove(session)
+
+
+def sessions() -> set[str]:
+    """The sessions with a filter in the host's table (a teardown killed between removing
+    the namespace and the filter leaves one: the host's cleanup finds it here)."""
+    table = _read_table()
+    chains = table["chains"] if table else []
+    return {c.removeprefix("ov.") for c in chains if c.startswith("ov.")}
+
+
+@contextlib.contextmanager
+def _table_lock() -> Iterator[None]:
+    """One change of the host's table at a time, across this host's processes: the
+    table is deleted with its last chain, which must not race another session's ensure.
+    ``flock`` on the data plane's run directory itself: no file of its own to leave."""
+    directory = Settings.from_env().runtime_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _with_bridge(session_ns: str, overlays: Sequence[Overlay]) -> list[Overlay]:
+    """The overlays of networks with a bridge here (a vNIC of the network on this host);
+    the others wait, as a session without a namespace does."""
+    with nsops.opened(session_ns) as ns:
+        return [o for o in overlays if nsops.find_link(ns, names.bridge_of(o.network))]
+
+
+def _remove(session: str) -> list[str]:
     table = _read_table()
     if table is None:
         return []
@@ -79,9 +125,8 @@ def remove(session: str) -> list[str]:
     mine = [s for s in table["elements"] if plan.is_set_of(s, session)]
     lines = [f"delete chain inet {plan.TABLE} {chain}"] if chain in table["chains"] else []
     lines += [f"delete set inet {plan.TABLE} {s}" for s in mine]
-    others = [c for c in table["chains"] if c != chain]
-    if not others:
-        lines = [f"delete table inet {plan.TABLE}"]
+    if not [c for c in table["chains"] if c != chain]:
+        lines = [f"delete table inet {plan.TABLE}"]  # no other session's: all of it is ours
     if lines:
         _nft("\n".join(lines) + "\n", f"removing session {session}'s overlay filter")
     return [f"removed filter {chain}"] if chain in table["chains"] or mine else []
@@ -128,9 +173,11 @@ def _check_mtu(o: Overlay, index: int, local: Address, vnic_mtus: Mapping[str, i
     return carried - plan.overhead(local)
 
 
-def _ensure_filter(session: str, overlays: Sequence[Overlay]) -> list[str]:
-    """The session's chain and sets exactly as ``overlays`` need; what changed."""
-    before = _read_table()
+def _ensure_filter(
+    session: str, overlays: Sequence[Overlay], before: dict[str, Any] | None
+) -> list[str]:
+    """The session's chain and sets exactly as ``overlays`` need (``before``: the table as
+    it was); what changed."""
     _nft(plan.filter_script(session, overlays), f"session {session}'s overlay filter")
     had = before["elements"] if before else {}
     stale = plan.stale_sets(session, list(had), overlays)
@@ -157,38 +204,56 @@ def _ensure_devices(
     local: Address,
     mtus: Mapping[str, int],
 ) -> list[str]:
+    """The session's overlay devices exactly ``overlays``, each with its FDB; what changed.
+    A device made here is deleted again when a later step fails (nothing half-built)."""
     changes: list[str] = []
-    wanted = {o.device: o for o in overlays}
+    made: list[str] = []
     try:
         with nsops.opened(session_ns) as ns:
-            for link in ns.get_links():
-                alias = link.get_attr("IFLA_IFALIAS")
-                network = plan.network_of_alias(alias, session)
-                name = link.get_attr("IFLA_IFNAME")
-                if network is None:
-                    continue
-                o = wanted.get(name)
-                if o is None or o.network != network or not _same(link, o, local):
-                    ns.link("del", index=link["index"])
-                    changes.append(f"removed {name} ({network})")
+            changes += _drop_others(ns, session, overlays, local)
             for o in overlays:
-                made = nsops.find_link(ns, o.device) is None
-                if made:
+                if nsops.find_link(ns, o.device) is None:
                     _create(o, session_ns, local)
+                    made.append(o.device)
                     changes.append(f"made {o.device} (network {o.network}, vni {o.vni})")
-                bridge = nsops.link_index(ns, names.bridge_of(o.network))
                 ns.link(
                     "set",
                     index=nsops.link_index(ns, o.device),
                     ifalias=plan.alias_of(session, o.network),
                     mtu=mtus[o.network],
-                    master=bridge,
+                    master=nsops.link_index(ns, names.bridge_of(o.network)),
                     state="up",
                 )
-    except NetlinkError as exc:
-        raise DataplaneError(f"cannot make session {session}'s overlay devices: {exc}") from exc
-    for o in overlays:
-        changes += _ensure_fdb(session_ns, o)
+        for o in overlays:
+            changes += _ensure_fdb(session_ns, o)
+    except BaseException as exc:
+        with nsops.opened(session_ns) as ns:
+            for name in made:
+                index = nsops.find_link(ns, name)
+                if index is not None:
+                    ns.link("del", index=index)
+        if isinstance(exc, NetlinkError):
+            raise DataplaneError(f"cannot make session {session}'s overlay devices: {exc}") from exc
+        raise
+    return changes
+
+
+def _drop_others(ns: Any, session: str, overlays: Sequence[Overlay], local: Address) -> list[str]:
+    """Delete the session's overlay devices ``overlays`` does not want as they are: tagged
+    with another network, or with one of its names but not its VNI, port or address
+    (also untagged: an ensure killed between making and tagging it)."""
+    wanted = {o.device: o for o in overlays}
+    changes = []
+    for link in ns.get_links():
+        name = link.get_attr("IFLA_IFNAME")
+        alias = link.get_attr("IFLA_IFALIAS") or None
+        network = plan.network_of_alias(alias, session)
+        if network is None and not (alias is None and name in wanted):
+            continue  # not an overlay device of this session
+        o = wanted.get(name)
+        if o is None or network not in (None, o.network) or not _same(link, o, local):
+            ns.link("del", index=link["index"])
+            changes.append(f"removed {name} ({network or 'untagged'})")
     return changes
 
 
