@@ -314,6 +314,22 @@ def test_an_mtu_that_does_not_fit_is_refused_and_leaves_nothing(pair: Pair) -> N
         assert "ov.sc" not in table(bed, "h1").get("chains", set())
     finally:
         helper(bed, "h1", "teardown", "sc")
+    # A route to the peer with an MTU of its own, lower: sa's overlay no longer fits, and
+    # the refusal changes nothing of what runs.
+    nic = bed.hosts[0].spec.ifname
+    route = ["ip", "route", "add", f"{h2}/32", "dev", nic, "mtu", "1480"]
+    assert bed.run("h1", route).returncode == 0
+    try:
+        doc = wire(VNI_A, (h2, pair.b))
+        error = ensure(bed, "h1", "sa", doc, ok=False)
+        assert "1450 needs an underlay of 1500; the underlay carries 1480" in error["message"]
+    finally:
+        bed.run("h1", ["ip", "route", "del", f"{h2}/32", "dev", nic])
+    assert fdb(bed, "h1", "sa", plan.device_of("default")) == {
+        ("00:00:00:00:00:00", h2),
+        (pair.b.mac, h2),
+    }
+    assert ping(bed, pair.a, pair.b.ipv4, 2).returncode == 0
 
 
 def test_removing_the_overlay_then_the_session(pair: Pair) -> None:

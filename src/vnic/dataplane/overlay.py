@@ -59,7 +59,12 @@ def ensure(
     VM of the session is launched here."""
     local = _parse_underlay(underlay)
     plan.check_family(overlays, local)
-    mtus = {o.network: _check_mtu(o, i, local, vnic_mtus) for i, o in enumerate(overlays)}
+    with IPRoute() as ipr:
+        underlay_of = Underlay(ipr)
+        mtus = {
+            o.network: _check_mtu(o, i, local, vnic_mtus, underlay_of)
+            for i, o in enumerate(overlays)
+        }
     session_ns = names.session_netns(session)
     with _table_lock():
         mounted = is_namespace(session_ns)
@@ -132,26 +137,38 @@ def _remove(session: str) -> list[str]:
     return [f"removed filter {chain}"] if chain in table["chains"] or mine else []
 
 
-def underlay_mtu(peer: Address) -> tuple[str, int]:
-    """The device the route to ``peer`` leaves by, and its MTU (or the route's, lower)."""
-    routes = _json(["ip", "-j", "route", "get", str(peer)], f"the route to {peer}")
-    if not routes or "dev" not in routes[0]:
-        raise DataplaneError(f"no route to overlay peer {peer} on the underlay")
-    route = routes[0]
-    dev = str(route["dev"])
-    return dev, min(_device_mtu(dev), int(route.get("metrics", [{}])[0].get("mtu", 1 << 30)))
+class Underlay:
+    """The underlay's MTU towards each peer, read over one netlink socket (a full reconcile
+    asks about every peer of every session: no process per peer), each peer once."""
 
+    def __init__(self, ipr: Any) -> None:
+        self.ipr = ipr
+        self._seen: dict[Address, int] = {}
 
-def _device_mtu(dev: str) -> int:
-    links = _json(["ip", "-j", "link", "show", "dev", dev], f"device {dev}")
-    return int(links[0]["mtu"])
+    def mtu_to(self, peer: Address) -> int:
+        """Bytes: the MTU of the device the route to ``peer`` leaves by (the route's own
+        when lower)."""
+        if peer not in self._seen:
+            try:
+                (route,) = self.ipr.route("get", dst=str(peer))
+            except NetlinkError as exc:
+                raise DataplaneError(f"no route to overlay peer {peer}: {exc}") from exc
+            mtu = self._link_mtu(route.get_attr("RTA_OIF"))
+            metrics = route.get_attr("RTA_METRICS")
+            own = metrics.get_attr("RTAX_MTU") if metrics is not None else None
+            self._seen[peer] = min(mtu, own) if own else mtu
+        return self._seen[peer]
 
+    def mtu_at(self, local: Address) -> int:
+        """Bytes: the MTU of the device holding ``local`` (a network with no peer yet)."""
+        found = self.ipr.get_addr(address=str(local))
+        if not found:
+            raise InvalidInput.one("underlay", str(local), "an address of this host")
+        return self._link_mtu(found[0]["index"])
 
-def _local_device(local: Address) -> str:
-    found = _json(["ip", "-j", "addr", "show", "to", str(local)], f"the address {local}")
-    if not found:
-        raise InvalidInput.one("underlay", str(local), "an address of this host")
-    return str(found[0]["ifname"])
+    def _link_mtu(self, index: int) -> int:
+        (link,) = self.ipr.link("get", index=index)
+        return int(link.get_attr("IFLA_MTU"))
 
 
 def _parse_underlay(underlay: str) -> Address:
@@ -163,10 +180,12 @@ def _parse_underlay(underlay: str) -> Address:
         ) from None
 
 
-def _check_mtu(o: Overlay, index: int, local: Address, vnic_mtus: Mapping[str, int]) -> int:
+def _check_mtu(
+    o: Overlay, index: int, local: Address, vnic_mtus: Mapping[str, int], underlay: Underlay
+) -> int:
     """The MTU the network's VXLAN device gets (the underlay's less the overhead); the
     field-named refusal when the network's vNICs need more."""
-    carried = min([underlay_mtu(p)[1] for p in o.peers] or [_device_mtu(_local_device(local))])
+    carried = min([underlay.mtu_to(p) for p in o.peers] or [underlay.mtu_at(local)])
     vnic = vnic_mtus.get(o.network, DEFAULT_VNIC_MTU)
     if vnic + plan.overhead(local) > carried:
         raise plan.mtu_error(vnic, carried, local.version, f"overlays[{index}].mtu")
@@ -345,11 +364,3 @@ def _nft(script: str, what: str) -> None:
     )
     if proc.returncode != 0:
         raise DataplaneError(f"cannot apply {what}: {proc.stderr.strip()}")
-
-
-def _json(argv: list[str], what: str) -> list[dict[str, Any]]:
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
-    if proc.returncode != 0:
-        raise DataplaneError(f"cannot read {what}: {proc.stderr.strip()}")
-    out: list[dict[str, Any]] = json.loads(proc.stdout or "[]")
-    return out
