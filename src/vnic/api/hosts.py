@@ -152,13 +152,14 @@ def hosts_router(manager: Manager) -> APIRouter:
 
     @router.get("/v1/agent/desired")
     def desired(host: Host) -> dict[str, Any]:
-        revision, epoch, vms = svc.host_snapshot(host)
+        revision, epoch, vms, overlays = svc.host_snapshot(host)
         return {
             "revision": revision,
             "epoch": epoch,
             "vms": [
                 {"session": s, "vm": v, **_desired_json(d)} for s, v, d in vms if d is not None
             ],
+            "overlays": overlays,
         }
 
     @router.get("/v1/agent/changes")
@@ -179,13 +180,15 @@ def hosts_router(manager: Manager) -> APIRouter:
         return {
             "revision": revision,
             "changes": [
-                {
+                {"revision": rev, "session": s, "vm": v, "overlays": docs}
+                if docs is not None
+                else {
                     "revision": rev,
                     "session": s,
                     "vm": v,
                     "desired": _desired_json(d) if d is not None else None,
                 }
-                for rev, s, v, d in found[:CHANGES_MAX]
+                for rev, s, v, d, docs in found[:CHANGES_MAX]
             ],
         }
 

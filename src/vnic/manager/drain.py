@@ -55,7 +55,7 @@ class Draining(Hosts):
                     self._append(s, row)  # the old host: no longer desired there
                     row.host_id = target.id
                     s.flush()
-                    waits.append((session, vm, self._append(s, row)))
+                    waits.append((session, vm, self._append(s, row, placement={old})))
                     moves.append(Move(session, vm, target.name))
             except VnicError as exc:
                 moves.append(Move(session, vm, None, str(exc)))
