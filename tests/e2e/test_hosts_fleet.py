@@ -55,6 +55,10 @@ def test_a_fleet_of_hosts_places_shapes_changes_and_survives(fleet: Fleet) -> No
     assert listed == fleet.placement()
     until("database, agents and kernels agree", fleet.agree)
 
+    # Commands reach only the manager's own VMs: one on a host is refused, saying where it runs.
+    refused = fleet.cli("vm", "exec", SESSION, "b", "--", "true", check=False)
+    assert refused.returncode != 0 and "runs on host h2" in refused.stderr, refused
+
     # The manager's stats (vnic top, the live view, the controller) cover every host.
     ask = (
         "import httpx, json, sys; print(json.dumps(httpx.get(sys.argv[1], verify=sys.argv[2],"
