@@ -155,10 +155,14 @@ def record_status(
     check_epoch(host, epoch, now)
     stored = 0
     for r in reports:
+        # FOR UPDATE: a VM removed meanwhile is either gone here or waits for this
+        # report (its status row goes with it); unlocked, the two raced on PostgreSQL
+        # (the report's write of a status row a removal had just deleted failed).
         vm = s.scalar(
             select(VmRow)
             .join(VmRow.session)
             .where(VmRow.name == r.vm, VmRow.session.has(name=r.session))
+            .with_for_update(of=VmRow)
         )
         if vm is None or vm.host_id != host.id:
             continue
