@@ -64,20 +64,28 @@ class StatusBody(_Strict):
     results: list[dict[str, Any]]
 
 
+def _agent_host(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The host whose token the caller sent (Unauthenticated otherwise)."""
+    manager: Manager = request.app.state.manager
+    return manager.service.host_of_token(creds.credentials if creds else None)
+
+
+# At module level: the routes' annotations are strings (``from __future__ import
+# annotations``) that FastAPI resolves in this module's globals; defined inside
+# hosts_router, ``Host`` did not resolve and every agent route took ``host`` for a
+# required query parameter (422 on every call, and /openapi.json failed).
+Host = Annotated[str, Depends(_agent_host)]
+
+
 def hosts_router(manager: Manager) -> APIRouter:
     """``/v1/hosts``, ``/v1/prometheus/targets`` and ``/v1/agent/*``."""
     router = APIRouter(route_class=StrictJsonRoute, tags=["hosts"])
     svc = manager.service
     watching: dict[str, int] = defaultdict(int)
     lock = threading.Lock()
-
-    def agent_host(
-        request: Request,
-        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    ) -> str:
-        return svc.host_of_token(creds.credentials if creds else None)
-
-    Host = Annotated[str, Depends(agent_host)]
 
     @router.get("/v1/hosts")
     def list_hosts(who: Caller) -> list[dict[str, Any]]:
