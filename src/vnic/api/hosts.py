@@ -218,11 +218,18 @@ def _report(doc: dict[str, Any], path: str) -> StatusReport:
     if error is not None:
         if not isinstance(error, dict):
             raise InvalidInput.one(f"{path}.error", error, "null or an error object")
-        body = {
-            "error": str(error.get("kind", error.get("error", "error")))[:32],
-            "message": str(error.get("message", ""))[:2000],
-            "fields": [f for f in (error.get("fields") or [])[:50] if isinstance(f, dict)],
-        }
+        raw = error.get("fields")
+        # Only whole field errors are kept, as strings: the launch that waits for this
+        # report raises it (errors.error_from_body), which indexes every one.
+        fields = [
+            {k: str(f[k])[:500] for k in ("field", "value", "expected")}
+            for f in (raw if isinstance(raw, list) else [])[:50]
+            if isinstance(f, dict) and all(k in f for k in ("field", "value", "expected"))
+        ]
+        kind = str(error.get("kind", error.get("error", "error")))[:32]
+        if kind == "invalid" and not fields:
+            kind = "error"  # an InvalidInput needs a field: without one it is just an error
+        body = {"error": kind, "message": str(error.get("message", ""))[:2000], "fields": fields}
     changes = doc.get("changes") or []
     if not isinstance(changes, list):
         raise InvalidInput.one(f"{path}.changes", changes, "a list of lines")
