@@ -331,9 +331,9 @@ def test_prometheus_targets_are_the_ready_hosts_with_metrics(fleet: Fleet) -> No
 
 def test_a_launch_places_the_vm_and_writes_one_change(fleet: Fleet, play: Any) -> None:
     svc = fleet.svc
-    fleet.ready("hv1")
-    _, epoch = fleet.ready("hv2")
-    hv1 = play(svc, "hv1", 1)
+    _, epoch = fleet.ready("hv1")
+    fleet.ready("hv2")
+    hv1 = play(svc, "hv1", epoch)
     svc.add_vm(VmRequest("lab", "a"))
     before = fleet.revision()
     result = svc.launch_vm("lab", "a", fleet.agent, host="hv1")
@@ -361,7 +361,7 @@ def test_a_launch_places_the_vm_and_writes_one_change(fleet: Fleet, play: Any) -
     assert svc.host_changes("hv1", rev) == (rev, [])
 
     svc.destroy_vm("lab", "a", fleet.agent)  # waits for hv1's report of the stop
-    rev2, found = svc.host_changes("hv1", rev)
+    _, found = svc.host_changes("hv1", rev)
     assert [(r, s, v, d) for r, s, v, d in found] == [(rev + 1, "lab", "a", None)]
     assert svc.vm_status("lab", "a").revision == rev + 1  # type: ignore[union-attr]
     assert svc.host_snapshot("hv1")[2] == []
@@ -540,6 +540,7 @@ def test_a_live_change_of_a_hosted_vm_goes_through_its_host(fleet: Fleet, play: 
     result, changes = svc.update_vm_live(
         "lab", "a", {"patch": {"egress": {"rate": "2Mbit"}}}, fleet.agent
     )
+    assert result.vm.host == "hv1" and result.vm.override_patch == {"egress": {"rate": "2Mbit"}}
     assert [c.kernel for c in changes] == [lines] and not any(c.error for c in changes)
     assert "egress.rate" in changes[0].fields
     assert fleet.changes()[-1] == (before + 1, "hv1", "lab", "a")
@@ -691,3 +692,25 @@ def test_concurrent_appenders_commit_revisions_in_order(pg_db: Database) -> None
         ]
         assert s.scalar(select(FleetStateRow.revision)) == 2
         assert s.scalar(select(func.count()).select_from(HostChangeRow)) == 2
+
+
+def test_removing_a_vm_still_running_on_a_host_tells_its_host(fleet: Fleet) -> None:
+    svc = fleet.svc
+    fleet.ready("hv1")
+    svc.host_wait = 0.05
+    svc.create_session("lab2")
+    for session, name in (("lab", "a"), ("lab", "b"), ("lab2", "c"), ("lab2", "d")):
+        svc.add_vm(VmRequest(session, name))
+    for session, name in (("lab", "a"), ("lab2", "c"), ("lab2", "d")):
+        svc.launch_vm(session, name, fleet.agent)
+    before = fleet.revision()
+    svc.remove_vm("lab", "a")  # `vnic vm remove` of a running VM: no stop first
+    svc.remove_vm("lab", "b")  # never launched: nothing to tell
+    svc.delete_session("lab2", force=True)
+    _, found = svc.host_changes("hv1", before)
+    assert [(r, s, v, d) for r, s, v, d in found] == [
+        (before + 1, "lab", "a", None),
+        (before + 2, "lab2", "c", None),
+        (before + 3, "lab2", "d", None),
+    ]
+    assert svc.host_snapshot("hv1")[2] == []

@@ -68,6 +68,15 @@ def append(s: Session, host_id: int, session: str, vm: str, now: datetime) -> in
     return revision
 
 
+def append_removal(s: Session, vm: VmRow, now: datetime) -> int | None:
+    """Before ``vm`` is deleted: tell its host, if it runs on one, that it is no longer
+    desired (the change outlives the row: its reader finds no VM, so desired None); in
+    the caller's transaction. The revision, or None for a VM running on no host."""
+    if vm.host_id is None or vm.state != "running":
+        return None
+    return append(s, vm.host_id, vm.session.name, vm.name, now)
+
+
 def current_revision(s: Session) -> int:
     return int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
 
