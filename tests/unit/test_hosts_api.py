@@ -352,3 +352,38 @@ def test_a_malformed_error_report_is_kept_to_what_can_be_raised() -> None:
     ]
     raised = error_from_body(dict(body))
     assert isinstance(raised, InvalidInput) and raised.paths == ["egress.rate"]
+
+
+def test_the_agent_flags_take_what_the_manager_takes(tmp_path: Path) -> None:
+    """``vnic agent --manager`` checks its host's name and labels by the manager's rules:
+    one the manager would refuse at registration is refused at the flag."""
+    from vnic.cli.follow_flags import follow_flags
+
+    token = tmp_path / "token"
+    token.write_text("vnich_x\n")
+
+    def flags(host: str, *labels: str) -> Any:
+        return follow_flags(
+            manager="http://127.0.0.1:1",
+            token_file=token,
+            host=host,
+            underlay="10.0.0.1",
+            vnics=None,
+            cpus=None,
+            labels=list(labels),
+            ca=None,
+            metrics_listen=None,
+        )
+
+    assert flags("hv-1", "rack=a", "zone.x=eu/b:2").labels == {"rack": "a", "zone.x": "eu/b:2"}
+    for host, labels, option in (
+        ("HV1", (), "--host"),
+        ("hv.1", (), "--host"),
+        ("h" * 33, (), "--host"),
+        ("hv1", ("Rack=a",), "--label"),
+        ("hv1", ("k8s/role=x",), "--label"),
+        ("hv1", tuple(f"k{i}=v" for i in range(17)), "--label"),
+    ):
+        with pytest.raises(InvalidInput) as err:
+            flags(host, *labels)
+        assert err.value.paths == [option], (host, labels)
