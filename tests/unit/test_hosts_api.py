@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from sqlalchemy import update
 
 from tests.unit.api_fixtures import RATE_DOC, Api, make_api
 from vnic.agent.upstream import (
@@ -27,6 +28,7 @@ from vnic.agent.wire import request_to_wire
 from vnic.api.app import create_app
 from vnic.errors import InvalidInput, Unauthenticated
 from vnic.manager import changelog
+from vnic.store.models import FleetStateRow
 
 INFO = HostInfo("hv1", "10.250.0.11", 8, 2, {"rack": "a"}, "http://10.250.0.11:8472/metrics")
 
@@ -147,7 +149,7 @@ def test_the_watch_refuses_a_negative_revision_and_answers_relist_and_stale(api:
         "changes": [],
     }
     with api.manager.service.db.transaction() as s:
-        s.execute(changelog.update(changelog.FleetStateRow).values(floor=5, revision=5))
+        s.execute(update(FleetStateRow).values(floor=5, revision=5))  # as after a prune
     r = api.client.get("/v1/agent/changes", params={"after": 3}, headers=h)
     assert r.status_code == 410 and r.json()["relist"] is True
     r = api.client.post("/v1/agent/lease", json={"epoch": 7}, headers=h)

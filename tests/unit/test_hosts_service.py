@@ -3,7 +3,10 @@ stop and live-change paths of hosted VMs), on SQLite and on PostgreSQL.
 
 Time that decides leases is the service's injected clock; a thread plays a host's agent
 where a launch waits for its report (it follows the change log as an agent does and
-reports what it was told to)."""
+reports what it was told to).
+
+Why one module: every test here shares the clock, the fleet and the playing agent, and
+they read as one story (admins, the change log, reports, launches, PostgreSQL)."""
 
 from __future__ import annotations
 
