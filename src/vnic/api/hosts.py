@@ -76,6 +76,22 @@ class StatusBody(_Strict):
     results: list[dict[str, Any]]
 
 
+def _agent_host(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    """The host whose token the caller sent (Unauthenticated otherwise)."""
+    manager: Manager = request.app.state.manager
+    return manager.service.host_of_token(creds.credentials if creds else None)
+
+
+# At module level: the routes' annotations are strings (``from __future__ import
+# annotations``) that FastAPI resolves in this module's globals; defined inside
+# hosts_router, ``Host`` did not resolve and every agent route took ``host`` for a
+# required query parameter (422 on every call, and /openapi.json failed).
+Host = Annotated[str, Depends(_agent_host)]
+
+
 def hosts_router(manager: Manager) -> APIRouter:
     """``/v1/hosts``, ``/v1/prometheus/targets`` and ``/v1/agent/*``."""
     router = APIRouter(route_class=StrictJsonRoute, tags=["hosts"])
@@ -224,11 +240,18 @@ def _report(doc: dict[str, Any], path: str) -> StatusReport:
     if error is not None:
         if not isinstance(error, dict):
             raise InvalidInput.one(f"{path}.error", error, "null or an error object")
-        body = {
-            "error": str(error.get("kind", error.get("error", "error")))[:32],
-            "message": str(error.get("message", ""))[:2000],
-            "fields": [f for f in (error.get("fields") or [])[:50] if isinstance(f, dict)],
-        }
+        raw = error.get("fields")
+        # Only whole field errors are kept, as strings: the launch that waits for this
+        # report raises it (errors.error_from_body), which indexes every one.
+        fields = [
+            {k: str(f[k])[:500] for k in ("field", "value", "expected")}
+            for f in (raw if isinstance(raw, list) else [])[:50]
+            if isinstance(f, dict) and all(k in f for k in ("field", "value", "expected"))
+        ]
+        kind = str(error.get("kind", error.get("error", "error")))[:32]
+        if kind == "invalid" and not fields:
+            kind = "error"  # an InvalidInput needs a field: without one it is just an error
+        body = {"error": kind, "message": str(error.get("message", ""))[:2000], "fields": fields}
     changes = doc.get("changes") or []
     if not isinstance(changes, list):
         raise InvalidInput.one(f"{path}.changes", changes, "a list of lines")

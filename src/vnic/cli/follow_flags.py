@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vnic.errors import FieldError, InvalidInput, show_value
+from vnic.model.placement import HOST_NAME, HOST_NAME_EXPECTED, LABEL_KEY, LABEL_VALUE, MAX_LABELS
 
 if TYPE_CHECKING:
     from vnic.agent.metrics_http import MetricsServer
@@ -19,10 +20,8 @@ if TYPE_CHECKING:
 
 #: vNICs a host offers when ``--vnics`` is not given.
 VNICS_DEFAULT = 64
-#: A host's name, a label's key and its value (DNS-label-like, as placement shows them).
+#: A name in ``--metrics-listen HOST:PORT`` (DNS-label-like).
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
-LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
-LABEL_VALUE = re.compile(r"[A-Za-z0-9._-]{0,63}")
 #: Bytes: the longest host token read (a token is a line, not a file's worth).
 TOKEN_MAX = 4096
 
@@ -107,9 +106,11 @@ def follow_flags(
         else:
             if not token or len(token) > TOKEN_MAX or any(c.isspace() for c in token):
                 bad("--host-token-file", str(token_file), "a file holding one token, one line")
+    # The host's name and labels by the manager's own rules (vnic.model.placement): a
+    # name or label the manager refuses would only fail at registration, retried forever.
     name = host or ""
-    if not NAME.fullmatch(name):
-        bad("--host", host, "this host's name: letters, digits, '.', '_', '-' (1 to 63)")
+    if not HOST_NAME.fullmatch(name):
+        bad("--host", host, f"this host's name as it was added: {HOST_NAME_EXPECTED}")
     try:
         address = str(ipaddress.ip_address(underlay or ""))
     except ValueError:
@@ -123,11 +124,18 @@ def follow_flags(
     for text in labels:
         key, eq, value = text.partition("=")
         if not eq or not LABEL_KEY.fullmatch(key) or not LABEL_VALUE.fullmatch(value):
-            bad("--label", text, "KEY=VALUE (key: letters, digits, '._/-'; value: '._-' too)")
+            bad(
+                "--label",
+                text,
+                "KEY=VALUE (key: a-z, 0-9, '_.-', 1 to 63; value: letters, digits, '_.:/-', "
+                "0 to 64)",
+            )
         elif key in parsed:
             bad("--label", text, f"one value per key ({key} is given twice)")
         else:
             parsed[key] = value
+    if len(parsed) > MAX_LABELS:
+        bad("--label", f"{len(parsed)} labels", f"at most {MAX_LABELS} labels")
     if ca is not None and not os.access(ca, os.R_OK):
         bad("--ca", str(ca), "a readable CA bundle (PEM)")
     metrics = None

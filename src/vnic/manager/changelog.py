@@ -70,6 +70,15 @@ def append(s: Session, host_id: int, session: str, vm: str, now: datetime) -> in
     return revision
 
 
+def append_removal(s: Session, vm: VmRow, now: datetime) -> int | None:
+    """Before ``vm`` is deleted: tell its host, if it runs on one, that it is no longer
+    desired (the change outlives the row: its reader finds no VM, so desired None); in
+    the caller's transaction. The revision, or None for a VM running on no host."""
+    if vm.host_id is None or vm.state != "running":
+        return None
+    return append(s, vm.host_id, vm.session.name, vm.name, now)
+
+
 def current_revision(s: Session) -> int:
     return int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
 
@@ -157,10 +166,14 @@ def record_status(
     check_epoch(host, epoch, now)
     stored = 0
     for r in reports:
+        # FOR UPDATE: a VM removed meanwhile is either gone here or waits for this
+        # report (its status row goes with it); unlocked, the two raced on PostgreSQL
+        # (the report's write of a status row a removal had just deleted failed).
         vm = s.scalar(
             select(VmRow)
             .join(VmRow.session)
             .where(VmRow.name == r.vm, VmRow.session.has(name=r.session))
+            .with_for_update(of=VmRow)
         )
         if vm is None or vm.host_id != host.id:
             continue

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, Exhausted, InUse
+from vnic.manager import changelog
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import SessionInfo
 from vnic.model.launch import DEFAULT_NETWORK
@@ -167,5 +168,8 @@ class Sessions(ServiceCore):
             vms = [v.name for v in row.vms]
             if vms and not force:
                 raise InUse("session", name, [f"vm {name}/{v}" for v in vms])
+            now = self.clock()
+            for vm in row.vms:  # those still running on hosts: their hosts are told
+                changelog.append_removal(s, vm, now)
             s.delete(row)
             return vms

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, Exhausted, FieldError, InvalidInput
+from vnic.manager import changelog
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import Explanation, VmInfo, VmRequest
 from vnic.model.documents import merge_patch
@@ -229,8 +230,12 @@ class Vms(ServiceCore):
         )
 
     def remove_vm(self, session: str, name: str) -> None:
+        """Remove the VM's definition (a VM still running on a host: its host is told,
+        in the same transaction)."""
         with self.db.transaction() as s:
-            s.delete(self._vm_row(s, session, name))
+            vm = self._vm_row(s, session, name)
+            changelog.append_removal(s, vm, self.clock())
+            s.delete(vm)
 
     def list_vms(self, session: str) -> list[VmInfo]:
         with self.db.reading() as s:

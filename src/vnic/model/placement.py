@@ -123,4 +123,8 @@ def parse_constraint(value: Any, path: str = "placement") -> Constraint:
     strategy = value.get("strategy", "spread")
     if strategy not in STRATEGIES:
         raise InvalidInput.one(f"{path}.strategy", strategy, " or ".join(STRATEGIES))
-    return Constraint(str(strategy), parse_labels(value.get("labels") or {}, f"{path}.labels"))
+    labels = value.get("labels")
+    # None is no labels; any other value must be labels ([] or "" is not "none").
+    return Constraint(
+        str(strategy), parse_labels({} if labels is None else labels, f"{path}.labels")
+    )
