@@ -8,10 +8,12 @@ set and each host's kernel agree."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from typing import Any
 
@@ -33,6 +35,38 @@ def ping(bed: HostBed, host: Host, vm: str, address: str) -> bool:
     """Whether ``vm`` on ``host`` reaches ``address`` (3 pings, 2 s each at most)."""
     argv = ["ip", "netns", "exec", f"vnic.{SESSION}.{vm}", "ping", "-c", "3", "-W", "2", address]
     return bed.run(host, argv).returncode == 0
+
+
+#: Ethernet frame per TCP payload byte at the profile's MTU of 1450 (timestamps on).
+FRAME_1450 = (1450 + 14) / (1450 - 52)
+
+
+def cross_host_rate(
+    fleet: Fleet, client: tuple[Host, str], server: tuple[Host, str], reverse: bool
+) -> float:
+    """TCP frame rate (bit/s) from ``client`` to ``server`` (VMs on two hosts; ``reverse``:
+    the server sends), 2 s of iperf3 after 0.5 s of slow start."""
+    (chost, cvm), (shost, svm) = client, server
+    ip = str(fleet.svc.get_vm(SESSION, svm).ipv4).split("/")[0]
+    listen = fleet.bed.spawn(
+        shost,
+        ["ip", "netns", "exec", f"vnic.{SESSION}.{svm}", "iperf3", "-s", "-1", "-p", "5299"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        listening = ["ip", "netns", "exec", f"vnic.{SESSION}.{svm}", "ss", "-Hltn"]
+        listening += ["sport", "=", ":5299"]
+        until("iperf3 listens", lambda: fleet.bed.run(shost, listening).stdout.strip())
+        argv = ["ip", "netns", "exec", f"vnic.{SESSION}.{cvm}", "iperf3", "-c", ip, "-p", "5299"]
+        argv += ["-t", "2", "-O", "0.5", "-J", "-C", "cubic", *(["-R"] if reverse else [])]
+        done = fleet.bed.run(chost, argv)
+        end = json.loads(done.stdout)["end"]
+        assert "sum_received" in end, done.stdout[-2000:]
+        return float(end["sum_received"]["bits_per_second"]) * FRAME_1450
+    finally:
+        listen.kill()
+        listen.wait()
 
 
 def test_a_fleet_of_hosts_places_shapes_changes_and_survives(fleet: Fleet) -> None:
@@ -77,6 +111,24 @@ def test_a_fleet_of_hosts_places_shapes_changes_and_survives(fleet: Fleet) -> No
             assert until(
                 f"a1 reaches {vm} on {host} at {address}", lambda a=address: ping(bed, h1, "a1", a)
             )
+
+    # Shaped at the VM edge wherever the peer runs: a1 (host 1) to b (host 2) and back.
+    for reverse in (False, True):
+        got = cross_host_rate(fleet, (h1, "a1"), (h2, "b"), reverse)
+        assert 0.85 * 20e6 < got < 1.05 * 20e6, (reverse, got)
+
+    # Isolation across hosts: a VM of another session on host 2 reaches nothing of this one.
+    fleet.cli("session", "create", "other", "--default-profile", "edge")
+    fleet.cli("vm", "launch", "other", "x", "--host", "h2")
+    a1 = str(fleet.svc.get_vm(SESSION, "a1").ipv4)
+    x = str(fleet.svc.get_vm("other", "x").ipv4).split("/")[0]
+    assert not ping(bed, h1, "a1", x)
+    # x turns hostile: it takes an address in a1's subnet, and still reaches nothing there.
+    in_x = ["ip", "netns", "exec", "vnic.other.x"]
+    spoofed = str(ipaddress.ip_interface(a1).network.network_address + 200)
+    assert bed.run(h2, [*in_x, "ip", "addr", "add", f"{spoofed}/24", "dev", "eth0"]).returncode == 0
+    assert bed.run(h2, [*in_x, "ping", "-c", "2", "-W", "1", a1.split("/")[0]]).returncode != 0
+    fleet.cli("session", "down", "other")
 
     # Shaped on its host: both VMs at 20 Mbit/s each way.
     assert 0.85 * 20e6 < fleet.rate(h1, "a1", "a2") < 1.05 * 20e6

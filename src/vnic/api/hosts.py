@@ -37,18 +37,6 @@ WATCHES_PER_HOST = 2
 RESULTS_MAX = 1000
 
 
-def _agent_host(
-    request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> str:
-    """The host whose token the call carries (401 otherwise)."""
-    manager: Manager = request.app.state.manager
-    return manager.service.host_of_token(creds.credentials if creds else None)
-
-
-#: The calling agent's host.
-Host = Annotated[str, Depends(_agent_host)]
-
-
 class HostCreate(_Strict):
     name: str
     labels: dict[str, str] = Field(default_factory=dict)
