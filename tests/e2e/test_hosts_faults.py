@@ -5,13 +5,13 @@ dialling out over HTTPS to manager replicas on a throwaway PostgreSQL, survives
 2. an agent paused past its lease while a newer state is written (a live change and a
    stop), then resumed: its old epoch can write nothing, and the newer state holds;
 3. PostgreSQL restarting during a profile change reaching VMs on every host;
-4. ``SIGKILL`` of the manager during 50 launches from 4 client threads, then the same
-   with one of two replicas killed;
+4. ``SIGKILL`` of the manager during 50 launches from 4 client threads, then of one of
+   two replicas during 24 more (the other serves on);
 
 each ending with nothing lost: the database's running set = every agent's desired set =
 every kernel's inventory (:meth:`Fleet.agree`). The cases share one fleet, in this
 order, each starting from the agreement the previous one ended with. The times from
-each heal to agreement are printed (``-s``), not asserted.
+each heal or restart to agreement are printed (``-s``), not asserted.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from vnic.manager import changelog
 
 #: Seconds a launch, stop or change waits for a report here: a cut-off host's VMs make
 #: every such call wait this long, so short, but long enough for a loaded machine.
-HOST_WAIT = 8
+HOST_WAIT = 4
 
 
 @pytest.fixture
@@ -104,6 +104,9 @@ def test_the_fleet_survives_partitions_pauses_and_restarts(
     times["SIGCONT -> agree"] = time.monotonic() - resumed
     new = fleet.hosts()["h3"].epoch
     assert new > old
+    # It fenced itself (its own clock, or the manager's 409) before acting on anything.
+    said = [line for line in fleet.log(h3, "agent").splitlines() if f"epoch {old} " in line]
+    assert any("ran out by this agent's clock" in x or "fenced" in x for x in said), said
     assert fleet.kernel()["h3"] == {"b2", "c1"}  # the stop held
     status = fleet.svc.vm_status(SESSION, "c1")
     assert status is not None and status.epoch == new and status.error is None
@@ -132,6 +135,7 @@ def test_the_fleet_survives_partitions_pauses_and_restarts(
     pg.restart()
     restarted = time.monotonic()
     out = change.communicate(timeout=120)[0].decode(errors="replace")
+    print(f"the change during the restart: exit {change.returncode}: {out.strip()[:200]}")
     if change.returncode != 0:
         # Failed cleanly (a 503 naming the database) while the server was down: a
         # retry, once the manager reaches it again, lands it.
@@ -183,7 +187,7 @@ def test_the_fleet_survives_partitions_pauses_and_restarts(
         "host 2 follows replica 1", lambda: fleet.hosts()["h2"].state == "ready" and fleet.agree()
     )
     before = set(fleet.placement())
-    burst = fleet.launch_burst([f"r{i:02d}" for i in range(30)], replicas=(0, 1))
+    burst = fleet.launch_burst([f"r{i:02d}" for i in range(24)], replicas=(0, 1))
     until("some launches committed", lambda: len(set(fleet.placement()) - before) >= 6, timeout=120)
     fleet.kill(0)
     outcomes = burst.outcomes()
@@ -192,7 +196,7 @@ def test_the_fleet_survives_partitions_pauses_and_restarts(
     fleet.serve(0)  # hosts 1 and 3 follow replica 0 only: they wait for it
     restarted = time.monotonic()
     until("agree after replica 0's restart", fleet.agree, timeout=120)
-    times["replica restart -> agree (30 launches)"] = time.monotonic() - restarted
+    times["replica restart -> agree (24 launches)"] = time.monotonic() - restarted
     _check_outcomes(fleet, outcomes, before)
 
     print({k: round(v, 2) for k, v in times.items()})
