@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vnic.agent.core import Agent, local_agent
+from vnic.agent.fleet import FleetAgent
 from vnic.agent.port import ReconcileReport
 from vnic.edge.admission import Limits
 from vnic.manager.auth import Tokens
@@ -81,7 +82,10 @@ def build_manager(
         remote = AgentClient(agent_url, agent_key or "", default=driver)
         return Served(Manager(Service(db), Tokens(db), remote, agent_name=agent_url))
     local = local_agent(driver, state_dir)
-    return Served(Manager(Service(db), Tokens(db), local, agent_name="local"), local)
+    service = Service(db)
+    # The own agent, with the stats of VMs on other hosts read from their agents.
+    fleet = FleetAgent(local, service.stats_urls)
+    return Served(Manager(service, Tokens(db), fleet, agent_name="local"), local)
 
 
 def describe(report: ReconcileReport) -> list[str]:

@@ -29,6 +29,7 @@ from vnic.model.launch import LaunchRequest
 from vnic.model.profile import build_profile, parse_assignments
 from vnic.model.resolve import Layer, complete
 from vnic.model.units import MacAddress
+from vnic.plan.overlay import Overlay
 
 INFO = HostInfo("hv1", "10.250.0.11", vnics=64, cpus=2, labels={"rack": "a"})
 
@@ -81,6 +82,8 @@ class FakeSource:
         self.during_changes: Callable[[], None] | None = None
         self.down = False  # every call fails as a manager that does not answer
         self.invalid: dict[VmKey, InvalidInput] = {}  # snapshot documents that did not parse
+        self.overlays: dict[str, list[Overlay]] = {}
+        self.overlay_errors: dict[str, InvalidInput] = {}
 
     def _enter(self, name: str) -> None:
         self.calls.append(name)
@@ -95,6 +98,14 @@ class FakeSource:
         self.revision += 1
         self.vms[vm.key] = vm
         self.log.append(Change(self.revision, *vm.key, vm))
+
+    def put_overlays(self, session: str, overlays: list[Overlay]) -> None:
+        self.revision += 1
+        if overlays:
+            self.overlays[session] = overlays
+        else:
+            self.overlays.pop(session, None)
+        self.log.append(Change(self.revision, session, "", None, overlays=list(overlays)))
 
     def delete(self, session: str, vm: str) -> None:
         self.revision += 1
@@ -117,7 +128,14 @@ class FakeSource:
     def snapshot(self) -> Snapshot:
         self._enter("snapshot")
         vms = [v for k, v in self.vms.items() if k not in self.invalid]
-        return Snapshot(self.revision, vms, dict(self.invalid), epoch=self.epoch)
+        return Snapshot(
+            self.revision,
+            vms,
+            dict(self.invalid),
+            epoch=self.epoch,
+            overlays=dict(self.overlays),
+            overlay_errors=dict(self.overlay_errors),
+        )
 
     def changes(self, after: int, wait: float) -> tuple[int, list[Change]]:
         self._enter("changes")
@@ -510,3 +528,126 @@ def test_run_renews_the_lease_in_its_thread_and_ends_on_stop(
         runner.join(30)
     assert not runner.is_alive()
     assert follower.halt(timeout=5)
+
+
+# Overlays: a session's networks across hosts (vm "" entries).
+
+
+def overlay(session: str = "lab", vni: int = 7, peer: str = "10.250.0.12") -> Overlay:
+    return Overlay(session, "default", vni, (ipaddress.ip_address(peer),))
+
+
+class Recorder:
+    """Stands in for ``Agent.ensure_overlays``: records each call; ``fail`` raises."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, list[Overlay], str]] = []
+        self.fail: Exception | None = None
+
+    def __call__(self, session: str, overlays: list[Overlay], underlay: str) -> list[str]:
+        self.calls.append((session, list(overlays), underlay))
+        if self.fail is not None:
+            raise self.fail
+        return [f"{len(overlays)} overlays"]
+
+
+@pytest.fixture
+def ensured(follower: Follower, monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    recorder = Recorder()
+    monkeypatch.setattr(follower.agent, "ensure_overlays", recorder)
+    return recorder
+
+
+def test_the_snapshots_overlays_are_ensured_with_the_underlay(
+    follower: Follower, source: FakeSource, ensured: Recorder
+) -> None:
+    source.put(desired("a"))
+    source.overlays = {"lab": [overlay()], "other": [overlay("other", 8)]}
+    follower.turn()
+    assert ensured.calls == [
+        ("lab", [overlay()], INFO.underlay),
+        ("other", [overlay("other", 8)], INFO.underlay),
+    ]
+    statuses = source.last_statuses()
+    assert statuses["lab/"].changes == ["1 overlays"] and statuses["lab/"].error is None
+    assert statuses["lab/"].revision == source.revision
+    assert "other/" in statuses and "lab/a" in statuses
+    # A relist whose snapshot no longer names a session: its overlays are removed.
+    source.overlays = {"lab": [overlay()]}
+    source.oldest = source.revision + 1
+    follower.turn()
+    follower.turn()
+    assert ("other", [], INFO.underlay) in ensured.calls
+    assert set(follower.overlays) == {"lab"}
+
+
+def test_an_overlay_change_after_the_vm_changes_before_it(
+    follower: Follower, source: FakeSource, driver: FakeDriver, ensured: Recorder
+) -> None:
+    follower.turn()
+    order: list[str] = []
+    real_launch = follower.agent.launch
+    follower.agent.launch = lambda *a, **k: (order.append("launch"), real_launch(*a, **k))[1]  # type: ignore[method-assign]
+    ensured.fail = None
+    source.put(desired("a"))
+    source.put_overlays("lab", [overlay()])
+    follower.turn()
+    assert ("lab", "a") in driver.vms
+    assert ensured.calls == [("lab", [overlay()], INFO.underlay)]
+    assert source.last_statuses()["lab/"].changes == ["1 overlays"]
+    # The same again (level-based): ensured again, harmless. Then none: removed.
+    source.put_overlays("lab", [])
+    follower.turn()
+    assert ensured.calls[-1] == ("lab", [], INFO.underlay) and follower.overlays == {}
+    assert order == ["launch"]
+
+
+def test_an_overlay_kept_until_the_sessions_next_launch(
+    follower: Follower, source: FakeSource, ensured: Recorder
+) -> None:
+    """Overlays of a session with no VM here are kept; a launch of that session makes them
+    again (its namespace is new), after the VM."""
+    follower.turn()
+    source.put_overlays("lab", [overlay()])
+    follower.turn()
+    assert follower.overlays == {"lab": [overlay()]} and len(ensured.calls) == 1
+    source.put(desired("a"))
+    follower.turn()
+    assert ensured.calls[-1] == ("lab", [overlay()], INFO.underlay) and len(ensured.calls) == 2
+    reported = [f"{s.session}/{s.vm}" for s in source.reports[-1][1]]
+    assert reported == ["lab/a", "lab/"]
+    # A live change of a running VM makes nothing again.
+    source.put(desired("a", "5Mbit"))
+    follower.turn()
+    assert len(ensured.calls) == 2
+
+
+def test_a_bad_or_failing_overlay_is_the_sessions_status(
+    follower: Follower, source: FakeSource, driver: FakeDriver, ensured: Recorder
+) -> None:
+    follower.turn()
+    source.put_overlays("lab", [overlay()])
+    follower.turn()
+    error = InvalidInput.one("overlays[0].vni", 0, "a VNI")
+    source.revision += 1
+    source.log.append(Change(source.revision, "lab", "", None, error=error))
+    source.put(desired("b"))
+    follower.turn()
+    first, vm_b, again = source.reports[-1][1]
+    assert first.vm == "" and first.error is not None and first.error["kind"] == "invalid"
+    assert vm_b.vm == "b" and vm_b.error is None and ("lab", "b") in driver.vms
+    assert again.vm == "" and again.error is None  # b's launch made the kept ones again
+    assert follower.overlays == {"lab": [overlay()]}  # kept as it was
+    ensured.fail = InvalidInput.one("overlays[0].mtu", 1500, "an MTU that fits")
+    source.put_overlays("lab", [overlay(peer="10.250.0.13")])
+    follower.turn()
+    failed = source.last_statuses()["lab/"]
+    assert failed.error is not None and failed.error["fields"][0]["field"] == "overlays[0].mtu"
+    # A snapshot whose overlays of a session do not parse keeps what that session had.
+    ensured.fail = None
+    source.overlay_errors = {"lab": error}
+    source.oldest = source.revision + 1
+    follower.turn()
+    follower.turn()
+    assert source.last_statuses()["lab/"].error is not None
+    assert follower.overlays == {"lab": [overlay(peer="10.250.0.13")]}

@@ -46,6 +46,7 @@ class FakeManager:
     revision: int = 0
     oldest: int = 0
     vms: list[dict[str, Any]] = field(default_factory=list)
+    overlays: Any = None  # the snapshot's "overlays" (None: the key absent)
     log: list[dict[str, Any]] = field(default_factory=list)
     bodies: list[tuple[str, Any]] = field(default_factory=list)
     raw: dict[str, tuple[bytes, bool]] = field(default_factory=dict)
@@ -81,7 +82,8 @@ class FakeManager:
                 return stale()
             return 200, ({"epoch": self.epoch, "lease_seconds": 10.0} if "lease" in path else {})
         if path == "/v1/agent/desired":
-            return 200, {"revision": self.revision, "epoch": self.epoch, "vms": self.vms}
+            doc = {"revision": self.revision, "epoch": self.epoch, "vms": self.vms}
+            return 200, doc if self.overlays is None else {**doc, "overlays": self.overlays}
         if path == "/v1/agent/changes":
             after, wait = int(query["after"]), float(query["wait"])
             if after < self.oldest:
@@ -338,3 +340,43 @@ def test_tls_is_verified_with_the_ca_given(tls_manager: tuple[str, Path], tmp_pa
             "-subj", "/CN=127.0.0.1", cwd=tmp_path)  # fmt: skip
     with pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
         HttpSource(url, TOKEN, ca_file=tmp_path / "other.pem").register(INFO)
+
+
+def overlay_doc(vni: int = 7, **extra: Any) -> dict[str, Any]:
+    return {
+        "network": "default",
+        "vni": vni,
+        "peers": ["10.250.0.12", "10.250.0.13"],
+        "macs": {"52:54:00:00:00:02": "10.250.0.12"},
+        **extra,
+    }
+
+
+def test_overlays_in_the_snapshot_and_the_changes(manager: tuple[FakeManager, str]) -> None:
+    state, url = manager
+    source = HttpSource(url, TOKEN)
+    assert source.snapshot().overlays == {}  # absent: none
+    state.overlays = {
+        "lab": [overlay_doc()],
+        "bad": [overlay_doc(peers=["10.250.0.12", "not-an-address"])],
+        "": [overlay_doc()],  # no session to pin it on: left out
+    }
+    snap = source.snapshot()
+    (lab,) = snap.overlays["lab"]
+    assert (lab.session, lab.network, lab.vni) == ("lab", "default", 7)
+    assert [str(p) for p in lab.peers] == ["10.250.0.12", "10.250.0.13"]
+    assert [(str(m), str(p)) for m, p in lab.macs] == [("52:54:00:00:00:02", "10.250.0.12")]
+    assert set(snap.overlays) == {"lab"} and set(snap.overlay_errors) == {"bad"}
+    assert snap.overlay_errors["bad"].paths == ["overlays[0].peers[1]"]  # type: ignore[attr-defined]
+    state.put({"session": "lab", "vm": "", "overlays": [overlay_doc(8)]})
+    state.put({"session": "lab", "vm": "", "overlays": []})
+    state.put({"session": "lab", "vm": "", "overlays": [overlay_doc(0)]})
+    _, changes = source.changes(0, 1)
+    assert [c.vm for c in changes] == ["", "", ""]
+    assert changes[0].overlays is not None and changes[0].overlays[0].vni == 8
+    assert changes[1].overlays == [] and changes[1].error is None
+    assert changes[2].overlays is None and isinstance(changes[2].error, InvalidInput)
+    assert changes[2].error.paths == ["overlays[0].vni"]
+    state.overlays = ["not", "an", "object"]
+    with pytest.raises(Unreachable, match="overlays"):
+        source.snapshot()

@@ -22,7 +22,7 @@ def api(tmp_path: Path) -> Iterator[Api]:
 def test_the_page_and_its_assets_are_served_without_a_token(api: Api) -> None:
     page = api.client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    for asset in ("app.js", "app.css", "profiles.js", "sessions.js"):
+    for asset in ("app.js", "app.css", "profiles.js", "sessions.js", "hosts.js"):
         assert f"/ui/static/{asset}" in page.text
         assert api.client.get(f"/ui/static/{asset}").status_code == 200
     # Nothing is loaded from elsewhere: every script and stylesheet is ours.

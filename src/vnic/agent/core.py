@@ -56,6 +56,7 @@ from vnic.errors import (
 )
 from vnic.model.command import OUTPUT_DEFAULT, TIMEOUT_DEFAULT, ExecResult, check_exec
 from vnic.model.launch import Capabilities, LaunchRequest
+from vnic.plan.overlay import Overlay
 
 if TYPE_CHECKING:
     from vnic.agent.feedback import FeedbackEndpoints
@@ -389,6 +390,26 @@ class Agent(AgentPort):
                 names = {*vms, *(vm.request.vm for vm in mine if vm.driver == kind)}
                 driver.teardown_session(session, sorted(names))
             self.state.forget_session(session)
+
+    def ensure_overlays(
+        self, session: str, overlays: Sequence[Overlay], underlay: str
+    ) -> list[str]:
+        """Make ``session``'s overlays on this host exactly ``overlays`` (``[]``: none), with
+        ``underlay`` (this host's underlay address) as the devices' local address; what
+        changed, one line each (:func:`vnic.dataplane.overlay.ensure`). The session's
+        vNICs here set the MTU each network needs. Idempotent; under the host lock."""
+        from vnic.dataplane import overlay  # the kernel's side: loaded when first used
+
+        mtus: dict[str, int] = {}
+        for vm in self.state.all():
+            for nic in vm.request.nics if vm.request.session == session else ():
+                mtus[nic.network] = max(mtus.get(nic.network, 0), nic.profile.mtu.value)
+        with (
+            self.host.shared(),
+            self._session_lock(session),
+            _as_dataplane_error(f"the overlays of session {session}"),
+        ):
+            return overlay.ensure(session, overlays, underlay, mtus)
 
     def kind_of(self, session: str, vm: str) -> str:
         """The driver the VM was launched with (the default for a VM this host does not know)."""

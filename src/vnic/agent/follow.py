@@ -24,6 +24,10 @@ others'. The order of one turn (:meth:`Follower.step`):
 3. otherwise **watch**: one long poll for the changes after the revision held, each
    applied in order, the registration checked again before each.
 
+A session's overlays (its networks across hosts, ``docs/overlay.md``) are held here,
+made so on every change of them, every full reconcile and right after a launch of a VM
+of the session (its namespace may be new), and reported as a status with ``vm ""``.
+
 A status goes to the manager for every VM a snapshot or change named. A lease thread
 renews every lease/3 seconds and registers again at once when fenced. No answer from
 the manager: retry after 0.2 s, doubling to 5 s (:class:`Backoff`), then relist.
@@ -52,6 +56,7 @@ from vnic.agent.upstream import (
 )
 from vnic.errors import InvalidInput, VnicError
 from vnic.model.launch import LaunchRequest
+from vnic.plan.overlay import Overlay
 
 log = logging.getLogger("vnic.agent.follow")
 
@@ -118,6 +123,9 @@ class Follower:
         self._synced_epoch: int | None = None  # epoch of the last full reconcile
         self._relist_asked = True
         self._last_sync = 0.0
+        #: Each session's overlays on this host as the manager desires them (kept while
+        #: the session has no VM here, applied when its namespace appears).
+        self.overlays: dict[str, list[Overlay]] = {}
         self._streak = 0  # failed turns in a row
         # Held while the host is changed (a relist, a batch of changes): halt() waits
         # for it, so a stop never cuts an apply short.
@@ -348,6 +356,7 @@ class Follower:
             if not label.startswith("session "):
                 session, _, name = label.partition("/")
                 statuses.append(VmStatus(session, name, rev, None, ["removed"]))
+        statuses += self._reconcile_overlays(snap)
         log.info(
             "full reconcile at revision %d: %d VMs, %d rebuilt, %d removed, %d failed",
             rev,
@@ -357,6 +366,35 @@ class Follower:
             len(report.failed) + len(refused),
         )
         return statuses
+
+    def _reconcile_overlays(self, snap: Snapshot) -> list[VmStatus]:
+        """Every session's overlays as the snapshot says (those it no longer names:
+        none); a session whose overlays did not parse keeps what it had."""
+        statuses = [
+            VmStatus(session, "", snap.revision, error_doc(error))
+            for session, error in snap.overlay_errors.items()
+        ]
+        wanted = dict(snap.overlays)
+        for session in snap.overlay_errors:
+            if session in self.overlays:
+                wanted[session] = self.overlays[session]
+        for session in sorted(set(wanted) | set(self.overlays)):
+            if session not in snap.overlay_errors:
+                statuses.append(self._set_overlays(session, wanted.get(session, []), snap.revision))
+        return statuses
+
+    def _set_overlays(self, session: str, overlays: list[Overlay], revision: int) -> VmStatus:
+        """Hold ``overlays`` as the session's and make them so on the host; the status."""
+        if overlays:
+            self.overlays[session] = list(overlays)
+        else:
+            self.overlays.pop(session, None)
+        try:
+            lines = self.agent.ensure_overlays(session, overlays, self.info.underlay)
+        except Exception as exc:  # the session's overlays failed: its status, not the others'
+            log.info("overlays of session %s at revision %d failed: %s", session, revision, exc)
+            return VmStatus(session, "", revision, error_doc(exc))
+        return VmStatus(session, "", revision, None, lines)
 
     def apply(self, reg: Registration, revision: int, changes: list[Change]) -> None:
         """Apply ``changes`` in order, then hold ``revision``; stop (without moving the
@@ -384,7 +422,7 @@ class Follower:
             if self._live(change):
                 batch.append(change)  # the same VM again: after the batch that had it
             else:
-                statuses.append(self._apply_one(change))
+                statuses += self._apply_one(change)
         if not stopped and batch and self.stale(reg):
             stopped = True
         if not stopped:
@@ -420,19 +458,27 @@ class Follower:
                 out.append(VmStatus(c.session, c.vm, c.revision, None, list(result)))
         return out
 
-    def _apply_one(self, change: Change) -> VmStatus:
+    def _apply_one(self, change: Change) -> list[VmStatus]:
+        """The change's status (a VM's, or with ``vm ""`` the session's overlays'); after a
+        launch, the session's overlays made again (its namespace may be new) and theirs."""
         session, vm, rev = change.session, change.vm, change.revision
         if change.error is not None:
             log.info(
                 "desired state of %s/%s at revision %d refused: %s", session, vm, rev, change.error
             )
-            return VmStatus(session, vm, rev, error_doc(change.error))
+            return [VmStatus(session, vm, rev, error_doc(change.error))]
+        if change.overlays is not None:
+            return [self._set_overlays(session, change.overlays, rev)]
         try:
             lines = self._ensure(change)
         except Exception as exc:  # this VM's failure is its status; the others go on
             log.info("applying %s/%s at revision %d failed: %s", session, vm, rev, exc)
-            return VmStatus(session, vm, rev, error_doc(exc))
-        return VmStatus(session, vm, rev, None, lines)
+            return [VmStatus(session, vm, rev, error_doc(exc))]
+        out = [VmStatus(session, vm, rev, None, lines)]
+        launched = any(line.startswith("launched") for line in lines)
+        if launched and self.overlays.get(session):
+            out.append(self._set_overlays(session, self.overlays[session], rev))
+        return out
 
     def _ensure(self, change: Change) -> list[str]:
         """Make the VM as ``change`` desires it; what was done, one line each."""

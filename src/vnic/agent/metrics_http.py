@@ -1,23 +1,29 @@
-"""A read-only HTTP server of ``GET /metrics`` alone: how Prometheus scrapes an agent that
-follows a manager (``vnic agent --manager ... --metrics-listen HOST:PORT``), which serves
-no control API.
+"""A read-only HTTP server of ``GET /metrics`` and ``GET /stats?session=S``: how Prometheus
+scrapes an agent that follows a manager (``vnic agent --manager ... --metrics-listen
+HOST:PORT``), which serves no control API, and how its manager reads a session's
+per-vNIC stats on this host (``vnic top``, the live view, the controller).
 
-Nothing else is answered (404 for another path, 501 for another method), so there is
-nothing to authenticate: the exposition (docs/metrics.md) is all it gives. Every
+Nothing else is answered (404 for another path, 501 for another method), and nothing is
+authenticated: the stats are the exposition's numbers as JSON (docs/metrics.md). Every
 connection is a thread, dropped after :data:`TIMEOUT` seconds of silence, so a client
 that holds a socket open holds no more than that.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import socket
 import threading
+import urllib.parse
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 #: Seconds a connection may stay silent before it is dropped.
 TIMEOUT = 10.0
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+SESSION = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 
 
 class MetricsServer(ThreadingHTTPServer):
@@ -26,8 +32,15 @@ class MetricsServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, text: Callable[[], str], host: str, port: int) -> None:
+    def __init__(
+        self,
+        text: Callable[[], str],
+        host: str,
+        port: int,
+        stats: Callable[[str], list[dict[str, Any]]] | None = None,
+    ) -> None:
         self.text = text
+        self.stats = stats
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host.strip("[]"), port), _Handler)
@@ -59,8 +72,23 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # a scrape every few seconds is not worth a log line
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/metrics":
-            self._send(404, "only /metrics is served here\n", "text/plain; charset=utf-8")
+        path, _, query = self.path.partition("?")
+        if path == "/stats" and self.server.stats is not None:
+            session = urllib.parse.parse_qs(query).get("session", [""])[0]
+            if not SESSION.fullmatch(session):
+                self._send(400, "stats needs ?session=NAME\n", "text/plain; charset=utf-8")
+                return
+            try:
+                body = json.dumps(self.server.stats(session))
+            except Exception as exc:  # this read's failure, not the server's
+                self._send(500, f"reading the stats failed: {exc}\n", "text/plain; charset=utf-8")
+                return
+            self._send(200, body, "application/json")
+            return
+        if path != "/metrics":
+            self._send(
+                404, "only /metrics and /stats are served here\n", "text/plain; charset=utf-8"
+            )
             return
         try:
             body = self.server.text()

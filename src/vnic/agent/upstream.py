@@ -19,7 +19,9 @@ What a source raises, and what the follower does about it:
   a 4xx refusal of the registration): the manager refuses this agent; back off.
 
 A VM whose desired document does not parse is not an error of the answer: it comes
-back in :attr:`Snapshot.invalid` or :attr:`Change.error`, for that VM's status.
+back in :attr:`Snapshot.invalid` or :attr:`Change.error`, for that VM's status. So do a
+session's overlays (:mod:`vnic.plan.overlay`: the snapshot's ``overlays``, a change with
+``vm ""``), in :attr:`Snapshot.overlay_errors` or :attr:`Change.error`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from vnic.errors import (
     VnicError,
     shorten,
 )
+from vnic.plan.overlay import Overlay, overlays_from_wire
 
 #: Bytes: the largest answer read from the manager (a hostile one must not exhaust memory).
 MAX_BODY = 16 * 1024 * 1024
@@ -107,19 +110,28 @@ class Snapshot:
     vms: list[DesiredVm]
     invalid: dict[VmKey, VnicError] = field(default_factory=dict)
     epoch: int | None = None
+    #: Each session's overlays on this host (a session absent: none), and the sessions
+    #: whose overlays did not parse (the error, for the session's status with ``vm ""``).
+    overlays: dict[str, list[Overlay]] = field(default_factory=dict)
+    overlay_errors: dict[str, VnicError] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Change:
     """The state of one VM as of ``revision``: ``desired`` None means it must not run
     here. ``error``: its document did not parse (``desired`` is then None and means
-    nothing: the follower leaves the VM as it is and reports the error)."""
+    nothing: the follower leaves the VM as it is and reports the error).
+
+    With ``vm`` ``""``, the change is the session's overlays instead: ``overlays`` (a
+    list, maybe empty) are now exactly the session's on this host (None with ``error``:
+    they did not parse)."""
 
     revision: int
     session: str
     vm: str
     desired: DesiredVm | None
     error: VnicError | None = None
+    overlays: list[Overlay] | None = None
 
     @property
     def key(self) -> VmKey:
@@ -255,12 +267,35 @@ class HttpSource(DesiredSource):
             elif vm is not None:
                 vms.append(vm)
         epoch = doc.get("epoch")
+        overlays, overlay_errors = self._overlays(doc.get("overlays", {}))
         return Snapshot(
             revision=_count(doc, "revision"),
             vms=vms,
             invalid=invalid,
             epoch=epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else None,
+            overlays=overlays,
+            overlay_errors=overlay_errors,
         )
+
+    def _overlays(self, doc: Any) -> tuple[dict[str, list[Overlay]], dict[str, VnicError]]:
+        """The snapshot's ``overlays`` (session: list); a session whose list does not parse
+        is in the errors; a key that is no session name is left out (no status to pin it
+        on); not an object, or over :attr:`max_items` sessions: the answer is malformed."""
+        if not isinstance(doc, dict) or len(doc) > self.max_items:
+            raise Unreachable(
+                f"manager's answer has overlays={shorten(repr(doc))}; expected an object of "
+                f"at most {self.max_items} sessions"
+            )
+        out: dict[str, list[Overlay]] = {}
+        errors: dict[str, VnicError] = {}
+        for session, value in doc.items():
+            if not isinstance(session, str) or not session:
+                continue
+            try:
+                out[session] = overlays_from_wire(session, value)
+            except InvalidInput as exc:
+                errors[session] = exc
+        return out, errors
 
     def changes(self, after: int, wait: float) -> tuple[int, list[Change]]:
         wait = max(0.0, min(wait, MAX_WAIT))
@@ -286,6 +321,11 @@ class HttpSource(DesiredSource):
                     f"manager sent a change that is not an object: {shorten(repr(item))}"
                 )
             rev = _count(item, "revision")
+            if item.get("vm") == "" and "overlays" in item:
+                session = item.get("session")
+                if isinstance(session, str) and session:
+                    out.append(_overlay_change(rev, session, item["overlays"]))
+                continue
             desired = item.get("desired")
             if desired is None:
                 key, vm, error = _key(item), None, None
@@ -377,6 +417,14 @@ def _error_of(body: bytes, status: int) -> tuple[str, str]:
     else:
         kind, message = "error", body[:200].decode("utf-8", "replace")
     return shorten(kind, 40), shorten(message or f"HTTP {status}")
+
+
+def _overlay_change(revision: int, session: str, value: Any) -> Change:
+    """A change of ``session``'s overlays; a list that does not parse is its error."""
+    try:
+        return Change(revision, session, "", None, overlays=overlays_from_wire(session, value))
+    except InvalidInput as exc:
+        return Change(revision, session, "", None, error=exc)
 
 
 def _names(item: dict[str, Any]) -> dict[str, Any]:

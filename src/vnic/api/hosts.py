@@ -114,6 +114,13 @@ def hosts_router(manager: Manager) -> APIRouter:
         require_admin(who, "uncordoning a host")
         return host_json(svc.cordon_host(name, False))
 
+    @router.post("/v1/hosts/{name}/drain")
+    def drain(who: Caller, name: str) -> dict[str, Any]:
+        """Cordon the host and relaunch its VMs on others (same MACs and addresses)."""
+        require_admin(who, "draining a host")
+        moves = svc.drain_host(name)
+        return {"moves": [m.__dict__ for m in moves]}
+
     @router.get("/v1/prometheus/targets")
     def prometheus_targets(who: Caller) -> list[dict[str, Any]]:
         """Prometheus HTTP service discovery (``http_sd_configs``): every ready host's
@@ -145,13 +152,14 @@ def hosts_router(manager: Manager) -> APIRouter:
 
     @router.get("/v1/agent/desired")
     def desired(host: Host) -> dict[str, Any]:
-        revision, epoch, vms = svc.host_snapshot(host)
+        revision, epoch, vms, overlays = svc.host_snapshot(host)
         return {
             "revision": revision,
             "epoch": epoch,
             "vms": [
                 {"session": s, "vm": v, **_desired_json(d)} for s, v, d in vms if d is not None
             ],
+            "overlays": overlays,
         }
 
     @router.get("/v1/agent/changes")
@@ -172,13 +180,15 @@ def hosts_router(manager: Manager) -> APIRouter:
         return {
             "revision": revision,
             "changes": [
-                {
+                {"revision": rev, "session": s, "vm": v, "overlays": docs}
+                if docs is not None
+                else {
                     "revision": rev,
                     "session": s,
                     "vm": v,
                     "desired": _desired_json(d) if d is not None else None,
                 }
-                for rev, s, v, d in found[:CHANGES_MAX]
+                for rev, s, v, d, docs in found[:CHANGES_MAX]
             ],
         }
 

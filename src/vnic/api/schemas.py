@@ -104,6 +104,10 @@ class SessionCreate(_Strict):
     network_id: int | None = Field(default=None, description="VNI 1..16777215; default lowest free")
     overrides_allowed: bool = True
     owner: str | None = Field(default=None, description="Name of the owner token")
+    placement: Document | None = Field(
+        default=None,
+        description='Where its VMs go among hosts: {"strategy": "spread"|"pack", "labels": {...}}',
+    )
 
 
 class SessionUpdate(_Strict):
@@ -111,6 +115,7 @@ class SessionUpdate(_Strict):
     rules: list[Document] | None = Field(default=None, max_length=ASSIGNMENT_RULES_MAX)
     overrides_allowed: bool | None = None
     owner: str | None = None
+    placement: Document | None = None
 
 
 class SessionPublic(BaseModel):
@@ -122,6 +127,7 @@ class SessionPublic(BaseModel):
     owner: str | None
     vms: list[str]
     networks: list[str] = Field(default_factory=list, description="Its networks, default first")
+    placement: Document | None = Field(default=None, description="null: spread, any host")
     created_at: datetime
 
 

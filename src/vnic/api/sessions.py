@@ -37,6 +37,7 @@ def sessions_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
             network_id=body.network_id,
             overrides_allowed=body.overrides_allowed,
             owner=body.owner,
+            placement=body.placement,
         )
         return views.session_json(info)
 

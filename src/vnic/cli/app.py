@@ -147,7 +147,7 @@ COMMANDS: dict[str, Entry] = {
     "db": Entry(_db, "The central database."),
     "bench": Entry(_bench, "Benchmarks (root): JSON out plus a short table."),
     "token": Entry(_token, "API tokens (admin, owner, reader)."),
-    "host": Entry(_host, "Hypervisor hosts: add, list, show, cordon, remove."),
+    "host": Entry(_host, "Hypervisor hosts: add, list, show, cordon, drain, remove."),
     "scenario": Entry(_scenario, "Scenarios: profile changes on a timeline, or a bandwidth trace."),
 }
 

@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vnic.errors import FieldError, InvalidInput, show_value
 
@@ -41,13 +41,18 @@ class FollowFlags:
     ca: Path | None = None
     metrics: tuple[str, int] | None = None
 
-    def bind_metrics(self, text: Callable[[], str]) -> MetricsServer | None:
-        """The ``GET /metrics`` server, bound (not yet serving), if one was asked for."""
+    def bind_metrics(
+        self,
+        text: Callable[[], str],
+        stats: Callable[[str], list[dict[str, Any]]] | None = None,
+    ) -> MetricsServer | None:
+        """The ``GET /metrics`` (and ``/stats``) server, bound (not yet serving), if one
+        was asked for."""
         if self.metrics is None:
             return None
         from vnic.agent.metrics_http import MetricsServer
 
-        return MetricsServer(text, *self.metrics)
+        return MetricsServer(text, *self.metrics, stats=stats)
 
     def info(self, metrics: MetricsServer | None) -> HostInfo:
         """What the host registers; its metrics URL on the port ``metrics`` got, at the

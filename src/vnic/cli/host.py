@@ -11,7 +11,9 @@ from vnic.cli.common import JsonFlag, emit_json, out, pairs, run, service
 if TYPE_CHECKING:
     from vnic.manager.hosts import HostInfo
 
-app = typer.Typer(no_args_is_help=True, help="Hypervisor hosts: add, list, show, cordon, remove.")
+app = typer.Typer(
+    no_args_is_help=True, help="Hypervisor hosts: add, list, show, cordon, drain, remove."
+)
 
 
 def _json(info: "HostInfo") -> dict[str, object]:
@@ -79,6 +81,26 @@ def host_cordon(name: str) -> None:
     def body() -> None:
         service().cordon_host(name, True)
         out.print(f"host {name}: cordoned", markup=False)
+
+    run(body)
+
+
+@app.command("drain")
+def host_drain(name: str, as_json: JsonFlag = False) -> None:
+    """Cordon the host and relaunch each of its VMs on another host, with the same MACs
+    and addresses; a VM no other host can take stays (and is named)."""
+
+    def body() -> None:
+        moves = service().drain_host(name)
+        if as_json:
+            emit_json([m.__dict__ for m in moves])
+            return
+        for m in moves:
+            where = f"moved to {m.to}" if m.to and not m.error else "stayed"
+            why = f" ({m.error})" if m.error else ""
+            out.print(f"vm {m.session}/{m.vm}: {where}{why}", markup=False)
+        if not moves:
+            out.print(f"host {name}: drained (no VMs ran there)", markup=False)
 
     run(body)
 

@@ -92,6 +92,11 @@ def session_lines(info: SessionInfo) -> Iterator[str]:
     yield f"  default profile: {info.policy.default_profile or '-'}"
     yield f"  owner: {info.owner or '-'} (besides admins)"
     yield f"  overrides: {'allowed' if info.policy.overrides_allowed else 'forbidden'}"
+    if info.placement:
+        labels = ",".join(f"{k}={v}" for k, v in (info.placement.get("labels") or {}).items())
+        yield f"  placement: {info.placement.get('strategy', 'spread')}" + (
+            f" on hosts with {labels}" if labels else ""
+        )
     for i, r in enumerate(info.policy.rules):
         yield f"  rule #{i + 1}: {r.describe()} -> {r.profile}"
 

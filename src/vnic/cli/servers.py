@@ -250,7 +250,7 @@ def agent_command(
             manager, host_token_file, host, underlay, vnics, cpus, label or [], ca, metrics_listen
         )
         agent = local_agent(driver, state_dir)
-        metrics = flags.bind_metrics(agent.metrics_text)
+        metrics = flags.bind_metrics(agent.metrics_text, agent.stats)
         run_follower(
             agent,
             flags.source(),

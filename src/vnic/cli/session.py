@@ -5,7 +5,7 @@ from typing import Annotated
 import typer
 
 from vnic.cli import render
-from vnic.cli.common import JsonFlag, dispatcher, emit_json, out, run, service
+from vnic.cli.common import JsonFlag, dispatcher, emit_json, out, pairs, run, service
 
 app = typer.Typer(no_args_is_help=True, help="Sessions: isolated networks with a profile policy.")
 
@@ -34,6 +34,16 @@ def session_create(
         str | None,
         typer.Option("--owner", help="Name of the owner token that may run its VMs."),
     ] = None,
+    placement: Annotated[
+        str | None,
+        typer.Option("--placement", help="With many hosts: spread (default) or pack its VMs."),
+    ] = None,
+    placement_labels: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--placement-label", help="With many hosts: a label KEY=VALUE its hosts must have."
+        ),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Create a session with its profile policy."""
@@ -49,6 +59,14 @@ def session_create(
             network_id=network_id,
             overrides_allowed=not no_overrides,
             owner=owner,
+            placement=(
+                {
+                    "strategy": placement or "spread",
+                    "labels": pairs(placement_labels or [], "--placement-label"),
+                }
+                if placement or placement_labels
+                else None
+            ),
         )
         if as_json:
             from vnic.manager import views

@@ -391,6 +391,8 @@ def vm_explain(
             doc = views.explain_json(e)
             emit_json(next(n for n in doc["nics"] if n["name"] == nic) if named else doc)
             return
+        if e.vm.host:
+            out.print(f"vm {session}/{vm}: placed on host {e.vm.host}", markup=False)
         if named:
             out.print(render.nic_explanation_table(e, nic, all_fields=all_fields))
             return

@@ -22,6 +22,7 @@ from vnic.agent.client import call
 from vnic.errors import FieldError, InvalidInput, Unavailable, VnicError
 from vnic.manager import views
 from vnic.manager.auth import TokenInfo
+from vnic.manager.drain import Move
 from vnic.manager.hosts import HostInfo
 from vnic.manager.results import (
     ApplyResult,
@@ -73,6 +74,7 @@ def session_info(d: Mapping[str, Any]) -> SessionInfo:
         created_at=_time(d["created_at"]),
         owner=d.get("owner"),
         networks=list(d.get("networks") or ["default"]),
+        placement=d.get("placement"),
     )
 
 
@@ -228,8 +230,10 @@ class ManagerClient:
         network_id: int | None = None,
         overrides_allowed: bool = True,
         owner: str | None = None,
+        placement: Mapping[str, Any] | None = None,
     ) -> SessionInfo:
         body = {
+            "placement": dict(placement) if placement is not None else None,
             "name": name,
             "default_profile": default_profile,
             "rules": [r.to_document() for r in rules],
@@ -311,6 +315,10 @@ class ManagerClient:
     def cordon_host(self, name: str, cordoned: bool = True) -> HostInfo:
         action = "cordon" if cordoned else "uncordon"
         return host_info(self._call("POST", f"/v1/hosts/{name}/{action}"))
+
+    def drain_host(self, name: str) -> list[Move]:
+        doc = self._call("POST", f"/v1/hosts/{name}/drain")
+        return [Move(**m) for m in doc["moves"]]
 
     # VMs
 

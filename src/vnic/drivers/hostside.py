@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from vnic.dataplane import delayd, nft
+from vnic.dataplane import delayd, nft, overlay
 from vnic.dataplane import namespaces as nsops
 from vnic.dataplane.inventory import is_namespace
 from vnic.dataplane.tc import apply_netem, apply_plan, verify
@@ -207,8 +207,10 @@ def _unplug(session_ns: str, session: str, units: Collection[str]) -> None:
 
 
 def remove_session(session: str) -> None:
-    """Remove the session's namespace, and with it the bridge (idempotent)."""
+    """Remove the session's namespace, and with it the bridges and overlay devices; then
+    the session's overlay filter in the host's namespace (idempotent)."""
     nsops.remove(names.session_netns(session))
+    overlay.remove(session)
 
 
 # ----------------------------------------------------------------------------- counters

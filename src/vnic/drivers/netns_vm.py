@@ -25,6 +25,7 @@ from vnic.drivers.planning import egress_per_packet
 from vnic.drivers.vmside import VmSide
 from vnic.errors import Conflict, DataplaneError
 from vnic.model.command import ExecResult
+from vnic.model.fields import DEFAULT_MTU
 from vnic.model.launch import LaunchRequest
 from vnic.plan import names
 from vnic.plan.model import Plan
@@ -76,6 +77,7 @@ class NetnsVm(VmSide):
                 ifname=one.nic,
                 bridge=plan.devices.bridge,
             )
+            _link_mtu(request.session, vm_ns, one)
 
     def settings(self, request: LaunchRequest, plans: Sequence[Plan]) -> None:
         """The TCP settings (``eth0``'s plan's, on every vNIC's routes) and each vNIC's
@@ -215,3 +217,21 @@ def congestion_control(vm_ns: str, algo: str | None, routes: Sequence[Route]) ->
     # the session's routes either way.
     for net, device in routes:
         nsops.set_route_congctl(vm_ns, net, algo, device)
+
+
+#: Bytes: the smallest MTU a vNIC's links are set to (IPv6's minimum; below it the
+#: kernel takes the link's IPv6 addresses away).
+MIN_LINK_MTU = 1280
+
+
+def _link_mtu(session: str, vm_ns: str, one: LaunchRequest) -> None:
+    """Both ends of the vNIC's veth at the profile's ``mtu`` when it is not the default
+    (1500, the kernel's own) and at least :data:`MIN_LINK_MTU`: a network carried over
+    VXLAN between hosts needs room for the overlay's header (docs/overlay.md)."""
+    mtu = one.profile.mtu.value
+    if mtu == DEFAULT_MTU.value or mtu < MIN_LINK_MTU:
+        return
+    port = names.VmLinks.of(one.unit).port
+    for ns_name, ifname in ((names.session_netns(session), port), (vm_ns, one.nic)):
+        with nsops.opened(ns_name) as ns:
+            ns.link("set", index=nsops.link_index(ns, ifname), mtu=mtu)

@@ -18,11 +18,13 @@ from vnic.errors import VnicError
 
 def main() -> int:
     from vnic.agent.core import local_agent
+    from vnic.dataplane import overlay
 
     agent = local_agent("netns")
     sessions: set[str] = {vm.request.session for vm in agent.state.all()}
     for driver in agent.drivers.values():
         sessions.update(driver.inventory())
+    sessions.update(overlay.sessions())  # a filter whose namespace is gone already
     failed = 0
     for session in sorted(sessions):
         try:

@@ -140,6 +140,7 @@ class ServiceCore:
             created_at=row.created_at,
             owner=row.owner,
             networks=[n.name for n in row.networks],
+            placement=row.placement,
         )
 
     def _vm_row(self, s: Session, session: str, name: str) -> VmRow:

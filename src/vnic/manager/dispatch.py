@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vnic.agent.port import AgentPort, DesiredVm, Gate, ReconcileReport, RepairEvent
-from vnic.errors import Conflict, NotFound
+from vnic.errors import Conflict, NotFound, Unsupported
 from vnic.manager.auth import Tokens
 from vnic.manager.results import VmChange, VmInfo
 from vnic.manager.rows import audit_row
@@ -104,6 +104,12 @@ class Manager:
         info = self.service.get_vm(session, vm)
         if info.state != "running":
             raise Conflict(f"VM {session}/{vm} is not running (it is {info.state}): launch it")
+        if info.host is not None:
+            # The manager has no control channel into a host: its agent dials out.
+            raise Unsupported(
+                f"VM {session}/{vm} runs on host {info.host}: commands and links reach only "
+                "VMs of the manager's own agent (run them on that host)"
+            )
         return info
 
     def exec_in_vm(

@@ -30,6 +30,7 @@ from vnic.manager import changelog
 from vnic.manager.auth import hash_secret
 from vnic.manager.changelog import StatusReport, Waiters
 from vnic.manager.core import ServiceCore
+from vnic.manager.overlays import OverlayDoc, hosts_of, overlays_of
 from vnic.manager.rows import VM_RESOLVE_LOADS, aware
 from vnic.model.launch import LaunchRequest
 from vnic.model.placement import (
@@ -53,6 +54,11 @@ MAX_VNICS, MAX_CPUS = 100_000, 4096
 
 #: A VM's desired state on its host: (driver kind, launch request), or None: not to run.
 Desired = tuple[str, LaunchRequest] | None
+#: One change as agents read it: revision, session, VM (:data:`SESSION_OVERLAYS` for the
+#: session's overlays), the VM's desired state, and the session's overlays (or None).
+Change = tuple[int, str, str, Desired, list[OverlayDoc] | None]
+#: The ``vm`` of a change that is a change of the session's overlays on the host.
+SESSION_OVERLAYS = ""
 
 
 @dataclass(frozen=True)
@@ -175,6 +181,25 @@ class Hosts(ServiceCore):
             out.append({"targets": [target], "labels": labels})
         return out
 
+    def stats_urls(self, session: str) -> list[str]:
+        """The stats endpoints (``http://addr:port/stats``) of the ready hosts that run
+        VMs of ``session``, read by :class:`vnic.agent.fleet.FleetAgent`."""
+        with self.db.reading() as s:
+            query = (
+                select(HostRow.metrics_url, HostRow.lease_until)
+                .join(VmRow, VmRow.host_id == HostRow.id)
+                .join(SessionRow, SessionRow.id == VmRow.session_id)
+                .where(SessionRow.name == session, VmRow.state == "running")
+                .distinct()
+            )
+            now = self.clock()
+            out = []
+            for url, until in s.execute(query).all():
+                lease = aware(until)
+                if url and lease is not None and lease >= now:
+                    out.append(url.rsplit("/", 1)[0] + "/stats")
+            return out
+
     # ---------------------------------------------------------------- agents
 
     def host_of_token(self, secret: str | None) -> str:
@@ -232,9 +257,12 @@ class Hosts(ServiceCore):
             row.lease_until = changelog.lease_until(now, self.lease_seconds)
         return self.lease_seconds
 
-    def host_snapshot(self, name: str) -> tuple[int, int, list[tuple[str, str, Desired]]]:
-        """``(revision, epoch, [(session, vm, desired)])``: every VM the host must run,
-        read in one transaction with the revision it is current at."""
+    def host_snapshot(
+        self, name: str
+    ) -> tuple[int, int, list[tuple[str, str, Desired]], dict[str, list[OverlayDoc]]]:
+        """``(revision, epoch, [(session, vm, desired)], {session: overlays})``: every VM
+        the host must run and the overlays its sessions need there, read in one
+        transaction with the revision it is current at."""
         with self.db.reading() as s:
             row = self._host_row(s, name)
             revision = changelog.current_revision(s)
@@ -244,13 +272,14 @@ class Hosts(ServiceCore):
                 .where(VmRow.host_id == row.id, VmRow.state == "running")
             )
             out = [(v.session.name, v.name, self._desired(s, v, row.id)) for v in s.scalars(query)]
-            return revision, row.epoch, out
+            sessions = {v.session.name: v.session_id for v in s.scalars(query)}
+            overlays = {name: overlays_of(s, row.id, sid) for name, sid in sessions.items()}
+            return revision, row.epoch, out, {k: v for k, v in overlays.items() if v}
 
-    def host_changes(
-        self, name: str, after: int, wait: float = 0.0
-    ) -> tuple[int, list[tuple[int, str, str, Desired]]]:
-        """The host's changes after ``after`` with each VM's desired state now, oldest
-        first; when there are none, waits up to ``wait`` seconds (at most
+    def host_changes(self, name: str, after: int, wait: float = 0.0) -> tuple[int, list[Change]]:
+        """The host's changes after ``after`` with each VM's desired state now (and, for a
+        change of a session's overlays, ``vm`` :data:`SESSION_OVERLAYS`, the overlays
+        the host needs for it now), oldest first; when there are none, waits up to ``wait`` seconds (at most
         :data:`~vnic.manager.changelog.WAIT_MAX`) for one. Relist when ``after`` is
         behind the log. Returns the revision to ask after next time."""
         if not isinstance(after, int) or after < 0:
@@ -261,11 +290,16 @@ class Hosts(ServiceCore):
                 row = self._host_row(s, name)
                 found = changelog.changes_after(s, row.id, after)
                 if found:
-                    out = []
+                    out: list[Change] = []
                     for c in found:
+                        if c.vm == SESSION_OVERLAYS:
+                            srow = s.scalar(select(SessionRow).where(SessionRow.name == c.session))
+                            docs = overlays_of(s, row.id, srow.id) if srow is not None else []
+                            out.append((c.revision, c.session, c.vm, None, docs))
+                            continue
                         vm = self._vm_by_name(s, c.session, c.vm)
                         desired = self._desired(s, vm, row.id) if vm is not None else None
-                        out.append((c.revision, c.session, c.vm, desired))
+                        out.append((c.revision, c.session, c.vm, desired, None))
                     return found[-1].revision, out
             left = end - time.monotonic()
             if left <= 0:
@@ -351,10 +385,23 @@ class Hosts(ServiceCore):
     def _constraint(session: SessionRow) -> Constraint:
         return parse_constraint(session.placement)
 
-    def _append(self, s: Session, vm: VmRow) -> int:
-        """A change of ``vm`` on its host, in the caller's transaction; its revision."""
+    def _append(self, s: Session, vm: VmRow, *, placement: set[int] | None = None) -> int:
+        """A change of ``vm`` on its host, in the caller's transaction; its revision (what
+        the VM's report answers). ``placement``: the hosts the VM ran on before this
+        change, when its placement changes: then every host of the session, and those,
+        also get a change of the session's overlays, after the VM's."""
         assert vm.host_id is not None
-        return changelog.append(s, vm.host_id, vm.session.name, vm.name, self.clock())
+        revision = changelog.append(s, vm.host_id, vm.session.name, vm.name, self.clock())
+        if placement is not None:
+            self._append_overlays(s, vm.session_id, vm.session.name, placement | {vm.host_id})
+        return revision
+
+    def _append_overlays(self, s: Session, session_id: int, session: str, also: set[int]) -> None:
+        """A change of the session's overlays for every host that runs VMs of it, and the
+        hosts ``also`` (those that ran some before this transaction's changes)."""
+        s.flush()
+        for host_id in sorted(hosts_of(s, session_id) | also):
+            changelog.append(s, host_id, session, SESSION_OVERLAYS, self.clock())
 
     def _desired(self, s: Session, vm: VmRow, host_id: int) -> Desired:
         if vm.state != "running" or vm.host_id != host_id:

@@ -73,7 +73,7 @@ class Launching(Hosts):
                     vm.state = "running"
                     vm.applied = applied_state(kind or "netns", effs)
                     s.flush()
-                    revision = self._append(s, vm)
+                    revision = self._append(s, vm, placement=set())
             if revision is not None:
                 return self._await_launch(session, name, revision, effs)
             used = kind or driver.kind
@@ -112,7 +112,7 @@ class Launching(Hosts):
             vm.applied = None
             if vm.host_id is None:
                 return None
-            revision = self._append(s, vm)
+            revision = self._append(s, vm, placement={vm.host_id})
         self.waiters.wake()
         return revision
 
@@ -194,11 +194,15 @@ class Launching(Hosts):
         with driver.gate().shared():
             with self.db.transaction() as s:
                 names = [v.name for v in self._session_row(s, session).vms]
-                hosted = []
-                for vm in self._session_row(s, session).vms:
+                hosted, ran_on = [], set()
+                row = self._session_row(s, session)
+                for vm in row.vms:
                     if vm.host_id is not None and vm.state == "running":
                         vm.state, vm.applied = "defined", None
                         hosted.append((session, vm.name, self._append(s, vm)))
+                        ran_on.add(vm.host_id)
+                if ran_on:
+                    self._append_overlays(s, row.id, session, ran_on)
             if hosted:
                 self.waiters.wake()
                 self.wait_statuses(hosted, self.host_wait)

@@ -15,14 +15,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 if TYPE_CHECKING:
-    from vnic.manager.changelog import Waiters
     from vnic.store.db import Database
+
+
+class Waiters(Protocol):
+    """What a listener wakes (:class:`vnic.manager.changelog.Waiters`)."""
+
+    def wake(self) -> None: ...
+
 
 CHANNEL = "vnic_fleet"
 #: Seconds a waiter polls at most between two looks, with a listener (without: 0.2 s).
@@ -40,7 +46,7 @@ def notify(s: Session) -> None:
 
 class Listener(threading.Thread):
     """Wakes ``waiters`` on every notification of :data:`CHANNEL`; reconnects after
-    an error (a second later), as long as the process runs."""
+    an error (a second later), until the database is disposed (it looks every 5 s)."""
 
     def __init__(self, db: Database, waiters: Waiters) -> None:
         super().__init__(name="vnic-fleet-listen", daemon=True)
@@ -48,11 +54,13 @@ class Listener(threading.Thread):
         self.connected = threading.Event()
 
     def run(self) -> None:
-        while True:
+        while not self.db.disposed:
             try:
                 self._listen()
-            except Exception as exc:
+            except Exception as exc:  # any failure: reconnect; waiters poll meanwhile
                 self.connected.clear()
+                if self.db.disposed:
+                    return
                 log.warning("fleet listener: %s; reconnecting in 1 s", exc)
                 time.sleep(1.0)
 
@@ -68,7 +76,7 @@ class Listener(threading.Thread):
             conn.execute(f"LISTEN {CHANNEL}")
             self.waiters.wake()  # whatever was missed while not listening
             self.connected.set()  # after that wake: any later one is a notification
-            while True:
+            while not self.db.disposed:
                 for _ in conn.notifies(timeout=5.0):
                     self.waiters.wake()
         finally:

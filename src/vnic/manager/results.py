@@ -67,6 +67,9 @@ class SessionInfo:
     created_at: datetime
     owner: str | None = None
     networks: Sequence[str] = ("default",)
+    #: Where its VMs go among many hosts (:class:`vnic.model.placement.Constraint` as a
+    #: document); None: spread over any host.
+    placement: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from vnic.agent.port import AgentPort
+from vnic.manager.drain import Draining
 from vnic.manager.launch import Launching
 from vnic.manager.networks import Networks
 from vnic.manager.profiles import Profiles
@@ -29,7 +30,7 @@ from vnic.manager.vms import Vms
 from vnic.model.profile import ProfileSpec
 
 
-class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying):
+class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying, Draining):
     """Profiles, sessions and VMs over one :class:`~vnic.store.db.Database`.
 
     ``clock`` is injectable (see :class:`~vnic.manager.core.ServiceCore`).

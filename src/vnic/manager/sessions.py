@@ -13,6 +13,7 @@ from vnic.errors import Conflict, Exhausted, InUse
 from vnic.manager.core import ServiceCore
 from vnic.manager.results import SessionInfo
 from vnic.model.launch import DEFAULT_NETWORK
+from vnic.model.placement import parse_constraint
 from vnic.model.profile import parse_name
 from vnic.model.session import (
     NETWORK_ID_MAX,
@@ -49,8 +50,12 @@ class Sessions(ServiceCore):
         network_id: int | None = None,
         overrides_allowed: bool = True,
         owner: str | None = None,
+        placement: Mapping[str, Any] | None = None,
     ) -> SessionInfo:
+        """Create a session; ``placement`` (``{"strategy": "spread"|"pack", "labels":
+        {...}}``, :mod:`vnic.model.placement`) says where its VMs go among many hosts."""
         name = parse_session_name(name)
+        where = parse_constraint(placement).to_dict() if placement is not None else None
         if network_id is not None:
             network_id = parse_network_id(network_id)
         if owner is not None:
@@ -73,6 +78,7 @@ class Sessions(ServiceCore):
                 default_profile_id=default_row.id if default_row else None,
                 overrides_allowed=overrides_allowed,
                 owner=owner,
+                placement=where,
                 created_at=self.clock(),
             )
             row.rules.extend(rule_rows)
@@ -116,6 +122,9 @@ class Sessions(ServiceCore):
             if "owner" in changes:
                 owner = changes["owner"]
                 row.owner = parse_name(owner, "owner") if owner is not None else None
+            if "placement" in changes:
+                where = changes["placement"]
+                row.placement = parse_constraint(where).to_dict() if where is not None else None
             s.flush()
             s.expire(row, ["rules", "default_profile"])
             self._recheck(s, row.vms, driver)

@@ -60,6 +60,7 @@ def session_json(s: SessionInfo) -> dict[str, Any]:
         "owner": s.owner,
         "vms": list(s.vms),
         "networks": list(s.networks),
+        "placement": dict(s.placement) if s.placement else None,
         "created_at": utc(s.created_at),
     }
 

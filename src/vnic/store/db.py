@@ -167,6 +167,7 @@ class Database:
 
     def __init__(self, url: str, *, migrate: bool = True) -> None:
         self.url = url
+        self.disposed = False
         self.engine = make_engine(url)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # Reads on SQLite get their own engine: a deferred BEGIN, so a read never
@@ -226,6 +227,9 @@ class Database:
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": ALLOCATION_LOCK_KEY})
 
     def dispose(self) -> None:
+        """Close every pooled connection; threads that hold their own (the fleet's
+        NOTIFY listener) stop at their next look at :attr:`disposed`."""
+        self.disposed = True
         self.engine.dispose()
         if self._read_engine is not None:
             self._read_engine.dispose()
