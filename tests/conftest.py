@@ -107,6 +107,12 @@ class _PgServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         return self.url(name)
 
+    def restart(self) -> None:
+        """Restart the server (``pg_ctl -m fast restart``: every connection is cut, the
+        server is back, with the same options, when this returns)."""
+        pg_ctl = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log")]
+        self._run([*pg_ctl, "-m", "fast", "-w", "restart"])
+
     def stop(self) -> None:
         try:
             self._run(

@@ -65,16 +65,19 @@ class Listener(threading.Thread):
                 time.sleep(1.0)
 
     def _listen(self) -> None:
-        raw = self.db.engine.raw_connection()
-        raw.detach()  # a connection of its own, never back in the pool
-        conn = raw.driver_connection
+        # A connection of its own, made by the driver, not the pool: a pooled connection
+        # detached after the server restarted came back without its driver connection
+        # (None), and the listener never listened again.
+        engine = self.db.engine
+        cargs, cparams = engine.dialect.create_connect_args(engine.url)
+        conn = engine.dialect.connect(*cargs, **cparams)
         try:
-            conn.autocommit = True  # type: ignore[union-attr]
-            conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]
-            self.connected.set()
+            conn.autocommit = True
+            conn.execute(f"LISTEN {CHANNEL}")
             self.waiters.wake()  # whatever was missed while not listening
+            self.connected.set()  # after that wake: any later one is a notification
             while not self.db.disposed:
-                for _ in conn.notifies(timeout=5.0):  # type: ignore[union-attr]
+                for _ in conn.notifies(timeout=5.0):
                     self.waiters.wake()
         finally:
-            raw.close()
+            conn.close()

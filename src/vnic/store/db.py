@@ -5,6 +5,11 @@ SQLite (a file) is the default; PostgreSQL is used when the URL says so
 database needs it: SQLite transactions start with ``BEGIN IMMEDIATE`` so two
 processes never both read-then-write the same rows, and PostgreSQL takes a
 transaction-scoped advisory lock around allocations (:func:`allocation_lock`).
+
+PostgreSQL may restart or be out of reach: every pooled connection is checked before
+use (``pool_pre_ping``: a dead one is replaced, so the pool recovers by itself once the
+server is back), and a unit of work that loses its connection, or cannot get one,
+raises :class:`~vnic.errors.Unavailable` (503: retry) instead of an internal error.
 """
 
 from __future__ import annotations
@@ -16,8 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, inspect, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
+
+from vnic.errors import Unavailable, shorten
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -181,18 +189,37 @@ class Database:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Session]:
-        """One unit of work: committed if the block succeeds, rolled back otherwise."""
-        with self._sessions() as session, session.begin():
+        """One unit of work: committed if the block succeeds, rolled back otherwise.
+        :class:`~vnic.errors.Unavailable` when PostgreSQL is out of reach (see the module)."""
+        with self._reachable(), self._sessions() as session, session.begin():
             yield session
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[Session]:
         """A read-only unit of work (rolled back at the end: nothing in it is kept)."""
-        with self._read_sessions() as session:
+        with self._reachable(), self._read_sessions() as session:
             try:
                 yield session
             finally:
                 session.rollback()
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """PostgreSQL's lost or refused connections as :class:`~vnic.errors.Unavailable`.
+        Only there: SQLite's operational errors (a locked or full database) are other
+        faults, told apart elsewhere (:func:`vnic.errors.storage_error`)."""
+        try:
+            yield
+        except sa_exc.DBAPIError as exc:
+            lost = isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+            if self.dialect != "postgresql" or not (lost or exc.connection_invalidated):
+                raise
+            # Not "nothing changed": whether a COMMIT that lost its connection took is
+            # unknown, so the caller is told to retry (and to look, for a create).
+            why = shorten(str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc), 200)
+            raise Unavailable(
+                f"the database did not answer ({why}); retry once it is back"
+            ) from exc
 
     def allocation_lock(self, session: Session) -> None:
         """Serialise allocations until the transaction ends (SQLite already is)."""
