@@ -261,7 +261,7 @@ def test_the_agent_source_and_the_manager_agree_on_the_contract(api: Api, served
         (change,) = changes
         assert (revision, change.revision, change.key, change.error) == (1, 1, ("lab1", "a"), None)
         assert change.desired is not None and change.desired.driver == "netns"
-        _, _, ((_, _, desired),) = svc.host_snapshot("hv1")
+        _, _, ((_, _, desired),), _ = svc.host_snapshot("hv1")
         assert desired is not None
         assert change.desired.request == desired[1]  # the wire round trip loses nothing
         assert request_to_wire(change.desired.request) == request_to_wire(desired[1])

@@ -108,7 +108,7 @@ class PlayAgent:
     after: int = 0
     error: dict[str, Any] | None = None
     lines: Sequence[str] = tuple(KERNEL)
-    seen: list[tuple[int, str, str, Any]] = field(default_factory=list)
+    seen: list[tuple[int, str, str, Any, Any]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     failure: list[BaseException] = field(default_factory=list)
 
@@ -125,7 +125,7 @@ class PlayAgent:
                         self.error if d is not None else None,
                         list(self.lines) if d is not None and self.error is None else [],
                     )
-                    for rev, s, v, d in found
+                    for rev, s, v, d, _ in found
                 ]
                 if reports:
                     self.seen.extend(found)
@@ -347,7 +347,7 @@ def test_a_launch_places_the_vm_and_writes_one_change(fleet: Fleet, play: Any) -
     assert svc.vm_status("lab", "a").changes == KERNEL  # type: ignore[union-attr]
     assert fleet.driver.vms == {}  # the manager's own agent ran nothing
 
-    revision, epoch_now, vms = svc.host_snapshot("hv1")
+    revision, epoch_now, vms, _ = svc.host_snapshot("hv1")
     assert (revision, epoch_now) == (before + 1, 1)
     ((session, vm, desired),) = vms
     assert (session, vm) == ("lab", "a") and desired is not None
@@ -357,7 +357,7 @@ def test_a_launch_places_the_vm_and_writes_one_change(fleet: Fleet, play: Any) -
     assert svc.host_snapshot("hv2")[2] == []
 
     rev, found = svc.host_changes("hv1", before)
-    ((crev, cs, cv, cdesired),) = found
+    ((crev, cs, cv, cdesired, _),) = found
     assert (rev, crev, cs, cv) == (before + 1, before + 1, "lab", "a")
     assert cdesired is not None and cdesired[1] == request
     assert svc.host_changes("hv2", before) == (before, [])
@@ -365,7 +365,7 @@ def test_a_launch_places_the_vm_and_writes_one_change(fleet: Fleet, play: Any) -
 
     svc.destroy_vm("lab", "a", fleet.agent)  # waits for hv1's report of the stop
     _, found = svc.host_changes("hv1", rev)
-    assert [(r, s, v, d) for r, s, v, d in found] == [(rev + 1, "lab", "a", None)]
+    assert [(r, s, v, d) for r, s, v, d, _ in found] == [(rev + 1, "lab", "a", None)]
     assert svc.vm_status("lab", "a").revision == rev + 1  # type: ignore[union-attr]
     assert svc.host_snapshot("hv1")[2] == []
     assert svc.get_vm("lab", "a").host == "hv1"  # stays assigned until launched again
@@ -413,7 +413,7 @@ def test_a_watcher_behind_the_pruned_log_must_relist(fleet: Fleet) -> None:
             svc.host_changes("hv1", behind)
         assert err.value.to_dict()["relist"] is True and err.value.http_status == 410
     rev, found = svc.host_changes("hv1", 2)  # the floor itself is still served
-    assert rev == 3 and [(r, v) for r, _, v, _ in found] == [(3, "c")]
+    assert rev == 3 and [(r, v) for r, _, v, _, _ in found] == [(3, "c")]
     with pytest.raises(InvalidInput) as bad:
         svc.host_changes("hv1", -1)
     assert bad.value.paths == ["after"]
@@ -439,7 +439,7 @@ def test_a_long_poll_returns_when_another_thread_appends(fleet: Fleet) -> None:
     thread.join(timeout=changelog.WAIT_MAX / 2)
     assert not thread.is_alive()
     ((rev, found),) = got
-    assert rev == 1 and [(r, v) for r, _, v, _ in found] == [(1, "a")]
+    assert rev == 1 and [(r, v) for r, _, v, _, _ in found] == [(1, "a")]
 
 
 def test_a_poll_with_nothing_new_returns_its_revision_after_the_wait(fleet: Fleet) -> None:
@@ -488,7 +488,7 @@ def test_a_launch_returns_once_the_agent_reports_it_ran(fleet: Fleet, play: Any)
     assert (result.vm.state, result.vm.host) == ("running", "hv1")
     status = svc.vm_status("lab", "a")
     assert status is not None and status.error is None and status.changes == KERNEL
-    assert [(s, v) for _, s, v, _ in agent.seen] == [("lab", "a")]
+    assert [(s, v) for _, s, v, _, _ in agent.seen] == [("lab", "a")]
 
 
 def test_a_failure_the_agent_reports_undoes_the_launch(fleet: Fleet, play: Any) -> None:
@@ -511,7 +511,7 @@ def test_a_failure_the_agent_reports_undoes_the_launch(fleet: Fleet, play: Any) 
     vm = svc.get_vm("lab", "a")
     assert vm.state == "defined"
     # The host was told to stop it again (desired None), after the launch's change.
-    assert [(r, v) for r, _, v, _ in fleet.svc.host_changes("hv1", 0)[1]] == [(1, "a"), (2, "a")]
+    assert [(r, v) for r, _, v, _, _ in fleet.svc.host_changes("hv1", 0)[1]] == [(1, "a"), (2, "a")]
     assert fleet.svc.host_changes("hv1", 1)[1][0][3] is None
     assert agent.seen[0][3] is not None
 
@@ -546,12 +546,16 @@ def test_a_live_change_of_a_hosted_vm_goes_through_its_host(fleet: Fleet, play: 
     assert result.vm.host == "hv1" and result.vm.override_patch == {"egress": {"rate": "2Mbit"}}
     assert [c.kernel for c in changes] == [lines] and not any(c.error for c in changes)
     assert "egress.rate" in changes[0].fields
-    assert fleet.changes()[-1] == (before + 1, "hv1", "lab", "a")
+    # The override's own write logs the change, and so does the live change after it.
+    assert [c for c in fleet.changes() if c[0] > before] == [
+        (before + 1, "hv1", "lab", "a"),
+        (before + 2, "hv1", "lab", "a"),
+    ]
     desired = svc.host_snapshot("hv1")[2][0][2]
     assert desired is not None and str(desired[1].nics[0].profile.egress.rate) == "2Mbit"
     # Nothing left to apply: what the host reported is what runs now.
     assert svc.reapply(fleet.agent, session="lab") == []
-    assert len(agent.seen) == 2
+    assert len(agent.seen) == 3  # the launch, the override's write, the live change
     assert fleet.driver.vms == {}
 
 
@@ -583,13 +587,15 @@ def test_session_down_tells_every_host_to_stop_its_vms(fleet: Fleet, play: Any) 
     before = fleet.revision()
     assert sorted(svc.session_down("lab", fleet.agent)) == ["a", "b", "c"]
     after = [(h, v) for r, h, _, v in fleet.changes() if r > before]
-    assert sorted(after) == sorted((h, v) for v, h in placed.items())
+    assert sorted(x for x in after if x[1]) == sorted((h, v) for v, h in placed.items())
+    # The session spanned both hosts: each also gets a change of its overlays (none now).
+    assert sorted(x for x in after if not x[1]) == [("hv1", ""), ("hv2", "")]
     for host in ("hv1", "hv2"):
         _, found = svc.host_changes(host, before)
-        assert found and all(d is None for *_, d in found)
+        assert found and all(d is None for *_, d, _ in found)
         assert svc.host_snapshot(host)[2] == []
     assert {v.state for v in svc.list_vms("lab")} == {"defined"}
-    assert all(d is None for *_, d in one.seen[-1:] + two.seen[-1:])
+    assert all(seen[3] is None for seen in one.seen[-1:] + two.seen[-1:])
 
 
 def test_with_no_hosts_everything_runs_on_the_own_agent(fleet: Fleet) -> None:
@@ -711,7 +717,7 @@ def test_removing_a_vm_still_running_on_a_host_tells_its_host(fleet: Fleet) -> N
     svc.remove_vm("lab", "b")  # never launched: nothing to tell
     svc.delete_session("lab2", force=True)
     _, found = svc.host_changes("hv1", before)
-    assert [(r, s, v, d) for r, s, v, d in found] == [
+    assert [(r, s, v, d) for r, s, v, d, _ in found] == [
         (before + 1, "lab", "a", None),
         (before + 2, "lab2", "c", None),
         (before + 3, "lab2", "d", None),

@@ -398,9 +398,14 @@ class Hosts(ServiceCore):
 
     def _append_overlays(self, s: Session, session_id: int, session: str, also: set[int]) -> None:
         """A change of the session's overlays for every host that runs VMs of it, and the
-        hosts ``also`` (those that ran some before this transaction's changes)."""
+        hosts ``also`` (those that ran some before this transaction's changes). None
+        while all of them are one host: a session on one host has no overlay, before or
+        after."""
         s.flush()
-        for host_id in sorted(hosts_of(s, session_id) | also):
+        touched = hosts_of(s, session_id) | also
+        if len(touched) < 2:
+            return
+        for host_id in sorted(touched):
             changelog.append(s, host_id, session, SESSION_OVERLAYS, self.clock())
 
     def _desired(self, s: Session, vm: VmRow, host_id: int) -> Desired:
