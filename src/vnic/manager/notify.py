@@ -64,8 +64,9 @@ class Listener(threading.Thread):
 
     def _listen(self) -> None:
         raw = self.db.engine.raw_connection()
-        raw.detach()  # a connection of its own, never back in the pool
+        # Taken before detach(): SQLAlchemy 2.1 forgets driver_connection on detach.
         conn = raw.driver_connection
+        raw.detach()  # a connection of its own, never back in the pool
         try:
             conn.autocommit = True  # type: ignore[union-attr]
             conn.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]
