@@ -279,7 +279,7 @@ def bench_hosts(
     ] = 20,
     vnics: Annotated[
         int, typer.Option("--sim-vnics", min=1, help="Simulated vNICs (issue: 20000).")
-    ] = 2000,
+    ] = 800,
     parts: Annotated[
         str,
         typer.Option("--parts", help="Comma-separated: change, convergence, scale, simulation."),

@@ -331,7 +331,7 @@ def nics_tables(result: Mapping[str, Any]) -> Iterator[Table]:
 def hosts_table(r: Mapping[str, Any]) -> Table:
     """Many hosts: change latency, convergence, scale, the simulation, cross-host."""
     table = Table("part", "measured", "target", title="vnic bench hosts (3 emulated hosts)")
-    if "change" in r:
+    if "error" not in r.get("change", {"error": ""}):
         c = r["change"]
         for key, label in (("spread", "over 3 hosts"), ("single_host", "on 1 host")):
             s = c[key]
@@ -348,7 +348,7 @@ def hosts_table(r: Mapping[str, Any]) -> Table:
             "new rate" if k["rate_30mbit_in_htb"] else "OLD RATE",
             "",
         )
-    if "convergence" in r:
+    if "error" not in r.get("convergence", {"error": ""}):
         v = r["convergence"]
         for key, label in (
             ("partition_heal_s", "converged after a partition heals"),
@@ -356,7 +356,7 @@ def hosts_table(r: Mapping[str, Any]) -> Table:
         ):
             met = "met" if v[key] <= v["target_s"] else "MISSED"
             table.add_row(label, f"{v[key]:.2f} s", f"≤ {v['target_s']:g} s: {met}")
-    if "scale" in r:
+    if "error" not in r.get("scale", {"error": ""}):
         s = r["scale"]
         cpu = s["agent_cpu_s"]
         table.add_row(
@@ -371,7 +371,7 @@ def hosts_table(r: Mapping[str, Any]) -> Table:
             table.add_row(f"agent CPU s, {phase}", shown, "")
         rss = ", ".join(f"{h} {v:.0f}" for h, v in s["agent_peak_rss_mib"].items())
         table.add_row("agent peak RSS MiB", rss, "")
-    if "simulation" in r:
+    if "error" not in r.get("simulation", {"error": ""}):
         m = r["simulation"]
         ch = m["change"]
         table.add_row(
@@ -390,6 +390,9 @@ def hosts_table(r: Mapping[str, Any]) -> Table:
         table.add_row(
             "sim: replica killed, restart to converged", f"{k['restart_to_converged_s']:.2f} s", ""
         )
+    for key in ("change", "convergence", "scale", "simulation"):
+        if "error" in r.get(key, {}):
+            table.add_row(key, f"failed: {r[key]['error']}", "")
     x = r.get("cross_host_fidelity", {})
     table.add_row("cross-host shaping", f"skipped: {x['skipped']}" if "skipped" in x else "", "")
     return table

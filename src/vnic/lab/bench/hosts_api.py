@@ -7,7 +7,9 @@
 ``{"t0", "t1", "status", "error"}``: wall-clock seconds (``time.time()``, comparable with
 the database's timestamps on this machine) just before the request and after its answer,
 the HTTP status (0: no answer) and the answer's text when it is not 2xx (at most 500
-characters). Each call may take up to ``timeout`` seconds (default 120).
+characters). Each call may take up to ``timeout`` seconds (default 120); a 429 (the
+manager's admission: too many writes in flight) is tried again after its
+``Retry-After``, up to :data:`RETRIES` times.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
+
+#: Times one call is tried while the manager answers 429.
+RETRIES = 60
 
 
 def call_all(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -33,7 +38,12 @@ def call_all(doc: dict[str, Any]) -> list[dict[str, Any]]:
     def one(c: dict[str, Any]) -> dict[str, Any]:
         t0 = time.time()
         try:
-            answer = client.request(c["method"], c["path"], json=c.get("json"))
+            for _ in range(RETRIES):
+                answer = client.request(c["method"], c["path"], json=c.get("json"))
+                if answer.status_code != 429:
+                    break
+                # Admission said busy: wait as it asks, then again (t0 stays the first try).
+                time.sleep(float(answer.headers.get("Retry-After", "1")))
         except httpx.HTTPError as exc:
             return {"t0": t0, "t1": time.time(), "status": 0, "error": str(exc)[:500]}
         error = None if answer.is_success else answer.text[:500]

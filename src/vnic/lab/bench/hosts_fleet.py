@@ -147,11 +147,16 @@ class BenchFleet:
         with open(host.home / "agent.log", "ab") as log:
             self.agents[host.short] = self.bed.spawn(host, argv, stdout=log, stderr=log)
 
-    def stop_agent(self, host: Host) -> None:
-        proc = self.agents.pop(host.short)
-        proc.terminate()
-        if proc.wait(timeout=60) != 0:
-            raise VnicError(f"the agent of {host.short} exited {proc.returncode}")
+    def stop_agents(self) -> None:
+        """SIGTERM to every agent at once (one each: a second one would kill it
+        mid-shutdown), then wait for each to exit 0."""
+        procs = dict(self.agents)
+        self.agents.clear()
+        for proc in procs.values():
+            proc.terminate()
+        for host, proc in procs.items():
+            if proc.wait(timeout=60) != 0:
+                raise VnicError(f"the agent of {host} exited {proc.returncode}")
 
     # ---------------------------------------------------------------- the API
 
