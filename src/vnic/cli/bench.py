@@ -258,3 +258,52 @@ def bench_startup(
             json_out.write_text(json.dumps(result, indent=2) + "\n")
 
     run(body)
+
+
+@app.command("hosts")
+def bench_hosts(
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Write the results as JSON here.")
+    ] = None,
+    n: Annotated[
+        int, typer.Option("--vms", min=1, help="VMs a profile change reaches (issue: 100).")
+    ] = 10,
+    m: Annotated[
+        int, typer.Option("--scale-vms", min=1, help="VMs launched for scale (issue: 300).")
+    ] = 30,
+    parallel: Annotated[
+        int, typer.Option("--parallel", min=1, max=64, help="API launches at once.")
+    ] = 4,
+    agents: Annotated[
+        int, typer.Option("--sim-agents", min=1, help="Simulated agents (issue: 200).")
+    ] = 20,
+    vnics: Annotated[
+        int, typer.Option("--sim-vnics", min=1, help="Simulated vNICs (issue: 20000).")
+    ] = 800,
+    parts: Annotated[
+        str,
+        typer.Option("--parts", help="Comma-separated: change, convergence, scale, simulation."),
+    ] = "change,convergence,scale,simulation",
+) -> None:
+    """Many hosts (root): a host bed of 3 emulated hosts, PostgreSQL, 2 manager replicas:
+    a profile change reaching VMs over 3 hosts against all on one, convergence after a
+    partition and a manager SIGKILL, scale (launch, resync, down, agent CPU and RSS), and
+    a simulation of many agents on the fake driver."""
+    from vnic.lab.bench.hosts import PARTS
+    from vnic.lab.bench.hosts import run as run_hosts
+
+    def body() -> None:
+        from vnic.errors import InvalidInput
+
+        chosen = tuple(p.strip() for p in parts.split(",") if p.strip())
+        if not chosen or any(p not in PARTS for p in chosen):
+            raise InvalidInput.one(
+                "--parts", parts, "a comma-separated list of " + ", ".join(PARTS)
+            )
+        result = run_hosts(n=n, m=m, parallel=parallel, agents=agents, vnics=vnics, parts=chosen)
+        out.print(render_bench.hosts_table(result))
+        if json_out:
+            json_out.parent.mkdir(parents=True, exist_ok=True)
+            json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+    run(body)

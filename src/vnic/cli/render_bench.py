@@ -326,3 +326,73 @@ def nics_tables(result: Mapping[str, Any]) -> Iterator[Table]:
         "≤ 2×: " + ("met" if la["two_over_one_pass"] else "MISSED"),
     )
     yield launch
+
+
+def hosts_table(r: Mapping[str, Any]) -> Table:
+    """Many hosts: change latency, convergence, scale, the simulation, cross-host."""
+    table = Table("part", "measured", "target", title="vnic bench hosts (3 emulated hosts)")
+    if "error" not in r.get("change", {"error": ""}):
+        c = r["change"]
+        for key, label in (("spread", "over 3 hosts"), ("single_host", "on 1 host")):
+            s = c[key]
+            table.add_row(
+                f"profile change, {c['vms']} VMs {label}",
+                f"p50 {s['p50_s']:.3f} s, p99 {s['p99_s']:.3f} s, max {s['max_s']:.3f} s",
+                "",
+            )
+        met = "met" if c["p99_ratio"] <= c["target_ratio"] else "MISSED"
+        table.add_row("p99 spread / single host", f"{c['p99_ratio']:.2f}×", f"≤ 2×: {met}")
+        k = c["kernel_check"]
+        table.add_row(
+            f"HTB of {k['vm']} on {k['host']}",
+            "new rate" if k["rate_30mbit_in_htb"] else "OLD RATE",
+            "",
+        )
+    if "error" not in r.get("convergence", {"error": ""}):
+        v = r["convergence"]
+        for key, label in (
+            ("partition_heal_s", "converged after a partition heals"),
+            ("manager_sigkill_restart_s", "converged after a manager SIGKILL + start"),
+        ):
+            met = "met" if v[key] <= v["target_s"] else "MISSED"
+            table.add_row(label, f"{v[key]:.2f} s", f"≤ {v['target_s']:g} s: {met}")
+    if "error" not in r.get("scale", {"error": ""}):
+        s = r["scale"]
+        cpu = s["agent_cpu_s"]
+        table.add_row(
+            f"launch {s['vms']} VMs ({s['parallel']} at once)", f"{s['launch_s']:.2f} s", ""
+        )
+        table.add_row("full resync (agents restarted)", f"{s['resync_s']:.2f} s", "")
+        table.add_row(
+            "session down, nothing left", f"{s['down_s']:.2f} s, left {len(s['left'])}", ""
+        )
+        for phase in ("launch", "resync", "down"):
+            shown = ", ".join(f"{h} {v:.2f}" for h, v in cpu[phase].items())
+            table.add_row(f"agent CPU s, {phase}", shown, "")
+        rss = ", ".join(f"{h} {v:.0f}" for h, v in s["agent_peak_rss_mib"].items())
+        table.add_row("agent peak RSS MiB", rss, "")
+    if "error" not in r.get("simulation", {"error": ""}):
+        m = r["simulation"]
+        ch = m["change"]
+        table.add_row(
+            f"sim: {m['agents']} agents register at once", f"{m['registration_storm_s']:.2f} s", ""
+        )
+        table.add_row(
+            f"sim: change reaching {m['vnics']} vNICs",
+            f"p50 {ch['p50_s']:.2f} s, all {ch['converged_s']:.2f} s, "
+            f"{ch['change_log_rows']} log rows",
+            "",
+        )
+        table.add_row(
+            "sim: manager CPU per 1 000 vNICs", f"{ch['manager_cpu_s_per_1000_vnics']:.2f} s", ""
+        )
+        k = m["replica_killed"]
+        table.add_row(
+            "sim: replica killed, restart to converged", f"{k['restart_to_converged_s']:.2f} s", ""
+        )
+    for key in ("change", "convergence", "scale", "simulation"):
+        if "error" in r.get(key, {}):
+            table.add_row(key, f"failed: {r[key]['error']}", "")
+    x = r.get("cross_host_fidelity", {})
+    table.add_row("cross-host shaping", f"skipped: {x['skipped']}" if "skipped" in x else "", "")
+    return table

@@ -1,0 +1,60 @@
+"""`vnic bench hosts` in tiny sizes, once: its JSON has every part asked for, the numbers
+are sane (counts match, times positive and ordered, the kernel changed, nothing left),
+the table renders. The targets (speed) are the benchmark's to report, not this test's.
+
+The convergence part is left out here: it waits for a host's lease to run out and for a
+manager replica to restart (half a minute by itself); `vnic bench hosts` runs it."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from rich.console import Console
+
+from vnic.cli.render_bench import hosts_table
+from vnic.lab.bench import hosts
+
+
+def _ordered(summary: dict[str, float]) -> bool:
+    return 0 < summary["p50_s"] <= summary["p99_s"] <= summary["max_s"]
+
+
+def test_bench_hosts_reports_every_part_with_sane_numbers() -> None:
+    r = hosts.run(n=2, m=3, parallel=2, agents=2, vnics=16, parts=("change", "scale", "simulation"))
+    json.dumps(r)  # all of it is JSON
+    assert r["benchmark"] == "hosts" and r["hosts"] == 3 and "convergence" not in r
+
+    change = r["change"]
+    assert change["spread"]["count"] == change["single_host"]["count"] == 2
+    assert _ordered(change["spread"]) and _ordered(change["single_host"])
+    assert len(change["spread_hosts"]) == 2  # 2 VMs spread: on 2 hosts
+    assert change["p99_ratio"] > 0
+    assert change["kernel_check"]["rate_30mbit_in_htb"] is True
+
+    for part in ("change", "scale", "simulation"):
+        assert "error" not in r[part], r[part]
+    scale = r["scale"]
+    assert scale["vms"] == 3 and sum(scale["per_host"].values()) == 3
+    assert sorted(scale["per_host"]) == ["h1", "h2", "h3"]
+    assert scale["left"] == []
+    for key in ("launch_s", "resync_s", "down_s"):
+        assert scale[key] > 0
+    for phase in ("launch", "resync", "down"):
+        assert sorted(scale["agent_cpu_s"][phase]) == ["h1", "h2", "h3"]
+        assert all(v >= 0 for v in scale["agent_cpu_s"][phase].values())
+    assert all(v > 10 for v in scale["agent_peak_rss_mib"].values())  # a Python process
+
+    sim = r["simulation"]
+    assert sim["agents"] == 2 and sim["vnics"] == 16 and sim["vms"] == 2
+    assert sim["registration_storm_s"] > 0 and sim["launch_s"] > 0
+    assert sim["change"]["change_log_rows"] == 2  # one row per VM
+    assert 0 < sim["change"]["p50_s"] <= sim["change"]["converged_s"]
+    assert sim["replica_killed"]["restart_to_converged_s"] > 0
+    assert sim["change_log_rows_total"] >= 2 + 2 + 2  # launches, then two changes
+
+    assert "skipped" in r["cross_host_fidelity"]
+    console = Console(width=200, file=io.StringIO(), record=True)
+    console.print(hosts_table(r))
+    text = console.export_text()
+    assert "over 3 hosts" in text and "full resync" in text and "sim:" in text
