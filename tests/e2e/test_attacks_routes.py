@@ -192,6 +192,30 @@ EXPECT: dict[tuple[str, str], Rule] = {
     ("POST", "/v1/sessions/{session}/scenarios/{name}/{action}"): Rule(
         "vm", 200, params={"name": "sc", "action": "pause"}
     ),
+    # hosts: this server has none, and must keep none (a host added would place every
+    # later world's VMs on it), so an admin's write is refused by its input or its name.
+    ("GET", "/v1/hosts"): Rule("read", 200),
+    ("POST", "/v1/hosts"): Rule("admin", 422, body=lambda w: {"name": "Not A Host Name"}),
+    ("GET", "/v1/hosts/{name}"): Rule("read", 404, params={"name": "nohost"}),
+    ("DELETE", "/v1/hosts/{name}"): Rule("admin", 404, params={"name": "nohost"}),
+    ("POST", "/v1/hosts/{name}/cordon"): Rule("admin", 404, params={"name": "nohost"}),
+    ("POST", "/v1/hosts/{name}/uncordon"): Rule("admin", 404, params={"name": "nohost"}),
+    ("POST", "/v1/hosts/{name}/drain"): Rule("admin", 404, params={"name": "nohost"}),
+    ("GET", "/v1/prometheus/targets"): Rule("read", 200),
+    # the agents' routes take a host token: an API token of any role is refused (401).
+    ("POST", "/v1/agent/register"): Rule(
+        "public",
+        401,
+        body=lambda w: {
+            "host": "h1",
+            "underlay": "10.0.0.1",
+            "capacity": {"vnics": 8, "cpus": 1},
+        },
+    ),
+    ("POST", "/v1/agent/lease"): Rule("public", 401, body=lambda w: {"epoch": 1}),
+    ("GET", "/v1/agent/desired"): Rule("public", 401),
+    ("GET", "/v1/agent/changes"): Rule("public", 401, query={"after": "0"}),
+    ("POST", "/v1/agent/status"): Rule("public", 401, body=lambda w: {"epoch": 1, "results": []}),
     # tokens
     ("GET", "/v1/tokens"): Rule("admin", 200),
     ("POST", "/v1/tokens"): Rule(
