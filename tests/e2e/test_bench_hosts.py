@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from rich.console import Console
 
 from vnic.cli.render_bench import hosts_table
@@ -20,6 +21,9 @@ def _ordered(summary: dict[str, float]) -> bool:
     return 0 < summary["p50_s"] <= summary["p99_s"] <= summary["max_s"]
 
 
+# A bed of 3 hosts, PostgreSQL, 2 replicas, 3 agents and 50 simulated ones: about 100 s on
+# a busy 2-core machine, past the suite's 300 s when that machine is much busier.
+@pytest.mark.timeout(900)
 def test_bench_hosts_reports_every_part_with_sane_numbers() -> None:
     r = hosts.run(n=2, m=3, parallel=2, agents=2, vnics=16, parts=("change", "scale", "simulation"))
     json.dumps(r)  # all of it is JSON

@@ -21,7 +21,6 @@ from sqlalchemy.orm import Session
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, FieldError, InvalidInput, NotFound, Unsupported
-from vnic.manager import changelog
 from vnic.manager.results import Explanation, NicInfo, SessionInfo, VmInfo
 from vnic.manager.rows import VM_RESOLVE_LOADS, aware, unexpired
 from vnic.model.launch import (
@@ -292,11 +291,7 @@ class ServiceCore:
     def _recheck(self, s: Session, vms: Iterable[VmRow], driver: AgentPort | None = None) -> None:
         """Re-resolve every vNIC of ``vms``; refuse if one gets an invalid profile or loses
         its MAC's range, or (with ``driver``) if its VM runs on a driver that cannot
-        honour its new profile. Then, in the caller's transaction, a change of each
-        running VM's desired state on its host, if it is on one (docs/hosts.md: every
-        write of desired state logs its change with it; the live change after it waits
-        for the agents' reports)."""
-        vms = list(vms)
+        honour its new profile."""
         errors: list[FieldError] = []
         caps = _capabilities(driver) if driver is not None else {}
         cache: dict[Any, Any] = {}
@@ -327,9 +322,6 @@ class ServiceCore:
                     )
         if errors:
             raise InvalidInput(errors)
-        for vm in vms:
-            if vm.state == "running" and vm.host_id is not None:
-                changelog.append(s, vm.host_id, vm.session.name, vm.name, self.clock())
 
     def _launch_request(self, vm: VmRow, effs: Mapping[str, Effective]) -> LaunchRequest:
         """The VM's launch request: every vNIC with its network, MAC, addresses and
