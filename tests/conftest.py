@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
+from vnic.errors import VnicError
+from vnic.lab.pgserver import PgServer
 from vnic.manager.service import Service
 from vnic.store.db import Database
 
@@ -35,91 +29,8 @@ def _own_vnic_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         del os.environ["VNIC_HOME"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _pg_bin() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not found:
-        pytest.fail(
-            "PostgreSQL server binaries not found; run scripts/install.sh (installs Debian's postgresql)"
-        )
-    return Path(found[-1]).parent
-
-
-class _PgServer:
-    """A PostgreSQL server of our own: a fresh cluster in a temp dir, Unix socket only."""
-
-    def __init__(self) -> None:
-        self.bin = _pg_bin()
-        self.dir = Path(tempfile.mkdtemp(prefix="vnic-pg-"))
-        self.data = self.dir / "data"
-        self.port = _free_port()
-        self.as_root = os.geteuid() == 0
-        if self.as_root:
-            # PostgreSQL refuses to run as root: hand the cluster to the postgres user.
-            pw = pwd.getpwnam("postgres")
-            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
-        self._run(
-            [
-                str(self.bin / "initdb"),
-                "-D",
-                str(self.data),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-            ]
-        )
-        self._run(
-            [
-                str(self.bin / "pg_ctl"),
-                "-D",
-                str(self.data),
-                "-l",
-                str(self.dir / "log"),
-                "-w",
-                "-o",
-                f"-c listen_addresses='' -c unix_socket_directories={self.dir} -p {self.port} -c fsync=off",
-                "start",
-            ]
-        )
-
-    def _run(self, cmd: list[str]) -> None:
-        if self.as_root:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(
-            cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120
-        )
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@/{database}?host={self.dir}&port={self.port}"
-
-    def create_database(self) -> str:
-        name = f"vnic_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(
-            host=str(self.dir), port=self.port, user="postgres", dbname="postgres", autocommit=True
-        ) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def restart(self) -> None:
-        """Restart the server (``pg_ctl -m fast restart``: every connection is cut, the
-        server is back, with the same options, when this returns)."""
-        pg_ctl = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log")]
-        self._run([*pg_ctl, "-m", "fast", "-w", "restart"])
-
-    def stop(self) -> None:
-        try:
-            self._run(
-                [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
-            )
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+#: The tests' own PostgreSQL server (vnic.lab.pgserver, which the benchmarks use too).
+_PgServer = PgServer
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +40,10 @@ def pg_server() -> Iterator[_PgServer | str]:
     if given:
         yield given
         return
-    server = _PgServer()
+    try:
+        server = _PgServer()
+    except VnicError as exc:  # no server binaries: say how to get them
+        pytest.fail(str(exc))
     try:
         yield server
     finally:
