@@ -151,8 +151,10 @@ class Hosts(ServiceCore):
 
     def list_hosts(self) -> list[HostInfo]:
         with self.db.reading() as s:
+            used = self._used(s)
             return [
-                self._host_info(s, r) for r in s.scalars(select(HostRow).order_by(HostRow.name))
+                self._host_info(s, r, used)
+                for r in s.scalars(select(HostRow).order_by(HostRow.name))
             ]
 
     def get_host(self, name: str) -> HostInfo:
@@ -447,7 +449,9 @@ class Hosts(ServiceCore):
         )
         return {int(h or 0): int(n) for h, n in s.execute(query).all()}
 
-    def _host_info(self, s: Session, row: HostRow) -> HostInfo:
+    def _host_info(self, s: Session, row: HostRow, used: dict[int, int] | None = None) -> HostInfo:
+        """``row`` as a :class:`HostInfo`; ``used``: :meth:`_used`, when the caller has it
+        (a list of hosts reads it once, not once per host)."""
         now = self.clock()
         state = "new" if row.registered_at is None else ("ready" if _ready(row, now) else "unknown")
         vms = int(
@@ -470,7 +474,7 @@ class Hosts(ServiceCore):
             aware(row.lease_until) if row.lease_until else None,
             row.metrics_url,
             vms,
-            self._used(s).get(row.id, 0),
+            (self._used(s) if used is None else used).get(row.id, 0),
         )
 
 
