@@ -13,6 +13,7 @@ from vnic.drivers.fake import FakeDriver
 from vnic.errors import DataplaneError
 from vnic.manager.results import VmRequest
 from vnic.manager.service import Service
+from vnic.model.launch import LaunchRequest
 
 
 def agent_of(driver: FakeDriver, tmp_path: Path) -> Agent:
@@ -20,21 +21,50 @@ def agent_of(driver: FakeDriver, tmp_path: Path) -> Agent:
     return Agent(tmp_path / "agent", {"fake": driver}, default="fake")
 
 
-def test_launches_a_new_vm_holding_only_around_the_launch(service: Service, tmp_path: Path) -> None:
-    service.create_session("lab")
-    driver = FakeDriver()
-    held: list[str] = []
+class CountingGate:
+    """A gate that counts its shared holders (a launch must run inside it)."""
+
+    def __init__(self) -> None:
+        self.holders = 0
 
     @contextlib.contextmanager
-    def hold() -> Iterator[None]:
-        held.append("in")
-        assert [v.name for v in service.list_vms("lab")] == ["web"]  # added before the hold
-        yield
-        held.append("out")
+    def shared(self) -> Iterator[None]:
+        self.holders += 1
+        try:
+            yield
+        finally:
+            self.holders -= 1
 
-    result = service.add_and_launch(VmRequest("lab", "web"), agent_of(driver, tmp_path), hold=hold)
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[object]:
+        assert self.holders == 0
+        yield None
+
+
+class GateCheckingDriver(FakeDriver):
+    """Records, at each launch, how many hold the gate."""
+
+    def __init__(self, gate: CountingGate) -> None:
+        super().__init__()
+        self.gate = gate
+        self.held_at_launch: list[int] = []
+
+    def launch(self, request: LaunchRequest) -> None:
+        self.held_at_launch.append(self.gate.holders)
+        super().launch(request)
+
+
+def test_launches_a_new_vm_under_the_agents_gate(service: Service, tmp_path: Path) -> None:
+    """The launch holds the agent's gate itself (no caller needs to): a reconcile then
+    never sees a VM the agent runs that the database does not yet call running."""
+    service.create_session("lab")
+    gate = CountingGate()
+    driver = GateCheckingDriver(gate)
+    agent = agent_of(driver, tmp_path)
+    agent.gate = lambda: gate  # type: ignore[method-assign]
+    result = service.add_and_launch(VmRequest("lab", "web"), agent)
     assert result.vm.state == "running"
-    assert held == ["in", "out"]
+    assert driver.held_at_launch == [1] and gate.holders == 0
     assert ("lab", "web") in driver.vms
     assert service.get_vm("lab", "web").state == "running"
 

@@ -719,3 +719,40 @@ def test_removing_a_vm_still_running_on_a_host_tells_its_host(fleet: Fleet) -> N
         (before + 3, "lab2", "d", None),
     ]
     assert svc.host_snapshot("hv1")[2] == []
+
+
+def test_a_write_waiting_for_a_hosts_report_lets_the_own_agents_gate_go(fleet: Fleet) -> None:
+    """A launch and a live change of a hosted VM wait for their host's report without
+    holding the gate of the manager's own agent: a reconcile of that agent (exclusive; a
+    replica starting) gets it while they wait, not after (issue #18's restart time)."""
+    svc = fleet.svc
+    _, epoch = fleet.ready("hv1")
+    svc.add_vm(VmRequest("lab", "a"))
+
+    def acquired_while_waiting(write: Any) -> None:
+        before = fleet.revision()
+        done: list[Any] = []
+        thread = threading.Thread(target=lambda: done.append(write()), daemon=True)
+        thread.start()
+        try:
+            deadline = threading.Event()
+            while fleet.revision() == before and thread.is_alive():
+                deadline.wait(0.01)  # the write is in its wait once its change is logged
+            with fleet.agent.gate().exclusive():
+                assert thread.is_alive() and not done  # still waiting for the report
+        finally:
+            _, found = svc.host_changes("hv1", before)
+            reports = [StatusReport(s, v, r, None, ["ok"]) for r, s, v, _, _ in found]
+            svc.report_status("hv1", epoch, reports)
+            thread.join(timeout=60)
+        assert done and not thread.is_alive()
+
+    acquired_while_waiting(lambda: svc.launch_vm("lab", "a", fleet.agent))
+    assert svc.get_vm("lab", "a").state == "running"
+    acquired_while_waiting(
+        lambda: svc.update_vm_live(
+            "lab", "a", {"patch": {"egress": {"rate": "2Mbit"}}}, fleet.agent
+        )
+    )
+    acquired_while_waiting(lambda: svc.session_down("lab", fleet.agent))
+    assert svc.get_vm("lab", "a").state == "defined"

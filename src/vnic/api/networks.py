@@ -74,8 +74,7 @@ def networks_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         vm_writer(who, session, "overriding a vNIC")
         _nic_explained(svc.explain(session, vm), nic)  # a missing vNIC: 404, nothing written
         changes: dict[str, Any] = {k: getattr(body, k) for k in body.model_fields_set}
-        with manager.gate.shared():
-            result, applied = svc.update_vm_live(session, vm, changes, manager.agent, nic=nic)
+        result, applied = svc.update_vm_live(session, vm, changes, manager.agent, nic=nic)
         return {**_nic_explained(result, nic), "changes": changes_json(applied)}
 
     return router

@@ -47,11 +47,10 @@ def profiles_router(manager: Manager) -> APIRouter:
         """Merge ``patch`` into the current document (omitted = unchanged, null = remove);
         a change makes a new revision."""
         require_admin(who, "changing a profile")
-        with manager.gate.shared():
-            result = svc.update_profile(name, patch, manager.agent)
-            changes = svc.reapply(
-                manager.agent, source="user", reason=f"profile {name} r{result.revision}"
-            )
+        result = svc.update_profile(name, patch, manager.agent)
+        changes = svc.reapply(
+            manager.agent, source="user", reason=f"profile {name} r{result.revision}"
+        )
         return {**views.profile_json(svc.get_profile(name)), "changes": changes_json(changes)}
 
     @router.delete("/v1/profiles/{name}", status_code=204)
@@ -94,8 +93,7 @@ def profiles_router(manager: Manager) -> APIRouter:
 def import_specs(manager: Manager, specs: Sequence[ProfileSpec]) -> list[dict[str, Any]]:
     """Apply parsed profiles live (all or nothing) and answer, per profile, its result and
     the changes it made on running VMs (the JSON and the YAML import routes)."""
-    with manager.gate.shared():
-        results, changes = manager.service.apply_profiles_live(specs, manager.agent)
+    results, changes = manager.service.apply_profiles_live(specs, manager.agent)
     return [
         {
             **views.apply_json(r),

@@ -54,11 +54,8 @@ def sessions_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
             changes["rules"] = _rules(changes["rules"] or [])
         if changes.get("overrides_allowed", True) is None:
             raise InvalidInput.one("overrides_allowed", None, "true or false")
-        with manager.gate.shared():
-            info = svc.update_session(name, changes, manager.agent)
-            applied = svc.reapply(
-                manager.agent, session=name, source="user", reason="session policy"
-            )
+        info = svc.update_session(name, changes, manager.agent)
+        applied = svc.reapply(manager.agent, session=name, source="user", reason="session policy")
         return {**views.session_json(info), "changes": changes_json(applied)}
 
     @router.delete("/v1/sessions/{name}", status_code=204)
@@ -66,8 +63,7 @@ def sessions_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         """Delete a session; with VMs in it only when ``force`` (which stops and removes them)."""
         require_admin(who, "deleting a session")
         if force or not svc.get_session(name).vms:
-            with manager.gate.shared():
-                svc.session_down(name, manager.agent)
+            svc.session_down(name, manager.agent)
         svc.delete_session(name, force=force)  # without force and with VMs: InUse, naming them
         return Response(status_code=204)
 
@@ -75,8 +71,7 @@ def sessions_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
     def session_down(who: Caller, name: str) -> list[str]:
         """Stop every VM of the session and remove its network; returns the VMs stopped."""
         vm_writer(who, name, "stopping a session")
-        with manager.gate.shared():
-            return svc.session_down(name, manager.agent)
+        return svc.session_down(name, manager.agent)
 
     return router
 

@@ -54,9 +54,7 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
             ],
         )
         if body.launch:
-            result = svc.add_and_launch(
-                req, manager.agent, body.driver, hold=manager.gate.shared, host=body.host
-            )
+            result = svc.add_and_launch(req, manager.agent, body.driver, host=body.host)
         else:
             result = svc.add_vm(req)
         return views.explain_json(result)
@@ -71,8 +69,7 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         a running VM is reconfigured on its host."""
         vm_writer(who, session, "overriding a VM")
         changes: dict[str, Any] = {k: getattr(body, k) for k in body.model_fields_set}
-        with manager.gate.shared():
-            result, applied = svc.update_vm_live(session, vm, changes, manager.agent)
+        result, applied = svc.update_vm_live(session, vm, changes, manager.agent)
         return {**views.explain_json(result), "changes": changes_json(applied)}
 
     @router.delete("/v1/sessions/{session}/vms/{vm}", status_code=204)
@@ -80,8 +77,7 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         """Stop the VM if it runs, then remove its definition and release its MAC."""
         vm_writer(who, session, "removing a VM")
         if svc.get_vm(session, vm).state == "running":
-            with manager.gate.shared():
-                svc.destroy_vm(session, vm, manager.agent)
+            svc.destroy_vm(session, vm, manager.agent)
         svc.remove_vm(session, vm)
         return Response(status_code=204)
 
@@ -96,15 +92,13 @@ def vms_router(manager: Manager, vm_writer: VmWriter) -> APIRouter:
         vm_writer(who, session, "launching a VM")
         kind = body.driver if body is not None else None
         host = body.host if body is not None else None
-        with manager.gate.shared():
-            return views.explain_json(svc.launch_vm(session, vm, manager.agent, kind, host=host))
+        return views.explain_json(svc.launch_vm(session, vm, manager.agent, kind, host=host))
 
     @router.post("/v1/sessions/{session}/vms/{vm}/destroy", response_model=sc.VmPublic)
     def destroy_vm(who: Caller, session: str, vm: str) -> dict[str, Any]:
         """Stop the VM and remove its network; the definition and MAC stay."""
         vm_writer(who, session, "destroying a VM")
-        with manager.gate.shared():
-            svc.destroy_vm(session, vm, manager.agent)
+        svc.destroy_vm(session, vm, manager.agent)
         return views.vm_json(svc.get_vm(session, vm))
 
     @router.get(

@@ -81,9 +81,9 @@ class Manager:
         return LiveControl(self)
 
     def reapply(self, **scope: Any) -> list[VmChange]:
-        """:meth:`Service.reapply` through this manager's agent (``scope``: its keywords)."""
-        with self.gate.shared():
-            return self.service.reapply(self.agent, **scope)
+        """:meth:`Service.reapply` through this manager's agent (``scope``: its keywords;
+        it holds the gate itself, for the manager's own agent's VMs only)."""
+        return self.service.reapply(self.agent, **scope)
 
     def reconcile(self) -> ReconcileReport:
         """Send the agent the VMs the database says run; it rebuilds, reaps and reports.

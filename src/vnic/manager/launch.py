@@ -74,22 +74,35 @@ class Launching(Hosts):
                     vm.applied = applied_state(kind or "netns", effs)
                     s.flush()
                     revision = self._append(s, vm, placement=set())
-            if revision is not None:
-                return self._await_launch(session, name, revision, effs)
-            used = kind or driver.kind
-            caps = {c.kind: c for c in driver.all_capabilities()}
-            if used in caps:  # an unknown kind is the agent's InvalidInput, below
-                check_nic_count(caps[used], len(request.nics))
-            driver.launch(request, kind)
-            try:
-                with self.db.transaction() as s:
-                    vm = self._vm_row(s, session, name)
-                    vm.state = "running"
-                    vm.applied = applied_state(used, effs)
-                    return Explanation(self._vm_info(vm), effs[PRIMARY_NIC], effs)
-            except BaseException:
-                driver.destroy(session, name)  # not recorded as running: must not run
-                raise
+            if revision is None:
+                return self._launch_here(driver, kind, request, effs)
+        # Waited for with the gate let go: the gate covers this host's own agent, and a
+        # reconcile of it (a replica starting) must not wait for other hosts' reports.
+        return self._await_launch(session, name, revision, effs)
+
+    def _launch_here(
+        self,
+        driver: AgentPort,
+        kind: str | None,
+        request: LaunchRequest,
+        effs: dict[str, Any],
+    ) -> Explanation:
+        """The launch on the manager's own agent, recorded as running (under the gate)."""
+        session, name = request.session, request.vm
+        used = kind or driver.kind
+        caps = {c.kind: c for c in driver.all_capabilities()}
+        if used in caps:  # an unknown kind is the agent's InvalidInput, below
+            check_nic_count(caps[used], len(request.nics))
+        driver.launch(request, kind)
+        try:
+            with self.db.transaction() as s:
+                vm = self._vm_row(s, session, name)
+                vm.state = "running"
+                vm.applied = applied_state(used, effs)
+                return Explanation(self._vm_info(vm), effs[PRIMARY_NIC], effs)
+        except BaseException:
+            driver.destroy(session, name)  # not recorded as running: must not run
+            raise
 
     def _await_launch(
         self, session: str, name: str, revision: int, effs: dict[str, Any]
@@ -173,14 +186,14 @@ class Launching(Hosts):
     def destroy_vm(self, session: str, name: str, driver: AgentPort) -> None:
         """Stop the VM and remove its network; its definition (and MAC) stays. A VM on a
         host: its host is told, and the stop waits for its report (:attr:`host_wait`)."""
+        with self.db.transaction() as s:
+            hosted = self._vm_row(s, session, name).host_id is not None
+        if hosted:  # not the own agent's: no gate (its reconcile must not wait for it)
+            revision = self._unplace(session, name)
+            if revision is not None:
+                self.wait_status(session, name, revision, self.host_wait)
+            return
         with driver.gate().shared():
-            with self.db.transaction() as s:
-                hosted = self._vm_row(s, session, name).host_id is not None
-            if hosted:
-                revision = self._unplace(session, name)
-                if revision is not None:
-                    self.wait_status(session, name, revision, self.host_wait)
-                return
             driver.destroy(session, name)
             with self.db.transaction() as s:
                 vm = self._vm_row(s, session, name)
@@ -191,21 +204,21 @@ class Launching(Hosts):
         """Stop every VM of the session and remove its network. Returns the VMs stopped.
         The hosts of VMs placed on hosts are told, and their reports awaited
         (:attr:`host_wait` in all)."""
+        with self.db.transaction() as s:
+            names = [v.name for v in self._session_row(s, session).vms]
+            hosted, ran_on = [], set()
+            row = self._session_row(s, session)
+            for vm in row.vms:
+                if vm.host_id is not None and vm.state == "running":
+                    vm.state, vm.applied = "defined", None
+                    hosted.append((session, vm.name, self._append(s, vm)))
+                    ran_on.add(vm.host_id)
+            if ran_on:
+                self._append_overlays(s, row.id, session, ran_on)
+        if hosted:  # waited for with the gate let go, as in launch_vm
+            self.waiters.wake()
+            self.wait_statuses(hosted, self.host_wait)
         with driver.gate().shared():
-            with self.db.transaction() as s:
-                names = [v.name for v in self._session_row(s, session).vms]
-                hosted, ran_on = [], set()
-                row = self._session_row(s, session)
-                for vm in row.vms:
-                    if vm.host_id is not None and vm.state == "running":
-                        vm.state, vm.applied = "defined", None
-                        hosted.append((session, vm.name, self._append(s, vm)))
-                        ran_on.add(vm.host_id)
-                if ran_on:
-                    self._append_overlays(s, row.id, session, ran_on)
-            if hosted:
-                self.waiters.wake()
-                self.wait_statuses(hosted, self.host_wait)
             running = sorted(set(driver.running(session)) | set(names))
             driver.teardown_session(session, names)
             with self.db.transaction() as s:

@@ -50,7 +50,14 @@ class Reapplying(Hosts):
         ``reason`` (runtime adjustments audit themselves, so they pass none).
         """
         with driver.gate().shared():
-            return self._reapply(driver, session, vm, source, reason, strict)
+            changes = self._reapply(driver, session, vm, source, reason, hosted=False)
+        # VMs on hosts: with the gate let go (it covers this host's own agent, whose
+        # reconcile, a replica starting, must not wait for other hosts' reports).
+        changes += self._reapply(driver, session, vm, source, reason, hosted=True)
+        failed = [c for c in changes if c.error]
+        if strict and failed:
+            raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
+        return changes
 
     def _reapply(
         self,
@@ -59,15 +66,18 @@ class Reapplying(Hosts):
         vm: str | None,
         source: str | None,
         reason: str,
-        strict: bool,
+        hosted: bool,
     ) -> list[VmChange]:
+        """:meth:`reapply` of the VMs on hosts (``hosted``) or of those on the manager's
+        own agent."""
         with self.db.reading() as s:
             # One entry per running VM with a changed vNIC: the whole request goes to the
             # agent (the driver changes only what differs), one VmChange per changed vNIC.
             pending: list[tuple[dict[str, Effective], LaunchRequest, list[_NicDiff]]] = []
             ids: dict[tuple[str, str], int] = {}
-            hosted: set[tuple[str, str]] = set()
             for row, effs in self._running(s, session, vm):
+                if (row.host_id is not None) != hosted:
+                    continue
                 diffs: list[_NicDiff] = []
                 for name, eff in effs.items():
                     applied = applied_nic(row.applied, name)
@@ -80,13 +90,12 @@ class Reapplying(Hosts):
                     continue
                 pending.append((effs, self._launch_request(row, effs), diffs))
                 ids[(row.session.name, row.name)] = row.id
-                if row.host_id is not None:
-                    hosted.add((row.session.name, row.name))
         if not pending:
             return []
-        requests = [r for _, r, _ in pending if (r.session, r.vm) not in hosted]
-        outcomes = driver.reconfigure_many(requests) if requests else {}
-        outcomes.update(self._reconfigure_hosted(sorted(hosted), ids))
+        if hosted:
+            outcomes = self._reconfigure_hosted(sorted(ids), ids)
+        else:
+            outcomes = driver.reconfigure_many([r for _, r, _ in pending])
         changes: list[VmChange] = []
         now = self.clock()
         with self.db.transaction() as s:
@@ -126,9 +135,6 @@ class Reapplying(Hosts):
                                 now, request.session, request.vm, source, reason, fields, name
                             )
                         )
-        failed = [c for c in changes if c.error]
-        if strict and failed:
-            raise DataplaneError("; ".join(f"{c.session}/{c.vm}: {c.error}" for c in failed))
         return changes
 
     def _reconfigure_hosted(

@@ -14,8 +14,7 @@ aggregates.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from vnic.agent.port import AgentPort
@@ -72,21 +71,15 @@ class Service(Profiles, Sessions, Networks, Vms, Launching, Reapplying, Draining
         driver: AgentPort,
         kind: str | None = None,
         *,
-        hold: Callable[[], contextlib.AbstractContextManager[object]] = contextlib.nullcontext,
         host: str | None = None,
     ) -> Explanation:
         """Define a VM (:meth:`add_vm`) and launch it (:meth:`launch_vm` on ``driver``,
-        ``kind`` as there); a failed launch defines nothing: the new VM is removed
-        again (its MAC released) and the launch's error raised.
-
-        ``hold`` is entered around the launch only (default: nothing held), e.g. the
-        manager's gate, shared (:attr:`vnic.manager.dispatch.Manager.gate`), which a
-        launch through a remote agent needs so that a reconcile does not see it half done.
-        """
+        ``kind`` as there, which holds the agent's gate itself); a failed launch defines
+        nothing: the new VM is removed again (its MAC released) and the launch's error
+        raised."""
         added = self.add_vm(req)
         try:
-            with hold():
-                return self.launch_vm(req.session, added.vm.name, driver, kind, host=host)
+            return self.launch_vm(req.session, added.vm.name, driver, kind, host=host)
         except BaseException:
             # Also on KeyboardInterrupt: a VM the caller asked to launch must not stay defined.
             self.remove_vm(req.session, added.vm.name)
