@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vnic.agent.core import Agent
-from vnic.agent.follow import Backoff, Follower
+from vnic.agent.follow import Backoff, Follower, jitter
 from vnic.agent.port import DesiredVm, VmKey
 from vnic.agent.upstream import (
     Change,
@@ -173,7 +173,7 @@ def driver() -> FakeDriver:
 @pytest.fixture
 def follower(tmp_path: Path, source: FakeSource, driver: FakeDriver, clock: Clock) -> Follower:
     agent = Agent(tmp_path / "agent", {"fake": driver}, default="fake")
-    return Follower(agent, source, INFO, resync=60.0, clock=clock)
+    return Follower(agent, source, INFO, resync=60.0, clock=clock, spread=lambda: 1.0)
 
 
 def test_the_snapshot_is_applied_and_every_vm_reported(
@@ -367,6 +367,19 @@ def test_the_lease_is_renewed_and_its_time_counts_from_the_request(
     clock.now += 2  # and now the lease lapsed: the lease thread registers again
     assert follower.renew_once() == pytest.approx(10 / 3)
     assert source.calls[-1] == "register"
+
+
+def test_every_wait_between_calls_is_spread_so_a_fleet_does_not_call_in_step(
+    follower: Follower, source: FakeSource
+) -> None:
+    factors = iter([0.75, 0.8])
+    follower.spread = lambda: next(factors)
+    follower.turn()
+    assert follower.renew_once() == pytest.approx(10 / 3 * 0.75)
+    source.fail["renew"] = Unreachable("no route")
+    assert follower.renew_once() == pytest.approx(0.2 * 0.8)
+    draws = [jitter() for _ in range(2000)]
+    assert 0.75 <= min(draws) < 0.8 and 0.95 < max(draws) <= 1.0
 
 
 def test_no_answer_backs_off_bounded_then_relists(

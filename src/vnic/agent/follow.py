@@ -30,12 +30,14 @@ of the session (its namespace may be new), and reported as a status with ``vm ""
 
 A status goes to the manager for every VM a snapshot or change named. A lease thread
 renews every lease/3 seconds and registers again at once when fenced. No answer from
-the manager: retry after 0.2 s, doubling to 5 s (:class:`Backoff`), then relist.
+the manager: retry after 0.2 s, doubling to 5 s (:class:`Backoff`), then relist. Each
+of those waits is scaled by a random factor from 0.75 to 1 (:func:`jitter`).
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -68,6 +70,12 @@ RESYNC = 60.0
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
 
 
+def jitter() -> float:
+    """A factor from 0.75 to 1 for each wait between calls (lease renewals, retries): a
+    fleet started at once, or cut off at once, does not call its manager in step."""
+    return random.uniform(0.75, 1.0)
+
+
 class Backoff:
     """Waits between retries: ``first`` seconds, doubling up to ``cap``; :meth:`reset`
     after a success."""
@@ -91,7 +99,8 @@ class Follower:
     ``resync``: seconds between full reconciles (default :data:`RESYNC`); ``wait``:
     seconds of one long poll (default :data:`WAIT`); ``clock``: monotonic seconds, the
     lease's time (injected by tests); ``sleep``: how :meth:`run` waits between retries
-    (default: the stop event's wait, so a stop ends it).
+    (default: the stop event's wait, so a stop ends it); ``spread``: the factor each wait
+    between two calls is scaled by (default :func:`jitter`; tests pin it to 1).
     """
 
     def __init__(
@@ -105,8 +114,10 @@ class Follower:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], object] | None = None,
         backoff: Backoff | None = None,
+        spread: Callable[[], float] = jitter,
     ) -> None:
         self.agent, self.source, self.info = agent, source, info
+        self.spread = spread
         self.resync, self.wait, self.clock = resync, wait, clock
         self._sleep = sleep
         self.backoff = backoff or Backoff()
@@ -200,7 +211,7 @@ class Follower:
                     if self.registration is reg:
                         self._deadline = started + lease
                 self._lease_backoff.reset()
-                return lease / 3
+                return lease / 3 * self.spread()
         try:
             # At once, not at the main loop's next turn (it may be in a long poll): the
             # host is not left without a lease that long.
@@ -209,13 +220,13 @@ class Follower:
             log.info("registering again failed: %s", exc)
             return self._retry_lease(reg)
         self._lease_backoff.reset()
-        return reg.lease_seconds / 3
+        return reg.lease_seconds / 3 * self.spread()
 
     def _retry_lease(self, reg: Registration) -> float:
         """Seconds to the next try after a failed one: the backoff, but never past a
         third of the lease (a lease thread that slept through it would lose it), so
         a fleet does not hammer a manager that is down."""
-        return min(self._lease_backoff.next(), reg.lease_seconds / 3)
+        return min(self._lease_backoff.next(), reg.lease_seconds / 3) * self.spread()
 
     # The main loop.
 
@@ -231,7 +242,7 @@ class Follower:
                     # A new registration: its lease counts from now, a third of it to go.
                     self._registered.clear()
                     reg = self.registration
-                    delay = reg.lease_seconds / 3 if reg is not None else 0.5
+                    delay = reg.lease_seconds / 3 * self.spread() if reg is not None else 0.5
                     continue
                 delay = self.renew_once()
 
@@ -255,11 +266,11 @@ class Follower:
             self._streak += 1
             # Once is normal; again and again is a manager that cannot keep a watch or
             # a registration: do not hammer it.
-            return self.backoff.next() if self._streak > 1 else 0.0
+            return self.backoff.next() * self.spread() if self._streak > 1 else 0.0
         except Exception as exc:
             # A daemon's loop: whatever failed (no answer, a refused token, a full
             # disk), it is logged and tried again; the VMs keep running meanwhile.
-            delay = self.backoff.next()
+            delay = self.backoff.next() * self.spread()
             level = logging.INFO if isinstance(exc, Unreachable) else logging.WARNING
             log.log(level, "%s; retrying in %g s, then relisting", exc, delay)
             self._relist_asked = True
