@@ -282,13 +282,15 @@ def bench_hosts(
     ] = 800,
     parts: Annotated[
         str,
-        typer.Option("--parts", help="Comma-separated: change, convergence, scale, simulation."),
-    ] = "change,convergence,scale,simulation",
+        typer.Option(
+            "--parts", help="Comma-separated: change, convergence, cross_host, scale, simulation."
+        ),
+    ] = "change,convergence,cross_host,scale,simulation",
 ) -> None:
     """Many hosts (root): a host bed of 3 emulated hosts, PostgreSQL, 2 manager replicas:
     a profile change reaching VMs over 3 hosts against all on one, convergence after a
     partition and a manager SIGKILL, scale (launch, resync, down, agent CPU and RSS), and
-    a simulation of many agents on the fake driver."""
+    a simulation of many agents on the fake driver, and TCP across hosts against on one."""
     from vnic.lab.bench.hosts import PARTS
     from vnic.lab.bench.hosts import run as run_hosts
 

@@ -390,9 +390,32 @@ def hosts_table(r: Mapping[str, Any]) -> Table:
         table.add_row(
             "sim: replica killed, restart to converged", f"{k['restart_to_converged_s']:.2f} s", ""
         )
-    for key in ("change", "convergence", "scale", "simulation"):
+    x = r.get("cross_host_fidelity", {})
+    for row in x.get("rows", []):
+        met = "met" if abs(row["cross_ratio"] - 1) <= 0.02 else "MISSED"
+        table.add_row(
+            f"TCP {row['direction']} across hosts, {row['rate_mbit']} Mbit/s",
+            f"{row['cross_host_bps'] / 1e6:.3f} Mbit/s = {row['cross_ratio']:.3f} "
+            f"(1 host: {row['same_ratio']:.3f}, ×{row['cross_over_same']:.3f})",
+            f"±2 %: {met}",
+        )
+    if "unshaped_ceiling" in x:
+        c = x["unshaped_ceiling"]
+        table.add_row(
+            "unshaped TCP ceiling (this machine)",
+            f"{c['cross_host_bps'] / 1e9:.2f} Gbit/s across hosts, "
+            f"{c['same_host_bps'] / 1e9:.2f} on 1 host",
+            "",
+        )
+    if "rtt_ms" in x:
+        t = x["rtt_ms"]
+        table.add_row(
+            "round trip the underlay adds",
+            f"{t['added_by_underlay']:.3f} ms ({t['cross_host_median']:.3f} across, "
+            f"{t['same_host_median']:.3f} on 1 host)",
+            "",
+        )
+    for key in ("change", "convergence", "cross_host_fidelity", "scale", "simulation"):
         if "error" in r.get(key, {}):
             table.add_row(key, f"failed: {r[key]['error']}", "")
-    x = r.get("cross_host_fidelity", {})
-    table.add_row("cross-host shaping", f"skipped: {x['skipped']}" if "skipped" in x else "", "")
     return table

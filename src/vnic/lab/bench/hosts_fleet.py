@@ -82,10 +82,12 @@ def statuses(db: Database, session: str) -> dict[str, tuple[int, int, datetime, 
 
 
 def wanted(db: Database, session: str) -> dict[str, int]:
-    """Per VM of ``session``: the newest revision of the change log naming it."""
+    """Per VM of ``session``: the newest revision of the change log naming it. The
+    session's overlay rows (``vm`` empty: its VXLAN devices, when it spans hosts) are left
+    out: no VM's status reports them, and waiting for one never ended."""
     query = (
         select(HostChangeRow.vm, func.max(HostChangeRow.revision))
-        .where(HostChangeRow.session == session)
+        .where(HostChangeRow.session == session, HostChangeRow.vm != "")
         .group_by(HostChangeRow.vm)
     )
     with db.reading() as s:
