@@ -2,8 +2,10 @@
 
 One session (``bx``) of three VMs: ``a`` and ``c`` on host 1, ``b`` on host 2, so ``a``
 to ``b`` crosses the VXLAN overlay over the bed's underlay and ``a`` to ``c`` does not.
-For each rate the session's profile is changed live (one profile import through the API;
-its answer waits for every agent's report), then TCP is measured both ways on both pairs,
+``a`` has the profile measured; ``b`` and ``c`` one far faster (:data:`PEER_RATE`), as
+the measuring peer of ``vnic bench fidelity``. For each rate ``a``'s profile is changed
+live (one profile import through the API; its answer waits for every agent's report),
+then TCP is measured both ways on both pairs,
 one flow at a time (iperf3, cubic, ``seconds`` after 0.5 s of slow start). Reported per
 rate and direction: the frame rate across hosts and on one host (bit/s), each over the
 profile's rate (target: 1 ± 2 % across hosts) and the ratio of the two.
@@ -12,7 +14,7 @@ The profile's MTU is 1450 bytes, the most VXLAN carries over the bed's 1500-byte
 (docs/overlay.md), so a frame rate is TCP goodput × (1450 + 14) / (1450 − 52) (IP, TCP
 and timestamp headers; the Ethernet header HTB counts).
 
-The machine's ceiling: the same profile without a rate, one flow ``a`` to ``b`` and one
+The machine's ceiling: both profiles without a rate, one flow ``a`` to ``b`` and one
 ``a`` to ``c`` (what an unshaped path carries here: the headroom above the top rate).
 
 The underlay's latency: ``PINGS`` pings of ``a`` to ``b`` and of ``a`` to ``c`` under the
@@ -39,7 +41,13 @@ FRAME = (1450 + 14) / (1450 - 52)
 PINGS = 20
 PORT = 5299
 SESSION = "bx"
+#: ``a``'s profile, the one measured; the peers' is :data:`PEER` at :data:`PEER_RATE`,
+#: far above every rate measured (two shapers of one rate in series would measure how
+#: the second one treats the first one's bursts, not the profile).
 PROFILE = "pcross"
+PEER, PEER_RATE = "pcrosspeer", "10gbit"
+#: The peers and their hosts: ``b`` across the overlay, ``c`` beside ``a``.
+PEERS = (("b", "h2"), ("c", "h1"))
 _RTT = re.compile(r"time=([0-9.]+) ms")
 
 
@@ -48,12 +56,16 @@ def _doc(mbit: int) -> dict[str, Any]:
     return {"name": PROFILE, "mtu": "1450B", "egress": {"rate": rate}, "ingress": {"rate": rate}}
 
 
-def _in_vm(vm: str, *argv: str) -> list[str]:
-    return ["ip", "netns", "exec", f"vnic.{SESSION}.{vm}", *argv]
+def _vm(name: str, host: str, profile: str) -> dict[str, Any]:
+    return {"name": name, "launch": True, "host": host, "profile": profile}
 
 
-def _ipv4(fleet: BenchFleet, vm: str) -> str:
-    ip = fleet.svc.get_vm(SESSION, vm).ipv4
+def _in_vm(session: str, vm: str, *argv: str) -> list[str]:
+    return ["ip", "netns", "exec", f"vnic.{session}.{vm}", *argv]
+
+
+def _ipv4(fleet: BenchFleet, session: str, vm: str) -> str:
+    ip = fleet.svc.get_vm(session, vm).ipv4
     if not ip:
         raise VnicError(f"vnic bench hosts: VM {vm} has no IPv4 address")
     return ip.split("/")[0]
@@ -65,21 +77,23 @@ def tcp_frames_bps(
     server: tuple[Host, str],
     reverse: bool,
     seconds: float,
+    session: str = SESSION,
 ) -> float:
     """The TCP frame rate (bit/s) from ``client`` to ``server`` (``reverse``: the server
-    sends), each ``(host, VM)``."""
+    sends), each ``(host, VM)`` of ``session``, at an MTU of 1450 bytes."""
     (chost, cvm), (shost, svm) = client, server
     bed = fleet.bed
     listen = bed.spawn(
         shost,
-        _in_vm(svm, "iperf3", "-s", "-1", "-p", str(PORT)),
+        _in_vm(session, svm, "iperf3", "-s", "-1", "-p", str(PORT)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        listening = _in_vm(svm, "ss", "-Hltn", "sport", "=", f":{PORT}")
+        listening = _in_vm(session, svm, "ss", "-Hltn", "sport", "=", f":{PORT}")
         until("iperf3 listens", lambda: bed.run(shost, listening).stdout.strip(), 30)
-        argv = _in_vm(cvm, "iperf3", "-c", _ipv4(fleet, svm), "-p", str(PORT), "-J")
+        argv = _in_vm(session, cvm, "iperf3", "-c", _ipv4(fleet, session, svm), "-p", str(PORT))
+        argv.append("-J")
         argv += ["-t", str(seconds), "-O", "0.5", "-C", "cubic", *(["-R"] if reverse else [])]
         done = bed.run(chost, argv, timeout=seconds + 30)
         end = json.loads(done.stdout or "{}").get("end", {})
@@ -92,7 +106,8 @@ def tcp_frames_bps(
 
 
 def _rtts(fleet: BenchFleet, host: Host, vm: str, peer: str) -> list[float]:
-    argv = _in_vm(vm, "ping", "-n", "-c", str(PINGS), "-i", "0.2", "-W", "1", _ipv4(fleet, peer))
+    argv = _in_vm(SESSION, vm, "ping", "-n", "-c", str(PINGS), "-i", "0.2", "-W", "1")
+    argv.append(_ipv4(fleet, SESSION, peer))
     return [float(m) for m in _RTT.findall(fleet.bed.run(host, argv, timeout=60).stdout)]
 
 
@@ -100,10 +115,12 @@ def part_cross_host(
     fleet: BenchFleet, rates_mbit: tuple[int, ...] = RATES_MBIT, seconds: float = 3.0
 ) -> dict[str, Any]:
     h1, h2 = fleet.bed.hosts[0], fleet.bed.hosts[1]
-    fleet.ok([("POST", "/v1/import/profiles", [_doc(rates_mbit[0])])])
-    fleet.session(SESSION, PROFILE)
-    fleet.launch(SESSION, ["a", "c"], host="h1")
-    fleet.launch(SESSION, ["b"], host="h2")
+    peer = {"name": PEER, "mtu": "1450B", "egress": {"rate": PEER_RATE}}
+    peer["ingress"] = {"rate": PEER_RATE}
+    fleet.ok([("POST", "/v1/import/profiles", [_doc(rates_mbit[0]), peer])])
+    fleet.session(SESSION, PEER)
+    fleet.ok([("POST", f"/v1/sessions/{SESSION}/vms", _vm("a", "h1", PROFILE))])
+    fleet.ok([("POST", f"/v1/sessions/{SESSION}/vms", _vm(v, h, PEER)) for v, h in PEERS])
     until("the session runs on 2 hosts", lambda: fleet.converged(SESSION))
     # Neighbours found before the first flow (ARP through the overlay).
     _rtts(fleet, h1, "a", "b")
@@ -129,8 +146,9 @@ def part_cross_host(
     cross_rtt, same_rtt = _rtts(fleet, h1, "a", "b"), _rtts(fleet, h1, "a", "c")
     if not cross_rtt or not same_rtt:
         raise VnicError("vnic bench hosts: the pings of the cross-host part got no answer")
-    # The machine's own ceiling on each path: the profile without a rate (MTU kept).
-    fleet.ok([("POST", "/v1/import/profiles", [{"name": PROFILE, "mtu": "1450B"}])])
+    # The machine's own ceiling on each path: no rate on either end (MTU kept).
+    unshaped = [{"name": n, "mtu": "1450B"} for n in (PROFILE, PEER)]
+    fleet.ok([("POST", "/v1/import/profiles", unshaped)])
     until("every VM unshaped", lambda: fleet.converged(SESSION))
     ceiling = {
         "cross_host_bps": round(tcp_frames_bps(fleet, (h1, "a"), (h2, "b"), False, seconds)),
