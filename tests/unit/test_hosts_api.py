@@ -378,6 +378,22 @@ def test_the_agent_flags_take_what_the_manager_takes(tmp_path: Path) -> None:
         )
 
     assert flags("hv-1", "rack=a", "zone.x=eu/b:2").labels == {"rack": "a", "zone.x": "eu/b:2"}
+    assert flags("hv1").manager == ("http://127.0.0.1:1",)
+    replicas = follow_flags(
+        "https://10.0.0.1:8470, https://10.0.0.2:8470",
+        token,
+        "hv1",
+        "10.0.0.1",
+        None,
+        None,
+        [],
+        None,
+        None,
+    )
+    assert replicas.manager == ("https://10.0.0.1:8470", "https://10.0.0.2:8470")
+    with pytest.raises(InvalidInput) as err:
+        follow_flags("https://a,ftp://b", token, "hv1", "10.0.0.1", None, None, [], None, None)
+    assert err.value.paths == ["--manager"] and "ftp://b" in str(err.value)
     for host, labels, option in (
         ("HV1", (), "--host"),
         ("hv.1", (), "--host"),

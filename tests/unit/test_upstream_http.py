@@ -380,3 +380,22 @@ def test_overlays_in_the_snapshot_and_the_changes(manager: tuple[FakeManager, st
     state.overlays = ["not", "an", "object"]
     with pytest.raises(Unreachable, match="overlays"):
         source.snapshot()
+
+
+def test_a_replica_that_does_not_answer_hands_the_next_call_to_the_next(
+    manager: tuple[FakeManager, str],
+) -> None:
+    """With replicas' URLs, a call no replica answered fails (the follower retries), and
+    the next goes to the next replica, which resumes from the same database."""
+    _, url = manager
+    source = HttpSource(["http://127.0.0.1:9", url], TOKEN, timeout=2)
+    with pytest.raises(Unreachable, match=r"127\.0\.0\.1:9"):
+        source.register(INFO)
+    assert source.url == url
+    assert source.register(INFO).epoch == 1  # the second replica answers
+    assert source.renew(1) > 0 and source.url == url  # answered: calls stay there
+    with pytest.raises(InvalidInput) as err:
+        HttpSource([url, "ftp://x"], TOKEN)
+    assert err.value.paths == ["manager"] and "ftp://x" in str(err.value)
+    with pytest.raises(InvalidInput):
+        HttpSource([], TOKEN)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,6 +54,8 @@ MAX_BODY = 16 * 1024 * 1024
 MAX_ITEMS = 10_000
 #: Seconds: the longest long poll the contract allows (``wait`` is cut to it).
 MAX_WAIT = 30.0
+#: Manager replicas one agent may be given (``--manager URL,URL,...``).
+MAX_REPLICAS = 8
 
 
 class Relist(Exception):
@@ -195,7 +198,11 @@ class DesiredSource(Protocol):
 
 class HttpSource(DesiredSource):
     """The manager's ``/v1/agent/*`` endpoints at ``url`` (``https://`` or ``http://``),
-    authenticated by the host's token.
+    authenticated by the host's token. ``url`` may be a sequence of URLs, the replicas of
+    one manager (one database): a call that gets no answer, a 5xx or a 429 from one
+    makes the next call go to the next (in turn, wrapping round), so an agent follows
+    another replica while one is down. The watch's revision and the registration's epoch
+    are the database's, so the next replica resumes where the last one left off.
 
     ``ca_file``: the CA bundle (PEM) that verifies the manager's certificate (default:
     httpx's, certifi's bundle); an ``https://`` manager is always verified. ``timeout``: seconds to connect, and to wait for any answer beyond a
@@ -206,7 +213,7 @@ class HttpSource(DesiredSource):
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         token: str,
         ca_file: str | Path | None = None,
         timeout: float = 10.0,
@@ -215,24 +222,44 @@ class HttpSource(DesiredSource):
         max_items: int = MAX_ITEMS,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise InvalidInput.one("manager", url, "an http:// or https:// URL")
-        self.url = url.rstrip("/")
+        urls = [url] if isinstance(url, str) else list(url)
+        if not urls or len(urls) > MAX_REPLICAS:
+            raise InvalidInput.one("manager", urls, f"1 to {MAX_REPLICAS} URLs")
+        for u in urls:
+            if not isinstance(u, str) or not u.startswith(("http://", "https://")):
+                raise InvalidInput.one("manager", u, "an http:// or https:// URL")
+        self.urls = [u.rstrip("/") for u in urls]
         self.timeout = timeout
         self.max_body = max_body
         self.max_items = max_items
-        self._http = httpx.Client(
-            base_url=self.url,
-            # The CA given, else httpx's default (certifi's bundle, or $SSL_CERT_FILE).
-            verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file else True,
-            timeout=timeout,
-            headers={"Authorization": f"Bearer {token}"},
-            transport=transport,
-            follow_redirects=False,  # the token goes to the manager named, nowhere else
-        )
+        # The CA given, else httpx's default (certifi's bundle, or $SSL_CERT_FILE).
+        verify = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        self._clients = [
+            httpx.Client(
+                base_url=u,
+                verify=verify,
+                timeout=timeout,
+                headers={"Authorization": f"Bearer {token}"},
+                transport=transport,
+                follow_redirects=False,  # the token goes to the manager named, nowhere else
+            )
+            for u in self.urls
+        ]
+        self._at = 0  # the replica calls go to (the lease thread and the main loop share it)
+
+    @property
+    def url(self) -> str:
+        """The URL calls go to now."""
+        return self.urls[self._at]
+
+    def _next_replica(self, failed: int) -> None:
+        """Calls go to the replica after ``failed`` (unless another thread moved on)."""
+        if self._at == failed:
+            self._at = (failed + 1) % len(self.urls)
 
     def close(self) -> None:
-        self._http.close()
+        for client in self._clients:
+            client.close()
 
     # The contract's five calls.
 
@@ -351,12 +378,20 @@ class HttpSource(DesiredSource):
         the answer on purpose (a long poll), on top of :attr:`timeout`."""
         budget = self.timeout + extra
         timeout = httpx.Timeout(self.timeout, read=budget)
+        at = self._at
+        url, client = self.urls[at], self._clients[at]
         try:
-            with self._http.stream(method, path, timeout=timeout, **kwargs) as response:
+            with client.stream(method, path, timeout=timeout, **kwargs) as response:
                 body = self._read(response, what, time.monotonic() + budget)
         except httpx.HTTPError as exc:
-            raise Unreachable(f"manager {self.url} did not answer {what}: {exc}") from None
+            self._next_replica(at)
+            raise Unreachable(f"manager {url} did not answer {what}: {exc}") from None
+        except Unreachable:
+            self._next_replica(at)
+            raise
         status = response.status_code
+        if status >= 500 or status == 429:
+            self._next_replica(at)
         if status == 200:
             try:
                 doc = json.loads(body)
@@ -371,11 +406,11 @@ class HttpSource(DesiredSource):
         if status == 409 and what != "register":
             raise Fenced(message)
         if status == 401:
-            raise Unauthenticated(f"manager {self.url} refused the host token: {message}")
+            raise Unauthenticated(f"manager {url} refused the host token: {message}")
         if status >= 500 or status == 429 or status < 400:
             raise Unreachable(f"manager answered {what} with {status}: {message}")
         if status == 403:
-            raise Forbidden(f"manager {self.url} refused {what} to this host: {message}")
+            raise Forbidden(f"manager {url} refused {what} to this host: {message}")
         raise Conflict(f"manager refused {what} ({status} {kind}): {message}")
 
     def _read(self, response: httpx.Response, what: str, deadline: float) -> bytes:

@@ -24,13 +24,16 @@ VNICS_DEFAULT = 64
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 #: Bytes: the longest host token read (a token is a line, not a file's worth).
 TOKEN_MAX = 4096
+#: Replicas ``--manager`` may list (as :data:`vnic.agent.upstream.MAX_REPLICAS`; that
+#: module is not imported before a command needs it).
+MAX_REPLICAS = 8
 
 
 @dataclass(frozen=True)
 class FollowFlags:
     """The checked flags: the manager, the host's token and what the host registers."""
 
-    manager: str
+    manager: tuple[str, ...]
     token: str
     host: str
     underlay: str
@@ -90,10 +93,14 @@ def follow_flags(
     def bad(flag: str, value: object, expected: str) -> None:
         errors.append(FieldError(flag, show_value(value), expected))
 
-    if not manager.startswith(("https://", "http://")) or len(manager) > 2000:
-        bad("--manager", manager, "an https:// or http:// URL")
-    elif ca is not None and not manager.startswith("https://"):
-        bad("--ca", str(ca), "a CA for an https:// --manager (this one is plain HTTP)")
+    urls = tuple(u.strip() for u in manager.split(",")) if len(manager) <= 2000 else ()
+    if not urls or len(urls) > MAX_REPLICAS:
+        bad("--manager", manager, f"URL[,URL...]: 1 to {MAX_REPLICAS} replicas' URLs")
+    for url in urls:
+        if not url.startswith(("https://", "http://")):
+            bad("--manager", url, "an https:// or http:// URL (replicas: comma-separated)")
+        elif ca is not None and not url.startswith("https://"):
+            bad("--ca", str(ca), f"a CA for https:// managers ({url} is plain HTTP)")
     token = ""
     if token_file is None:
         bad("--host-token-file", None, "the file holding this host's token (required)")
@@ -146,7 +153,7 @@ def follow_flags(
     if errors:
         raise InvalidInput(errors)
     return FollowFlags(
-        manager=manager,
+        manager=urls,
         token=token,
         host=name,
         underlay=address,

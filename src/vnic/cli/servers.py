@@ -164,9 +164,10 @@ def agent_command(
         str | None,
         typer.Option(
             "--manager",
-            metavar="URL",
+            metavar="URL[,URL...]",
             help="Follow the manager at URL (https:// or http://): dial out, register, "
-            "list then watch this host's desired state; no control API is served.",
+            "list then watch this host's desired state; no control API is served. "
+            "Replicas' URLs, comma-separated: when one does not answer, the next is used.",
         ),
     ] = None,
     host_token_file: Annotated[

@@ -13,7 +13,9 @@ netns driver (:mod:`vnic.lab.bench.hosts_fleet`):
    in its host to check the kernel has the new rate.
 2. **convergence**: one host partitioned (``HostBed.partition``) until its lease runs
    out, a profile change made meanwhile, then healed; and the replica the agents follow
-   killed (SIGKILL), a change made through the other, the replica started again. Each
+   killed (SIGKILL), a change made through the other, the replica started again: h1 and
+   h2 follow both replicas (failover: seconds from the kill until they are correct), h3
+   the killed one alone (seconds from its restart). Each
    time: seconds until every host is correct (database running set = each agent's
    desired set = each kernel's VMs, and every VM reported its newest change) — target 5 s.
 3. **scale**: ``m`` VMs launched over the 3 hosts (``parallel`` API calls at once), a
@@ -90,8 +92,10 @@ def _fleet(pg: PgServer, vnics: int) -> Iterator[BenchFleet]:
             f = fleet = BenchFleet(bed, pg.create_database(), certs, vnics)
             f.serve(0)
             f.serve(1)
+            # h1 and h2 follow both replicas (the next when one does not answer); h3
+            # the first alone (it waits for that replica to come back).
             for h in bed.hosts:
-                f.start_agent(h)
+                f.start_agent(h, (0,) if h.short == "h3" else (0, 1))
             until("3 hosts ready", lambda: [h.state for h in f.svc.list_hosts()] == ["ready"] * 3)
             yield f
         finally:
@@ -170,12 +174,16 @@ def part_convergence(fleet: BenchFleet) -> dict[str, Any]:
             fleet.bed.partition(h3, False)
     fleet.api_results(waiting)
     # The replica the agents follow killed; a change through the other; started again.
+    t_kill = time.monotonic()
     fleet.kill(0)
     before = fleet.wanted("bs")
     waiting = fleet.api_spawn(
         [("POST", "/v1/import/profiles", [_doc("pspread", "50mbit")])], replica=1
     )
     until("the change is in the log", lambda: fleet.wanted("bs") != before, 60)
+    both = ("h1", "h2")
+    until("h1 and h2 converged on the other replica", lambda: fleet.converged("bs", both), 60)
+    failover_s = time.monotonic() - t_kill
     t0 = time.monotonic()
     fleet.serve(0, wait=False)
     until("the replica answers again", lambda: fleet.answers(0), 60)
@@ -186,15 +194,19 @@ def part_convergence(fleet: BenchFleet) -> dict[str, Any]:
     fleet.down("bs")
     return {
         "partition_heal_s": round(partition_s, 3),
+        "manager_sigkill_failover_s": round(failover_s, 3),
         "manager_sigkill_restart_s": round(restart_s, 3),
         "manager_restart_answers_s": round(answers_s, 3),
         "target_s": 5.0,
         "notes": [
             "partition: h3's underlay dropped until its lease ran out (unknown), a profile "
             "change made meanwhile; timed from the heal",
-            "restart: the replica all agents follow SIGKILLed, a profile change made "
-            "through the other, timed from the restart (includes the replica's start-up, "
-            "manager_restart_answers_s of it, and the agents' backoff, at most 5 s)",
+            "failover: the replica all agents call SIGKILLed, a profile change made "
+            "through the other; h1 and h2 (given both replicas' URLs) converged this long "
+            "after the kill, on the other replica",
+            "restart: h3 (given the killed replica's URL alone) converged this long after "
+            "that replica's restart (its start-up, manager_restart_answers_s of it, and "
+            "h3's backoff, at most 5 s)",
         ],
     }
 

@@ -140,9 +140,12 @@ class BenchFleet:
         proc.kill()
         proc.wait(timeout=30)
 
-    def start_agent(self, host: Host) -> None:
+    def start_agent(self, host: Host, replicas: tuple[int, ...] = (0,)) -> None:
+        """``vnic agent --manager`` on ``host``, following the ``replicas`` (their URLs in
+        that order: the next one when one does not answer)."""
         (host.home / "host.token").write_text(self.tokens[host.short])
-        argv = [*VNIC, "agent", "--manager", self.url(0), "--host", host.short]
+        urls = ",".join(self.url(r) for r in replicas)
+        argv = [*VNIC, "agent", "--manager", urls, "--host", host.short]
         argv += ["--host-token-file", str(host.home / "host.token"), "--ca", str(self.ca)]
         argv += ["--underlay", host.address4, "--vnics", str(self.vnics)]
         argv += ["--drift-interval", "600"]
@@ -272,13 +275,16 @@ class BenchFleet:
         with self.db.reading() as s:
             return {n: int(e) for n, e in s.execute(select(HostRow.name, HostRow.epoch))}
 
-    def converged(self, session: str) -> bool:
+    def converged(self, session: str, on: tuple[str, ...] | None = None) -> bool:
         """:meth:`agree`, and every running VM reported, without error, the newest change
-        the log holds for it."""
-        if not self.agree(session):
+        the log holds for it; ``on``: only the VMs on those hosts reported (no
+        :meth:`agree`: the other hosts may still be behind)."""
+        if on is None and not self.agree(session):
             return False
         wanted, got = self.wanted(session), self.statuses(session)
-        for vm in self.placement(session):
+        for vm, host in self.placement(session).items():
+            if on is not None and host not in on:
+                continue
             status = got.get(vm)
             if status is None or status[0] < wanted.get(vm, 0) or status[3]:
                 return False
