@@ -30,7 +30,7 @@ of the session (its namespace may be new), and reported as a status with ``vm ""
 
 A status goes to the manager for every VM a snapshot or change named. A lease thread
 renews every lease/3 seconds and registers again at once when fenced. No answer from
-the manager: retry after 0.2 s, doubling to 5 s (:class:`Backoff`), then relist. Each
+the manager: retry after 0.2 s, doubling to 2 s (:class:`Backoff`), then relist. Each
 of those waits is scaled by a random factor from 0.75 to 1 (:func:`jitter`).
 """
 
@@ -66,8 +66,10 @@ log = logging.getLogger("vnic.agent.follow")
 WAIT = 25.0
 #: Seconds between two full reconciles when nothing else asks for one.
 RESYNC = 60.0
-#: Seconds: the first retry after no answer, and the longest wait between two.
-BACKOFF_FIRST, BACKOFF_CAP = 0.2, 5.0
+#: Seconds: the first retry after no answer, and the longest wait between two (short: a
+#: healed partition or a restarted manager is followed again within it; a fleet's
+#: retries at a manager that is down are refused connections, cheap to answer).
+BACKOFF_FIRST, BACKOFF_CAP = 0.2, 2.0
 
 
 def jitter() -> float:

@@ -56,6 +56,8 @@ MAX_ITEMS = 10_000
 MAX_WAIT = 30.0
 #: Manager replicas one agent may be given (``--manager URL,URL,...``).
 MAX_REPLICAS = 8
+#: Seconds to wait for a connection to the manager.
+CONNECT = 3.0
 
 
 class Relist(Exception):
@@ -377,7 +379,9 @@ class HttpSource(DesiredSource):
         """One request; the answer's JSON object. ``extra``: seconds the manager may hold
         the answer on purpose (a long poll), on top of :attr:`timeout`."""
         budget = self.timeout + extra
-        timeout = httpx.Timeout(self.timeout, read=budget)
+        # A connection is made in milliseconds or not at all (a partition drops the SYN):
+        # waiting the whole timeout for it would hold the agent past a heal.
+        timeout = httpx.Timeout(self.timeout, connect=min(self.timeout, CONNECT), read=budget)
         at = self._at
         url, client = self.urls[at], self._clients[at]
         try:
