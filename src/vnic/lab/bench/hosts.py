@@ -223,16 +223,33 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {h: round(after[h] - before[h], 3) for h in sorted(after)}
 
 
+#: VMs per session of the scale part: a session's network holds 253 vNICs.
+SCALE_PER_SESSION = 200
+
+
 def part_scale(fleet: BenchFleet, m: int, parallel: int) -> dict[str, Any]:
     fleet.profile("pscale", "20mbit")
-    fleet.session("bm", "pscale")
+    sessions = [f"bm{i}" for i in range(-(-m // SCALE_PER_SESSION))]
+    for name in sessions:
+        fleet.session(name, "pscale")
+    vms = [(sessions[i // SCALE_PER_SESSION], f"s{i}") for i in range(m)]
+
+    def every(check: Callable[[str], bool]) -> bool:
+        return all(check(name) for name in sessions)
+
     cpu0 = _cpu(fleet)
-    calls = fleet.launch("bm", [f"s{i}" for i in range(m)], parallel=parallel)
-    until("every VM runs", lambda: fleet.converged("bm"), 600)
+    calls = []
+    for name in sessions:
+        mine = [vm for session, vm in vms if session == name]
+        calls += fleet.launch(name, mine, parallel=parallel)
+    until("every VM runs", lambda: every(fleet.converged), 600)
     launch_s = max(c["t1"] for c in calls) - min(c["t0"] for c in calls)
     cpu_launch = _delta(_cpu(fleet), cpu0)
     rss = {h: peak_rss_mib(p.pid) for h, p in fleet.agents.items()}
-    per_host = {h: len(v) for h, v in fleet.kernel("bm").items()}
+    per_host = {host.short: 0 for host in fleet.bed.hosts}
+    for name in sessions:
+        for short, found in fleet.kernel(name).items():
+            per_host[short] += len(found)
     # A full resync: each agent stopped (a SIGTERM ends the long poll in flight first),
     # then started again: it registers (a new epoch), relists and reconciles every VM.
     epochs = fleet.epochs()
@@ -240,41 +257,49 @@ def part_scale(fleet: BenchFleet, m: int, parallel: int) -> dict[str, Any]:
     fleet.stop_agents()
     stop_s = time.monotonic() - t0
     t0 = time.monotonic()
-    for h in fleet.bed.hosts:
-        fleet.start_agent(h)
+    for host in fleet.bed.hosts:
+        fleet.start_agent(host, (0,) if host.short == "h3" else (0, 1))
     cpu1 = _cpu(fleet)
 
-    def resynced() -> bool:
+    def resynced(name: str) -> bool:
         now = fleet.epochs()
         if any(now[h.short] <= epochs[h.short] for h in fleet.bed.hosts):
             return False
-        placed = fleet.placement("bm")
-        got = fleet.statuses("bm")
+        placed = fleet.placement(name)
+        got = fleet.statuses(name)
         return all(vm in got and got[vm][1] == now[host or ""] for vm, host in placed.items())
 
-    until("every VM reported under the new epochs", resynced, 600)
+    until("every VM reported under the new epochs", lambda: every(resynced), 600)
     resync_s = time.monotonic() - t0
     cpu_resync = _delta(_cpu(fleet), cpu1)
     cpu2 = _cpu(fleet)
     t0 = time.monotonic()
-    fleet.down("bm")
-    until("nothing of the session is left", lambda: not fleet.session_namespaces("bm"), 600)
+    for name in sessions:
+        fleet.down(name)
+
+    def left() -> list[str]:
+        return [n for name in sessions for n in fleet.session_namespaces(name)]
+
+    until("nothing of the sessions is left", lambda: not left(), 600)
     down_s = time.monotonic() - t0
     cpu_down = _delta(_cpu(fleet), cpu2)
     for name, proc in fleet.agents.items():
         rss[name] = round(max(rss[name], peak_rss_mib(proc.pid)), 1)
     return {
         "vms": m,
+        "sessions": len(sessions),
         "parallel": parallel,
         "per_host": per_host,
         "launch_s": round(launch_s, 3),
         "agents_stop_s": round(stop_s, 3),
         "resync_s": round(resync_s, 3),
         "down_s": round(down_s, 3),
-        "left": fleet.session_namespaces("bm"),
+        "left": left(),
         "agent_cpu_s": {"launch": cpu_launch, "resync": cpu_resync, "down": cpu_down},
         "agent_peak_rss_mib": rss,
         "notes": [
+            f"sessions of at most {SCALE_PER_SESSION} VMs (a session's network holds 253 "
+            "vNICs), launched one session after another",
             "launch: first call to last answer (each answers after its agent's report)",
             "agents_stop: SIGTERM to exit of all 3 agents (each ends its long poll first)",
             "resync: from the agents' start until every VM's status carries its host's "
