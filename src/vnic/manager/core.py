@@ -273,13 +273,18 @@ class ServiceCore:
         vm: str | None = None,
         *,
         running_only: bool = True,
+        hosted: bool | None = None,
     ) -> Iterator[tuple[VmRow, dict[str, Effective]]]:
-        """Running VMs (every VM without ``running_only``; of ``session``, and ``vm``) with
-        the effective profiles of their vNICs, resolved with each policy and profile set
+        """Running VMs (every VM without ``running_only``; of ``session``, and ``vm``;
+        ``hosted``: only those placed on hosts, or only the own agent's) with the
+        effective profiles of their vNICs, resolved with each policy and profile set
         loaded once."""
         query = select(VmRow).options(*VM_RESOLVE_LOADS)
         if running_only:
             query = query.where(VmRow.state == "running")
+        if hosted is not None:
+            placed = VmRow.host_id.is_not(None)
+            query = query.where(placed if hosted else VmRow.host_id.is_(None))
         if session is not None:
             query = query.where(VmRow.session_id == self._session_row(s, session).id)
         if vm is not None:

@@ -75,9 +75,7 @@ class Reapplying(Hosts):
             # agent (the driver changes only what differs), one VmChange per changed vNIC.
             pending: list[tuple[dict[str, Effective], LaunchRequest, list[_NicDiff]]] = []
             ids: dict[tuple[str, str], int] = {}
-            for row, effs in self._running(s, session, vm):
-                if (row.host_id is not None) != hosted:
-                    continue
+            for row, effs in self._running(s, session, vm, hosted=hosted):
                 diffs: list[_NicDiff] = []
                 for name, eff in effs.items():
                     applied = applied_nic(row.applied, name)

@@ -56,7 +56,7 @@ from vnic.lab.hostbed import HostBed
 from vnic.lab.pgserver import PgServer
 from vnic.lab.testca import make_test_ca
 
-#: The defaults finish the whole bench in about 5 minutes on a loaded 2-core machine.
+#: The defaults finish the whole bench in about 6 minutes on a 2-core machine (364 s).
 DEFAULTS = {"n": 10, "m": 30, "parallel": 4, "agents": 20, "vnics": 800}
 #: The sizes issue #18 asks for.
 ISSUE = {"n": 100, "m": 300, "parallel": 4, "agents": 200, "vnics": 20000}
