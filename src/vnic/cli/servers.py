@@ -83,6 +83,17 @@ def serve(
             max=600.0,
         ),
     ] = 60.0,
+    lease: Annotated[
+        float,
+        typer.Option(
+            "--lease",
+            help="Seconds a host's registration or renewal holds its lease (its agent "
+            "renews every third of it; past it the host is unknown). Longer for large "
+            "fleets: each agent's renewal is a call.",
+            min=3.0,
+            max=300.0,
+        ),
+    ] = 10.0,
     tls_cert: Annotated[
         Path | None,
         typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM, chain first)."),
@@ -123,6 +134,7 @@ def serve(
         served = build_manager(database_url(), agent_url=agent, agent_key=key, driver=driver)
         served.manager.live.interval = controller_interval
         served.manager.service.host_wait = host_wait
+        served.manager.service.lease_seconds = lease
         run_manager(
             served,
             host,
