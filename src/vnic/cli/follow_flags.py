@@ -100,7 +100,7 @@ def follow_flags(
         if not url.startswith(("https://", "http://")):
             bad("--manager", url, "an https:// or http:// URL (replicas: comma-separated)")
         elif ca is not None and not url.startswith("https://"):
-            bad("--ca", str(ca), f"a CA for https:// managers ({url} is plain HTTP)")
+            bad("--ca", str(ca), f"a CA for an https:// --manager ({url} is plain HTTP)")
     token = ""
     if token_file is None:
         bad("--host-token-file", None, "the file holding this host's token (required)")
