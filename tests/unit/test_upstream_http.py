@@ -103,6 +103,11 @@ def serve(manager: FakeManager, tls: ssl.SSLContext | None = None) -> ThreadingH
 
         def _handle(self, method: str) -> None:
             url = urlsplit(self.path)
+            # The request's body is read first, always: closing a socket with unread data
+            # in it sends a reset, which can reach the client before the whole answer
+            # (seen as "connection reset by peer" on a loaded machine).
+            length = int(self.headers.get("Content-Length") or 0)
+            raw_body = self.rfile.read(length) if length else b""
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 self._send(401, {"error": {"kind": "unauthenticated", "message": "unknown token"}})
                 return
@@ -115,8 +120,7 @@ def serve(manager: FakeManager, tls: ssl.SSLContext | None = None) -> ThreadingH
                 self.end_headers()
                 self.wfile.write(data)  # without a length: the body ends with the connection
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
+            body = json.loads(raw_body) if raw_body else None
             query = {k: v[0] for k, v in parse_qs(url.query).items()}
             self._send(*manager.answer(method, url.path, query, body))
 
