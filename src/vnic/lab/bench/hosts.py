@@ -52,7 +52,7 @@ from vnic.lab.bench.hosts_fleet import (
     peak_rss_mib,
     until,
 )
-from vnic.lab.hostbed import HostBed
+from vnic.lab.hostbed import Host, HostBed
 from vnic.lab.pgserver import PgServer
 from vnic.lab.testca import make_test_ca
 
@@ -78,6 +78,12 @@ def _summary(values: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def _replicas_of(host: Host) -> tuple[int, ...]:
+    """The replicas ``host``'s agent follows: h1 and h2 both (the next when one does not
+    answer), h3 the first alone (it waits for that replica to come back)."""
+    return (0,) if host.short == "h3" else (0, 1)
+
+
 @contextlib.contextmanager
 def _fleet(pg: PgServer, vnics: int) -> Iterator[BenchFleet]:
     """A bed of 3 hosts, a database on ``pg``, 2 replicas and 3 agents; all removed
@@ -92,10 +98,8 @@ def _fleet(pg: PgServer, vnics: int) -> Iterator[BenchFleet]:
             f = fleet = BenchFleet(bed, pg.create_database(), certs, vnics)
             f.serve(0)
             f.serve(1)
-            # h1 and h2 follow both replicas (the next when one does not answer); h3
-            # the first alone (it waits for that replica to come back).
             for h in bed.hosts:
-                f.start_agent(h, (0,) if h.short == "h3" else (0, 1))
+                f.start_agent(h, _replicas_of(h))
             until("3 hosts ready", lambda: [h.state for h in f.svc.list_hosts()] == ["ready"] * 3)
             yield f
         finally:
@@ -258,7 +262,7 @@ def part_scale(fleet: BenchFleet, m: int, parallel: int) -> dict[str, Any]:
     stop_s = time.monotonic() - t0
     t0 = time.monotonic()
     for host in fleet.bed.hosts:
-        fleet.start_agent(host, (0,) if host.short == "h3" else (0, 1))
+        fleet.start_agent(host, _replicas_of(host))
     cpu1 = _cpu(fleet)
 
     def resynced(name: str) -> bool:
