@@ -28,9 +28,11 @@ from vnic.manager import changelog
 from vnic.manager.auth import hash_secret
 from vnic.manager.changelog import Relist, Stale, StatusReport
 from vnic.manager.results import VmRequest
+from vnic.manager.runtime import Runtime
 from vnic.manager.service import Service
 from vnic.model.launch import LaunchRequest
 from vnic.model.network import NicSpec
+from vnic.model.profile import parse_profile_document, values_to_document
 from vnic.store.db import Database
 from vnic.store.models import FleetStateRow, HostChangeRow, HostRow, SessionRow, VmRow
 
@@ -756,3 +758,64 @@ def test_a_write_waiting_for_a_hosts_report_lets_the_own_agents_gate_go(fleet: F
     )
     acquired_while_waiting(lambda: svc.session_down("lab", fleet.agent))
     assert svc.get_vm("lab", "a").state == "defined"
+
+
+def test_every_write_a_live_change_follows_logs_its_hosted_vms_in_its_own_transaction(
+    fleet: Fleet, play: Any
+) -> None:
+    """A profile, a session's policy, a VM's override and a runtime adjustment (set and
+    cleared) each log a change for the hosted VMs they reach in the write's own
+    transaction; the live change after it waits for that row's report (its kernel lines
+    are the answer) instead of logging a second one."""
+    svc = fleet.svc
+    runtime = Runtime(svc)
+    _, epoch = fleet.ready("hv1")
+    lines = ["eth0: htb class 1:10 rate changed"]
+    agent = play(svc, "hv1", epoch, lines=lines)
+    svc.apply_profiles([parse_profile_document({"name": "p", "egress": {"rate": "10Mbit"}})])
+    for name in ("a", "b"):
+        svc.add_vm(VmRequest("lab", name))
+        svc.launch_vm("lab", name, fleet.agent)
+
+    def logged_by(write: Any, vms: set[str]) -> None:
+        before = fleet.revision()
+        write()  # the write alone, no live change yet
+        assert {(h, s, v) for r, h, s, v in fleet.changes() if r > before} == {
+            ("hv1", "lab", vm) for vm in vms
+        }
+        logged = fleet.revision()
+        changes = svc.reapply(fleet.agent, session="lab")
+        assert fleet.revision() == logged  # waited for the write's rows, logged none
+        assert {c.vm for c in changes} == vms and all(c.kernel == lines for c in changes)
+        assert svc.reapply(fleet.agent, session="lab") == []
+
+    logged_by(lambda: svc.update_session("lab", {"default_profile": "p"}), {"a", "b"})
+    logged_by(
+        lambda: svc.apply_profiles(
+            [parse_profile_document({"name": "p", "egress": {"rate": "20Mbit"}})]
+        ),
+        {"a", "b"},
+    )
+    logged_by(lambda: svc.update_vm("lab", "a", {"patch": {"egress": {"rate": "2Mbit"}}}), {"a"})
+    logged_by(
+        lambda: runtime.adjust("lab", "b", source="user", reason="t", values=_rate("3Mbit")),
+        {"b"},
+    )
+    logged_by(lambda: runtime.clear("lab", "b", "user"), {"b"})
+    # A refused write logs nothing; one that changes nothing effective logs nothing.
+    before = fleet.revision()
+    with pytest.raises(InvalidInput):
+        svc.update_vm("lab", "a", {"patch": {"egress": {"rate": "fast"}}})
+    svc.update_session("lab", {"owner": "alice"})
+    assert fleet.revision() == before
+    # A write that logs none (its rows lost, as from a release before this one): the
+    # live change logs it itself.
+    with svc.db.transaction() as s:
+        svc._vm_row(s, "lab", "a").nics[0].override_patch = values_to_document(_rate("5Mbit"))
+    (change,) = svc.reapply(fleet.agent, session="lab")
+    assert change.vm == "a" and change.kernel == lines and fleet.revision() == before + 1
+    assert len(agent.seen) == 2 + 2 + 2 + 1 + 1 + 1 + 1  # launches, writes, the last
+
+
+def _rate(text: str) -> dict[str, Any]:
+    return dict(parse_profile_document({"name": "x", "egress": {"rate": text}}).values)

@@ -1,12 +1,18 @@
 """The change log of every host's desired state, and what the agents report back.
 
-Every write of desired state of a VM placed on a host (launch, stop, a live profile
-change, a move) appends a row naming the VM, in the same transaction as the write:
+Every write of desired state of a VM placed on a host (launch, stop, a move, and every
+write a live change follows: a profile, a session's policy, a VM's or vNIC's override,
+a runtime adjustment set, cleared or expired) appends a row naming the VM, in the same
+transaction as the write:
 :func:`append` takes the next revision from ``fleet_state``, whose row it updates, so
 on PostgreSQL concurrent writers queue on that row lock and revisions commit in
 order (a watcher that has seen revision R has seen every change up to R; a sequence
 would hand out numbers that commit out of order). Rows are level-based: they name a
 VM, and the reader sends the VM's desired state as of its read.
+
+The live change that follows such a write waits for the report of the row the write
+logged (``VmRow.applied[LOGGED]`` says which row's report the manager last took in;
+a newer row is the write's) and appends one itself only for a write that logged none.
 
 Agents report per VM: the revision applied, under their epoch, with the error or the
 kernel changes (:func:`record_status`); a manager answering a launch waits for that
@@ -37,6 +43,9 @@ KEEP_PER_HOST = 10_000
 CHANGES_MAX = 500
 #: Seconds a long poll may wait at most.
 WAIT_MAX = 30.0
+#: The key of ``VmRow.applied`` holding the revision of the VM's change whose outcome
+#: ``applied`` records (absent: a VM launched before the key existed).
+LOGGED = "logged"
 
 
 class Relist(VnicError):
@@ -66,8 +75,13 @@ def append(s: Session, host_id: int, session: str, vm: str, now: datetime) -> in
     )
     revision = int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
     s.add(HostChangeRow(revision=revision, host_id=host_id, session=session, vm=vm, at=now))
-    notify(s)
+    notify(s, host_key(host_id))
     return revision
+
+
+def host_key(host_id: int) -> str:
+    """What wakes the long polls of host ``host_id`` (:meth:`Waiters.wait`)."""
+    return f"h{host_id}"
 
 
 def append_removal(s: Session, vm: VmRow, now: datetime) -> int | None:
@@ -77,6 +91,37 @@ def append_removal(s: Session, vm: VmRow, now: datetime) -> int | None:
     if vm.host_id is None or vm.state != "running":
         return None
     return append(s, vm.host_id, vm.session.name, vm.name, now)
+
+
+def newest(s: Session, vms: Iterable[VmRow]) -> dict[int, int]:
+    """The revision of the newest change of each of ``vms`` (placed on hosts) on its
+    current host, by VM id; VMs without one are left out."""
+    wanted = {(v.host_id, v.session.name, v.name): v.id for v in vms if v.host_id is not None}
+    if not wanted:
+        return {}
+    query = (
+        select(
+            HostChangeRow.host_id,
+            HostChangeRow.session,
+            HostChangeRow.vm,
+            func.max(HostChangeRow.revision),
+        )
+        .where(HostChangeRow.host_id.in_({h for h, _, _ in wanted}))
+        .where(HostChangeRow.vm.in_({v for _, _, v in wanted}))
+        .group_by(HostChangeRow.host_id, HostChangeRow.session, HostChangeRow.vm)
+    )
+    out: dict[int, int] = {}
+    for host_id, session, vm, revision in s.execute(query).all():
+        vm_id = wanted.get((host_id, session, vm))
+        if vm_id is not None:
+            out[vm_id] = int(revision)
+    return out
+
+
+def logged(applied: Mapping[str, Any] | None) -> int:
+    """The revision whose outcome ``applied`` records; -1 when it names none."""
+    value = (applied or {}).get(LOGGED)
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
 def current_revision(s: Session) -> int:
@@ -189,29 +234,62 @@ def record_status(
         row.at = now
         stored += 1
     if stored:
-        notify(s)
+        notify(s, STATUS)
     return stored
+
+
+#: What wakes the waits for agents' reports (:meth:`Waiters.wait`).
+STATUS = "s"
 
 
 @dataclass
 class Waiters:
-    """Wakes threads waiting for a revision or a report when something is written in
-    this process; the others wake at the next poll (``poll`` seconds, default 0.2)."""
+    """Wakes threads waiting for a host's changes or for reports when they are written;
+    the others wake at the next poll (``poll`` seconds, default 0.2).
+
+    A wake names what was written: :func:`host_key` of a host whose changes were
+    appended, :data:`STATUS` for reports, or nothing (everything). A host's long poll
+    waits on its own key only: with every wake waking every long poll, 200 hosts'
+    long polls each read the database on every write of any of them (a stampede that
+    saturated the replicas of the bench's simulation).
+
+    ``listening``: set while the PostgreSQL listener (:mod:`vnic.manager.notify`)
+    receives this process's own notifications, which then wake; until then, and on
+    SQLite, a writer wakes everyone itself (:meth:`local_wake`).
+    """
 
     poll: float = 0.2
+    listening: threading.Event | None = None
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
-    _generation: int = 0
+    _all: int = 0
+    _keyed: dict[str, int] = field(default_factory=dict, repr=False)
 
-    def wake(self) -> None:
+    def wake(self, keys: Iterable[str] | None = None) -> None:
+        """Wake the waits for ``keys`` (None: every wait)."""
         with self._cond:
-            self._generation += 1
+            if keys is None:
+                self._all += 1
+            else:
+                for key in keys:
+                    self._keyed[key] = self._keyed.get(key, 0) + 1
             self._cond.notify_all()
 
-    def wait(self, timeout: float) -> None:
-        """Return on the next :meth:`wake`, or after ``min(timeout, poll)`` seconds."""
+    def local_wake(self) -> None:
+        """After a write in this process: wake everyone, unless the listener will."""
+        if self.listening is None or not self.listening.is_set():
+            self.wake()
+
+    def wait(self, timeout: float, key: str | None = None) -> None:
+        """Return on the next :meth:`wake` of ``key`` or of everything (any wake, for
+        None), or after ``min(timeout, poll)`` seconds."""
         with self._cond:
-            start = self._generation
-            self._cond.wait_for(lambda: self._generation != start, min(timeout, self.poll))
+            start = self._seen(key)
+            self._cond.wait_for(lambda: self._seen(key) != start, min(timeout, self.poll))
+
+    def _seen(self, key: str | None) -> tuple[int, int]:
+        if key is None:
+            return self._all, sum(self._keyed.values())
+        return self._all, self._keyed.get(key, 0)
 
 
 def lease_until(now: datetime, seconds: float) -> datetime:

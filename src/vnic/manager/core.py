@@ -7,6 +7,11 @@ and :class:`vnic.manager.service.Service` composes them. Here: finding profile,
 session and VM rows (a missing one is :class:`~vnic.errors.NotFound`), resolving a
 VM's effective profile, re-checking VMs after a change of what they resolve from,
 a VM's launch request, and the agent's host lock around a use case.
+
+A re-check is also where a write of desired state tells the hosts: each re-checked VM
+that runs on a host and whose effective profile now differs from what it runs gets a
+change-log row in the write's own transaction (:meth:`ServiceCore._log_desired`), so
+the change reaches its agent even if the manager dies right after the commit.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from sqlalchemy.orm import Session
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, FieldError, InvalidInput, NotFound, Unsupported
+from vnic.manager import changelog
 from vnic.manager.results import Explanation, NicInfo, SessionInfo, VmInfo
-from vnic.manager.rows import VM_RESOLVE_LOADS, aware, unexpired
+from vnic.manager.rows import VM_RESOLVE_LOADS, aware, field_changes, unexpired
 from vnic.model.launch import (
     PRIMARY_NIC,
     Capabilities,
@@ -300,7 +306,9 @@ class ServiceCore:
         errors: list[FieldError] = []
         caps = _capabilities(driver) if driver is not None else {}
         cache: dict[Any, Any] = {}
+        resolved: list[tuple[VmRow, dict[str, Effective]]] = []
         for vm in vms:
+            effs: dict[str, Effective] = {}
             for nic in vm.nics:
                 label = nic_label(vm, nic.name)
                 try:
@@ -311,6 +319,7 @@ class ServiceCore:
                         for e in exc.errors
                     )
                     continue
+                effs[nic.name] = eff
                 kind = (vm.applied or {}).get("driver")
                 if vm.state == "running" and kind in caps:
                     try:
@@ -325,8 +334,31 @@ class ServiceCore:
                             f"a range that still holds its MAC {MacAddress(nic.mac.mac)}",
                         )
                     )
+            resolved.append((vm, effs))
         if errors:
             raise InvalidInput(errors)
+        for vm, effs in resolved:
+            self._log_desired(s, vm, effs)
+
+    def _log_desired(self, s: Session, vm: VmRow, effs: Mapping[str, Effective]) -> int | None:
+        """In the caller's write transaction: a change of ``vm`` for its host when it runs
+        on one and ``effs`` (its vNICs' effective profiles after the write) differ from
+        what it runs; the revision, or None when there is nothing to tell."""
+        if vm.state != "running" or vm.host_id is None:
+            return None
+        if not any(nic_changes(vm.applied, name, eff) is not None for name, eff in effs.items()):
+            return None
+        return changelog.append(s, vm.host_id, vm.session.name, vm.name, self.clock())
+
+    def _log_desired_of(self, s: Session, vm: VmRow) -> int | None:
+        """:meth:`_log_desired` after a write that cannot make ``vm`` invalid (an
+        adjustment removed); one whose vNIC no longer resolves is left to the next
+        live change's re-check, which names the error."""
+        try:
+            effs = self._resolve_nics(s, vm)
+        except InvalidInput:
+            return None
+        return self._log_desired(s, vm, effs)
 
     def _launch_request(self, vm: VmRow, effs: Mapping[str, Effective]) -> LaunchRequest:
         """The VM's launch request: every vNIC with its network, MAC, addresses and
@@ -390,6 +422,19 @@ def applied_state(kind: str, effs: Mapping[str, Effective]) -> dict[str, Any]:
             for name, e in effs.items()
         },
     }
+
+
+def nic_changes(
+    applied: Mapping[str, Any] | None, nic: str, eff: Effective
+) -> dict[str, tuple[Any, Any]] | None:
+    """The fields of vNIC ``nic`` whose value ``eff`` changes against what ``applied``
+    says it runs, ``path -> (old, new)``; None when nothing differs, not even a
+    profile's revision (an empty dict: only revisions differ)."""
+    runs = applied_nic(applied, nic)
+    fields = field_changes(runs.get("values") or {}, values_to_document(eff.values))
+    if fields or dict(runs.get("revisions") or {}) != dict(eff.revisions):
+        return fields
+    return None
 
 
 def applied_nic(applied: Mapping[str, Any] | None, nic: str) -> Mapping[str, Any]:

@@ -59,7 +59,7 @@ class Draining(Hosts):
                     moves.append(Move(session, vm, target.name))
             except VnicError as exc:
                 moves.append(Move(session, vm, None, str(exc)))
-        self.waiters.wake()
+        self.waiters.local_wake()
         statuses = self.wait_statuses(waits, self.host_wait)
         out = []
         for m in moves:

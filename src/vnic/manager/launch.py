@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, InvalidInput, VnicError, error_from_body
+from vnic.manager import changelog
 from vnic.manager.core import applied_state
 from vnic.manager.hosts import Hosts
 from vnic.manager.results import Explanation, LaunchOutcome
@@ -71,9 +72,12 @@ class Launching(Hosts):
                 if host is not None or self._fleet_active(s):
                     vm.host_id = self._place(s, vm, host).id
                     vm.state = "running"
-                    vm.applied = applied_state(kind or "netns", effs)
                     s.flush()
                     revision = self._append(s, vm, placement=set())
+                    vm.applied = {
+                        **applied_state(kind or "netns", effs),
+                        changelog.LOGGED: revision,
+                    }
             if revision is None:
                 return self._launch_here(driver, kind, request, effs)
         # Waited for with the gate let go: the gate covers this host's own agent, and a
@@ -107,7 +111,7 @@ class Launching(Hosts):
     def _await_launch(
         self, session: str, name: str, revision: int, effs: dict[str, Any]
     ) -> Explanation:
-        self.waiters.wake()
+        self.waiters.local_wake()
         status = self.wait_status(session, name, revision, self.host_wait)
         if status is not None and status.error:
             self._unplace(session, name)
@@ -126,7 +130,7 @@ class Launching(Hosts):
             if vm.host_id is None:
                 return None
             revision = self._append(s, vm, placement={vm.host_id})
-        self.waiters.wake()
+        self.waiters.local_wake()
         return revision
 
     def desired(self) -> list[tuple[str, LaunchRequest]]:
@@ -216,7 +220,7 @@ class Launching(Hosts):
             if ran_on:
                 self._append_overlays(s, row.id, session, ran_on)
         if hosted:  # waited for with the gate let go, as in launch_vm
-            self.waiters.wake()
+            self.waiters.local_wake()
             self.wait_statuses(hosted, self.host_wait)
         with driver.gate().shared():
             running = sorted(set(driver.running(session)) | set(names))

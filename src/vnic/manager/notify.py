@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy import text
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 class Waiters(Protocol):
     """What a listener wakes (:class:`vnic.manager.changelog.Waiters`)."""
 
-    def wake(self) -> None: ...
+    def wake(self, keys: Iterable[str] | None = None) -> None: ...
 
 
 CHANNEL = "vnic_fleet"
@@ -37,21 +38,25 @@ POLL_LISTENING = 1.0
 log = logging.getLogger("vnic.manager.notify")
 
 
-def notify(s: Session) -> None:
-    """Send the wake-up when ``s`` commits (PostgreSQL; nothing on SQLite)."""
+def notify(s: Session, key: str = "") -> None:
+    """Send the wake-up of ``key`` (what was written; "": everything) when ``s`` commits
+    (PostgreSQL; nothing on SQLite). PostgreSQL sends one notification per distinct
+    key of a transaction, however many times it is sent."""
     bind = s.get_bind()
     if bind.dialect.name == "postgresql":
-        s.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANNEL})
+        s.execute(text("SELECT pg_notify(:channel, :key)"), {"channel": CHANNEL, "key": key})
 
 
 class Listener(threading.Thread):
     """Wakes ``waiters`` on every notification of :data:`CHANNEL`; reconnects after
     an error (a second later), until the database is disposed (it looks every 5 s)."""
 
-    def __init__(self, db: Database, waiters: Waiters) -> None:
+    def __init__(
+        self, db: Database, waiters: Waiters, connected: threading.Event | None = None
+    ) -> None:
         super().__init__(name="vnic-fleet-listen", daemon=True)
         self.db, self.waiters = db, waiters
-        self.connected = threading.Event()
+        self.connected = threading.Event() if connected is None else connected
 
     def run(self) -> None:
         while not self.db.disposed:
@@ -77,7 +82,7 @@ class Listener(threading.Thread):
             self.waiters.wake()  # whatever was missed while not listening
             self.connected.set()  # after that wake: any later one is a notification
             while not self.db.disposed:
-                for _ in conn.notifies(timeout=5.0):
-                    self.waiters.wake()
+                for note in conn.notifies(timeout=5.0):
+                    self.waiters.wake([note.payload] if note.payload else None)
         finally:
             conn.close()

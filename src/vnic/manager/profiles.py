@@ -21,6 +21,7 @@ from vnic.model.limits import DB_INT_MAX
 from vnic.model.profile import ProfileSpec, parse_profile_document
 from vnic.model.units import MacAddress, MacRange
 from vnic.store.models import (
+    AdjustmentRow,
     AssignmentRuleRow,
     NetworkRow,
     NicRow,
@@ -176,10 +177,12 @@ class Profiles(ServiceCore):
         )
         loaded = select(VmRow).options(*VM_RESOLVE_LOADS)
         vms = list(s.scalars(loaded.where(VmRow.session_id.in_(sessions)))) if sessions else []
+        # VMs outside those sessions that name it in a vNIC's override or an adjustment.
         overriding = select(NicRow.vm_id).where(NicRow.override_profile_id == row.id)
+        adjusted = select(AdjustmentRow.vm_id).where(AdjustmentRow.profile == profile)
         vms += [
             v
-            for v in s.scalars(loaded.where(VmRow.id.in_(overriding)))
+            for v in s.scalars(loaded.where(VmRow.id.in_(overriding) | VmRow.id.in_(adjusted)))
             if v.session_id not in sessions
         ]
         return vms

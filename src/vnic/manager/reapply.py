@@ -8,12 +8,12 @@ from sqlalchemy import select
 
 from vnic.agent.port import AgentPort
 from vnic.errors import DataplaneError, Unavailable, VnicError, error_from_body
-from vnic.manager.core import applied_nic, applied_state
+from vnic.manager import changelog
+from vnic.manager.core import applied_state, nic_changes
 from vnic.manager.hosts import Hosts
 from vnic.manager.results import VmChange
-from vnic.manager.rows import audit_row, field_changes
+from vnic.manager.rows import audit_row
 from vnic.model.launch import LaunchRequest
-from vnic.model.profile import values_to_document
 from vnic.model.resolve import Effective
 from vnic.store.models import VmRow
 
@@ -78,11 +78,8 @@ class Reapplying(Hosts):
             for row, effs in self._running(s, session, vm, hosted=hosted):
                 diffs: list[_NicDiff] = []
                 for name, eff in effs.items():
-                    applied = applied_nic(row.applied, name)
-                    fields = field_changes(
-                        applied.get("values") or {}, values_to_document(eff.values)
-                    )
-                    if fields or dict(applied.get("revisions") or {}) != dict(eff.revisions):
+                    fields = nic_changes(row.applied, name, eff)
+                    if fields is not None:
                         diffs.append((name, eff, fields))
                 if not diffs:
                     continue
@@ -90,8 +87,9 @@ class Reapplying(Hosts):
                 ids[(row.session.name, row.name)] = row.id
         if not pending:
             return []
+        waited: dict[tuple[str, str], int] = {}
         if hosted:
-            outcomes = self._reconfigure_hosted(sorted(ids), ids)
+            outcomes, waited = self._reconfigure_hosted(sorted(ids), ids)
         else:
             outcomes = driver.reconfigure_many([r for _, r, _ in pending])
         changes: list[VmChange] = []
@@ -124,6 +122,9 @@ class Reapplying(Hosts):
                 current.applied = applied_state(
                     (current.applied or {}).get("driver", driver.kind), effs
                 )
+                key = (request.session, request.vm)
+                if key in waited:
+                    current.applied[changelog.LOGGED] = waited[key]
                 if source is None:
                     continue
                 for name, _, fields in diffs:
@@ -137,15 +138,26 @@ class Reapplying(Hosts):
 
     def _reconfigure_hosted(
         self, keys: list[tuple[str, str]], ids: dict[tuple[str, str], int]
-    ) -> dict[tuple[str, str], list[str] | VnicError]:
-        """Tell the hosts of ``keys`` (VMs on hosts) that their desired state changed,
-        in one transaction, and wait for their agents' reports (:attr:`host_wait` in all)."""
+    ) -> tuple[dict[tuple[str, str], list[str] | VnicError], dict[tuple[str, str], int]]:
+        """Wait for the reports of the changes of ``keys`` (VMs on hosts), :attr:`host_wait`
+        seconds in all: the outcome of each, and the revision waited for.
+
+        The write that made the change logged it in its own transaction (a change newer
+        than the one whose outcome the VM's ``applied`` records); a VM whose newest
+        change is not newer gets one here (a write that logs none, or the VM's change
+        was taken in already, e.g. by an earlier live change that raced this one)."""
         if not keys:
-            return {}
+            return {}, {}
         with self.db.transaction() as s:
-            rows = s.scalars(select(VmRow).where(VmRow.id.in_([ids[k] for k in keys])))
-            waits = [(r.session.name, r.name, self._append(s, r)) for r in rows]
-        self.waiters.wake()
+            rows = list(s.scalars(select(VmRow).where(VmRow.id.in_([ids[k] for k in keys]))))
+            newest = changelog.newest(s, rows)
+            waits = []
+            for r in rows:
+                revision = newest.get(r.id, -1)
+                if revision <= changelog.logged(r.applied):
+                    revision = self._append(s, r)
+                waits.append((r.session.name, r.name, revision))
+        self.waiters.local_wake()
         out: dict[tuple[str, str], list[str] | VnicError] = {}
         for key, status in self.wait_statuses(waits, self.host_wait).items():
             if status is None:
@@ -157,7 +169,7 @@ class Reapplying(Hosts):
                 out[key] = error_from_body(dict(status.error))
             else:
                 out[key] = list(status.changes)
-        return out
+        return out, {(session, vm): revision for session, vm, revision in waits}
 
     def running_effective(self, session: str) -> dict[tuple[str, str], tuple[str, Effective]]:
         """Every vNIC of each running VM of ``session``, ``(vm, nic) -> (its network's

@@ -188,7 +188,8 @@ class Runtime:
     ) -> dict[str, tuple[Any, Any]]:
         """Make ``change`` to the VM's adjustments; return the fields of vNIC ``nic``
         whose effective value it changed (effective as of ``before_at`` before it).
-        ``check`` runs on the changed state first and may refuse it."""
+        ``check`` runs on the changed state first and may refuse it (it is a re-check,
+        which also tells the VM's host); without one, the host is told here."""
         svc = self.service
         target = svc._nic_row(row, nic)
         before = values_to_document(svc._resolve(s, row, at=before_at, nic=target).values)
@@ -197,6 +198,8 @@ class Runtime:
         s.expire(row, ["adjustments"])
         if check is not None:
             check()
+        else:
+            svc._log_desired_of(s, row)
         return field_changes(before, values_to_document(svc._resolve(s, row, nic=target).values))
 
     def adjustments(self, session: str, vm: str | None = None) -> list[AdjustmentInfo]:
