@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from vnic.agent.core import Agent
-from vnic.agent.follow import Backoff, Follower, jitter
+from vnic.agent.follow import BACKOFF_CAP, REFUSED_CAP, Backoff, Follower, jitter
 from vnic.agent.port import DesiredVm, VmKey
 from vnic.agent.upstream import (
     Change,
     Fenced,
     HostInfo,
+    Refused,
     Registration,
     Relist,
     Snapshot,
@@ -397,6 +398,21 @@ def test_no_answer_backs_off_bounded_then_relists(
     assert source.calls[-2:] == ["snapshot", "report"] and set(driver.vms) == {("lab", "a")}
     source.fail["changes"] = Unreachable("again")
     assert follower.turn() == 0.2  # reset by the success
+
+
+def test_a_manager_that_refuses_connections_is_tried_again_sooner(
+    follower: Follower, source: FakeSource
+) -> None:
+    """Nothing listening (a replica restarting) costs the manager nothing: retried at
+    most every REFUSED_CAP s, so the agent follows it within that of its start."""
+    follower.turn()
+    delays = []
+    for _ in range(6):
+        source.fail["snapshot" if delays else "changes"] = Refused("connection refused")
+        delays.append(follower.turn())
+    assert delays == [0.2, 0.4, REFUSED_CAP, REFUSED_CAP, REFUSED_CAP, REFUSED_CAP]
+    source.fail["snapshot"] = Unreachable("a 503")
+    assert follower.turn() == BACKOFF_CAP  # other failures keep the full backoff
 
 
 def test_backoff_doubles_to_its_cap() -> None:

@@ -22,6 +22,7 @@ from vnic.agent.upstream import (
     Fenced,
     HostInfo,
     HttpSource,
+    Refused,
     Relist,
     Unreachable,
     VmStatus,
@@ -403,3 +404,14 @@ def test_a_replica_that_does_not_answer_hands_the_next_call_to_the_next(
     assert err.value.paths == ["manager"] and "ftp://x" in str(err.value)
     with pytest.raises(InvalidInput):
         HttpSource([], TOKEN)
+
+
+def test_a_port_nothing_listens_on_is_refused_not_just_unreachable() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port bound, never listened on: connections refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        source = HttpSource(f"http://127.0.0.1:{port}", "vnich_x")
+        with pytest.raises(Refused, match="did not answer"):
+            source.renew(1)

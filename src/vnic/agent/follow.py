@@ -49,6 +49,7 @@ from vnic.agent.upstream import (
     DesiredSource,
     Fenced,
     HostInfo,
+    Refused,
     Registration,
     Relist,
     Snapshot,
@@ -70,6 +71,9 @@ RESYNC = 60.0
 #: healed partition or a restarted manager is followed again within it; a fleet's
 #: retries at a manager that is down are refused connections, cheap to answer).
 BACKOFF_FIRST, BACKOFF_CAP = 0.2, 2.0
+#: Seconds between two tries at most while the manager's address refuses connections
+#: (nothing listens: a replica restarting answers within this of its start).
+REFUSED_CAP = 0.5
 
 
 def jitter() -> float:
@@ -272,7 +276,10 @@ class Follower:
         except Exception as exc:
             # A daemon's loop: whatever failed (no answer, a refused token, a full
             # disk), it is logged and tried again; the VMs keep running meanwhile.
-            delay = self.backoff.next() * self.spread()
+            delay = self.backoff.next()
+            if isinstance(exc, Refused):
+                delay = min(delay, REFUSED_CAP)
+            delay *= self.spread()
             level = logging.INFO if isinstance(exc, Unreachable) else logging.WARNING
             log.log(level, "%s; retrying in %g s, then relisting", exc, delay)
             self._relist_asked = True

@@ -14,7 +14,8 @@ What a source raises, and what the follower does about it:
 - :class:`Fenced`: the epoch is no longer the host's (409), or its lease ran out:
   register again (a new epoch), then relist;
 - :class:`Unreachable`: no answer, a 5xx or 429, or an answer that is not what the
-  contract says (too large, not JSON, a field of the wrong type): back off, relist;
+  contract says (too large, not JSON, a field of the wrong type): back off, relist
+  (:class:`Refused`, a connection refused, is retried sooner);
 - a :class:`~vnic.errors.VnicError` (401 :class:`~vnic.errors.Unauthenticated`, 403,
   a 4xx refusal of the registration): the manager refuses this agent; back off.
 
@@ -70,6 +71,23 @@ class Fenced(Exception):
 
 class Unreachable(Exception):
     """The manager did not answer, or not as the contract says: back off and retry."""
+
+
+class Refused(Unreachable):
+    """Nothing listens at the manager's address (the connection was refused: it is down
+    or starting). Costs the manager nothing, so retried sooner than other failures."""
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` was caused by a refused connection (anywhere in its chain)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, ConnectionRefusedError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 @dataclass(frozen=True)
@@ -389,7 +407,8 @@ class HttpSource(DesiredSource):
                 body = self._read(response, what, time.monotonic() + budget)
         except httpx.HTTPError as exc:
             self._next_replica(at)
-            raise Unreachable(f"manager {url} did not answer {what}: {exc}") from None
+            failure = Refused if _refused(exc) else Unreachable
+            raise failure(f"manager {url} did not answer {what}: {exc}") from None
         except Unreachable:
             self._next_replica(at)
             raise

@@ -254,12 +254,15 @@ class Waiters:
     saturated the replicas of the bench's simulation).
 
     ``listening``: set while the PostgreSQL listener (:mod:`vnic.manager.notify`)
-    receives this process's own notifications, which then wake; until then, and on
-    SQLite, a writer wakes everyone itself (:meth:`local_wake`).
+    receives this process's own notifications, which then wake, and waits poll only
+    every ``poll_listening`` seconds (default 5: a notification is lost only with the
+    listener's connection, and the listener wakes everyone when it is back); until then,
+    and on SQLite, a writer wakes everyone itself (:meth:`local_wake`).
     """
 
     poll: float = 0.2
     listening: threading.Event | None = None
+    poll_listening: float = 5.0
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _all: int = 0
     _keyed: dict[str, int] = field(default_factory=dict, repr=False)
@@ -281,10 +284,13 @@ class Waiters:
 
     def wait(self, timeout: float, key: str | None = None) -> None:
         """Return on the next :meth:`wake` of ``key`` or of everything (any wake, for
-        None), or after ``min(timeout, poll)`` seconds."""
+        None), or after ``min(timeout, poll)`` seconds (``poll_listening`` while
+        listening)."""
+        live = self.listening is not None and self.listening.is_set()
+        poll = self.poll_listening if live else self.poll
         with self._cond:
             start = self._seen(key)
-            self._cond.wait_for(lambda: self._seen(key) != start, min(timeout, self.poll))
+            self._cond.wait_for(lambda: self._seen(key) != start, min(timeout, poll))
 
     def _seen(self, key: str | None) -> tuple[int, int]:
         if key is None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from vnic.errors import InUse, InvalidInput, NotFound, Unauthenticated
@@ -112,11 +112,10 @@ class Hosts(ServiceCore):
         process at once; on PostgreSQL in every replica (:mod:`vnic.manager.notify`)."""
         waiters = Waiters()
         if self.db.dialect == "postgresql":
-            from vnic.manager.notify import POLL_LISTENING, Listener
+            from vnic.manager.notify import Listener
 
             waiters.listening = threading.Event()
             Listener(self.db, waiters, waiters.listening).start()
-            waiters.poll = POLL_LISTENING
         return waiters
 
     # ---------------------------------------------------------------- admins
@@ -255,10 +254,21 @@ class Hosts(ServiceCore):
     def renew_lease(self, name: str, epoch: int) -> float:
         """Extend the lease of the host's current epoch; Stale otherwise."""
         now = self.clock()
+        until = changelog.lease_until(now, self.lease_seconds)
         with self.db.transaction() as s:
+            # The common case in one statement (a fleet renews many times a second);
+            # anything else (stale, run out, no such host) is told apart below.
+            renewed = s.execute(
+                update(HostRow)
+                .where(HostRow.name == name, HostRow.epoch == epoch, HostRow.lease_until >= now)
+                .values(lease_until=until)
+                .execution_options(synchronize_session=False)
+            )
+            if renewed.rowcount == 1:  # type: ignore[attr-defined]
+                return self.lease_seconds
             row = self._host_row(s, name)
             changelog.check_epoch(row, epoch, now)
-            row.lease_until = changelog.lease_until(now, self.lease_seconds)
+            row.lease_until = until
         return self.lease_seconds
 
     def host_snapshot(
@@ -275,8 +285,9 @@ class Hosts(ServiceCore):
                 .options(*VM_RESOLVE_LOADS)
                 .where(VmRow.host_id == row.id, VmRow.state == "running")
             )
-            out = [(v.session.name, v.name, self._desired(s, v, row.id)) for v in s.scalars(query)]
-            sessions = {v.session.name: v.session_id for v in s.scalars(query)}
+            vms = list(s.scalars(query))
+            out = [(v.session.name, v.name, self._desired(s, v, row.id)) for v in vms]
+            sessions = {v.session.name: v.session_id for v in vms}
             overlays = {name: overlays_of(s, row.id, sid) for name, sid in sessions.items()}
             return revision, row.epoch, out, {k: v for k, v in overlays.items() if v}
 
@@ -296,11 +307,19 @@ class Hosts(ServiceCore):
                 found = changelog.changes_after(s, row.id, after)
                 if found:
                     out: list[Change] = []
+                    # A session's overlays as of this read, once however many of its
+                    # changes the answer carries (a launch burst writes one each).
+                    overlays: dict[str, list[OverlayDoc]] = {}
                     for c in found:
                         if c.vm == SESSION_OVERLAYS:
-                            srow = s.scalar(select(SessionRow).where(SessionRow.name == c.session))
-                            docs = overlays_of(s, row.id, srow.id) if srow is not None else []
-                            out.append((c.revision, c.session, c.vm, None, docs))
+                            if c.session not in overlays:
+                                srow = s.scalar(
+                                    select(SessionRow).where(SessionRow.name == c.session)
+                                )
+                                overlays[c.session] = (
+                                    overlays_of(s, row.id, srow.id) if srow is not None else []
+                                )
+                            out.append((c.revision, c.session, c.vm, None, overlays[c.session]))
                             continue
                         vm = self._vm_by_name(s, c.session, c.vm)
                         desired = self._desired(s, vm, row.id) if vm is not None else None

@@ -5,7 +5,7 @@ A transaction that writes a change of desired state or an agent's report also se
 the transaction commits. Each manager process listens on one connection of its own
 (:class:`Listener`) and wakes its waiting long polls and launches. The notification
 only wakes: a waiter reads the database afterwards, and polls anyway
-(:attr:`~vnic.manager.changelog.Waiters.poll`), so a lost notification (a broken
+(:attr:`~vnic.manager.changelog.Waiters.poll_listening`), so a lost notification (a broken
 listener connection, a replica restarting) costs latency, never a change. SQLite has
 no NOTIFY: one process there, woken in process.
 """
@@ -32,8 +32,6 @@ class Waiters(Protocol):
 
 
 CHANNEL = "vnic_fleet"
-#: Seconds a waiter polls at most between two looks, with a listener (without: 0.2 s).
-POLL_LISTENING = 1.0
 
 log = logging.getLogger("vnic.manager.notify")
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from vnic.agent.port import AgentPort
 from vnic.errors import Conflict, Exhausted, FieldError, InvalidInput
@@ -199,21 +199,18 @@ class Vms(ServiceCore):
         return values_to_document(values) or None
 
     def _free_mac(self, s: Session, pool: MacRange, pending: Collection[int] = ()) -> MacAddress:
-        """The lowest MAC of ``pool`` no vNIC holds (``pending``: taken by this add)."""
-        taken = set(
-            s.scalars(
-                select(MacAllocationRow.mac).where(
-                    MacAllocationRow.mac >= pool.first.value,
-                    MacAllocationRow.mac <= pool.last.value,
-                )
-            )
-        ) | set(pending)
+        """The lowest MAC of ``pool`` no vNIC holds (``pending``: taken by this add).
+
+        Found by the database (the first allocated MAC whose successor is free), not by
+        reading every allocated MAC of the pool: with 20 000 vNICs that read was 20 000
+        rows for each new vNIC."""
         candidate = pool.first.value
-        while candidate in taken:
+        while candidate <= pool.last.value:
+            candidate = _lowest_free(s, candidate, pool.last.value)
+            if candidate <= pool.last.value and candidate not in pending:
+                return MacAddress(candidate)
             candidate += 1
-        if candidate > pool.last.value:
-            raise Exhausted(f"MAC range {pool} has no free address ({pool.size} allocated)")
-        return MacAddress(candidate)
+        raise Exhausted(f"MAC range {pool} has no free address ({pool.size} allocated)")
 
     @staticmethod
     def _free_host_index(s: Session, network: NetworkRow, vm: VmRow) -> int:
@@ -260,3 +257,19 @@ class Vms(ServiceCore):
                 for vm, effs in self._running(s, session, running_only=False)
             ]
         return sorted(found, key=lambda e: e.vm.name)
+
+
+def _lowest_free(s: Session, start: int, last: int) -> int:
+    """The lowest MAC from ``start`` that no row holds; ``last + 1`` when none to ``last``."""
+    taken = select(MacAllocationRow.mac).where(MacAllocationRow.mac == start)
+    if s.scalar(taken) is None:
+        return start
+    after = aliased(MacAllocationRow)
+    gap = s.scalar(
+        select(func.min(MacAllocationRow.mac + 1)).where(
+            MacAllocationRow.mac >= start,
+            MacAllocationRow.mac <= last,
+            ~exists().where(after.mac == MacAllocationRow.mac + 1),
+        )
+    )
+    return int(gap) if gap is not None else last + 1
