@@ -68,12 +68,17 @@ class Stale(Conflict):
 
 def append(s: Session, host_id: int, session: str, vm: str, now: datetime) -> int:
     """Append a change of VM ``session/vm`` on host ``host_id``; its revision."""
-    s.execute(
-        update(FleetStateRow)
-        .where(FleetStateRow.id == 1)
-        .values(revision=FleetStateRow.revision + 1)
+    # One statement, and no matching against the objects the session holds (SQLAlchemy's
+    # default for an ORM UPDATE: 13 ms an append once a re-check had loaded 100 VMs).
+    revision = int(
+        s.execute(
+            update(FleetStateRow)
+            .where(FleetStateRow.id == 1)
+            .values(revision=FleetStateRow.revision + 1)
+            .returning(FleetStateRow.revision)
+            .execution_options(synchronize_session=False)
+        ).scalar_one()
     )
-    revision = int(s.scalar(select(FleetStateRow.revision).where(FleetStateRow.id == 1)) or 0)
     s.add(HostChangeRow(revision=revision, host_id=host_id, session=session, vm=vm, at=now))
     notify(s, host_key(host_id))
     return revision
@@ -171,6 +176,7 @@ def prune(s: Session, keep: int = KEEP_PER_HOST) -> int:
             update(FleetStateRow)
             .where(FleetStateRow.id == 1, FleetStateRow.floor < cut)
             .values(floor=cut)
+            .execution_options(synchronize_session=False)
         )
     return dropped
 

@@ -17,9 +17,10 @@ the change reaches its agent even if the manager dies right after the commit.
 from __future__ import annotations
 
 import ipaddress
+import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -190,6 +191,26 @@ class ServiceCore:
         refs = cache.get(key)
         if refs is None:
             refs = cache[key] = self._refs(s, wanted)
+        # vNICs that resolve from the same layers (a VM's vNICs on one network, without
+        # overrides of their own) get the same answer: resolved once per transaction.
+        # Not with adjustments: they depend on the time.
+        memo = None
+        if not active:
+            memo = (
+                "effective",
+                session.id,
+                vm.name,
+                vm.role,
+                tuple(sorted(vm.labels.items())),
+                tuple(vm.needs),
+                network.name,
+                network_profile,
+                nic.override_profile.name if nic.override_profile else None,
+                json.dumps(nic.override_patch, sort_keys=True) if nic.override_patch else None,
+            )
+            found = cache.get(memo)
+            if found is not None:
+                return cast(Effective, found)
         patch = parse_patch(nic.override_patch) if nic.override_patch else None
         adjustments = [
             Adjustment(
@@ -201,7 +222,7 @@ class ServiceCore:
             )
             for a in active
         ]
-        return resolve(
+        effective = resolve(
             vm=VmFacts(vm.name, vm.role, dict(vm.labels), tuple(vm.needs), network.name),
             policy=policy,
             profiles=refs,
@@ -211,6 +232,9 @@ class ServiceCore:
             now=now,
             network_profile=network_profile,
         )
+        if memo is not None:
+            cache[memo] = effective
+        return effective
 
     def _resolve_nics(
         self,
@@ -346,7 +370,13 @@ class ServiceCore:
         what it runs; the revision, or None when there is nothing to tell."""
         if vm.state != "running" or vm.host_id is None:
             return None
-        if not any(nic_changes(vm.applied, name, eff) is not None for name, eff in effs.items()):
+        # A revision that moved is a change (the common case: a profile's new revision),
+        # told without comparing every field.
+        moved = any(
+            dict(applied_nic(vm.applied, name).get("revisions") or {}) != dict(eff.revisions)
+            for name, eff in effs.items()
+        )
+        if not moved and all(nic_changes(vm.applied, n, e) is None for n, e in effs.items()):
             return None
         return changelog.append(s, vm.host_id, vm.session.name, vm.name, self.clock())
 
