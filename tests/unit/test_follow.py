@@ -24,7 +24,7 @@ from vnic.agent.upstream import (
     Unreachable,
     VmStatus,
 )
-from vnic.drivers.fake import FakeDriver
+from vnic.drivers.fake import FakeDriver, FakeOverlays
 from vnic.errors import InvalidInput
 from vnic.model.launch import LaunchRequest
 from vnic.model.profile import build_profile, parse_assignments
@@ -680,3 +680,25 @@ def test_a_bad_or_failing_overlay_is_the_sessions_status(
     follower.turn()
     assert source.last_statuses()["lab/"].error is not None
     assert follower.overlays == {"lab": [overlay(peer="10.250.0.13")]}
+
+
+def test_an_agent_given_in_memory_overlays_holds_them_and_touches_no_kernel(
+    tmp_path: Path, source: FakeSource, clock: Clock
+) -> None:
+    """The simulation's agents: overlays in memory (FakeOverlays), through the real
+    follower and agent; a second snapshot with the same overlays changes nothing."""
+    held = FakeOverlays()
+    agent = Agent(tmp_path / "sim", {"fake": FakeDriver()}, default="fake", overlays=held)
+    follower = Follower(agent, source, INFO, clock=clock, spread=lambda: 1.0)
+    source.put(desired("a"))
+    source.overlays = {"lab": [overlay()]}
+    follower.turn()
+    assert held.sessions == {"lab": [overlay()]}
+    assert source.last_statuses()["lab/"].changes == ["overlays of session lab: 0 -> 1"]
+    follower._relist_asked = True
+    follower.turn()
+    assert source.last_statuses()["lab/"].changes == []
+    source.overlays = {}
+    follower._relist_asked = True
+    follower.turn()
+    assert held.sessions == {}

@@ -63,6 +63,10 @@ if TYPE_CHECKING:
     from vnic.agent.monitor import Monitor
     from vnic.agent.repair import Repairer
 
+#: Makes a session's overlays so on this host: (session, overlays, underlay address,
+#: largest vNIC MTU per network) -> what changed, one line each.
+OverlayEnsure = Callable[[str, Sequence[Overlay], str, Mapping[str, int]], list[str]]
+
 
 class Agent(AgentPort):
     """One host's drivers, their desired VMs, and the reconcile loop: the agent port
@@ -72,7 +76,9 @@ class Agent(AgentPort):
     request names none. Launches of one session are serialised (they share
     the session's switch); different sessions proceed side by side. ``doctor`` makes
     the host's report (default :func:`vnic.agent.doctor.report`, which probes the
-    kernel; a test on the fake driver passes one that touches nothing).
+    kernel; a test on the fake driver passes one that touches nothing); ``overlays``
+    makes a session's VXLAN overlays so (default :func:`vnic.dataplane.overlay.ensure`;
+    on the fake driver, :class:`vnic.drivers.fake.FakeOverlays`).
     """
 
     def __init__(
@@ -82,8 +88,10 @@ class Agent(AgentPort):
         default: str = "netns",
         *,
         doctor: Callable[[], dict[str, Any]] | None = None,
+        overlays: OverlayEnsure | None = None,
     ) -> None:
         self._doctor = doctor
+        self._overlays = overlays
         if default not in drivers:
             raise InvalidInput.one("driver", default, "one of " + ", ".join(sorted(drivers)))
         self.drivers = dict(drivers)
@@ -398,8 +406,11 @@ class Agent(AgentPort):
         ``underlay`` (this host's underlay address) as the devices' local address; what
         changed, one line each (:func:`vnic.dataplane.overlay.ensure`). The session's
         vNICs here set the MTU each network needs. Idempotent; under the host lock."""
-        from vnic.dataplane import overlay  # the kernel's side: loaded when first used
+        ensure = self._overlays
+        if ensure is None:
+            from vnic.dataplane import overlay  # the kernel's side: loaded when first used
 
+            ensure = overlay.ensure
         mtus: dict[str, int] = {}
         for vm in self.state.all():
             for nic in vm.request.nics if vm.request.session == session else ():
@@ -409,7 +420,7 @@ class Agent(AgentPort):
             self._session_lock(session),
             _as_dataplane_error(f"the overlays of session {session}"),
         ):
-            return overlay.ensure(session, overlays, underlay, mtus)
+            return ensure(session, overlays, underlay, mtus)
 
     def kind_of(self, session: str, vm: str) -> str:
         """The driver the VM was launched with (the default for a VM this host does not know)."""

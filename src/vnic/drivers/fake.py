@@ -10,7 +10,7 @@ against the kernel.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from vnic.drivers.base import Driver
 from vnic.errors import Conflict, DataplaneError
@@ -24,6 +24,7 @@ from vnic.model.launch import (
     check_nic_count,
     check_supported,
 )
+from vnic.plan.overlay import Overlay
 
 
 class FakeDriver(Driver):
@@ -114,3 +115,30 @@ class FakeDriver(Driver):
         if have is None:
             return [f"VM {request.session}/{request.vm} is not running"]
         return [] if have == request else ["the running profile differs from the desired one"]
+
+
+class FakeOverlays:
+    """In-memory stand-in for :func:`vnic.dataplane.overlay.ensure` (an
+    :class:`~vnic.agent.core.Agent`'s ``overlays``): holds each session's overlays and
+    answers what changed, so an agent on the fake driver touches no kernel at all."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, list[Overlay]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(
+        self,
+        session: str,
+        overlays: Sequence[Overlay],
+        underlay: str,
+        vnic_mtus: Mapping[str, int],
+    ) -> list[str]:
+        with self._lock:
+            before = self.sessions.get(session, [])
+            if list(overlays) == before:
+                return []
+            if overlays:
+                self.sessions[session] = list(overlays)
+            else:
+                self.sessions.pop(session, None)
+        return [f"overlays of session {session}: {len(before)} -> {len(overlays)}"]
