@@ -380,6 +380,10 @@ def hosts_table(r: Mapping[str, Any]) -> Table:
         table.add_row(
             f"sim: {m['agents']} agents register at once", f"{m['registration_storm_s']:.2f} s", ""
         )
+        table.add_row(f"sim: launch {m['vms']} VMs", f"{m['launch_s']:.1f} s", "")
+        if "idle_manager_cpu_s_per_s" in m:
+            idle = m["idle_manager_cpu_s_per_s"]
+            table.add_row("sim: replicas' CPU with nothing changing", f"{idle:.2f} s/s", "")
         table.add_row(
             f"sim: change reaching {m['vnics']} vNICs",
             f"p50 {ch['p50_s']:.2f} s, all {ch['converged_s']:.2f} s, "

@@ -11,6 +11,8 @@ each replica. Measured:
 - **launch**: ``vnics`` vNICs as VMs of ``nics_per_vm`` vNICs each (in sessions of
   :data:`VMS_PER_SESSION` VMs: a session's network holds 253 vNICs), ``parallel`` API
   launches at once over both replicas (set-up for what follows; its time is reported);
+- **idle**: the replicas' CPU seconds per second over :data:`IDLE_S` with nothing
+  changing (what the fleet itself costs: leases, long polls, full reconciles);
 - **change**: one profile import reaching every vNIC: per VM, API call to its status
   row's ``at`` (p50/p99/max; the max is the convergence time), the change-log rows it
   wrote, the replicas' CPU seconds (``/proc/PID/stat``) in all and per 1 000 vNICs;
@@ -59,6 +61,8 @@ from vnic.store.models import HostChangeRow
 #: VMs per session: a session's network is a /24 (253 vNICs at most), so the vNICs are
 #: spread over sessions of at most 30 VMs (240 vNICs of 8 VMs' worth), all on one profile.
 VMS_PER_SESSION = 30
+#: Seconds the replicas' CPU is measured with nothing changing (the fleet's own cost).
+IDLE_S = 10.0
 #: Times one API call is tried while the manager answers 429.
 RETRIES = 60
 
@@ -292,8 +296,13 @@ def run(
             raise VnicError(
                 f"vnic bench hosts: {len(with_errors)} launches failed: {with_errors[0]}"
             )
-        until("every VM reported", lambda: _all_reported(sim), 600)
+        until("every VM reported", lambda: _all_reported(sim), 1800)
         launch_s = time.monotonic() - t0
+        # What the fleet costs the replicas while nothing changes: leases, long polls
+        # ending and starting again, full reconciles (every agent's, once a minute).
+        cpu_idle, t_idle = sim.cpu(), time.monotonic()
+        time.sleep(IDLE_S)  # a measurement window, not a wait for readiness
+        idle = (sim.cpu() - cpu_idle) / (time.monotonic() - t_idle)
         change = _changed(sim, 0, "30mbit")
         # The second replica killed; a change through the first; the second restarted.
         killed = sim.replicas.pop(1)
@@ -325,6 +334,7 @@ def run(
             "registration_storm_s": round(storm_s, 3),
             "registration_manager_cpu_s": round(storm_cpu, 2),
             "launch_s": round(launch_s, 2),
+            "idle_manager_cpu_s_per_s": round(idle, 3),
             "change": change
             | {"manager_cpu_s_per_1000_vnics": round(change["manager_cpu_s"] * per_k, 3)},
             "replica_killed": {
