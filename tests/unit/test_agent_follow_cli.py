@@ -118,3 +118,12 @@ def test_an_agent_process_follows_the_manager(
     assert "following http://127.0.0.1" in out and "stopped (the VMs keep running)" in out
     desired = json.loads((tmp_path / "state" / "desired.json").read_text())
     assert sorted(v["request"]["vm"] for v in desired["vms"]) == ["a", "b"]
+
+
+def test_the_flags_bound_the_replicas_as_the_source_does() -> None:
+    """Two constants, so that ``vnic agent --help`` does not import the HTTP client: the
+    flags must refuse exactly what :class:`HttpSource` would."""
+    from vnic.agent import upstream
+    from vnic.cli import follow_flags
+
+    assert follow_flags.MAX_REPLICAS == upstream.MAX_REPLICAS

@@ -4,9 +4,10 @@ notification names what it wakes (one host's long polls, or the waits for report
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -44,9 +45,9 @@ def _woken_by_a_notification(db: Database, waiters: Counting, timeout: float = 2
     return False
 
 
-def test_the_listener_listens_again_after_postgresql_restarts(pg_server: Any) -> None:
-    if not isinstance(pg_server, _PgServer):
-        pytest.skip("restarting PostgreSQL needs the tests' own server")
+@contextlib.contextmanager
+def _listening(pg_server: Any) -> Iterator[tuple[Database, Counting, Listener]]:
+    """A new database with a listener that has been woken by one notification."""
     db = Database(new_pg_url(pg_server))
     waiters = Counting()
     listener = Listener(db, waiters)
@@ -54,6 +55,15 @@ def test_the_listener_listens_again_after_postgresql_restarts(pg_server: Any) ->
         listener.start()
         assert listener.connected.wait(20)
         assert _woken_by_a_notification(db, waiters)
+        yield db, waiters, listener
+    finally:
+        db.dispose()
+
+
+def test_the_listener_listens_again_after_postgresql_restarts(pg_server: Any) -> None:
+    if not isinstance(pg_server, _PgServer):
+        pytest.skip("restarting PostgreSQL needs the tests' own server")
+    with _listening(pg_server) as (db, waiters, listener):
         pg_server.restart()
         # The restart cut the listening connection: it notices, and connects again.
         deadline = time.monotonic() + 30
@@ -61,18 +71,10 @@ def test_the_listener_listens_again_after_postgresql_restarts(pg_server: Any) ->
             time.sleep(0.1)  # polling a flag the listener clears; bounded
         assert listener.connected.wait(30), "the listener did not connect again"
         assert _woken_by_a_notification(db, waiters)
-    finally:
-        db.dispose()
 
 
 def test_a_notification_wakes_only_what_it_names(pg_server: Any) -> None:
-    db = Database(new_pg_url(pg_server))
-    waiters = Counting()
-    listener = Listener(db, waiters)
-    try:
-        listener.start()
-        assert listener.connected.wait(20)
-        assert _woken_by_a_notification(db, waiters)  # the listener is live
+    with _listening(pg_server) as (db, waiters, _):
         waiters.woken.clear()
         with db.transaction() as s:
             for _ in range(3):  # sent three times, delivered once
@@ -84,8 +86,6 @@ def test_a_notification_wakes_only_what_it_names(pg_server: Any) -> None:
             waiters.woken.wait(0.5)
             waiters.woken.clear()
         assert waiters.keys.count([host_key(7)]) == 1 and waiters.keys.count([STATUS]) == 1
-    finally:
-        db.dispose()
 
 
 def test_a_wait_on_a_key_ignores_other_keys_but_not_a_wake_of_everything() -> None:
