@@ -272,6 +272,26 @@ def test_mac_range_exhaustion_is_a_clear_error(service: Service) -> None:
     assert service.add_vm(VmRequest("s", "v5")).vm.mac == "02:00:00:00:00:01"
 
 
+def test_a_vm_with_several_vnics_fills_the_holes_of_its_mac_range_lowest_first(
+    service: Service,
+) -> None:
+    from vnic.model.network import NicSpec
+
+    service.apply_profiles([spec("small", mac_range="02:00:00:00:00:00/45")])  # 8 MACs
+    service.create_session("s", default_profile="small")
+    for i in range(4):
+        service.add_vm(VmRequest("s", f"v{i}"))  # :00 .. :03
+    service.remove_vm("s", "v1")
+    service.remove_vm("s", "v3")  # holes at :01 and :03
+    two = service.add_vm(VmRequest("s", "two", nics=[NicSpec(), NicSpec()]))
+    assert [n.mac for n in two.vm.nics] == ["02:00:00:00:00:01", "02:00:00:00:00:03"]
+    three = service.add_vm(VmRequest("s", "three", nics=[NicSpec()] * 3))
+    assert [n.mac for n in three.vm.nics] == [f"02:00:00:00:00:0{i}" for i in (4, 5, 6)]
+    with pytest.raises(Exhausted):
+        service.add_vm(VmRequest("s", "more", nics=[NicSpec(), NicSpec()]))  # one MAC left
+    assert service.add_vm(VmRequest("s", "last")).vm.mac == "02:00:00:00:00:07"
+
+
 def test_profile_change_that_breaks_a_vm_is_refused(service: Service, examples_dir: Path) -> None:
     load_examples(service, examples_dir)
     service.create_session("lab", default_profile="wan-dsl")
