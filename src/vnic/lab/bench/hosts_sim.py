@@ -42,8 +42,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,22 @@ def _sim(pg: PgServer, agents: int, capacity: int, lease: float) -> Iterator[_Si
             sim.stop()
 
 
+def _run_all(fn: Callable[[int], None], items: Iterable[int], workers: int) -> None:
+    """``fn`` of every item, ``workers`` at once; Ctrl-C cancels what has not started
+    (a pool's ``map`` waited without a timeout, which SIGINT did not interrupt, and then
+    ran every queued launch before the bench could clean up)."""
+    pool = ThreadPoolExecutor(workers)
+    futures = [pool.submit(fn, i) for i in items]
+    try:
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=1.0)
+        for f in futures:
+            f.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _all_reported(sim: _Sim) -> bool:
     return all(reported(sim.db, s) for s in sim.sessions)
 
@@ -290,8 +306,7 @@ def run(
             except (VnicError, httpx.HTTPError) as exc:
                 with_errors.append(str(exc))
 
-        with ThreadPoolExecutor(parallel) as pool:
-            list(pool.map(launch, range(vms)))
+        _run_all(launch, range(vms), parallel)
         if with_errors:
             raise VnicError(
                 f"vnic bench hosts: {len(with_errors)} launches failed: {with_errors[0]}"
