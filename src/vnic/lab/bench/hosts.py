@@ -210,7 +210,7 @@ def part_convergence(fleet: BenchFleet) -> dict[str, Any]:
             "after the kill, on the other replica",
             "restart: h3 (given the killed replica's URL alone) converged this long after "
             "that replica's restart (its start-up, manager_restart_answers_s of it, and "
-            "h3's backoff, at most 2 s)",
+            "h3's retry of the refused connection, at most 0.5 s)",
         ],
     }
 
