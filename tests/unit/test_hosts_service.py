@@ -819,3 +819,23 @@ def test_every_write_a_live_change_follows_logs_its_hosted_vms_in_its_own_transa
 
 def _rate(text: str) -> dict[str, Any]:
     return dict(parse_profile_document({"name": "x", "egress": {"rate": text}}).values)
+
+
+def test_a_live_change_its_agent_reported_as_failed_is_tried_again(fleet: Fleet, play: Any) -> None:
+    svc = fleet.svc
+    _, epoch = fleet.ready("hv1")
+    agent = play(svc, "hv1", epoch)
+    svc.add_vm(VmRequest("lab", "a"))
+    svc.launch_vm("lab", "a", fleet.agent)
+    agent.error = {"error": "dataplane", "message": "tc refused it"}
+    svc.update_vm("lab", "a", {"patch": {"egress": {"rate": "2Mbit"}}})
+    (change,) = svc.reapply(fleet.agent, session="lab")
+    # (A fast agent may have reported the failure before the live change looked: then
+    # that live change tried it once more already, and failed the same.)
+    assert change.error and "tc refused it" in change.error
+    failed = fleet.revision()
+    agent.error = None
+    (change,) = svc.reapply(fleet.agent, session="lab")  # not the stored error again
+    assert change.error is None and change.kernel == KERNEL
+    assert fleet.revision() == failed + 1
+    assert svc.reapply(fleet.agent, session="lab") == []

@@ -145,16 +145,21 @@ class Reapplying(Hosts):
         The write that made the change logged it in its own transaction (a change newer
         than the one whose outcome the VM's ``applied`` records); a VM whose newest
         change is not newer gets one here (a write that logs none, or the VM's change
-        was taken in already, e.g. by an earlier live change that raced this one)."""
+        was taken in already, e.g. by an earlier live change that raced this one), and
+        so does one whose newest change its agent reported as failed (tried again)."""
         if not keys:
             return {}, {}
         with self.db.transaction() as s:
             rows = list(s.scalars(select(VmRow).where(VmRow.id.in_([ids[k] for k in keys]))))
             newest = changelog.newest(s, rows)
+            reported = self._statuses(s, keys)
             waits = []
             for r in rows:
                 revision = newest.get(r.id, -1)
-                if revision <= changelog.logged(r.applied):
+                status = reported.get((r.session.name, r.name))
+                # An error already reported for that change is tried again, not repeated.
+                failed = status is not None and status.revision >= revision and status.error
+                if revision <= changelog.logged(r.applied) or failed:
                     revision = self._append(s, r)
                 waits.append((r.session.name, r.name, revision))
         self.waiters.local_wake()
