@@ -370,13 +370,7 @@ class ServiceCore:
         what it runs; the revision, or None when there is nothing to tell."""
         if vm.state != "running" or vm.host_id is None:
             return None
-        # A revision that moved is a change (the common case: a profile's new revision),
-        # told without comparing every field.
-        moved = any(
-            dict(applied_nic(vm.applied, name).get("revisions") or {}) != dict(eff.revisions)
-            for name, eff in effs.items()
-        )
-        if not moved and all(nic_changes(vm.applied, n, e) is None for n, e in effs.items()):
+        if not any(nic_differs(vm.applied, name, eff) for name, eff in effs.items()):
             return None
         return changelog.append(s, vm.host_id, vm.session.name, vm.name, self.clock())
 
@@ -465,6 +459,16 @@ def nic_changes(
     if fields or dict(runs.get("revisions") or {}) != dict(eff.revisions):
         return fields
     return None
+
+
+def nic_differs(applied: Mapping[str, Any] | None, nic: str, eff: Effective) -> bool:
+    """Whether ``eff`` differs from what ``applied`` says vNIC ``nic`` runs
+    (:func:`nic_changes` is not None): a moved revision first, the common case (a
+    profile's new revision), told without comparing every field."""
+    runs = applied_nic(applied, nic)
+    if dict(runs.get("revisions") or {}) != dict(eff.revisions):
+        return True
+    return bool(field_changes(runs.get("values") or {}, values_to_document(eff.values)))
 
 
 def applied_nic(applied: Mapping[str, Any] | None, nic: str) -> Mapping[str, Any]:
